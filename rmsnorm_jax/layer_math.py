@@ -1,0 +1,73 @@
+"""What the linen and nnx layers share: when the fused function can serve a
+layer configuration, and the general XLA formula for when it cannot.
+
+The general formula is flax's own RMSNorm math (float32-or-wider statistics,
+``y = x * (rsqrt(ms + eps) * scale)``), so any configuration flax accepts
+(several reduction axes, a mask, a named axis, half-precision reductions)
+gives flax's result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes
+
+
+def canonical_axes(ndim: int, axes) -> tuple[int, ...]:
+  if not isinstance(axes, Iterable):
+    axes = (axes,)
+  return tuple(sorted({a + ndim if a < 0 else a for a in axes}))
+
+
+def feature_shape(x_shape, feature_axes) -> tuple[int, ...]:
+  """The parameter shape flax uses: the sizes of x along feature_axes."""
+  return tuple(x_shape[a] for a in canonical_axes(len(x_shape), feature_axes))
+
+
+def fused_path_serves(x, reduction_axes, feature_axes, axis_name, mask,
+                      force_float32_reductions=True) -> bool:
+  """True when the configuration is exactly ``rms_norm`` over the last axis."""
+  last = (x.ndim - 1,)
+  return (x.ndim >= 1
+          and jnp.issubdtype(x.dtype, jnp.floating)
+          and canonical_axes(x.ndim, reduction_axes) == last
+          and canonical_axes(x.ndim, feature_axes) == last
+          and axis_name is None and mask is None
+          and force_float32_reductions)
+
+
+def output_dtype(x, scale, dtype):
+  """flax's result dtype: ``dtype`` if given, else x promoted with scale."""
+  args = [x] if scale is None else [x, scale]
+  return dtypes.canonicalize_dtype(*args, dtype=dtype)
+
+
+def general_rms_norm(x, scale, *, epsilon, dtype, reduction_axes,
+                     feature_axes, axis_name=None, axis_index_groups=None,
+                     mask=None, force_float32_reductions=True,
+                     scale_offset=0.0):
+  """flax's RMSNorm formula for any axes, mask and named axis."""
+  stat_dtype = jnp.result_type(x) if dtype is None else dtype
+  if force_float32_reductions:
+    stat_dtype = jnp.promote_types(stat_dtype, jnp.float32)
+  red = canonical_axes(x.ndim, reduction_axes)
+  xs = jnp.asarray(x, stat_dtype)
+  where = None if mask is None else jnp.asarray(mask, bool)
+  ms = jnp.mean(jax.lax.square(xs), axis=red, where=where)
+  if axis_name is not None:
+    ms = jax.lax.pmean(ms, axis_name, axis_index_groups=axis_index_groups)
+  mul = jax.lax.rsqrt(jnp.expand_dims(ms, red) + epsilon)
+  args = [x]
+  if scale is not None:
+    shape = [1] * x.ndim
+    for a in canonical_axes(x.ndim, feature_axes):
+      shape[a] = x.shape[a]
+    s = scale.reshape(shape)
+    if scale_offset:
+      s = s + jnp.asarray(scale_offset, s.dtype)
+    mul = mul * s
+    args.append(s)
+  return jnp.asarray(x * mul, dtypes.canonicalize_dtype(*args, dtype=dtype))

@@ -1,0 +1,87 @@
+"""flax.nnx layers: ``RMSNorm`` (drop-in) and ``RMSNormResidual`` (fused).
+
+``RMSNorm`` subclasses ``flax.nnx.RMSNorm``: same constructor, attributes,
+``scale`` Param and dtype promotion (``promote_dtype`` casts x and scale to a
+common dtype first, as flax does), so code and checkpoints written for flax's
+layer work unchanged.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+import jax.numpy as jnp
+
+from rmsnorm_jax import api
+from rmsnorm_jax import layer_math
+from rmsnorm_jax import validation
+
+
+class RMSNorm(nnx.RMSNorm):
+  """Drop-in for ``flax.nnx.RMSNorm``.
+
+  Args (beyond flax's, keyword-only):
+    scale_offset: added to scale before use (Gemma: 1.0 with zeros init).
+    backend: as in ``rmsnorm_jax.rms_norm``.
+
+  Call: ``layer(x, mask=None)``, x of shape ``(..., num_features)``; returns
+  x's shape in the promoted dtype (``dtype`` if given).
+  """
+
+  def __init__(self, num_features: int, *, scale_offset: float = 0.0,
+               backend: str = "auto", **kwargs):
+    super().__init__(num_features, **kwargs)
+    self.scale_offset = scale_offset
+    self.backend = backend
+
+  def __call__(self, x, mask=None):
+    x = validation.floating_array("x", x)
+    scale = self.scale[...] if self.scale is not None else None
+    x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
+    if not layer_math.fused_path_serves(
+        x, self.reduction_axes, self.feature_axes, self.axis_name, mask):
+      return layer_math.general_rms_norm(
+          x, scale, epsilon=self.epsilon, dtype=self.dtype,
+          reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
+          axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+          mask=mask, scale_offset=self.scale_offset)
+    return api.rms_norm(
+        x, scale, eps=self.epsilon, scale_offset=self.scale_offset,
+        out_dtype=layer_math.output_dtype(x, scale, self.dtype),
+        backend=self.backend)
+
+
+class RMSNormResidual(nnx.Module):
+  """Fused ``h = x + residual; normed = RMSNorm(h)`` over the last axis.
+
+  Args:
+    num_features: hidden size; ``scale`` is a Param of shape (num_features,).
+    epsilon, dtype, param_dtype, use_scale, scale_init, rngs: as flax's
+      RMSNorm. scale_offset, backend: as ``RMSNorm`` here.
+
+  Call: ``layer(x, residual)`` -> ``(normed, h)``; h in residual's dtype,
+  normed in ``dtype`` or residual's dtype promoted with param_dtype.
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6,
+               dtype=None, param_dtype=jnp.float32, use_scale: bool = True,
+               scale_init=nnx.initializers.ones, scale_offset: float = 0.0,
+               backend: str = "auto", rngs: nnx.Rngs):
+    self.scale = (nnx.Param(scale_init(rngs.params(), (num_features,),
+                                       param_dtype))
+                  if use_scale else nnx.data(None))
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_scale = use_scale
+    self.scale_offset = scale_offset
+    self.backend = backend
+
+  def __call__(self, x, residual):
+    x = validation.floating_array("x", x)
+    residual = validation.same_shape("residual", residual, x)
+    scale = self.scale[...] if self.scale is not None else None
+    return api.rms_norm_residual(
+        x, residual, scale, eps=self.epsilon, scale_offset=self.scale_offset,
+        out_dtype=layer_math.output_dtype(residual, scale, self.dtype),
+        backend=self.backend)
