@@ -120,14 +120,17 @@ def rms_norm(x, scale=None, *, eps: float = DEFAULT_EPS,
 
 # ------------------------------------------------------- rms_norm_residual --
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _rms_norm_residual(x, residual, scale, plan, eps, scale_offset, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _rms_norm_residual(x, residual, scale, plan, eps, scale_offset, out_dtype,
+                       x_dtype):
   (y, h), _ = _residual_fwd(x, residual, scale, plan, eps, scale_offset,
-                            out_dtype)
+                            out_dtype, x_dtype)
   return y, h
 
 
-def _residual_fwd(x, residual, scale, plan, eps, scale_offset, out_dtype):
+def _residual_fwd(x, residual, scale, plan, eps, scale_offset, out_dtype,
+                  x_dtype):
+  del x_dtype  # Only the backward needs it, to cast the gradient of x.
   rows, hidden = x.shape
 
   def out_shapes():
@@ -137,12 +140,12 @@ def _residual_fwd(x, residual, scale, plan, eps, scale_offset, out_dtype):
   y, h, rstd = plan.call(
       "residual_forward", out_shapes, x, residual, scale, eps=eps, scale_offset=scale_offset,
       out_dtype=out_dtype)
-  return (y, h), (h, scale, rstd, np.dtype(x.dtype))
+  return (y, h), (h, scale, rstd)
 
 
-def _residual_bwd(plan, eps, scale_offset, out_dtype, res, cts):
+def _residual_bwd(plan, eps, scale_offset, out_dtype, x_dtype, res, cts):
   del eps, out_dtype
-  h, scale, rstd, x_dtype = res
+  h, scale, rstd = res
   dy, dh = cts
   dscale_shape = None if scale is None else jax.ShapeDtypeStruct(
       scale.shape, compute_dtype(h.dtype))
@@ -193,5 +196,5 @@ def rms_norm_residual(x, residual, scale=None, *, eps: float = DEFAULT_EPS,
     return jnp.zeros(x.shape, out_dtype), h
   y, h = _rms_norm_residual(x.reshape(rows, hidden),
                             residual.reshape(rows, hidden), scale, plan, eps,
-                            scale_offset, out_dtype)
+                            scale_offset, out_dtype, np.dtype(x.dtype))
   return y.reshape(x.shape), h.reshape(x.shape)

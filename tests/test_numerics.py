@@ -1,0 +1,147 @@
+"""Every implementation against the float64 reference, through the public API.
+
+Parameterized over tests/implementations.py, so each kernel (in interpret mode
+on CPU) passes the same checks as the XLA path.
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsnorm_jax as rj
+from rmsnorm_jax import reference
+from rmsnorm_jax import shapes
+
+from implementations import IMPLEMENTATIONS
+from numerics_util import assert_close, dx_magnitude, random, tol
+
+IMPL_PARAMS = [pytest.param(f, id=name) for name, f in IMPLEMENTATIONS]
+DTYPES = [pytest.param(d, id=np.dtype(d).name) for d in shapes.DTYPES]
+SHAPES = [pytest.param(s, id="x".join(map(str, s)))
+          for s in shapes.CORRECTNESS]
+
+
+def _rng(*key):
+  # A distinct, reproducible stream per test case.
+  return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+@pytest.mark.parametrize("make_impl", IMPL_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_grads_match_reference(make_impl, dtype, shape):
+  rng = _rng("fwd", shape, np.dtype(dtype).name)
+  hidden = shape[-1]
+  x = random(rng, shape, dtype, mean=0.3)
+  scale = random(rng, (hidden,), dtype, mean=1.0, scale=0.5)
+  dy = random(rng, shape, dtype)
+  impl = make_impl()
+
+  def f(x, scale):
+    return rj.rms_norm(x, scale, eps=1e-5, backend=impl)
+
+  y, vjp = jax.vjp(jax.jit(f), x, scale)
+  dx, dscale = vjp(dy)
+  y_ref, _ = reference.rms_norm(x, scale, eps=1e-5)
+  dx_ref, dscale_ref = reference.rms_norm_grad(x, scale, dy, eps=1e-5)
+  assert y.dtype == dtype and dx.dtype == dtype and dscale.dtype == dtype
+  assert_close(y, y_ref, tol(dtype), "y")
+  assert_close(dx, dx_ref, tol(dtype), "dx",
+               dx_magnitude(x, scale, dy, eps=1e-5))
+  assert_close(dscale, dscale_ref, tol(dtype), "dscale")
+
+
+@pytest.mark.parametrize("make_impl", IMPL_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 100), (2, 9, 256)])
+def test_float32_scale_and_gemma_offset(make_impl, dtype, shape):
+  rng = _rng("offset", shape, np.dtype(dtype).name)
+  hidden = shape[-1]
+  x = random(rng, shape, dtype)
+  scale = random(rng, (hidden,), jnp.float32, scale=0.1)
+  dy = random(rng, shape, dtype)
+  impl = make_impl()
+  f = lambda x, s: rj.rms_norm(x, s, scale_offset=1.0, out_dtype=jnp.float32,
+                               backend=impl)
+  y, vjp = jax.vjp(f, x, scale)
+  dx, dscale = vjp(dy.astype(jnp.float32))
+  y_ref, _ = reference.rms_norm(x, scale, scale_offset=1.0)
+  dx_ref, dscale_ref = reference.rms_norm_grad(x, scale, dy, scale_offset=1.0)
+  assert y.dtype == jnp.float32 and dscale.dtype == jnp.float32
+  # Output in float32: only float32 arithmetic error remains.
+  assert_close(y, y_ref, tol(jnp.float32), "y")
+  assert_close(dx, dx_ref, tol(dtype), "dx")
+  assert_close(dscale, dscale_ref, tol(jnp.float32), "dscale")
+
+
+@pytest.mark.parametrize("make_impl", IMPL_PARAMS)
+@pytest.mark.parametrize("x_dtype,res_dtype", [
+    (jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+    (jnp.float16, jnp.float16), (jnp.bfloat16, jnp.float32)])
+@pytest.mark.parametrize("shape", [(1, 8), (37, 129), (3, 5, 384)])
+def test_residual_matches_reference(make_impl, x_dtype, res_dtype, shape):
+  rng = _rng("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name)
+  hidden = shape[-1]
+  x = random(rng, shape, x_dtype)
+  res = random(rng, shape, res_dtype, mean=0.5)
+  scale = random(rng, (hidden,), jnp.float32, mean=1.0, scale=0.3)
+  dy = random(rng, shape, res_dtype)
+  dh = random(rng, shape, res_dtype)
+  impl = make_impl()
+  f = lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=impl)
+  (y, h), vjp = jax.vjp(f, x, res, scale)
+  dx, dres, dscale = vjp((dy, dh))
+
+  h_ref = np.asarray(x, np.float64) + np.asarray(res, np.float64)
+  assert h.dtype == res_dtype and y.dtype == res_dtype
+  assert_close(h, h_ref, tol(res_dtype), "h")
+  # The norm sees h rounded to residual's dtype, exactly as returned.
+  y_ref, _ = reference.rms_norm(h, scale)
+  dh_ref, dscale_ref = reference.rms_norm_grad(h, scale, dy)
+  dh_ref = dh_ref + np.asarray(dh, np.float64)
+  assert_close(y, y_ref, tol(res_dtype), "y")
+  assert dx.dtype == x_dtype and dres.dtype == res_dtype
+  assert_close(dres, dh_ref, tol(res_dtype), "dresidual")
+  assert_close(dx, dh_ref, tol(res_dtype, x_dtype), "dx")
+  assert_close(dscale, dscale_ref, tol(res_dtype), "dscale")
+
+
+@pytest.mark.parametrize("make_impl", IMPL_PARAMS)
+def test_no_scale(make_impl):
+  rng = _rng("noscale")
+  x = random(rng, (6, 200), jnp.bfloat16)
+  dy = random(rng, (6, 200), jnp.bfloat16)
+  impl = make_impl()
+  y, vjp = jax.vjp(lambda x: rj.rms_norm(x, backend=impl), x)
+  (dx,) = vjp(dy)
+  assert_close(y, reference.rms_norm(x)[0], tol(jnp.bfloat16), "y")
+  assert_close(dx, reference.rms_norm_grad(x, None, dy)[0], tol(jnp.bfloat16),
+               "dx")
+
+
+@pytest.mark.parametrize("make_impl", IMPL_PARAMS)
+def test_float16_large_values_do_not_overflow(make_impl):
+  rng = _rng("f16big")
+  x = jnp.asarray(rng.uniform(-60000, 60000, (8, 256)), jnp.float16)
+  y = rj.rms_norm(x, backend=make_impl())
+  assert bool(jnp.all(jnp.isfinite(y)))
+  assert_close(y, reference.rms_norm(x)[0], tol(jnp.float16), "y")
+
+
+@pytest.mark.parametrize("make_impl", IMPL_PARAMS)
+def test_zero_row_and_nan_row_stay_local(make_impl):
+  rng = _rng("rows")
+  x = np.array(random(rng, (5, 64), jnp.float32))
+  x[1] = 0.0
+  x[3, 7] = np.nan
+  scale = random(rng, (64,), jnp.float32)
+  y = np.asarray(rj.rms_norm(jnp.asarray(x), scale, backend=make_impl()))
+  np.testing.assert_array_equal(y[1], np.zeros(64, np.float32))
+  assert np.all(np.isnan(y[3]))
+  good = [0, 2, 4]
+  assert np.all(np.isfinite(y[good]))
+  assert_close(y[good], reference.rms_norm(x[good], scale)[0],
+               tol(jnp.float32), "untouched rows")
