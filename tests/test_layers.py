@@ -1,0 +1,160 @@
+"""The linen and nnx layers against flax's own RMSNorm."""
+
+import flax.linen as fnn
+from flax import nnx as fnnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsnorm_jax as rj
+from rmsnorm_jax import linen as rlinen
+from rmsnorm_jax import nnx as rnnx
+
+from numerics_util import assert_close, random, tol
+
+CONFIGS = [
+    dict(),
+    dict(dtype=jnp.bfloat16),
+    dict(param_dtype=jnp.bfloat16),
+    dict(dtype=jnp.float32, param_dtype=jnp.bfloat16),
+    dict(use_scale=False),
+    dict(epsilon=1e-3, scale_init=fnn.initializers.normal(0.5)),
+    dict(reduction_axes=(-2, -1), feature_axes=-1),
+    dict(reduction_axes=-1, feature_axes=(-2, -1)),
+    dict(force_float32_reductions=False),
+]
+INPUT_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _ids(c):
+  return ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in c.items()) \
+      or "defaults"
+
+
+def _out_tol(y):
+  return tol(y.dtype)
+
+
+@pytest.mark.parametrize("x_dtype", INPUT_DTYPES,
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_linen_matches_flax(config, x_dtype):
+  rng = np.random.default_rng(7)
+  x = random(rng, (2, 6, 48), x_dtype, mean=0.2)
+  ours, theirs = rlinen.RMSNorm(**config), fnn.RMSNorm(**config)
+  key = jax.random.key(3)
+  p_ours, p_theirs = ours.init(key, x), theirs.init(key, x)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), p_ours) == \
+      jax.tree.map(lambda a: (a.shape, a.dtype), p_theirs)
+  for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_theirs)):
+    np.testing.assert_array_equal(a, b)
+  y_ours, y_theirs = ours.apply(p_theirs, x), theirs.apply(p_theirs, x)
+  assert y_ours.dtype == y_theirs.dtype and y_ours.shape == x.shape
+  assert_close(y_ours, y_theirs, _out_tol(y_theirs), "y")
+
+  dy = random(rng, x.shape, y_theirs.dtype)
+  g_ours = jax.vjp(ours.apply, p_theirs, x)[1](dy)
+  g_theirs = jax.vjp(theirs.apply, p_theirs, x)[1](dy)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_theirs)):
+    assert a.dtype == b.dtype
+    assert_close(a, b, tol(b.dtype, y_theirs.dtype), "grad")
+
+
+@pytest.mark.parametrize("x_dtype", INPUT_DTYPES,
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config", [c for c in CONFIGS
+                                    if "force_float32_reductions" not in c
+                                    and "feature_axes" not in c], ids=_ids)
+def test_nnx_matches_flax(config, x_dtype):
+  rng = np.random.default_rng(8)
+  x = random(rng, (3, 5, 40), x_dtype, mean=-0.1)
+  ours = rnnx.RMSNorm(40, rngs=fnnx.Rngs(0), **config)
+  theirs = fnnx.RMSNorm(40, rngs=fnnx.Rngs(0), **config)
+  assert isinstance(ours, fnnx.RMSNorm)
+  s_ours, s_theirs = fnnx.state(ours, fnnx.Param), fnnx.state(theirs,
+                                                             fnnx.Param)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), s_ours) == \
+      jax.tree.map(lambda a: (a.shape, a.dtype), s_theirs)
+  y_ours, y_theirs = ours(x), theirs(x)
+  assert y_ours.dtype == y_theirs.dtype
+  assert_close(y_ours, y_theirs, _out_tol(y_theirs), "y")
+
+  # A random projection: sum(y**2) would have an identically zero dx.
+  proj = random(rng, x.shape, jnp.float32)
+
+  def loss(model, x):
+    return jnp.sum(model(x).astype(jnp.float32) * proj)
+
+  g_ours = fnnx.grad(loss, argnums=(0, 1))(ours, x)
+  g_theirs = fnnx.grad(loss, argnums=(0, 1))(theirs, x)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_theirs)):
+    assert a.dtype == b.dtype
+    assert_close(a, b, tol(b.dtype, y_theirs.dtype), "grad")
+
+
+def test_linen_mask_and_axis_name_follow_flax():
+  rng = np.random.default_rng(9)
+  x = random(rng, (4, 3, 32), jnp.float32)
+  mask = jnp.asarray(rng.random((4, 3, 32)) > 0.3)
+  ours, theirs = rlinen.RMSNorm(), fnn.RMSNorm()
+  params = theirs.init(jax.random.key(0), x)
+  assert_close(ours.apply(params, x, mask=mask),
+               theirs.apply(params, x, mask=mask), 1e-6, "mask")
+  ours, theirs = rlinen.RMSNorm(axis_name="b"), fnn.RMSNorm(axis_name="b")
+  run = lambda m: jax.vmap(lambda xi: m.apply(params, xi), axis_name="b")(x)
+  assert_close(run(ours), run(theirs), 1e-6, "axis_name")
+
+
+def test_linen_gemma_offset_equals_flax_with_shifted_scale():
+  rng = np.random.default_rng(10)
+  x = random(rng, (8, 64), jnp.bfloat16)
+  ours = rlinen.RMSNorm(scale_offset=1.0, scale_init=fnn.initializers.zeros)
+  p = ours.init(jax.random.key(0), x)
+  p = jax.tree.map(lambda s: s + 0.1 * jnp.arange(64, dtype=s.dtype), p)
+  shifted = jax.tree.map(lambda s: s + 1.0, p)
+  assert_close(ours.apply(p, x), fnn.RMSNorm().apply(shifted, x),
+               tol(jnp.float32), "gemma")
+
+
+def test_layers_run_under_jit_and_in_a_transformer_block():
+  class Block(fnn.Module):
+    @fnn.compact
+    def __call__(self, x, res):
+      y, res = rlinen.RMSNormResidual()(x, res)
+      return fnn.Dense(x.shape[-1])(y), res
+
+  rng = np.random.default_rng(11)
+  x = random(rng, (2, 4, 32), jnp.float32)
+  params = Block().init(jax.random.key(0), x, x)
+  out, res = jax.jit(Block().apply)(params, x, x)
+  assert out.shape == x.shape
+  assert_close(res, 2 * np.asarray(x), 1e-7, "residual")
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_residual_layers_equal_function(dtype):
+  rng = np.random.default_rng(12)
+  x = random(rng, (3, 4, 96), dtype)
+  r = random(rng, (3, 4, 96), jnp.float32)
+  lin = rlinen.RMSNormResidual(epsilon=1e-5)
+  p = lin.init(jax.random.key(0), x, r)
+  p = jax.tree.map(lambda s: s * 1.5, p)
+  y_lin, h_lin = lin.apply(p, x, r)
+  y_fn, h_fn = rj.rms_norm_residual(x, r, p["params"]["scale"], eps=1e-5)
+  np.testing.assert_array_equal(y_lin, y_fn)
+  np.testing.assert_array_equal(h_lin, h_fn)
+  mod = rnnx.RMSNormResidual(96, epsilon=1e-5, rngs=fnnx.Rngs(0))
+  mod.scale[...] = p["params"]["scale"]
+  y_nnx, h_nnx = mod(x, r)
+  np.testing.assert_array_equal(y_nnx, y_fn)
+  np.testing.assert_array_equal(h_nnx, h_fn)
+  assert h_nnx.dtype == jnp.float32 and y_nnx.dtype == jnp.float32
+
+
+def test_layer_errors_name_the_argument():
+  with pytest.raises(TypeError, match="x must have a real floating-point"):
+    rlinen.RMSNorm().init(jax.random.key(0), jnp.ones((2, 4), jnp.int32))
+  with pytest.raises(ValueError, match="residual must have the same shape"):
+    rnnx.RMSNormResidual(4, rngs=fnnx.Rngs(0))(jnp.ones((2, 4)),
+                                               jnp.ones((2, 5)))
