@@ -11,11 +11,12 @@ from rmsnorm_jax.api import rms_norm
 from rmsnorm_jax.api import rms_norm_residual
 from rmsnorm_jax.dispatch import backend_names
 from rmsnorm_jax.dispatch import force_backend
+from rmsnorm_jax import sharding
 
 __version__ = "0.1.0"
 
 __all__ = ["rms_norm", "rms_norm_residual", "backend_names", "force_backend",
-           "linen", "nnx"]
+           "sharding", "linen", "nnx"]
 
 
 def __getattr__(name):

@@ -9,6 +9,7 @@ output.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsnorm_jax import dispatch
+from rmsnorm_jax import sharding
 from rmsnorm_jax import validation as v
 
 DEFAULT_EPS = 1e-6
@@ -26,11 +28,6 @@ def compute_dtype(*dtypes):
   return np.dtype(jnp.promote_types(jnp.result_type(*dtypes), jnp.float32))
 
 
-def _shapes(rows, hidden, out_dtype, stat_dtype):
-  return (jax.ShapeDtypeStruct((rows, hidden), out_dtype),
-          jax.ShapeDtypeStruct((rows,), stat_dtype))
-
-
 # ---------------------------------------------------------------- rms_norm --
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -39,27 +36,39 @@ def _rms_norm(x, scale, plan, eps, scale_offset, out_dtype):
 
 
 def _rms_norm_fwd(x, scale, plan, eps, scale_offset, out_dtype):
-  rows, hidden = x.shape
-  y, rstd = plan.call(
-      "forward",
-      lambda: _shapes(rows, hidden, out_dtype, compute_dtype(x.dtype)),
-      x, scale, eps=eps, scale_offset=scale_offset, out_dtype=out_dtype)
+  y, rstd = sharding.execute(plan, "forward", x, scale, eps=eps,
+                             scale_offset=scale_offset, out_dtype=out_dtype)
   return y, (x, scale, rstd)
 
 
 def _rms_norm_bwd(plan, eps, scale_offset, out_dtype, res, dy):
   del eps, out_dtype
   x, scale, rstd = res
-  dscale_shape = None if scale is None else jax.ShapeDtypeStruct(
-      scale.shape, compute_dtype(x.dtype))
-  dx, dscale = plan.call(
-      "backward",
-      lambda: (jax.ShapeDtypeStruct(x.shape, x.dtype), dscale_shape),
-      x, scale, rstd, dy, scale_offset=scale_offset)
-  return dx, None if scale is None else dscale.astype(scale.dtype)
+  dx, dscale = sharding.execute(plan, "backward", x, scale, rstd, dy,
+                                scale_offset=scale_offset)
+  if scale is None:
+    return dx, None
+  return dx, sharding.sum_like(dscale, scale).astype(scale.dtype)
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def _plan(backend, axis_name, **shape_info):
+  plan = dispatch.resolve(backend, **shape_info)
+  if axis_name is None:
+    return dataclasses.replace(plan, partition=sharding.partitioning_enabled())
+  if backend not in ("auto", "xla"):
+    # A row split over devices needs its all-reduced statistics before any
+    # output is written, so this is XLA's two-pass path, never a kernel.
+    raise ValueError("axis_name runs the XLA path (statistics all-reduced "
+                     "between two passes), so backend must be 'auto' or "
+                     f"'xla'; got backend={backend!r}.")
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  if not names or not all(isinstance(n, str) and n for n in names):
+    raise TypeError("axis_name must be a mesh axis name or a tuple of names; "
+                    f"got {axis_name!r}.")
+  return sharding.hidden_sharded_plan(names)
 
 
 def _check_common(x, scale, eps, scale_offset):
@@ -77,7 +86,7 @@ def _check_common(x, scale, eps, scale_offset):
 
 def rms_norm(x, scale=None, *, eps: float = DEFAULT_EPS,
              scale_offset: float = 0.0, out_dtype=None,
-             backend: dispatch.Backend = "auto"):
+             backend: dispatch.Backend = "auto", axis_name=None):
   """RMSNorm over the last axis: ``x / sqrt(mean(x**2) + eps) * (scale + offset)``.
 
   Args:
@@ -94,6 +103,11 @@ def rms_norm(x, scale=None, *, eps: float = DEFAULT_EPS,
       kernel for the platform, an error where there is none), a kernel name
       from ``rmsnorm_jax.backend_names()``, or an Implementation instance
       (e.g. a kernel config with its own block size).
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      over which the hidden dim of x (and scale) is split; the per-row
+      statistics are all-reduced over it. Under plain ``jax.jit`` with
+      sharded arrays this is not needed: the sharding is read from the
+      operands.
 
   Returns:
     Array of ``x.shape`` and ``out_dtype``. Statistics and arithmetic are in
@@ -110,12 +124,10 @@ def rms_norm(x, scale=None, *, eps: float = DEFAULT_EPS,
   out_dtype = v.out_dtype_for(out_dtype, x.dtype)
   hidden = x.shape[-1]
   rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-  plan = dispatch.resolve(backend, rows=rows, hidden=hidden, dtype=x.dtype)
+  plan = _plan(backend, axis_name, rows=rows, hidden=hidden, dtype=x.dtype)
   if rows == 0 or hidden == 0:
     return jnp.zeros(x.shape, out_dtype)
-  y = _rms_norm(x.reshape(rows, hidden), scale, plan, eps, scale_offset,
-                out_dtype)
-  return y.reshape(x.shape)
+  return _rms_norm(x, scale, plan, eps, scale_offset, out_dtype)
 
 
 # ------------------------------------------------------- rms_norm_residual --
@@ -131,15 +143,9 @@ def _rms_norm_residual(x, residual, scale, plan, eps, scale_offset, out_dtype,
 def _residual_fwd(x, residual, scale, plan, eps, scale_offset, out_dtype,
                   x_dtype):
   del x_dtype  # Only the backward needs it, to cast the gradient of x.
-  rows, hidden = x.shape
-
-  def out_shapes():
-    y, rstd = _shapes(rows, hidden, out_dtype, compute_dtype(residual.dtype))
-    return y, jax.ShapeDtypeStruct(x.shape, residual.dtype), rstd
-
-  y, h, rstd = plan.call(
-      "residual_forward", out_shapes, x, residual, scale, eps=eps, scale_offset=scale_offset,
-      out_dtype=out_dtype)
+  y, h, rstd = sharding.execute(
+      plan, "residual_forward", x, residual, scale, eps=eps,
+      scale_offset=scale_offset, out_dtype=out_dtype)
   return (y, h), (h, scale, rstd)
 
 
@@ -147,13 +153,10 @@ def _residual_bwd(plan, eps, scale_offset, out_dtype, x_dtype, res, cts):
   del eps, out_dtype
   h, scale, rstd = res
   dy, dh = cts
-  dscale_shape = None if scale is None else jax.ShapeDtypeStruct(
-      scale.shape, compute_dtype(h.dtype))
-  dh_total, dscale = plan.call(
-      "residual_backward",
-      lambda: (jax.ShapeDtypeStruct(h.shape, h.dtype), dscale_shape),
-      h, scale, rstd, dy, dh, scale_offset=scale_offset)
-  dscale = None if scale is None else dscale.astype(scale.dtype)
+  dh_total, dscale = sharding.execute(plan, "residual_backward", h, scale,
+                                     rstd, dy, dh, scale_offset=scale_offset)
+  if scale is not None:
+    dscale = sharding.sum_like(dscale, scale).astype(scale.dtype)
   return dh_total.astype(x_dtype), dh_total, dscale
 
 
@@ -162,7 +165,7 @@ _rms_norm_residual.defvjp(_residual_fwd, _residual_bwd)
 
 def rms_norm_residual(x, residual, scale=None, *, eps: float = DEFAULT_EPS,
                       scale_offset: float = 0.0, out_dtype=None,
-                      backend: dispatch.Backend = "auto"):
+                      backend: dispatch.Backend = "auto", axis_name=None):
   """Fused residual add + RMSNorm, the pre-norm transformer block pattern.
 
   ``h = x + residual`` (added in float32, stored in residual's dtype) and
@@ -172,7 +175,7 @@ def rms_norm_residual(x, residual, scale=None, *, eps: float = DEFAULT_EPS,
   Args:
     x: array of shape ``(..., hidden)``, float32/bfloat16/float16 (float64).
     residual: array of x's shape, floating (its dtype is the residual stream's).
-    scale, eps, scale_offset, backend: as in ``rms_norm``.
+    scale, eps, scale_offset, backend, axis_name: as in ``rms_norm``.
     out_dtype: dtype of ``normed``; default residual's dtype.
 
   Returns:
@@ -188,13 +191,11 @@ def rms_norm_residual(x, residual, scale=None, *, eps: float = DEFAULT_EPS,
   out_dtype = v.out_dtype_for(out_dtype, residual.dtype)
   hidden = x.shape[-1]
   rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-  plan = dispatch.resolve(backend, rows=rows, hidden=hidden,
-                          dtype=residual.dtype)
+  plan = _plan(backend, axis_name, rows=rows, hidden=hidden,
+               dtype=residual.dtype)
   if rows == 0 or hidden == 0:
     h = (x.astype(compute_dtype(x.dtype, residual.dtype)) + residual
          ).astype(residual.dtype)
     return jnp.zeros(x.shape, out_dtype), h
-  y, h = _rms_norm_residual(x.reshape(rows, hidden),
-                            residual.reshape(rows, hidden), scale, plan, eps,
-                            scale_offset, out_dtype, np.dtype(x.dtype))
-  return y.reshape(x.shape), h.reshape(x.shape)
+  return _rms_norm_residual(x, residual, scale, plan, eps, scale_offset,
+                            out_dtype, np.dtype(x.dtype))

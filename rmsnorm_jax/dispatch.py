@@ -69,6 +69,9 @@ class Plan:
 
   requested: str
   per_platform: tuple[tuple[str, base.Implementation], ...]
+  # Whether sharded operands go through custom_partitioning (sharding.py).
+  # Part of the plan so that traces made under either setting stay apart.
+  partition: bool = True
 
   def call(self, method: str, out_shapes: Callable[[], Any], *args, **kwargs):
     """Calls ``impl.method(*args, **kwargs)`` for the lowering platform."""
