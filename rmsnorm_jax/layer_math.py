@@ -27,15 +27,21 @@ def feature_shape(x_shape, feature_axes) -> tuple[int, ...]:
   return tuple(x_shape[a] for a in canonical_axes(len(x_shape), feature_axes))
 
 
-def fused_path_serves(x, reduction_axes, feature_axes, axis_name, mask,
-                      force_float32_reductions=True) -> bool:
-  """True when the configuration is exactly ``rms_norm`` over the last axis."""
+def fused_path_serves(x, reduction_axes, feature_axes, axis_index_groups,
+                      mask, force_float32_reductions=True) -> bool:
+  """True when the configuration is exactly ``rms_norm`` over the last axis.
+
+  A named axis is served too: flax's pmean of each row's mean square over it
+  equals ``rms_norm(..., axis_name=...)``'s all-reduced sum of squares when
+  the hidden dim is split evenly across that axis (the only split under
+  which a per-row pmean is meaningful). Index groups are not.
+  """
   last = (x.ndim - 1,)
   return (x.ndim >= 1
           and jnp.issubdtype(x.dtype, jnp.floating)
           and canonical_axes(x.ndim, reduction_axes) == last
           and canonical_axes(x.ndim, feature_axes) == last
-          and axis_name is None and mask is None
+          and axis_index_groups is None and mask is None
           and force_float32_reductions)
 
 

@@ -40,7 +40,7 @@ class RMSNorm(nn.RMSNorm):
     scale = (self.param("scale", self.scale_init, feat, self.param_dtype)
              if self.use_scale else None)
     if not layer_math.fused_path_serves(
-        x, self.reduction_axes, self.feature_axes, self.axis_name, mask,
+        x, self.reduction_axes, self.feature_axes, self.axis_index_groups, mask,
         self.force_float32_reductions):
       return layer_math.general_rms_norm(
           x, scale, epsilon=self.epsilon, dtype=self.dtype,
@@ -51,7 +51,8 @@ class RMSNorm(nn.RMSNorm):
     return api.rms_norm(
         x, scale, eps=self.epsilon, scale_offset=self.scale_offset,
         out_dtype=layer_math.output_dtype(x, scale, self.dtype),
-        backend=self.backend)
+        backend=self.backend,
+        axis_name=self.axis_name)
 
 
 class RMSNormResidual(nn.Module):

@@ -38,7 +38,7 @@ class RMSNorm(nnx.RMSNorm):
     scale = self.scale[...] if self.scale is not None else None
     x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
     if not layer_math.fused_path_serves(
-        x, self.reduction_axes, self.feature_axes, self.axis_name, mask):
+        x, self.reduction_axes, self.feature_axes, self.axis_index_groups, mask):
       return layer_math.general_rms_norm(
           x, scale, epsilon=self.epsilon, dtype=self.dtype,
           reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
@@ -47,7 +47,8 @@ class RMSNorm(nnx.RMSNorm):
     return api.rms_norm(
         x, scale, eps=self.epsilon, scale_offset=self.scale_offset,
         out_dtype=layer_math.output_dtype(x, scale, self.dtype),
-        backend=self.backend)
+        backend=self.backend,
+        axis_name=self.axis_name)
 
 
 class RMSNormResidual(nnx.Module):

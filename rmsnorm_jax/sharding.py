@@ -188,7 +188,9 @@ def execute(plan: dispatch.Plan, method: str, *args, **kwargs):
   if explicit is not None:
     return _shard_mapped(plan, method, dict(kwargs), has_scale, *explicit,
                          arrays)
-  all_xla = all(type(i) is base.Xla for _, i in plan.per_platform)
+  # XLA partitions its own ops; only opaque kernels need the wrapper.
+  all_xla = all(type(i) in (base.Xla, HiddenShardedXla)
+                for _, i in plan.per_platform)
   if all_xla or arrays[0].ndim < 2 or not plan.partition:
     return _local(plan, method, dict(kwargs), has_scale, *arrays)
   return _batching_wrapper(key, arrays[0].ndim)(*arrays)
