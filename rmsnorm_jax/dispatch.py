@@ -1,8 +1,8 @@
 """Backend selection, resolved when the computation is lowered for a platform.
 
 ``backend="auto"`` does not look at ``jax.default_backend()``: it stages every
-candidate with ``jax.lax.platform_dependent`` and the lowering for a platform
-keeps exactly one, so ``jax.export(..., platforms=["cpu", "cuda", "tpu"])``
+candidate in one primitive whose lowering keeps exactly the one for the
+platform being lowered (like ``jax.lax.platform_dependent``), so ``jax.export(..., platforms=["cpu", "cuda", "tpu"])``
 carries the right implementation for each platform and the compiler never sees
 a conditional.
 
@@ -22,11 +22,16 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jex_core
+from jax.interpreters import batching
 from jax.interpreters import mlir
+# lower_per_platform (in JAX since 0.4.20) is what platform_dependent and
+# pallas_call themselves lower through; it has no public alias.
+from jax._src.interpreters import mlir as _mlir_internal
 
 from rmsnorm_jax import base
 from rmsnorm_jax import kernels
@@ -73,63 +78,110 @@ class Plan:
   # Part of the plan so that traces made under either setting stay apart.
   partition: bool = True
 
-  def call(self, method: str, out_shapes: Callable[[], Any], *args, **kwargs):
+  def call(self, method: str, *args, **kwargs):
     """Calls ``impl.method(*args, **kwargs)`` for the lowering platform."""
     impls = dict(self.per_platform)
     distinct = set(impls.values())
     if len(distinct) == 1 and set(impls) == set(ALL_PLATFORMS):
       return getattr(distinct.pop(), method)(*args, **kwargs)
-    branches = {}
+    leaves, in_tree = jax.tree.flatten(args)
+    by_impl: dict = {}
     for platform in ALL_PLATFORMS:
-      impl = impls.get(platform)
-      if impl is None:
-        branches[platform] = _unavailable(self.requested, platform, out_shapes)
-      else:
-        branches[platform] = _bound(impl, method, kwargs)
-    return jax.lax.platform_dependent(*args, **branches)
+      if platform in impls:
+        by_impl.setdefault(impls[platform], []).append(platform)
+    branches = tuple(
+        (tuple(ps), _Branch(impl, method, tuple(sorted(kwargs.items())),
+                            in_tree))
+        for impl, ps in by_impl.items())
+    # Every implementation returns the same structure (None for an absent
+    # dscale); one abstract trace gives it.
+    impl = branches[0][1].impl
+    structured = jax.eval_shape(
+        lambda *l: getattr(impl, method)(*jax.tree.unflatten(in_tree, l),
+                                         **kwargs), *leaves)
+    outs = _per_platform_p.bind(
+        *leaves, branches=branches, requested=self.requested,
+        out_avals=tuple(jax.core.ShapedArray(o.shape, o.dtype)
+                        for o in jax.tree.leaves(structured)))
+    return jax.tree.unflatten(jax.tree.structure(structured), outs)
 
 
-# Branch callables are cached so that platform_dependent sees the same object
-# for platforms sharing an implementation and emits one branch for them.
-_bound_cache: dict = {}
+@dataclasses.dataclass(frozen=True)
+class _Branch:
+  """One implementation's method on flat operands (hashable primitive param)."""
+
+  impl: base.Implementation
+  method: str
+  kw_items: tuple
+  in_tree: Any
+
+  def __call__(self, *leaves):
+    args = jax.tree.unflatten(self.in_tree, leaves)
+    out = getattr(self.impl, self.method)(*args, **dict(self.kw_items))
+    return jax.tree.leaves(out)
 
 
-def _bound(impl, method, kwargs):
-  key = (impl, method, tuple(sorted(kwargs.items())))
-  if key not in _bound_cache:
-    fn = getattr(impl, method)
-    _bound_cache[key] = lambda *a: fn(*a, **kwargs)
-  return _bound_cache[key]
+# One primitive per call site rather than lax.platform_dependent: a
+# platform_dependent branch is lowered for every platform of a multi-platform
+# export, and a pallas_call has no lowering for the others. Here each
+# platform's branch is lowered only for that platform (the narrowed
+# LoweringRuleContext.platforms that mlir.lower_per_platform passes down).
+_per_platform_p = jex_core.Primitive("rmsnorm_jax_per_platform")
+_per_platform_p.multiple_results = True
+_per_platform_p.def_abstract_eval(
+    lambda *args, branches, requested, out_avals: list(out_avals))
+_per_platform_p.def_impl(
+    lambda *args, **params: jax.jit(
+        lambda *a: _per_platform_p.bind(*a, **params))(*args))
 
 
-def _unavailable(requested, platform, out_shapes):
-  def branch(*args):
-    del args
-    shapes = jax.tree.leaves(out_shapes())
-    outs = _unavailable_p.bind(
-        message=(f"rmsnorm_jax: backend={requested!r} has no implementation "
-                 f"for platform {platform!r}. Use backend='auto' or 'xla', "
-                 f"or run on a platform the backend supports."),
-        avals=tuple((s.shape, s.dtype) for s in shapes))
-    return jax.tree.unflatten(jax.tree.structure(out_shapes()), outs)
-  return branch
+def _per_platform_lowering(ctx, *args, branches, requested, out_avals):
+  del out_avals
+  rules = {}
+  for platforms, fn in branches:
+    rule = mlir.lower_fun(fn, multiple_results=True)
+    for p in platforms:
+      rules[p] = rule
+
+  def unavailable(ctx, *args):
+    platforms = _mlir_internal._platforms_for_eqn(ctx)  # pylint: disable=protected-access
+    raise ValueError(
+        f"rmsnorm_jax: backend={requested!r} has no implementation for "
+        f"platform {', '.join(repr(p) for p in platforms)}. Use "
+        "backend='auto' or 'xla', or run on a platform the backend supports.")
+
+  return _mlir_internal.lower_per_platform(ctx, f"rmsnorm_jax backend={requested}",
+                                 rules, unavailable, set(), *args)
 
 
-_unavailable_p = jex_core.Primitive("rmsnorm_jax_unavailable")
-_unavailable_p.multiple_results = True
-_unavailable_p.def_abstract_eval(
-    lambda *, message, avals: [jax.core.ShapedArray(s, d) for s, d in avals])
+mlir.register_lowering(_per_platform_p, _per_platform_lowering)
 
 
-def _raise_unavailable(*args, message, avals):
-  del args, avals
-  raise ValueError(message)
+def _per_platform_batching(args, dims, *, branches, requested, out_avals):
+  del out_avals
+  # An unbatched operand has dim None (batching.not_mapped).
+  args = [a if d is None else jnp.moveaxis(a, d, 0)
+          for a, d in zip(args, dims)]
+  in_axes = [None if d is None else 0 for d in dims]
+  vmapped = tuple((ps, _Vmapped(fn, tuple(in_axes))) for ps, fn in branches)
+  out_shapes = jax.eval_shape(vmapped[0][1], *args)
+  outs = _per_platform_p.bind(
+      *args, branches=vmapped, requested=requested,
+      out_avals=tuple(jax.core.ShapedArray(o.shape, o.dtype)
+                      for o in out_shapes))
+  return outs, [0] * len(outs)
 
 
-_unavailable_p.def_impl(_raise_unavailable)
-mlir.register_lowering(
-    _unavailable_p, lambda ctx, *a, message, avals: _raise_unavailable(
-        message=message, avals=avals))
+@dataclasses.dataclass(frozen=True)
+class _Vmapped:
+  fn: Any
+  in_axes: tuple
+
+  def __call__(self, *args):
+    return jax.vmap(self.fn, in_axes=self.in_axes)(*args)
+
+
+batching.primitive_batchers[_per_platform_p] = _per_platform_batching
 
 
 def resolve(backend: Backend, *, rows: int, hidden: int, dtype) -> Plan:

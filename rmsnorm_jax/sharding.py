@@ -161,11 +161,7 @@ def _local(plan, method, kwargs, has_scale, *args):
           a.reshape(rows, hidden) if k == "x" else a.reshape(rows)
           for a, k in zip(args, kinds)]
 
-  def out_shapes():
-    return jax.eval_shape(lambda *a: getattr(
-        plan.per_platform[0][1], method)(*a, **kwargs), *flat)
-
-  outs = plan.call(method, out_shapes, *flat, **kwargs)
+  outs = plan.call(method, *flat, **kwargs)
   result_kinds = _SIGNATURES[method][1]
   return tuple(
       o if k == "scale" else

@@ -1,0 +1,114 @@
+"""Backend selection happens when lowering, per platform."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsnorm_jax as rj
+from rmsnorm_jax import dispatch
+from rmsnorm_jax import kernels
+from rmsnorm_jax import reference
+
+from numerics_util import assert_close, random
+
+# What each platform's kernel leaves in StableHLO.
+KERNEL_MARKERS = {"tpu": "tpu_custom_call", "cuda": "triton"}
+
+
+# Triton calls carry no serialization-compatibility guarantee; exporting them
+# is the user's explicit choice.
+UNSTABLE_OK = [jax.export.DisabledSafetyCheck.custom_call(
+    "__gpu$xla.gpu.triton")]
+
+
+def _exported_text(fn, platforms, *args):
+  return jax.export.export(jax.jit(fn), platforms=platforms,
+                           disabled_checks=UNSTABLE_OK)(*args).mlir_module()
+
+
+def _kernel_calls(fn, *args):
+  """How many platform kernels the lowering for each kernel platform holds."""
+  return sum(_exported_text(fn, [p], *args).count(KERNEL_MARKERS[p])
+             for p in kernels.BY_PLATFORM if p in KERNEL_MARKERS)
+
+
+def test_export_once_for_three_platforms_carries_each_implementation():
+  rng = np.random.default_rng(0)
+  x = random(rng, (256, 1024), jnp.bfloat16)
+  scale = random(rng, (1024,), jnp.float32)
+  f = jax.jit(lambda x, s: rj.rms_norm(x, s))
+  exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"],
+                          disabled_checks=UNSTABLE_OK)(x, scale)
+  assert exp.platforms == ("cpu", "cuda", "tpu")
+  text = exp.mlir_module()
+  for platform, marker in KERNEL_MARKERS.items():
+    if platform in kernels.BY_PLATFORM:
+      assert marker in text, f"no {platform} kernel in the exported module"
+  # The exported artifact runs here (CPU branch: XLA) and is correct.
+  y = exp.call(x, scale)
+  assert_close(y, reference.rms_norm(x, scale)[0], 1e-2, "exported on cpu")
+
+
+def test_cpu_lowering_keeps_only_the_cpu_branch():
+  x = jnp.ones((64, 512), jnp.float32)
+  hlo = jax.jit(lambda x: rj.rms_norm(x)).lower(x).as_text(dialect="hlo")
+  assert "custom_call" not in hlo and "conditional" not in hlo
+
+
+@pytest.mark.skipif(not kernels.BY_PLATFORM, reason="no kernel registered")
+def test_auto_stages_kernels_and_force_backend_removes_them():
+  x = jnp.ones((4096, 1024), jnp.bfloat16)
+  assert _kernel_calls(lambda x: rj.rms_norm(x), x) >= 1
+  with rj.force_backend("xla"):
+    # A new function: jit caches traces, and the override is read at trace
+    # time.
+    assert _kernel_calls(lambda x: rj.rms_norm(x), x) == 0
+
+
+def test_environment_variable_forces_auto(monkeypatch):
+  x = jnp.ones((4096, 1024), jnp.bfloat16)
+  monkeypatch.setenv(dispatch.ENV_VAR, "xla")
+  plan = dispatch.resolve("auto", rows=4096, hidden=1024, dtype=x.dtype)
+  assert {type(i).__name__ for _, i in plan.per_platform} == {"Xla"}
+  assert _kernel_calls(lambda x: rj.rms_norm(x), x) == 0
+  # An explicit argument still wins over the override.
+  assert dispatch.resolve("xla", rows=1, hidden=8, dtype=x.dtype).requested \
+      == "xla"
+  monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
+  with pytest.raises(ValueError, match=r"RMSNORM_JAX_BACKEND.*got 'bogus'"):
+    rj.rms_norm(x)
+
+
+def test_force_backend_rejects_unknown_names():
+  with pytest.raises(ValueError, match=r"force_backend\(name\) must be one of"):
+    with rj.force_backend("fast"):
+      pass
+
+
+def test_backend_names_list_every_kernel():
+  names = rj.backend_names()
+  assert names[:3] == ("auto", "xla", "pallas")
+  for name in kernels.BY_NAME:
+    assert name in names
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 768), (1, 4096), (64, 4096),
+                                         (8192, 4096), (32768, 128)])
+def test_auto_follows_each_kernels_own_size_rule(rows, hidden):
+  plan = dict(dispatch.resolve("auto", rows=rows, hidden=hidden,
+                               dtype=jnp.bfloat16).per_platform)
+  assert type(plan["cpu"]).__name__ == "Xla"
+  for platform, cls in kernels.BY_PLATFORM.items():
+    wants = cls().preferred_for(rows, hidden, jnp.bfloat16)
+    assert isinstance(plan[platform], cls) == wants
+  # float64 never goes to a kernel.
+  plan64 = dict(dispatch.resolve("auto", rows=rows, hidden=hidden,
+                                 dtype=jnp.float64).per_platform)
+  assert all(type(i).__name__ == "Xla" for i in plan64.values())
+
+
+def test_implementation_instances_are_accepted_as_backend():
+  impl = dispatch.base.Xla()
+  x = jnp.ones((3, 16))
+  assert_close(rj.rms_norm(x, backend=impl), rj.rms_norm(x), 0.0, "instance")
