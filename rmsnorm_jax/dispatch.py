@@ -94,16 +94,26 @@ class Plan:
                             in_tree))
         for impl, ps in by_impl.items())
     # Every implementation returns the same structure (None for an absent
-    # dscale); one abstract trace gives it.
-    impl = branches[0][1].impl
-    structured = jax.eval_shape(
-        lambda *l: getattr(impl, method)(*jax.tree.unflatten(in_tree, l),
-                                         **kwargs), *leaves)
+    # dscale); an abstract trace of the XLA one gives it without tracing a
+    # kernel in the caller's context (e.g. inside shard_map).
+    impl = base.Xla()
+    out_tree = []
+
+    def reference(*l):
+      out = getattr(impl, method)(*jax.tree.unflatten(in_tree, l), **kwargs)
+      out_tree.append(jax.tree.structure(out))
+      return jax.tree.leaves(out)
+
     outs = _per_platform_p.bind(
         *leaves, branches=branches, requested=self.requested,
-        out_avals=tuple(jax.core.ShapedArray(o.shape, o.dtype)
-                        for o in jax.tree.leaves(structured)))
-    return jax.tree.unflatten(jax.tree.structure(structured), outs)
+        out_avals=_out_avals(reference, leaves))
+    return jax.tree.unflatten(out_tree[0], outs)
+
+
+def _out_avals(fn, args) -> tuple:
+  # Full types, including the manual axes a value varies over inside
+  # shard_map, which the kernels' outputs share with the XLA reference's.
+  return tuple(jax.make_jaxpr(fn)(*args).out_avals)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,11 +174,9 @@ def _per_platform_batching(args, dims, *, branches, requested, out_avals):
           for a, d in zip(args, dims)]
   in_axes = [None if d is None else 0 for d in dims]
   vmapped = tuple((ps, _Vmapped(fn, tuple(in_axes))) for ps, fn in branches)
-  out_shapes = jax.eval_shape(vmapped[0][1], *args)
   outs = _per_platform_p.bind(
       *args, branches=vmapped, requested=requested,
-      out_avals=tuple(jax.core.ShapedArray(o.shape, o.dtype)
-                      for o in out_shapes))
+      out_avals=_out_avals(vmapped[0][1], args))
   return outs, [0] * len(outs)
 
 

@@ -187,7 +187,9 @@ def execute(plan: dispatch.Plan, method: str, *args, **kwargs):
   # XLA partitions its own ops; only opaque kernels need the wrapper.
   all_xla = all(type(i) in (base.Xla, HiddenShardedXla)
                 for _, i in plan.per_platform)
-  if all_xla or arrays[0].ndim < 2 or not plan.partition:
+  # Inside shard_map the operands are already the local shards.
+  in_shard_map = bool(jax.sharding.get_abstract_mesh().manual_axes)
+  if (all_xla or in_shard_map or arrays[0].ndim < 2 or not plan.partition):
     return _local(plan, method, dict(kwargs), has_scale, *arrays)
   return _batching_wrapper(key, arrays[0].ndim)(*arrays)
 
