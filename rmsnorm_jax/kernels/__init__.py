@@ -7,3 +7,13 @@ where the kernel's ``preferred_for`` agrees) uses on a lowering platform.
 
 BY_NAME: dict = {}
 BY_PLATFORM: dict = {}
+
+from rmsnorm_jax.kernels.gpu import PallasGpu  # noqa: E402
+
+BY_NAME["pallas_gpu"] = PallasGpu
+BY_PLATFORM["cuda"] = PallasGpu
+
+from rmsnorm_jax.kernels.tpu import PallasTpu  # noqa: E402
+
+BY_NAME["pallas_tpu"] = PallasTpu
+BY_PLATFORM["tpu"] = PallasTpu

@@ -1,0 +1,681 @@
+"""Pallas TPU (Mosaic) kernel bodies and the ``pallas_call`` wrappers.
+
+Layout: arrays are ``(rows, hidden)`` with hidden on the 128-lane axis. A grid
+step holds a ``(block_rows, hidden)`` block of every streamed operand in VMEM
+(one-pass kernels) or a ``(block_rows, hidden_block)`` block (two-pass
+kernels, for rows too wide for VMEM, see ``tpu_config``).
+
+Per-row float32 statistics (rstd) travel between HBM and the kernels as a
+``(num_blocks, 1, block_rows)`` array: lane-dense, so HBM holds 4 bytes per
+row (a ``(rows, 1)`` float32 array would be padded to 128 lanes, 512 bytes
+per row). Inside the kernel they are a ``(block_rows, 1)`` column that
+broadcasts along lanes; one 2-D transpose per grid step converts between the
+two (Mosaic's reshape between them needs a sublane gather, absent on v4).
+The wrapper's reshape to ``(rows,)`` is a bitcast or an O(rows) copy.
+
+float16 has no vector loads in Mosaic on any generation, so float16 operands
+enter and leave the kernels as their uint16 bit patterns (a free bitcast in
+the wrapper) and the kernels convert to and from float32 with integer
+arithmetic, rounding to nearest even like a hardware conversion.
+
+dscale is reduced in float32 per grid slice: the backward grid is
+``(BACKWARD_SPLITS, steps)`` with the first axis "parallel" (megacore chips
+give each TensorCore a slice of row blocks) and the second "arbitrary", each
+slice accumulating into an ``(8, hidden)`` VMEM scratch and writing one
+``(1, hidden)`` partial at its end; the wrapper adds the partials. Rows past
+the end of the array in a ragged last block hold garbage and are excluded
+from the sums with a select, never a multiply (garbage may be NaN).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from rmsnorm_jax.kernels import common
+from rmsnorm_jax.kernels import tpu_config as cfg
+
+# jax renamed TPUCompilerParams to CompilerParams; accept either spelling.
+_CompilerParams = (getattr(pltpu, "CompilerParams", None)
+                   or getattr(pltpu, "TPUCompilerParams"))
+
+F32 = np.dtype(jnp.float32)
+F16 = np.dtype(jnp.float16)
+KERNEL_DTYPES = (F32, np.dtype(jnp.bfloat16), F16)
+
+# float16 <-> float32 bit manipulation constants (IEEE 754 binary16/32).
+_F16_SIGN = 0x8000
+_F16_EXP_MASK = 0x1F
+_F16_MANT_MASK = 0x3FF
+_F16_MANT_BITS = 10
+_F32_MANT_BITS = 23
+_MANT_SHIFT = _F32_MANT_BITS - _F16_MANT_BITS
+_EXP_REBIAS = 127 - 15
+_F16_EXP_INF = 31
+_F32_EXP_INF_BITS = 0xFF << _F32_MANT_BITS
+_F32_ABS_MASK = 0x7FFFFFFF
+_F16_SUBNORMAL_UNIT = 2.0**-24
+# |x| at or above 2**16 (f32 bits) overflows float16 after rounding.
+_F32_F16_OVERFLOW_BITS = (127 + 16) << _F32_MANT_BITS
+# |x| below 2**-14 (f32 bits) is a float16 subnormal.
+_F32_F16_MIN_NORMAL_BITS = (127 - 14) << _F32_MANT_BITS
+# Adding 0.5 makes the float32 unit in the last place 2**-24, the float16
+# subnormal step, so the hardware add rounds to it (nearest even).
+_SUBNORMAL_MAGIC = 0.5
+_SUBNORMAL_MAGIC_BITS = 126 << _F32_MANT_BITS
+_F16_INF_BITS = 0x7C00
+_F16_QNAN_BITS = 0x7E00
+_ROUND_HALF_MINUS_ONE = (1 << (_MANT_SHIFT - 1)) - 1
+
+
+# ------------------------------------------------------------ conversions --
+
+def f16_bits_to_f32(bits):
+  """uint16 float16 bit patterns -> float32 values (exact)."""
+  h = bits.astype(jnp.int32)
+  exp = (h >> _F16_MANT_BITS) & _F16_EXP_MASK
+  mant = h & _F16_MANT_MASK
+  normal = ((exp + _EXP_REBIAS) << _F32_MANT_BITS) | (mant << _MANT_SHIFT)
+  special = _F32_EXP_INF_BITS | (mant << _MANT_SHIFT)
+  mag = jax.lax.bitcast_convert_type(
+      jnp.where(exp == _F16_EXP_INF, special, normal), jnp.float32)
+  # Subnormals via an int->float conversion: TPUs flush float32 denormals,
+  # so the usual bit trick through a denormal float32 would lose them.
+  mag = jnp.where(exp == 0, mant.astype(jnp.float32) * _F16_SUBNORMAL_UNIT,
+                  mag)
+  return jnp.where((h & _F16_SIGN) != 0, -mag, mag)
+
+
+def f32_to_f16_bits(v):
+  """float32 values -> uint16 float16 bit patterns, round to nearest even."""
+  x = jax.lax.bitcast_convert_type(v, jnp.int32)
+  sign = (x >> 16) & _F16_SIGN
+  a = x & _F32_ABS_MASK
+  big = jnp.where(a > _F32_EXP_INF_BITS, _F16_QNAN_BITS, _F16_INF_BITS)
+  small = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(a, jnp.float32) + _SUBNORMAL_MAGIC,
+      jnp.int32) - _SUBNORMAL_MAGIC_BITS
+  odd = (a >> _MANT_SHIFT) & 1
+  normal = (a - (_EXP_REBIAS << _F32_MANT_BITS) + _ROUND_HALF_MINUS_ONE
+            + odd) >> _MANT_SHIFT
+  out = jnp.where(a >= _F32_F16_OVERFLOW_BITS, big,
+                  jnp.where(a < _F32_F16_MIN_NORMAL_BITS, small, normal))
+  return (out | sign).astype(jnp.uint16)
+
+
+def to_kernel(a):
+  """The array as the kernel sees it (float16 as uint16 bits)."""
+  if np.dtype(a.dtype) == F16:
+    return jax.lax.bitcast_convert_type(a, jnp.uint16)
+  return a
+
+
+def kernel_dtype(dtype):
+  return np.dtype(jnp.uint16) if np.dtype(dtype) == F16 else np.dtype(dtype)
+
+
+def from_kernel(a, dtype):
+  if np.dtype(dtype) == F16:
+    return jax.lax.bitcast_convert_type(a, jnp.float16)
+  return a
+
+
+def _load(value, dtype):
+  """A loaded block (kernel dtype) as float32; dtype is the logical one."""
+  if np.dtype(dtype) == F16:
+    return f16_bits_to_f32(value)
+  return value.astype(jnp.float32)
+
+
+def _encode(value_f32, dtype):
+  """float32 -> the kernel dtype holding logical dtype ``dtype``."""
+  if np.dtype(dtype) == F16:
+    return f32_to_f16_bits(value_f32)
+  return value_f32.astype(dtype)
+
+
+# ---------------------------------------------------------------- helpers --
+
+def _for_row_groups(nrows: int, group: int, fn):
+  """Calls ``fn(r0, n)`` over row groups; n static, r0 static or traced."""
+  full, rem = divmod(nrows, group)
+  if full == 1:
+    fn(0, group)
+  elif full > 1:
+    def body(g, carry):
+      fn(pl.multiple_of(g * group, group), group)
+      return carry
+    jax.lax.fori_loop(0, full, body, 0)
+  if rem:
+    fn(full * group, rem)
+
+
+def _lane_chunks(width: int, chunk: int):
+  return [(c0, min(chunk, width - c0)) for c0 in range(0, width, chunk)]
+
+
+def _fold_into(acc_ref, lanes, contrib):
+  """acc[:, lanes] += contrib summed to 8 sublanes (a full sum if n < 8)."""
+  n, cw = contrib.shape
+  if n % 8 == 0:
+    acc_ref[:, lanes] += contrib.reshape(n // 8, 8, cw).sum(axis=0)
+  else:
+    acc_ref[0:1, lanes] += contrib.sum(axis=0, keepdims=True)
+
+
+def _row_mask(n, r0, valid):
+  return jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0) + r0 < valid
+
+
+def _lane_mask(cw, c0, valid):
+  return jax.lax.broadcasted_iota(jnp.int32, (1, cw), 1) + c0 < valid
+
+
+def _params(semantics, blocking):
+  return _CompilerParams(dimension_semantics=semantics,
+                         vmem_limit_bytes=blocking.vmem_limit_bytes)
+
+
+def _interpret(interpret):
+  """pallas_call's ``interpret``: False, True (generic) or "tpu"."""
+  if interpret == "tpu":
+    return pltpu.InterpretParams()
+  return bool(interpret)
+
+
+def _nbytes(*arrays):
+  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize
+                 for a in arrays if a is not None))
+
+
+def _cost(n_elements, rows, *arrays_and_outs):
+  return pl.CostEstimate(flops=int(6 * n_elements), transcendentals=int(rows),
+                         bytes_accessed=_nbytes(*arrays_and_outs))
+
+
+def _call(kernel, ins, out_shape, *, grid, in_specs, out_specs, scratch,
+          semantics, blocking, rsqrts, interpret, name):
+  """``pl.pallas_call`` with this module's settings, applied to ``ins``.
+
+  ``out_shape`` is one ShapeDtypeStruct or a tuple (then a tuple returns).
+  The outputs are typed to vary over the mesh axes the inputs vary over, so
+  the kernels also lower inside a user's ``shard_map`` (see common.py).
+  ``rsqrts`` is the cost estimate's transcendental count.
+  """
+  outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
+  return pl.pallas_call(
+      kernel, out_shape=common.vary_like(out_shape, ins), grid=grid,
+      in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
+      compiler_params=_params(semantics, blocking),
+      cost_estimate=_cost(math.prod(ins[0].shape), rsqrts, *ins, *outs),
+      interpret=_interpret(interpret), name=name)(*common.match_varying(ins))
+
+
+def _stats_out(rows, block_rows):
+  nb = cfg.num_blocks(rows, block_rows)
+  return jax.ShapeDtypeStruct((nb, 1, block_rows), jnp.float32)
+
+
+def _stats_to_rows(stats, rows):
+  return stats.reshape(-1)[:rows]
+
+
+def _rows_to_stats(v, rows, block_rows):
+  nb = cfg.num_blocks(rows, block_rows)
+  pad = nb * block_rows - rows
+  if pad:
+    v = jnp.pad(v, (0, pad))
+  return v.reshape(nb, 1, block_rows)
+
+
+# --------------------------------------------------------------- forward --
+
+def _forward_kernel(*refs, hidden, eps, has_w, has_res, dtypes, blocking):
+  """One-pass forward (optionally fused with the residual add).
+
+  Refs: x, [residual], [w], y, [h], rstd, col scratch.
+  """
+  refs = list(refs)
+  x_ref = refs.pop(0)
+  res_ref = refs.pop(0) if has_res else None
+  w_ref = refs.pop(0) if has_w else None
+  y_ref = refs.pop(0)
+  h_ref = refs.pop(0) if has_res else None
+  r_ref, col_ref = refs
+  x_dt, res_dt, y_dt = dtypes
+  chunks = _lane_chunks(hidden, blocking.lane_chunk)
+  br = x_ref.shape[0]
+
+  def group(r0, n):
+    rs = pl.ds(r0, n)
+    ss = jnp.zeros((n, 1), jnp.float32)
+    for c0, cw in chunks:
+      ls = pl.ds(c0, cw)
+      v = _load(x_ref[rs, ls], x_dt)
+      if has_res:
+        # The norm sees h rounded to the residual dtype, as the caller does.
+        enc = _encode(v + _load(res_ref[rs, ls], res_dt), res_dt)
+        h_ref[rs, ls] = enc
+        v = _load(enc, res_dt)
+      ss = ss + jnp.sum(v * v, axis=1, keepdims=True)
+    r = jax.lax.rsqrt(ss / hidden + eps)
+    col_ref[rs, :] = r
+    src, src_dt = (h_ref, res_dt) if has_res else (x_ref, x_dt)
+    for c0, cw in chunks:
+      ls = pl.ds(c0, cw)
+      y = _load(src[rs, ls], src_dt) * r
+      if has_w:
+        y = y * w_ref[:, ls]
+      y_ref[rs, ls] = _encode(y, y_dt)
+
+  _for_row_groups(br, blocking.group_rows, group)
+  r_ref[...] = col_ref[...].T
+
+
+def forward(x, res, w, *, eps, out_dtype, blocking, interpret):
+  """One-pass forward. Returns (y, [h,] rstd (rows,) float32)."""
+  rows, hidden = x.shape
+  br = blocking.block_rows
+  nb = cfg.num_blocks(rows, br)
+  has_res, has_w = res is not None, w is not None
+  res_dt = res.dtype if has_res else x.dtype
+  row_spec = pl.BlockSpec((br, hidden), lambda i: (i, 0))
+  ins = [to_kernel(x)] + ([to_kernel(res)] if has_res else [])
+  in_specs = [row_spec] * len(ins)
+  if has_w:
+    ins.append(w)
+    in_specs.append(pl.BlockSpec((1, hidden), lambda i: (0, 0)))
+  outs = [jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(out_dtype))]
+  out_specs = [row_spec]
+  if has_res:
+    outs.append(jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(res_dt)))
+    out_specs.append(row_spec)
+  outs.append(_stats_out(rows, br))
+  out_specs.append(pl.BlockSpec((None, 1, br), lambda i: (i, 0, 0)))
+  kernel = functools.partial(
+      _forward_kernel, hidden=hidden, eps=eps, has_w=has_w, has_res=has_res,
+      dtypes=(np.dtype(x.dtype), np.dtype(res_dt), np.dtype(out_dtype)),
+      blocking=blocking)
+  result = _call(
+      kernel, ins, tuple(outs), grid=(nb,), in_specs=in_specs,
+      out_specs=tuple(out_specs),
+      scratch=[pltpu.VMEM((br, 1), jnp.float32)], semantics=("parallel",),
+      blocking=blocking, rsqrts=rows, interpret=interpret,
+      name="rmsnorm_fwd")
+  y = from_kernel(result[0], out_dtype)
+  rstd = _stats_to_rows(result[-1], rows)
+  if has_res:
+    return y, from_kernel(result[1], res_dt), rstd
+  return y, rstd
+
+
+# --------------------------------------------------------------- backward --
+
+def _backward_kernel(*refs, rows, hidden, has_w, has_dh, dtypes, blocking,
+                     steps, nb):
+  """One-pass backward. Refs: x, dy, rstd, [w], [dh], dx, [dw], col, [acc]."""
+  refs = list(refs)
+  x_ref, dy_ref, r_ref = refs[:3]
+  del refs[:3]
+  w_ref = refs.pop(0) if has_w else None
+  dh_ref = refs.pop(0) if has_dh else None
+  dx_ref = refs.pop(0)
+  dw_ref = refs.pop(0) if has_w else None
+  col_ref = refs.pop(0)
+  acc_ref = refs.pop(0) if has_w else None
+  x_dt, dy_dt, dh_dt = dtypes
+  chunks = _lane_chunks(hidden, blocking.lane_chunk)
+  br = x_ref.shape[0]
+  j = pl.program_id(1)
+  b = pl.program_id(0) * steps + j
+  ragged = rows % br != 0
+
+  if has_w:
+    @pl.when(j == 0)
+    def _():
+      acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def block():
+    col_ref[...] = r_ref[...].T
+    valid = rows - b * br
+
+    def group(r0, n):
+      rs = pl.ds(r0, n)
+      r = col_ref[rs, :]
+      dot = jnp.zeros((n, 1), jnp.float32)
+      for c0, cw in chunks:
+        ls = pl.ds(c0, cw)
+        g = _load(dy_ref[rs, ls], dy_dt)
+        if has_w:
+          g = g * w_ref[:, ls]
+        dot = dot + jnp.sum(g * _load(x_ref[rs, ls], x_dt), axis=1,
+                            keepdims=True)
+      # mean(g * xhat) with xhat = x * rstd: the component the norm removes.
+      c = dot * r / hidden
+      keep = _row_mask(n, r0, valid) if (has_w and ragged) else None
+      for c0, cw in chunks:
+        ls = pl.ds(c0, cw)
+        dy = _load(dy_ref[rs, ls], dy_dt)
+        g = dy * w_ref[:, ls] if has_w else dy
+        xhat = _load(x_ref[rs, ls], x_dt) * r
+        dx = r * (g - xhat * c)
+        if has_dh:
+          dx = dx + _load(dh_ref[rs, ls], dh_dt)
+        dx_ref[rs, ls] = _encode(dx, x_dt)
+        if has_w:
+          contrib = dy * xhat
+          if keep is not None:
+            contrib = jnp.where(keep, contrib, 0.0)
+          _fold_into(acc_ref, ls, contrib)
+
+    _for_row_groups(br, blocking.group_rows, group)
+
+  if cfg.BACKWARD_SPLITS * steps > nb:
+    pl.when(b < nb)(block)
+  else:
+    block()
+
+  if has_w:
+    @pl.when(j == steps - 1)
+    def _():
+      dw_ref[...] = jnp.sum(acc_ref[...], axis=0, keepdims=True)
+
+
+def backward(x, w, rstd, dy, dh, *, blocking, interpret):
+  """One-pass backward. Returns (dx (+ dh) in x.dtype, dscale f32 or None)."""
+  rows, hidden = x.shape
+  br = blocking.block_rows
+  nb = cfg.num_blocks(rows, br)
+  splits = cfg.BACKWARD_SPLITS if nb > 1 else 1
+  steps = cfg.num_blocks(nb, splits)
+  has_w, has_dh = w is not None, dh is not None
+
+  def blk(s, j):
+    return jnp.minimum(s * steps + j, nb - 1)
+
+  row_spec = pl.BlockSpec((br, hidden), lambda s, j: (blk(s, j), 0))
+  ins = [to_kernel(x), to_kernel(dy), _rows_to_stats(rstd, rows, br)]
+  in_specs = [row_spec, row_spec,
+              pl.BlockSpec((None, 1, br), lambda s, j: (blk(s, j), 0, 0))]
+  if has_w:
+    ins.append(w)
+    in_specs.append(pl.BlockSpec((1, hidden), lambda s, j: (0, 0)))
+  if has_dh:
+    ins.append(to_kernel(dh))
+    in_specs.append(row_spec)
+  outs = [jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(x.dtype))]
+  out_specs = [row_spec]
+  scratch = [pltpu.VMEM((br, 1), jnp.float32)]
+  if has_w:
+    outs.append(jax.ShapeDtypeStruct((splits, 1, hidden), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, 1, hidden), lambda s, j: (s, 0, 0)))
+    scratch.append(pltpu.VMEM((8, hidden), jnp.float32))
+  kernel = functools.partial(
+      _backward_kernel, rows=rows, hidden=hidden, has_w=has_w, has_dh=has_dh,
+      dtypes=(np.dtype(x.dtype), np.dtype(dy.dtype),
+              np.dtype(dh.dtype) if has_dh else None),
+      blocking=blocking, steps=steps, nb=nb)
+  result = _call(
+      kernel, ins, tuple(outs), grid=(splits, steps), in_specs=in_specs,
+      out_specs=tuple(out_specs), scratch=scratch,
+      semantics=("parallel", "arbitrary"), blocking=blocking, rsqrts=0,
+      interpret=interpret, name="rmsnorm_bwd")
+  dx = from_kernel(result[0], x.dtype)
+  dw = jnp.sum(result[1], axis=(0, 1)) if has_w else None
+  return dx, dw
+
+
+# ------------------------------------------------- two-pass (wide rows) --
+
+def _wide_stats_kernel(*refs, hidden, eps, has_res, has_w, dtypes, blocking,
+                       nd, mode):
+  """Pass 1 over hidden chunks; the last chunk writes the per-row result.
+
+  mode "fwd": refs x, [res], [h out], rstd out, acc; result rstd.
+  mode "bwd": refs x, dy, [w], dot out, acc; result sum(dy * w * x).
+  """
+  refs = list(refs)
+  x_ref = refs.pop(0)
+  if mode == "fwd":
+    res_ref = refs.pop(0) if has_res else None
+    h_ref = refs.pop(0) if has_res else None
+  else:
+    dy_ref = refs.pop(0)
+    w_ref = refs.pop(0) if has_w else None
+  out_ref, acc_ref = refs
+  x_dt, other_dt = dtypes
+  bd = x_ref.shape[1]
+  chunks = _lane_chunks(bd, blocking.lane_chunk)
+  j = pl.program_id(1)
+  valid = hidden - j * bd
+  ragged = hidden % bd != 0
+
+  @pl.when(j == 0)
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def group(r0, n):
+    rs = pl.ds(r0, n)
+    s = jnp.zeros((n, 1), jnp.float32)
+    for c0, cw in chunks:
+      ls = pl.ds(c0, cw)
+      v = _load(x_ref[rs, ls], x_dt)
+      if mode == "fwd":
+        if has_res:
+          enc = _encode(v + _load(res_ref[rs, ls], other_dt), other_dt)
+          h_ref[rs, ls] = enc
+          v = _load(enc, other_dt)
+        term = v * v
+      else:
+        g = _load(dy_ref[rs, ls], other_dt)
+        if has_w:
+          g = g * w_ref[:, ls]
+        term = g * v
+      if ragged:
+        # Lanes past hidden in the last chunk hold garbage.
+        term = jnp.where(_lane_mask(cw, c0, valid), term, 0.0)
+      s = s + jnp.sum(term, axis=1, keepdims=True)
+    acc_ref[rs, :] += s
+
+  _for_row_groups(x_ref.shape[0], blocking.group_rows, group)
+
+  @pl.when(j == nd - 1)
+  def _():
+    total = acc_ref[...]
+    if mode == "fwd":
+      total = jax.lax.rsqrt(total / hidden + eps)
+    out_ref[...] = total.T
+
+
+def _wide_apply_kernel(*refs, rows, hidden, mode, has_w, has_dh, dtypes,
+                       blocking):
+  """Pass 2: the elementwise output (and, backward, dscale over row blocks).
+
+  mode "fwd": refs src, rstd, [w], y, col.
+  mode "bwd": refs x, dy, rstd, dot, [w], [dh], dx, [dw], col, dcol, [acc];
+  grid (hidden chunks, row blocks), dscale accumulated over row blocks.
+  """
+  refs = list(refs)
+  if mode == "fwd":
+    src_ref, r_ref = refs[:2]
+    del refs[:2]
+    w_ref = refs.pop(0) if has_w else None
+    y_ref, col_ref = refs
+    src_dt, y_dt = dtypes
+    chunks = _lane_chunks(src_ref.shape[1], blocking.lane_chunk)
+    col_ref[...] = r_ref[...].T
+
+    def group(r0, n):
+      rs = pl.ds(r0, n)
+      r = col_ref[rs, :]
+      for c0, cw in chunks:
+        ls = pl.ds(c0, cw)
+        y = _load(src_ref[rs, ls], src_dt) * r
+        if has_w:
+          y = y * w_ref[:, ls]
+        y_ref[rs, ls] = _encode(y, y_dt)
+
+    _for_row_groups(src_ref.shape[0], blocking.group_rows, group)
+    return
+
+  x_ref, dy_ref, r_ref, d_ref = refs[:4]
+  del refs[:4]
+  w_ref = refs.pop(0) if has_w else None
+  dh_ref = refs.pop(0) if has_dh else None
+  dx_ref = refs.pop(0)
+  dw_ref = refs.pop(0) if has_w else None
+  col_ref, dcol_ref = refs[:2]
+  acc_ref = refs[2] if has_w else None
+  x_dt, dy_dt, dh_dt = dtypes
+  br, bd = x_ref.shape
+  chunks = _lane_chunks(bd, blocking.lane_chunk)
+  i = pl.program_id(1)
+  nb = pl.num_programs(1)
+  valid = rows - i * br
+  ragged = rows % br != 0
+  col_ref[...] = r_ref[...].T
+  dcol_ref[...] = d_ref[...].T
+
+  if has_w:
+    @pl.when(i == 0)
+    def _():
+      acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def group(r0, n):
+    rs = pl.ds(r0, n)
+    r = col_ref[rs, :]
+    c = dcol_ref[rs, :] * r / hidden
+    keep = _row_mask(n, r0, valid) if (has_w and ragged) else None
+    for c0, cw in chunks:
+      ls = pl.ds(c0, cw)
+      dy = _load(dy_ref[rs, ls], dy_dt)
+      g = dy * w_ref[:, ls] if has_w else dy
+      xhat = _load(x_ref[rs, ls], x_dt) * r
+      dx = r * (g - xhat * c)
+      if has_dh:
+        dx = dx + _load(dh_ref[rs, ls], dh_dt)
+      dx_ref[rs, ls] = _encode(dx, x_dt)
+      if has_w:
+        contrib = dy * xhat
+        if keep is not None:
+          contrib = jnp.where(keep, contrib, 0.0)
+        _fold_into(acc_ref, ls, contrib)
+
+  _for_row_groups(br, blocking.group_rows, group)
+
+  if has_w:
+    @pl.when(i == nb - 1)
+    def _():
+      dw_ref[...] = jnp.sum(acc_ref[...], axis=0, keepdims=True)
+
+
+def wide_forward(x, res, w, *, eps, out_dtype, blocking, interpret):
+  """Two-pass forward for rows too wide for VMEM (reads x, or h, twice)."""
+  rows, hidden = x.shape
+  br, bd = blocking.block_rows, blocking.hidden_block
+  nb, nd = cfg.num_blocks(rows, br), cfg.num_blocks(hidden, bd)
+  has_res, has_w = res is not None, w is not None
+  res_dt = np.dtype(res.dtype if has_res else x.dtype)
+  tile = pl.BlockSpec((br, bd), lambda i, j: (i, j))
+  stats_spec = pl.BlockSpec((None, 1, br), lambda i, j: (i, 0, 0))
+  ins = [to_kernel(x)] + ([to_kernel(res)] if has_res else [])
+  outs = ([jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(res_dt))]
+          if has_res else []) + [_stats_out(rows, br)]
+  stats_kernel = functools.partial(
+      _wide_stats_kernel, hidden=hidden, eps=eps, has_res=has_res, has_w=False,
+      dtypes=(np.dtype(x.dtype), res_dt), blocking=blocking, nd=nd,
+      mode="fwd")
+  first = _call(
+      stats_kernel, ins, tuple(outs), grid=(nb, nd),
+      in_specs=[tile] * len(ins),
+      out_specs=tuple([tile] * has_res + [stats_spec]),
+      scratch=[pltpu.VMEM((br, 1), jnp.float32)],
+      semantics=("parallel", "arbitrary"), blocking=blocking, rsqrts=rows,
+      interpret=interpret, name="rmsnorm_fwd_stats")
+  stats = first[-1]
+  src = first[0] if has_res else ins[0]
+  src_dt = res_dt if has_res else np.dtype(x.dtype)
+  ins2 = [src, stats]
+  specs2 = [tile, stats_spec]
+  if has_w:
+    ins2.append(w)
+    specs2.append(pl.BlockSpec((1, bd), lambda i, j: (0, j)))
+  out2 = jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(out_dtype))
+  apply_kernel = functools.partial(
+      _wide_apply_kernel, rows=rows, hidden=hidden, mode="fwd", has_w=has_w,
+      has_dh=False, dtypes=(src_dt, np.dtype(out_dtype)), blocking=blocking)
+  y = _call(
+      apply_kernel, ins2, out2, grid=(nb, nd), in_specs=specs2,
+      out_specs=tile, scratch=[pltpu.VMEM((br, 1), jnp.float32)],
+      semantics=("parallel", "parallel"), blocking=blocking, rsqrts=0,
+      interpret=interpret, name="rmsnorm_fwd_apply")
+  y = from_kernel(y, out_dtype)
+  rstd = _stats_to_rows(stats, rows)
+  if has_res:
+    return y, from_kernel(first[0], res_dt), rstd
+  return y, rstd
+
+
+def wide_backward(x, w, rstd, dy, dh, *, blocking, interpret):
+  """Two-pass backward for rows too wide for VMEM (reads x and dy twice)."""
+  rows, hidden = x.shape
+  br, bd = blocking.block_rows, blocking.hidden_block
+  nb, nd = cfg.num_blocks(rows, br), cfg.num_blocks(hidden, bd)
+  has_w, has_dh = w is not None, dh is not None
+  xk, dyk = to_kernel(x), to_kernel(dy)
+  tile = pl.BlockSpec((br, bd), lambda i, j: (i, j))
+  stats_spec = pl.BlockSpec((None, 1, br), lambda i, j: (i, 0, 0))
+  ins = [xk, dyk]
+  specs = [tile, tile]
+  if has_w:
+    ins.append(w)
+    specs.append(pl.BlockSpec((1, bd), lambda i, j: (0, j)))
+  dot_shape = _stats_out(rows, br)
+  dot_kernel = functools.partial(
+      _wide_stats_kernel, hidden=hidden, eps=0.0, has_res=False, has_w=has_w,
+      dtypes=(np.dtype(x.dtype), np.dtype(dy.dtype)), blocking=blocking,
+      nd=nd, mode="bwd")
+  dot = _call(
+      dot_kernel, ins, dot_shape, grid=(nb, nd), in_specs=specs,
+      out_specs=stats_spec, scratch=[pltpu.VMEM((br, 1), jnp.float32)],
+      semantics=("parallel", "arbitrary"), blocking=blocking, rsqrts=0,
+      interpret=interpret, name="rmsnorm_bwd_dot")
+
+  # Pass 2 runs hidden chunks on the parallel axis and row blocks on the
+  # arbitrary one, so each chunk's dscale accumulates in VMEM.
+  tile_t = pl.BlockSpec((br, bd), lambda j, i: (i, j))
+  stats_t = pl.BlockSpec((None, 1, br), lambda j, i: (i, 0, 0))
+  ins2 = [xk, dyk, _rows_to_stats(rstd, rows, br), dot]
+  specs2 = [tile_t, tile_t, stats_t, stats_t]
+  if has_w:
+    ins2.append(w)
+    specs2.append(pl.BlockSpec((1, bd), lambda j, i: (0, j)))
+  if has_dh:
+    ins2.append(to_kernel(dh))
+    specs2.append(tile_t)
+  outs = [jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(x.dtype))]
+  out_specs = [tile_t]
+  scratch = [pltpu.VMEM((br, 1), jnp.float32)] * 2
+  if has_w:
+    outs.append(jax.ShapeDtypeStruct((1, hidden), jnp.float32))
+    out_specs.append(pl.BlockSpec((1, bd), lambda j, i: (0, j)))
+    scratch.append(pltpu.VMEM((8, bd), jnp.float32))
+  apply_kernel = functools.partial(
+      _wide_apply_kernel, rows=rows, hidden=hidden, mode="bwd", has_w=has_w,
+      has_dh=has_dh, dtypes=(np.dtype(x.dtype), np.dtype(dy.dtype),
+                             np.dtype(dh.dtype) if has_dh else None),
+      blocking=blocking)
+  result = _call(
+      apply_kernel, ins2, tuple(outs), grid=(nd, nb), in_specs=specs2,
+      out_specs=tuple(out_specs), scratch=scratch,
+      semantics=("parallel", "arbitrary"), blocking=blocking, rsqrts=0,
+      interpret=interpret, name="rmsnorm_bwd_apply")
+  dx = from_kernel(result[0], x.dtype)
+  dw = result[1][0] if has_w else None
+  return dx, dw

@@ -1,0 +1,292 @@
+"""PallasGpu kernels against the float64 reference and the XLA path.
+
+Every check runs in two modes:
+
+* ``interpret``: the Pallas interpreter on whatever backend JAX has (CI: CPU);
+* ``compiled``: Triton-compiled on a CUDA GPU, marked ``gpu`` and skipped,
+  with the reason, where there is none (``pytest -m gpu`` runs only these).
+
+All calls go through the public API (``rmsnorm_jax.rms_norm`` /
+``rms_norm_residual`` with ``jax.vjp``), with ``poison_outputs=True`` so that
+every kernel output starts as NaN: an element the kernel failed to write
+fails the finiteness check inside ``rel_error``. Inputs are fresh random
+normals (never zeros), with a nonzero mean so that the mean-square is not
+trivially 1.
+
+Tolerances are on ``||got - want|| / ||want||``:
+
+* against the float64 reference: ``numerics_util.TOL`` (float32 2e-5,
+  bfloat16 1e-2, float16 2e-3): float32 arithmetic plus one rounding of each
+  output to its dtype (2**-9 and 2**-12 relative per element for bfloat16
+  and float16; gradients pass two roundings, dy and dx);
+* against XLA (same float32 formula, different summation order): an output
+  rounded to half precision may land one ulp apart where its float32 value
+  sits near a rounding boundary, so ``XLA_TOL`` is one ulp relative (2**-7
+  for bfloat16, 2**-10 for float16; reached when hidden is 1 and the single
+  element flips); float32 outputs differ only by reduction order, far
+  below 1e-5.
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsnorm_jax as rj
+from rmsnorm_jax import base
+from rmsnorm_jax import reference
+from rmsnorm_jax import shapes
+from rmsnorm_jax.kernels import gpu_tiling
+from rmsnorm_jax.kernels.gpu import PallasGpu
+
+from numerics_util import assert_close, dx_magnitude, random, tol
+
+XLA_TOL = {
+    np.dtype(jnp.float32): 1e-5,
+    np.dtype(jnp.bfloat16): 2.0**-7,
+    np.dtype(jnp.float16): 2.0**-10,
+}
+
+
+def _has_cuda() -> bool:
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+MODES = [
+    pytest.param("interpret", id="interpret"),
+    pytest.param("compiled", id="compiled", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not _has_cuda(),
+                           reason="compiled Pallas GPU kernels need a CUDA "
+                                  "GPU; the interpret variant covers CPU")]),
+]
+DTYPES = [pytest.param(d, id=np.dtype(d).name) for d in shapes.DTYPES]
+SHAPES = [pytest.param(s, id="x".join(map(str, s)))
+          for s in shapes.CORRECTNESS + shapes.WIDE]
+# Only compiled: sizes that need a real SM count to exercise multi-step
+# persistent programs, and rows wider than the resident limit.
+GPU_SHAPES = [pytest.param(s, id="x".join(map(str, s)))
+              for s in ((4099, 1024), (300, 16384), (5, 32771), (2, 65536))]
+
+
+def _rng(*key):
+  return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _impl(mode, **kw):
+  return PallasGpu(interpret=(mode == "interpret"), poison_outputs=True, **kw)
+
+
+def _xla_tol(*dtypes):
+  return max(XLA_TOL[np.dtype(d)] for d in dtypes)
+
+
+def _check_norm(impl, shape, dtype, scale_dtype, *, scale_offset=0.0,
+                eps=1e-5, out_dtype=None, key=()):
+  """Forward and both gradients vs float64 and vs XLA."""
+  rng = _rng("norm", shape, np.dtype(dtype).name, key)
+  hidden = shape[-1]
+  x = random(rng, shape, dtype, mean=0.3)
+  scale = None if scale_dtype is None else random(
+      rng, (hidden,), scale_dtype, mean=0.0 if scale_offset else 1.0,
+      scale=0.5)
+  y_dtype = np.dtype(out_dtype or dtype)
+  dy = random(rng, shape, y_dtype)
+
+  def run(backend):
+    def f(x, scale):
+      return rj.rms_norm(x, scale, eps=eps, scale_offset=scale_offset,
+                         out_dtype=out_dtype, backend=backend)
+    if scale is None:
+      y, vjp = jax.vjp(jax.jit(lambda x: f(x, None)), x)
+      return (y, *vjp(dy), None)
+    y, vjp = jax.vjp(jax.jit(f), x, scale)
+    return (y, *vjp(dy))
+
+  y, dx, dscale = run(impl)
+  assert y.dtype == y_dtype and dx.dtype == x.dtype
+  y_ref, _ = reference.rms_norm(x, scale, eps=eps, scale_offset=scale_offset)
+  dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy, eps=eps,
+                                           scale_offset=scale_offset)
+  assert_close(y, y_ref, tol(y_dtype), "y")
+  assert_close(dx, dx_ref, tol(dtype, y_dtype), "dx",
+               dx_magnitude(x, scale, dy, eps=eps, scale_offset=scale_offset))
+  y_x, dx_x, ds_x = run(base.Xla())
+  assert_close(y, y_x, _xla_tol(y_dtype), "y vs xla")
+  assert_close(dx, dx_x, _xla_tol(dtype, y_dtype), "dx vs xla",
+               dx_magnitude(x, scale, dy, eps=eps, scale_offset=scale_offset))
+  if scale is not None:
+    assert dscale.dtype == scale.dtype
+    assert_close(dscale, ds_ref, tol(scale.dtype, y_dtype), "dscale")
+    assert_close(dscale, ds_x, _xla_tol(scale.dtype), "dscale vs xla")
+
+
+def _check_residual(impl, shape, x_dtype, res_dtype, key=()):
+  """Fused residual forward and backward vs float64 and vs XLA."""
+  rng = _rng("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name,
+             key)
+  hidden = shape[-1]
+  x = random(rng, shape, x_dtype)
+  res = random(rng, shape, res_dtype, mean=0.5)
+  scale = random(rng, (hidden,), jnp.float32, mean=1.0, scale=0.3)
+  dy = random(rng, shape, res_dtype)
+  dh = random(rng, shape, res_dtype)
+
+  def run(backend):
+    f = jax.jit(lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=backend))
+    (y, h), vjp = jax.vjp(f, x, res, scale)
+    return (y, h, *vjp((dy, dh)))
+
+  y, h, dx, dres, dscale = run(impl)
+  assert h.dtype == res_dtype and y.dtype == res_dtype
+  assert dx.dtype == x_dtype and dres.dtype == res_dtype
+  h_ref = np.asarray(x, np.float64) + np.asarray(res, np.float64)
+  assert_close(h, h_ref, tol(res_dtype), "h")
+  # The norm sees h rounded to residual's dtype, exactly as returned.
+  y_ref, _ = reference.rms_norm(h, scale)
+  dh_ref, ds_ref = reference.rms_norm_grad(h, scale, dy)
+  dh_ref = dh_ref + np.asarray(dh, np.float64)
+  assert_close(y, y_ref, tol(res_dtype), "y")
+  assert_close(dres, dh_ref, tol(res_dtype), "dresidual")
+  assert_close(dx, dh_ref, tol(res_dtype, x_dtype), "dx")
+  assert_close(dscale, ds_ref, tol(res_dtype), "dscale")
+  y_x, h_x, dx_x, dres_x, ds_x = run(base.Xla())
+  np.testing.assert_array_equal(np.asarray(h, np.float32),
+                                np.asarray(h_x, np.float32))
+  assert_close(y, y_x, _xla_tol(res_dtype), "y vs xla")
+  # The norm's part of the gradient cancels almost exactly for tiny hidden,
+  # so it is judged against the size of its terms (plus dh's).
+  mag = dx_magnitude(h, scale, dy) + float(
+      np.linalg.norm(np.asarray(dh, np.float64).ravel()))
+  assert_close(dres, dres_x, _xla_tol(res_dtype), "dresidual vs xla", mag)
+  assert_close(dscale, ds_x, _xla_tol(jnp.float32, res_dtype),
+               "dscale vs xla")
+
+
+# ------------------------------------------------------------------ tests --
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_norm_and_residual(mode, shape, dtype):
+  impl = _impl(mode)
+  _check_norm(impl, shape, dtype, dtype)
+  _check_residual(impl, shape, dtype, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_large_shapes(mode, shape, dtype):
+  if mode == "interpret":
+    pytest.skip("large shapes are only run compiled (interpret is slow)")
+  impl = _impl(mode)
+  _check_norm(impl, shape, dtype, dtype)
+  _check_residual(impl, shape, dtype, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["f32_scale_offset", "no_scale",
+                                     "f32_out"])
+def test_scale_and_output_variants(mode, dtype, variant):
+  impl = _impl(mode)
+  if variant == "f32_scale_offset":
+    _check_norm(impl, (37, 300), dtype, jnp.float32, scale_offset=1.0)
+  elif variant == "no_scale":
+    _check_norm(impl, (37, 300), dtype, None)
+  else:
+    _check_norm(impl, (37, 300), dtype, dtype, out_dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("config", [
+    # Chunked (two-loop) tiling on a small ragged row.
+    dict(block_cols=64),
+    dict(block_cols=32, block_rows=4),
+    # Persistent backward: several ragged row blocks per program.
+    dict(block_rows=2, programs_per_sm=1, num_sms=3),
+    dict(block_rows=8, num_warps=2, num_sms=1),
+    dict(block_rows=4, num_sms=2, prefetch=False, cache_scale=False),
+    dict(block_rows=2, num_sms=2, persistent=True, programs_per_sm=2),
+    dict(block_rows=2, num_sms=2, persistent=True, prefetch=False,
+         cache_scale=False),
+    # Backward reading x and dy again after the reduction (wide rows).
+    dict(block_rows=2, num_sms=3, reload=True, prefetch=False,
+         cache_scale=False),
+    dict(block_rows=4, num_sms=2, reload=True),
+], ids=["chunk64", "chunk32_rows4", "persistent", "one_program",
+        "no_prefetch_no_cache", "persistent_fwd", "persistent_fwd_plain",
+        "reload", "reload_prefetch_cached"])
+def test_tiling_overrides(mode, config):
+  impl = _impl(mode, **config)
+  _check_norm(impl, (45, 200), jnp.bfloat16, jnp.float32, key=config)
+  _check_residual(impl, (45, 200), jnp.bfloat16, jnp.float32, key=config)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_residual_dtypes(mode):
+  _check_residual(_impl(mode), (19, 257), jnp.bfloat16, jnp.float32)
+
+
+def test_float64_is_rejected_and_not_preferred():
+  impl = PallasGpu(interpret=True)
+  assert not impl.preferred_for(4096, 4096, jnp.float64)
+  with jax.enable_x64(True) if hasattr(jax, "enable_x64") else (
+      jax.experimental.enable_x64()):
+    x = jnp.ones((4, 8), jnp.float64) * 0.5
+    with pytest.raises(TypeError, match=r"\bx\b.*float64"):
+      rj.rms_norm(x, backend=impl)
+    with pytest.raises(TypeError, match=r"residual.*float64"):
+      rj.rms_norm_residual(x.astype(jnp.float32), x, backend=impl)
+
+
+def test_preferred_for_crossover():
+  # The measured crossover (gpu.py): the kernel from one row up, except few
+  # rows of very wide rows, where XLA's backward is faster.
+  impl = PallasGpu()
+  assert impl.preferred_for(1, 768, jnp.float32)
+  assert impl.preferred_for(1, 4096, jnp.bfloat16)
+  assert impl.preferred_for(64, 768, jnp.float32)
+  assert impl.preferred_for(8192, 4096, jnp.bfloat16)
+  assert impl.preferred_for(32768, 128, jnp.bfloat16)
+  assert not impl.preferred_for(1, 16384, jnp.bfloat16)
+  assert not impl.preferred_for(4, 16384, jnp.bfloat16)
+  assert not impl.preferred_for(2, 65536, jnp.float32)
+  assert impl.preferred_for(4096, 16384, jnp.bfloat16)
+  assert not impl.preferred_for(2**20, 2**12, jnp.bfloat16)  # > 2**31 elems
+
+
+def test_registered_and_platforms():
+  from rmsnorm_jax import kernels
+  assert kernels.BY_NAME["pallas_gpu"] is PallasGpu
+  assert kernels.BY_PLATFORM["cuda"] is PallasGpu
+  assert PallasGpu().lowering_platforms() == ("cuda",)
+  assert "cpu" in PallasGpu(interpret=True).lowering_platforms()
+  assert "pallas_gpu" in rj.backend_names()
+
+
+@pytest.mark.parametrize("rows,hidden", [
+    (1, 768), (1, 4096), (64, 4096), (8192, 4096), (32768, 128),
+    (4096, 16384), (3, 65536), (1000, 129), (7, 100)])
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_tiling_covers_every_row(kind, rows, hidden):
+  launch = gpu_tiling.plan(kind, rows, hidden, sms=132, itemsize=2)
+  assert launch.block_rows & (launch.block_rows - 1) == 0
+  assert launch.block_cols & (launch.block_cols - 1) == 0
+  assert launch.grid * launch.steps * launch.block_rows >= rows
+  # No program is left with only empty row blocks.
+  assert (launch.grid - 1) * launch.block_rows < rows
+  if launch.resident:
+    assert launch.block_cols >= hidden
+  # Small row counts still spread over many programs; a persistent grid
+  # (steps > 1) may drop a few programs when that leaves steps unchanged.
+  row_blocks = -(-rows // launch.block_rows)
+  assert launch.grid >= 0.9 * min(row_blocks, 132)
+  assert launch.grid >= min(rows, 132) or launch.block_rows == 1 or (
+      launch.steps > 1)
