@@ -1,0 +1,157 @@
+"""Tiling sweep for the PallasGpu kernels (device time from the profiler).
+
+    python benchmarks/gpu_sweep.py [--round 1|2|3] --json sweep.json
+
+Times each op on a few shapes under several explicit ``PallasGpu`` configs
+next to the default heuristic, XLA and the roofline, and prints the configs
+ranked per (op, shape). The winners feed the constants in
+``rmsnorm_jax/kernels/gpu_tiling.py`` (see docs/gpu_perf_notes.md). The
+(op, shape) pairs run in order of how much they decide the targets, and the
+JSON is rewritten after each, so a run cut short keeps what it measured.
+"""
+
+import argparse
+import json
+
+import jax.numpy as jnp
+
+from rmsnorm_jax import bench
+from rmsnorm_jax.kernels import gpu_tiling
+from rmsnorm_jax.kernels.gpu import PallasGpu
+
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+# (op, shape, dtype) in order of importance.
+CASES = [
+    ("bwd", (8192, 4096), BF16),
+    ("fwd", (8192, 4096), BF16),
+    ("fused_bwd", (8192, 4096), BF16),
+    ("fwd", (4096, 16384), BF16),
+    ("bwd", (4096, 16384), BF16),
+    ("bwd", (32768, 128), BF16),
+    ("fwd", (32768, 128), BF16),
+    ("fwd", (1024, 4096), F32),
+    ("bwd", (1024, 4096), F32),
+    ("fused_fwd", (8192, 4096), BF16),
+    ("bwd", (2048, 8192), F16),
+    ("fused_bwd", (32768, 128), BF16),
+]
+
+# Second round: explicit configs where the first round left a target missed
+# (narrow-row backward, 16384-wide backward, mid-size backward, float32
+# forward at 1024 rows).
+FOCUSED = [
+    ("bwd", (32768, 128), BF16, [dict(programs_per_sm=4),
+                                 dict(programs_per_sm=8),
+                                 dict(programs_per_sm=4, num_warps=4),
+                                 dict(programs_per_sm=4, block_rows=16)]),
+    ("fused_bwd", (32768, 128), BF16, [dict(programs_per_sm=4),
+                                       dict(programs_per_sm=8),
+                                       dict(programs_per_sm=4, num_warps=4)]),
+    ("bwd", (4096, 16384), BF16, [dict(num_stages=2), dict(num_stages=3)]),
+    ("bwd", (2048, 4096), F16, [dict(block_rows=1, num_warps=8,
+                                     programs_per_sm=2),
+                                dict(block_rows=1, num_warps=8,
+                                     programs_per_sm=3),
+                                dict(block_rows=1, programs_per_sm=2),
+                                dict(num_stages=2)]),
+    ("bwd", (1024, 4096), F32, [dict(num_warps=8, programs_per_sm=2),
+                                dict(num_warps=8, programs_per_sm=3),
+                                dict(num_stages=2)]),
+    ("bwd", (8192, 4096), BF16, [dict(block_rows=1, num_warps=8,
+                                      programs_per_sm=2),
+                                 dict(num_stages=2)]),
+    ("fwd", (1024, 4096), F32, [dict(block_rows=1, num_warps=4),
+                                dict(block_rows=1, num_warps=8),
+                                dict(block_rows=2, num_warps=8)]),
+    ("fused_bwd", (4096, 16384), BF16, [dict(num_stages=2)]),
+]
+
+# Third round: the changed defaults against what they replaced (the wide
+# backward's second read; the narrow backward's smaller tiles).
+OLD_NARROW = dict(block_rows=32, num_warps=8, programs_per_sm=2)
+CHECK = [
+    ("bwd", (4096, 16384), BF16, [dict(reload=False)]),
+    ("fused_bwd", (4096, 16384), BF16, [dict(reload=False)]),
+    ("bwd", (32768, 128), BF16, [OLD_NARROW]),
+    ("fused_bwd", (32768, 128), BF16, [OLD_NARROW]),
+]
+ROUNDS = {2: FOCUSED, 3: CHECK}
+
+
+def _label(cfg):
+  short = dict(block_rows="br", num_warps="w", programs_per_sm="p",
+               prefetch="pf", cache_scale="cs", num_stages="st",
+               persistent="ps", reload="rl")
+  return "_".join(f"{short[k]}{int(v)}" for k, v in cfg.items()) or "default"
+
+
+def configs(op, rows, hidden, dtype):
+  """The default heuristic plus explicit tiling picks around it."""
+  kind = "fwd" if op in ("fwd", "fused_fwd") else "bwd"
+  d = gpu_tiling.plan(kind, rows, hidden, sms=gpu_tiling.num_sms(),
+                      itemsize=jnp.dtype(dtype).itemsize)
+  br, w = d.block_rows, d.num_warps
+  grid = []
+  if br > 1:
+    grid.append(dict(block_rows=br // 2))
+  grid.append(dict(block_rows=br * 2))
+  if w > 4:
+    grid.append(dict(num_warps=w // 2))
+  if w < 32:
+    grid.append(dict(num_warps=w * 2))
+  if kind == "fwd":
+    if d.steps > 1:
+      grid += [dict(persistent=False), dict(prefetch=False)]
+    else:
+      grid += [dict(persistent=True, programs_per_sm=2)]
+  else:
+    grid += [dict(prefetch=not d.prefetch),
+             dict(programs_per_sm=2 if d.grid <= gpu_tiling.num_sms()
+                  else 1)]
+    if not d.cache_scale:
+      grid.append(dict(cache_scale=True))
+  return [("default", PallasGpu())] + [(_label(c), PallasGpu(**c))
+                                       for c in grid]
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--json")
+  p.add_argument("--limit", type=int, default=len(CASES),
+                 help="run only the first N (op, shape) cases")
+  p.add_argument("--round", type=int, default=1, choices=(1, 2, 3),
+                 help="1: configs around the default (CASES); 2: FOCUSED; "
+                      "3: CHECK")
+  args = p.parse_args()
+  if args.round > 1:
+    cases = [(op, shape, dt, [("default", PallasGpu())] + [
+        (_label(c), PallasGpu(**c)) for c in cfgs])
+             for op, shape, dt, cfgs in ROUNDS[args.round]]
+  else:
+    cases = [(op, shape, dt, configs(op, *shape, dt))
+             for op, shape, dt in CASES]
+  records = []
+  for op, (rows, hidden), dtype, cfgs in cases[:args.limit]:
+    impls = ["xla"] + cfgs
+    recs = bench.run_benchmark([((rows, hidden), dtype)], ops=[op],
+                               impls=impls, reps=args.reps, log=None)
+    records.extend(recs)
+    ranked = sorted((r for r in recs if r.get("time_us")),
+                    key=lambda r: r["time_us"])
+    print(f"{op} ({rows},{hidden}) {jnp.dtype(dtype).name}: " + ", ".join(
+        f"{r['impl']}={r['time_us']:.1f}({r['ratio_to_roofline']:.2f}x)"
+        if r.get("ratio_to_roofline") else f"{r['impl']}={r['time_us']:.1f}"
+        for r in ranked), flush=True)
+    for r in recs:
+      if r["impl"] == "default" and r.get("breakdown"):
+        print("   default kernels:", r["breakdown"], flush=True)
+      if r.get("error"):
+        print("   error:", r["impl"], r["error"][:300], flush=True)
+    if args.json:
+      with open(args.json, "w") as fp:
+        json.dump(records, fp, indent=1)
+
+
+if __name__ == "__main__":
+  main()
