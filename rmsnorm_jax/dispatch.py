@@ -32,6 +32,8 @@ from jax.interpreters import mlir
 # lower_per_platform (in JAX since 0.4.20) is what platform_dependent and
 # pallas_call themselves lower through; it has no public alias.
 from jax._src.interpreters import mlir as _mlir_internal
+# Which primitives need the device assignment at lowering (no public alias).
+from jax._src import dispatch as _jax_dispatch
 
 from rmsnorm_jax import base
 from rmsnorm_jax import kernels
@@ -110,6 +112,71 @@ class Plan:
     return jax.tree.unflatten(out_tree[0], outs)
 
 
+def per_platform_call(fns: dict, leaves, requested: str):
+  """Binds ``fns[platform](*leaves)`` (each a pytree) to lower per platform.
+
+  A value may be a ``MultiDeviceSwitch``; the program is lowered with its
+  device assignment (custom_partitioning needs it). The first function's result (for a
+  switch, its ``multi`` one) gives the output structure and types.
+  """
+  by_fn: dict = {}
+  for platform in ALL_PLATFORMS:
+    if platform in fns:
+      by_fn.setdefault(fns[platform], []).append(platform)
+  out_tree = []
+
+  def flat(fn):
+    def call(*l):
+      out = fn(*l)
+      out_tree.append(jax.tree.structure(out))
+      return jax.tree.leaves(out)
+    return call
+
+  avals = _out_avals(flat(next(iter(by_fn))), leaves)
+  branches = tuple((tuple(ps), _FlatBranch(fn)) for fn, ps in by_fn.items())
+  outs = _partitioned_p.bind(*leaves, branches=branches, requested=requested,
+                             out_avals=avals)
+  return jax.tree.unflatten(out_tree[0], outs)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiDeviceSwitch:
+  """A branch that lowers ``single`` in one-device programs, else ``multi``.
+
+  How many devices a jitted program spans is known only when it is lowered.
+  Calling the switch (for abstract evaluation) runs ``multi``.
+  """
+
+  single: Any
+  multi: Any
+
+  def pick(self, ctx):
+    ac = ctx.module_context.axis_context
+    if hasattr(ac, "num_devices"):  # jit: ShardingContext
+      n = ac.num_devices
+    elif hasattr(ac, "mesh"):  # shard_map: SPMDAxisContext
+      n = ac.mesh.size
+    else:
+      n = 1
+    return self.single if n <= 1 else self.multi
+
+  def __call__(self, *args):
+    return self.multi(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlatBranch:
+  fn: Any
+
+  def __call__(self, *leaves):
+    return jax.tree.leaves(self.fn(*leaves))
+
+  def pick(self, ctx):
+    if isinstance(self.fn, MultiDeviceSwitch):
+      return _FlatBranch(self.fn.pick(ctx))
+    return self
+
+
 def _out_avals(fn, args) -> tuple:
   # Full types, including the manual axes a value varies over inside
   # shard_map, which the kernels' outputs share with the XLA reference's.
@@ -136,19 +203,41 @@ class _Branch:
 # export, and a pallas_call has no lowering for the others. Here each
 # platform's branch is lowered only for that platform (the narrowed
 # LoweringRuleContext.platforms that mlir.lower_per_platform passes down).
-_per_platform_p = jex_core.Primitive("rmsnorm_jax_per_platform")
-_per_platform_p.multiple_results = True
-_per_platform_p.def_abstract_eval(
-    lambda *args, branches, requested, out_avals: list(out_avals))
-_per_platform_p.def_impl(
-    lambda *args, **params: jax.jit(
-        lambda *a: _per_platform_p.bind(*a, **params))(*args))
+def _define_primitive(name: str, needs_devices: bool):
+  prim = jex_core.Primitive(name)
+  prim.multiple_results = True
+  prim.def_abstract_eval(
+      lambda *args, branches, requested, out_avals: list(out_avals))
+  prim.def_impl(lambda *args, **params: jax.jit(
+      lambda *a: prim.bind(*a, **params))(*args))
+  mlir.register_lowering(prim, _per_platform_lowering)
+
+  def batching_rule(args, dims, *, branches, requested, out_avals):
+    del out_avals
+    # An unbatched operand has dim None (batching.not_mapped).
+    args = [a if d is None else jnp.moveaxis(a, d, 0)
+            for a, d in zip(args, dims)]
+    in_axes = tuple(None if d is None else 0 for d in dims)
+    vmapped = tuple((ps, _Vmapped(fn, in_axes)) for ps, fn in branches)
+    outs = prim.bind(*args, branches=vmapped, requested=requested,
+                     out_avals=_out_avals(vmapped[0][1], args))
+    return outs, [0] * len(outs)
+
+  batching.primitive_batchers[prim] = batching_rule
+  if needs_devices:
+    # jit lowers without the device assignment unless a primitive asks for
+    # it; custom_partitioning inside a branch needs it (sharding.py), and
+    # JAX finds custom_partitioning only at the top level of a jaxpr.
+    _jax_dispatch.prim_requires_devices_during_lowering.add(prim)
+  return prim
 
 
 def _per_platform_lowering(ctx, *args, branches, requested, out_avals):
   del out_avals
   rules = {}
   for platforms, fn in branches:
+    if hasattr(fn, "pick"):
+      fn = fn.pick(ctx)
     rule = mlir.lower_fun(fn, multiple_results=True)
     for p in platforms:
       rules[p] = rule
@@ -160,24 +249,9 @@ def _per_platform_lowering(ctx, *args, branches, requested, out_avals):
         f"platform {', '.join(repr(p) for p in platforms)}. Use "
         "backend='auto' or 'xla', or run on a platform the backend supports.")
 
-  return _mlir_internal.lower_per_platform(ctx, f"rmsnorm_jax backend={requested}",
-                                 rules, unavailable, set(), *args)
-
-
-mlir.register_lowering(_per_platform_p, _per_platform_lowering)
-
-
-def _per_platform_batching(args, dims, *, branches, requested, out_avals):
-  del out_avals
-  # An unbatched operand has dim None (batching.not_mapped).
-  args = [a if d is None else jnp.moveaxis(a, d, 0)
-          for a, d in zip(args, dims)]
-  in_axes = [None if d is None else 0 for d in dims]
-  vmapped = tuple((ps, _Vmapped(fn, tuple(in_axes))) for ps, fn in branches)
-  outs = _per_platform_p.bind(
-      *args, branches=vmapped, requested=requested,
-      out_avals=_out_avals(vmapped[0][1], args))
-  return outs, [0] * len(outs)
+  return _mlir_internal.lower_per_platform(
+      ctx, f"rmsnorm_jax backend={requested}", rules, unavailable, set(),
+      *args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +262,14 @@ class _Vmapped:
   def __call__(self, *args):
     return jax.vmap(self.fn, in_axes=self.in_axes)(*args)
 
+  def pick(self, ctx):
+    if hasattr(self.fn, "pick"):
+      return _Vmapped(self.fn.pick(ctx), self.in_axes)
+    return self
 
-batching.primitive_batchers[_per_platform_p] = _per_platform_batching
+
+_per_platform_p = _define_primitive("rmsnorm_jax_per_platform", False)
+_partitioned_p = _define_primitive("rmsnorm_jax_partitioned", True)
 
 
 def resolve(backend: Backend, *, rows: int, hidden: int, dtype) -> Plan:

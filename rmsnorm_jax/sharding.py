@@ -191,7 +191,39 @@ def execute(plan: dispatch.Plan, method: str, *args, **kwargs):
   in_shard_map = bool(jax.sharding.get_abstract_mesh().manual_axes)
   if (all_xla or in_shard_map or arrays[0].ndim < 2 or not plan.partition):
     return _local(plan, method, dict(kwargs), has_scale, *arrays)
-  return _batching_wrapper(key, arrays[0].ndim)(*arrays)
+  # How many devices the program spans is known when it is lowered: one
+  # device needs no partitioning callback, several get custom_partitioning.
+  # Except on TPU, where custom_partitioning's placeholder call has no
+  # lowering in programs over several devices (jax-ml/jax#38196: "Custom
+  # emitter for CustomSPMDPartitioning not found"): there the TPU runs XLA's
+  # math, which XLA partitions itself. Explicit mesh axes and shard_map
+  # need no callback and keep the kernel on TPU too.
+  kw_items = tuple(sorted(kwargs.items()))
+  local = _Local(plan, method, kw_items, has_scale)
+  wrapper = _batching_wrapper(key, arrays[0].ndim)
+  xla = dispatch.Plan(plan.requested,
+                      tuple((p, base.Xla()) for p in dispatch.ALL_PLATFORMS))
+  fns = {}
+  for p, impl in plan.per_platform:
+    multi = wrapper
+    if p == "tpu" and type(impl) not in (base.Xla, HiddenShardedXla):
+      multi = _Local(xla, method, kw_items, has_scale)
+    fns[p] = dispatch.MultiDeviceSwitch(single=local, multi=multi)
+  return dispatch.per_platform_call(fns, arrays, plan.requested)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Local:
+  """``_local`` as a hashable callable (a primitive parameter)."""
+
+  plan: dispatch.Plan
+  method: str
+  kw_items: tuple
+  has_scale: bool
+
+  def __call__(self, *arrays):
+    return _local(self.plan, self.method, dict(self.kw_items), self.has_scale,
+                  *arrays)
 
 
 # custom_partitioning has no batching rule, so vmap goes through custom_vmap:

@@ -785,14 +785,31 @@ def test_aot_sharded_rms_norm_explicit_axes(gen, kind):
 
 @pytest.mark.tpu_aot
 @needs_libtpu
-@pytest.mark.xfail(
-    raises=jax.errors.JaxRuntimeError, strict=True,
-    reason="custom_partitioning does not compile for TPU (libtpu has no "
-           "emitter for its CustomSPMDPartitioning call; jax-ml/jax#38196), "
-           "and sharding.py uses it for Auto mesh axes")
 @pytest.mark.parametrize("gen", SHARDED_GENS)
 @pytest.mark.parametrize("kind", ["batch", "hidden"])
 def test_aot_sharded_rms_norm_auto_axes(gen, kind):
-  mesh, _, x, scale = _sharded_args(gen, kind, jax.sharding.AxisType.Auto)
+  # Auto mesh axes over several TPU devices: custom_partitioning cannot
+  # compile for TPU (jax-ml/jax#38196), so sharding.py sends the TPU to XLA's
+  # math there, which XLA partitions without gathering x.
+  mesh, spec, x, scale = _sharded_args(gen, kind, jax.sharding.AxisType.Auto)
+  compiled = tpu_aot.compile_fn(_forward_and_grad, (x, scale), mesh)
+  hlo = compiled.as_text()
+  assert "CustomSPMDPartitioning" not in hlo
+  assert "all-gather" not in hlo and "all-to-all" not in hlo, "x gathered"
+  assert _kernel_calls(hlo) == 0
+  assert compiled.output_shardings[0].is_equivalent_to(
+      NamedSharding(mesh, spec), 3)
+
+
+@pytest.mark.tpu_aot
+@needs_libtpu
+def test_aot_one_device_program_keeps_the_kernel():
+  # The fallback above is only for programs over several devices.
+  devices = tpu_aot.topology("v5e:2x2").devices[:1]
+  mesh = jax.sharding.Mesh(np.array(devices), ("d",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.ShapeDtypeStruct((8, 256, 4096), BF16,
+                           sharding=NamedSharding(mesh, P()))
+  scale = jax.ShapeDtypeStruct((4096,), F32, sharding=NamedSharding(mesh, P()))
   hlo = tpu_aot.compile_fn(_forward_and_grad, (x, scale), mesh).as_text()
-  assert "all-gather" not in hlo
+  assert _kernel_calls(hlo) == 2
