@@ -317,6 +317,31 @@ def forward(x, res, w, *, eps, out_dtype, blocking, interpret):
 
 # --------------------------------------------------------------- backward --
 
+def _write_dx(rs, r, c, keep, chunks, in_refs, dx_ref, acc_ref, dtypes):
+  """dx = rstd * (g - xhat * c) for rows ``rs``, chunk by chunk of lanes.
+
+  ``r`` is the rows' rstd and ``c`` their mean(g * xhat), both (n, 1); with a
+  scale (``w_ref`` not None) it also folds dy * xhat into the dscale
+  accumulator, masked by ``keep`` where the block's last rows are padding.
+  """
+  x_ref, dy_ref, w_ref, dh_ref = in_refs
+  x_dt, dy_dt, dh_dt = dtypes
+  for c0, cw in chunks:
+    ls = pl.ds(c0, cw)
+    dy = _load(dy_ref[rs, ls], dy_dt)
+    g = dy if w_ref is None else dy * w_ref[:, ls]
+    xhat = _load(x_ref[rs, ls], x_dt) * r
+    dx = r * (g - xhat * c)
+    if dh_ref is not None:
+      dx = dx + _load(dh_ref[rs, ls], dh_dt)
+    dx_ref[rs, ls] = _encode(dx, x_dt)
+    if w_ref is not None:
+      contrib = dy * xhat
+      if keep is not None:
+        contrib = jnp.where(keep, contrib, 0.0)
+      _fold_into(acc_ref, ls, contrib)
+
+
 def _backward_kernel(*refs, rows, hidden, has_w, has_dh, dtypes, blocking,
                      steps, nb):
   """One-pass backward. Refs: x, dy, rstd, [w], [dh], dx, [dw], col, [acc]."""
@@ -359,20 +384,8 @@ def _backward_kernel(*refs, rows, hidden, has_w, has_dh, dtypes, blocking,
       # mean(g * xhat) with xhat = x * rstd: the component the norm removes.
       c = dot * r / hidden
       keep = _row_mask(n, r0, valid) if (has_w and ragged) else None
-      for c0, cw in chunks:
-        ls = pl.ds(c0, cw)
-        dy = _load(dy_ref[rs, ls], dy_dt)
-        g = dy * w_ref[:, ls] if has_w else dy
-        xhat = _load(x_ref[rs, ls], x_dt) * r
-        dx = r * (g - xhat * c)
-        if has_dh:
-          dx = dx + _load(dh_ref[rs, ls], dh_dt)
-        dx_ref[rs, ls] = _encode(dx, x_dt)
-        if has_w:
-          contrib = dy * xhat
-          if keep is not None:
-            contrib = jnp.where(keep, contrib, 0.0)
-          _fold_into(acc_ref, ls, contrib)
+      _write_dx(rs, r, c, keep, chunks, (x_ref, dy_ref, w_ref, dh_ref),
+                dx_ref, acc_ref, dtypes)
 
     _for_row_groups(br, blocking.group_rows, group)
 
@@ -552,20 +565,8 @@ def _wide_apply_kernel(*refs, rows, hidden, mode, has_w, has_dh, dtypes,
     r = col_ref[rs, :]
     c = dcol_ref[rs, :] * r / hidden
     keep = _row_mask(n, r0, valid) if (has_w and ragged) else None
-    for c0, cw in chunks:
-      ls = pl.ds(c0, cw)
-      dy = _load(dy_ref[rs, ls], dy_dt)
-      g = dy * w_ref[:, ls] if has_w else dy
-      xhat = _load(x_ref[rs, ls], x_dt) * r
-      dx = r * (g - xhat * c)
-      if has_dh:
-        dx = dx + _load(dh_ref[rs, ls], dh_dt)
-      dx_ref[rs, ls] = _encode(dx, x_dt)
-      if has_w:
-        contrib = dy * xhat
-        if keep is not None:
-          contrib = jnp.where(keep, contrib, 0.0)
-        _fold_into(acc_ref, ls, contrib)
+    _write_dx(rs, r, c, keep, chunks, (x_ref, dy_ref, w_ref, dh_ref),
+              dx_ref, acc_ref, dtypes)
 
   _for_row_groups(br, blocking.group_rows, group)
 
