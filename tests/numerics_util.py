@@ -55,3 +55,36 @@ def dx_magnitude(x, scale, dy, eps=1e-6, scale_offset=0.0):
   w = 1.0 if scale is None else np.asarray(scale, np.float64) + scale_offset
   return float(np.linalg.norm((rstd[..., None] * np.asarray(dy, np.float64)
                                * w).ravel()))
+
+
+def residual_inputs(rng, shape, x_dtype, res_dtype):
+  """x, residual, scale (float32), dy and dh for a fused residual check."""
+  x = random(rng, shape, x_dtype)
+  res = random(rng, shape, res_dtype, mean=0.5)
+  scale = random(rng, (shape[-1],), jnp.float32, mean=1.0, scale=0.3)
+  dy = random(rng, shape, res_dtype)
+  dh = random(rng, shape, res_dtype)
+  return x, res, scale, dy, dh
+
+
+def assert_residual_matches_reference(inputs, outputs):
+  """Checks rms_norm_residual's (y, h, dx, dres, dscale) against float64.
+
+  ``inputs`` as from ``residual_inputs``; dy and dh are the cotangents of y
+  and h.
+  """
+  x, res, scale, dy, dh = inputs
+  y, h, dx, dres, dscale = outputs
+  x_dtype, res_dtype = x.dtype, res.dtype
+  assert h.dtype == res_dtype and y.dtype == res_dtype
+  assert dx.dtype == x_dtype and dres.dtype == res_dtype
+  h_ref = np.asarray(x, np.float64) + np.asarray(res, np.float64)
+  assert_close(h, h_ref, tol(res_dtype), "h")
+  # The norm sees h rounded to residual's dtype, exactly as returned.
+  y_ref, _ = reference.rms_norm(h, scale)
+  dh_ref, ds_ref = reference.rms_norm_grad(h, scale, dy)
+  dh_ref = dh_ref + np.asarray(dh, np.float64)
+  assert_close(y, y_ref, tol(res_dtype), "y")
+  assert_close(dres, dh_ref, tol(res_dtype), "dresidual")
+  assert_close(dx, dh_ref, tol(res_dtype, x_dtype), "dx")
+  assert_close(dscale, ds_ref, tol(res_dtype), "dscale")

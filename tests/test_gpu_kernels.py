@@ -41,7 +41,8 @@ from rmsnorm_jax import shapes
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
-from numerics_util import assert_close, dx_magnitude, random, tol
+from numerics_util import assert_close, assert_residual_matches_reference
+from numerics_util import dx_magnitude, random, residual_inputs, tol
 
 XLA_TOL = {
     np.dtype(jnp.float32): 1e-5,
@@ -130,12 +131,8 @@ def _check_residual(impl, shape, x_dtype, res_dtype, key=()):
   """Fused residual forward and backward vs float64 and vs XLA."""
   rng = _rng("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name,
              key)
-  hidden = shape[-1]
-  x = random(rng, shape, x_dtype)
-  res = random(rng, shape, res_dtype, mean=0.5)
-  scale = random(rng, (hidden,), jnp.float32, mean=1.0, scale=0.3)
-  dy = random(rng, shape, res_dtype)
-  dh = random(rng, shape, res_dtype)
+  inputs = residual_inputs(rng, shape, x_dtype, res_dtype)
+  x, res, scale, dy, dh = inputs
 
   def run(backend):
     f = jax.jit(lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=backend))
@@ -143,18 +140,7 @@ def _check_residual(impl, shape, x_dtype, res_dtype, key=()):
     return (y, h, *vjp((dy, dh)))
 
   y, h, dx, dres, dscale = run(impl)
-  assert h.dtype == res_dtype and y.dtype == res_dtype
-  assert dx.dtype == x_dtype and dres.dtype == res_dtype
-  h_ref = np.asarray(x, np.float64) + np.asarray(res, np.float64)
-  assert_close(h, h_ref, tol(res_dtype), "h")
-  # The norm sees h rounded to residual's dtype, exactly as returned.
-  y_ref, _ = reference.rms_norm(h, scale)
-  dh_ref, ds_ref = reference.rms_norm_grad(h, scale, dy)
-  dh_ref = dh_ref + np.asarray(dh, np.float64)
-  assert_close(y, y_ref, tol(res_dtype), "y")
-  assert_close(dres, dh_ref, tol(res_dtype), "dresidual")
-  assert_close(dx, dh_ref, tol(res_dtype, x_dtype), "dx")
-  assert_close(dscale, ds_ref, tol(res_dtype), "dscale")
+  assert_residual_matches_reference(inputs, (y, h, dx, dres, dscale))
   y_x, h_x, dx_x, dres_x, ds_x = run(base.Xla())
   np.testing.assert_array_equal(np.asarray(h, np.float32),
                                 np.asarray(h_x, np.float32))

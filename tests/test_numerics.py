@@ -16,7 +16,8 @@ from rmsnorm_jax import reference
 from rmsnorm_jax import shapes
 
 from implementations import IMPLEMENTATIONS
-from numerics_util import assert_close, dx_magnitude, random, tol
+from numerics_util import assert_close, assert_residual_matches_reference
+from numerics_util import dx_magnitude, random, residual_inputs, tol
 
 IMPL_PARAMS = [pytest.param(f, id=name) for name, f in IMPLEMENTATIONS]
 DTYPES = [pytest.param(d, id=np.dtype(d).name) for d in shapes.DTYPES]
@@ -84,29 +85,12 @@ def test_float32_scale_and_gemma_offset(make_impl, dtype, shape):
 @pytest.mark.parametrize("shape", [(1, 8), (37, 129), (3, 5, 384)])
 def test_residual_matches_reference(make_impl, x_dtype, res_dtype, shape):
   rng = _rng("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name)
-  hidden = shape[-1]
-  x = random(rng, shape, x_dtype)
-  res = random(rng, shape, res_dtype, mean=0.5)
-  scale = random(rng, (hidden,), jnp.float32, mean=1.0, scale=0.3)
-  dy = random(rng, shape, res_dtype)
-  dh = random(rng, shape, res_dtype)
+  inputs = residual_inputs(rng, shape, x_dtype, res_dtype)
+  x, res, scale, dy, dh = inputs
   impl = make_impl()
   f = lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=impl)
   (y, h), vjp = jax.vjp(f, x, res, scale)
-  dx, dres, dscale = vjp((dy, dh))
-
-  h_ref = np.asarray(x, np.float64) + np.asarray(res, np.float64)
-  assert h.dtype == res_dtype and y.dtype == res_dtype
-  assert_close(h, h_ref, tol(res_dtype), "h")
-  # The norm sees h rounded to residual's dtype, exactly as returned.
-  y_ref, _ = reference.rms_norm(h, scale)
-  dh_ref, dscale_ref = reference.rms_norm_grad(h, scale, dy)
-  dh_ref = dh_ref + np.asarray(dh, np.float64)
-  assert_close(y, y_ref, tol(res_dtype), "y")
-  assert dx.dtype == x_dtype and dres.dtype == res_dtype
-  assert_close(dres, dh_ref, tol(res_dtype), "dresidual")
-  assert_close(dx, dh_ref, tol(res_dtype, x_dtype), "dx")
-  assert_close(dscale, dscale_ref, tol(res_dtype), "dscale")
+  assert_residual_matches_reference(inputs, (y, h, *vjp((dy, dh))))
 
 
 @pytest.mark.parametrize("make_impl", IMPL_PARAMS)
