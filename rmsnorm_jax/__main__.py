@@ -35,14 +35,22 @@ CASES = (
 TOLERANCE = {"float32": 2e-5, "bfloat16": 1e-2, "float16": 2e-3}
 
 
-def _median_seconds(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
+def _median_seconds(fns, args, repeats):
+  """Median wall-clock seconds per call of each fn, timed round-robin.
+
+  Interleaving the calls keeps the order of measurement out of the
+  comparison: timed one after another, whichever ran first read ~15% slower
+  on a 2-core CPU although auto and xla compile to the same program there.
+  """
+  for fn in fns:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      ts.append(time.perf_counter() - t0)
+  return [statistics.median(ts) for ts in times]
 
 
 def _row(op, shape, dtype, repeats, rng):
@@ -68,9 +76,8 @@ def _row(op, shape, dtype, repeats, rng):
     flax_fn = jax.jit(lambda x, r, s: (flax_layer.apply(flax_params, x + r),
                                        x + r))
   err = reference.rel_error(y, want)
-  t_ours = _median_seconds(ours, args, repeats)
-  t_xla = _median_seconds(xla, args, repeats)
-  t_flax = _median_seconds(flax_fn, args, repeats)
+  t_ours, t_xla, t_flax = _median_seconds((ours, xla, flax_fn), args,
+                                          repeats)
   name = np.dtype(dtype).name
   return dict(op=op, shape=shape, dtype=name, err=err,
               ok=err <= TOLERANCE[name], ours=t_ours, xla=t_xla, flax=t_flax)
