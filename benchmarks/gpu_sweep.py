@@ -1,6 +1,6 @@
 """Tiling sweep for the PallasGpu kernels (device time from the profiler).
 
-    python benchmarks/gpu_sweep.py [--round 1|2|3] --json sweep.json
+    python benchmarks/gpu_sweep.py [--round 1..5] --json sweep.json
 
 Times each op on a few shapes under several explicit ``PallasGpu`` configs
 next to the default heuristic, XLA and the roofline, and prints the configs
@@ -75,7 +75,36 @@ CHECK = [
     ("bwd", (32768, 128), BF16, [OLD_NARROW]),
     ("fused_bwd", (32768, 128), BF16, [OLD_NARROW]),
 ]
-ROUNDS = {2: FOCUSED, 3: CHECK}
+# Fourth round: the wide-row backward with the second read (reload) on, in
+# the combinations measured only before reload existed (prefetch of the next
+# row, two programs per SM, wider programs); and the float32 forward at
+# 1024 rows.
+WIDE = [
+    ("bwd", (4096, 16384), BF16, [dict(prefetch=True),
+                                  dict(prefetch=True, num_warps=32),
+                                  dict(num_warps=32),
+                                  dict(programs_per_sm=2),
+                                  dict(programs_per_sm=2, num_warps=8),
+                                  dict(programs_per_sm=2, prefetch=True),
+                                  dict(cache_scale=True, prefetch=True)]),
+    ("fused_bwd", (4096, 16384), BF16, [dict(prefetch=True),
+                                        dict(prefetch=True, num_warps=32),
+                                        dict(programs_per_sm=2)]),
+    ("bwd", (2048, 16384), F16, [dict(prefetch=True),
+                                 dict(prefetch=True, num_warps=32)]),
+]
+# Fifth round: 32 warps on 16384-wide backward rows (round 4's winner,
+# 171.6 us against 195.2 for the 16-warp default), with and without the
+# second read and the cached scale, on the three wide backward cases.
+WIDE32 = [
+    (op, shape, dt, [dict(num_warps=32), dict(num_warps=32, reload=False),
+                     dict(num_warps=32, cache_scale=True),
+                     dict(num_warps=32, num_stages=2)])
+    for op, shape, dt in [("bwd", (4096, 16384), BF16),
+                          ("fused_bwd", (4096, 16384), BF16),
+                          ("bwd", (2048, 16384), F16),
+                          ("fused_bwd", (2048, 16384), F32)]]
+ROUNDS = {2: FOCUSED, 3: CHECK, 4: WIDE, 5: WIDE32}
 
 
 def _label(cfg):
@@ -87,7 +116,8 @@ def _label(cfg):
 
 def configs(op, rows, hidden, dtype):
   """The default heuristic plus explicit tiling picks around it."""
-  kind = "fwd" if op in ("fwd", "fused_fwd") else "bwd"
+  kind = {"fwd": "fwd", "fused_fwd": "fwd", "bwd": "bwd",
+          "fused_bwd": "bwd_residual"}[op]
   d = gpu_tiling.plan(kind, rows, hidden, sms=gpu_tiling.num_sms(),
                       itemsize=jnp.dtype(dtype).itemsize)
   br, w = d.block_rows, d.num_warps
@@ -120,9 +150,9 @@ def main():
   p.add_argument("--json")
   p.add_argument("--limit", type=int, default=len(CASES),
                  help="run only the first N (op, shape) cases")
-  p.add_argument("--round", type=int, default=1, choices=(1, 2, 3),
+  p.add_argument("--round", type=int, default=1, choices=tuple(range(1, 6)),
                  help="1: configs around the default (CASES); 2: FOCUSED; "
-                      "3: CHECK")
+                      "3: CHECK; 4: WIDE; 5: WIDE32")
   args = p.parse_args()
   if args.round > 1:
     cases = [(op, shape, dt, [("default", PallasGpu())] + [

@@ -4,7 +4,7 @@
 # running long cannot cost the others. Results go to $OUT (default ./out).
 #
 #   bash benchmarks/h100_run.sh [parts...]
-#   parts: tests bench sweep sweep2 sweep3 profile cross
+#   parts: tests bench sweep sweep2 sweep3 sweep4 profile cross
 #
 # Time limits (seconds) come from T_TESTS, T_BENCH, T_SWEEP, T_PROFILE,
 # T_CROSS.
@@ -39,15 +39,11 @@ for part in $parts; do
         --cases "$BENCH_CASES" --reps 5 --json "$OUT/bench.json" \
         --markdown "$OUT/bench.md" --plot "$OUT/bench.png" 2>&1 \
         | grep -v "^WARNING\|^W0000\|^I0000" | tee -a "$LOG" ;;
-    sweep)
+    sweep|sweep[2-9])
+      round=${part#sweep}
       timeout "${T_SWEEP:-100}" python benchmarks/gpu_sweep.py \
-        --json "$OUT/sweep.json" 2>&1 | grep -v "^W0000\|^I0000" | tee -a "$LOG" ;;
-    sweep2)
-      timeout "${T_SWEEP:-100}" python benchmarks/gpu_sweep.py --round 2 \
-        --json "$OUT/sweep2.json" 2>&1 | grep -v "^W0000\|^I0000" | tee -a "$LOG" ;;
-    sweep3)
-      timeout "${T_SWEEP:-100}" python benchmarks/gpu_sweep.py --round 3 \
-        --json "$OUT/sweep3.json" 2>&1 | grep -v "^W0000\|^I0000" | tee -a "$LOG" ;;
+        --round "${round:-1}" --json "$OUT/$part.json" 2>&1 \
+        | grep -v "^W0000\|^I0000" | tee -a "$LOG" ;;
     profile)
       # Resource use of the default kernels; --clock-control none leaves the
       # card's clocks as found.

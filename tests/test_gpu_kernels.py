@@ -260,7 +260,7 @@ def test_registered_and_platforms():
 @pytest.mark.parametrize("rows,hidden", [
     (1, 768), (1, 4096), (64, 4096), (8192, 4096), (32768, 128),
     (4096, 16384), (3, 65536), (1000, 129), (7, 100)])
-@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+@pytest.mark.parametrize("kind", ["fwd", "bwd", "bwd_residual"])
 def test_tiling_covers_every_row(kind, rows, hidden):
   launch = gpu_tiling.plan(kind, rows, hidden, sms=132, itemsize=2)
   assert launch.block_rows & (launch.block_rows - 1) == 0
@@ -276,3 +276,21 @@ def test_tiling_covers_every_row(kind, rows, hidden):
   assert launch.grid >= 0.9 * min(row_blocks, 132)
   assert launch.grid >= min(rows, 132) or launch.block_rows == 1 or (
       launch.steps > 1)
+
+
+def test_wide_backward_tiling_follows_the_sweep():
+  # 16-bit rows of 16384 columns: 32 warps; the plain backward caches the
+  # scale, the fused one (which also reads dh) does not; float32 keeps 16.
+  bwd16 = gpu_tiling.plan("bwd", 4096, 16384, sms=132, itemsize=2)
+  fused16 = gpu_tiling.plan("bwd_residual", 4096, 16384, sms=132, itemsize=2)
+  bwd32 = gpu_tiling.plan("bwd", 4096, 16384, sms=132, itemsize=4)
+  assert (bwd16.num_warps, bwd16.cache_scale, bwd16.reload) == (32, True, True)
+  assert (fused16.num_warps, fused16.cache_scale) == (32, False)
+  assert (bwd32.num_warps, bwd32.cache_scale) == (16, False)
+  narrower = gpu_tiling.plan("bwd", 8192, 4096, sms=132, itemsize=2)
+  assert narrower.num_warps == 16
+
+
+def test_tiling_rejects_unknown_kind():
+  with pytest.raises(ValueError, match="kind must be .* got 'backward'"):
+    gpu_tiling.plan("backward", 8, 128, sms=132)

@@ -192,5 +192,5 @@ class PallasGpu(base.Implementation):
     _check_dtype("h", h)
     return gpu_kernels.backward(
         h, _f32_if_wide(scale), rstd, _f32_if_wide(dy), _f32_if_wide(dh),
-        launch=self._launch("bwd", h), offset=scale_offset,
+        launch=self._launch("bwd_residual", h), offset=scale_offset,
         poison=self.poison_outputs)

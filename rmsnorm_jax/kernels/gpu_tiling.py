@@ -59,6 +59,13 @@ CACHE_SCALE_MAX_COLS = 8192
 # holding x, dy and their products across the row reduction took 128
 # registers per thread and spilled at 16384 columns.
 RELOAD_MIN_COLS = 16384
+# 16-bit rows of 16384 padded columns: 32 warps rather than 16 (half the
+# values per thread: 4096x16384 bf16 backward 172.8 us against 195.7, fused
+# 212.3 against 221.4; 2048x16384 f16 94.1 against 97.2), and the plain
+# backward keeps the scale in registers (166.5 and 88.5 us) while the fused
+# one, which also reads dh, does not (223.1). float32 rows keep 16 warps
+# (fused 2048x16384 f32: 273.1 against 221.7). Sweep rounds 4 and 5.
+BWD_WIDE16_WARPS = 32
 # The forward holds no dscale accumulator, so it affords both up to 16384.
 FWD_PREFETCH_MAX_COLS = 16384
 FWD_CACHE_SCALE_MAX_COLS = 16384
@@ -113,16 +120,20 @@ def plan(kind: str, rows: int, hidden: int, *, sms: int, itemsize: int = 2,
          persistent: bool | None = None, prefetch: bool | None = None,
          cache_scale: bool | None = None, reload: bool | None = None,
          num_stages: int | None = None, interpret: bool = False) -> Launch:
-  """Chooses the launch for ``kind`` in ("fwd", "bwd").
+  """Chooses the launch for one kernel call.
 
   Args:
-    kind: "fwd" (forward, fused forward) or "bwd" (backward, fused backward).
+    kind: "fwd" (forward, fused forward), "bwd" (backward) or
+      "bwd_residual" (fused backward).
     rows, hidden: the 2-D problem.
     sms: SM count the grid is sized for.
     itemsize: bytes per element of the main input (2 or 4).
     Others: explicit overrides of the heuristics (tuning sweeps);
       block_rows and block_cols are rounded up to powers of two.
   """
+  if kind not in ("fwd", "bwd", "bwd_residual"):
+    raise ValueError("kind must be 'fwd', 'bwd' or 'bwd_residual'; got "
+                     f"{kind!r}.")
   isz = 4 if itemsize >= 4 else 2
   padded = next_pow2(hidden)
   want_cols = next_pow2(block_cols) if block_cols else None
@@ -147,6 +158,8 @@ def plan(kind: str, rows: int, hidden: int, *, sms: int, itemsize: int = 2,
       per_thread = BWD_BYTES_PER_THREAD // isz
       br = max(1, BWD_WARPS * 32 * per_thread // bc)
       max_warps = BWD_WARPS
+      if isz == 2 and bc >= RELOAD_MIN_COLS:
+        max_warps = BWD_WIDE16_WARPS
       per_sm = BWD_PROGRAMS_PER_SM
     else:
       br = max(1, BWD_NARROW_TILE // bc)
@@ -168,6 +181,8 @@ def plan(kind: str, rows: int, hidden: int, *, sms: int, itemsize: int = 2,
     grid, steps = row_blocks, 1
   fwd = kind == "fwd"
   cache_max = FWD_CACHE_SCALE_MAX_COLS if fwd else CACHE_SCALE_MAX_COLS
+  if kind == "bwd" and isz == 2 and max_warps == BWD_WIDE16_WARPS:
+    cache_max = MAX_RESIDENT_COLS
   prefetch_max = FWD_PREFETCH_MAX_COLS if fwd else PREFETCH_MAX_COLS
   return Launch(rows=rows, hidden=hidden, block_rows=br, block_cols=bc,
                 resident=resident, num_warps=warps, grid=grid, steps=steps,
