@@ -7,8 +7,9 @@
   residuals each implementation's own forward saved), ``fused_fwd``
   (y, h = x + residual), ``fused_bwd`` (gradients of residual and scale
   from dy, dh; x's gradient is the same array), ``linen_fwd`` (the flax
-  layers, bfloat16 input, output and params) and ``linen_fwd_mixed`` (the
-  same with float32 params);
+  layers, bfloat16 input, output and params), ``linen_fwd_mixed`` (the
+  same with float32 params) and ``linen_bwd`` (the gradients of x and scale
+  through the layers, bfloat16 params);
 * impls: ``roofline`` (an XLA elementwise op moving the op's minimum bytes),
   ``xla`` (``backend="xla"``; autodiff of its custom_vjp for the backward),
   ``flax_linen`` (``flax.linen.RMSNorm``, its own autodiff; for the fused ops
@@ -17,7 +18,8 @@
   GPU only), ``rmsnorm_jax`` (this library's kernel named explicitly),
   ``rmsnorm_jax_auto`` (``backend="auto"``), and for the linen ops
   ``rmsnorm_jax_linen`` (``rmsnorm_jax.linen.RMSNorm``, against
-  ``flax.linen.RMSNorm`` with the same fields).
+  ``flax.linen.RMSNorm`` with the same fields), ``flax_nnx`` and
+  ``rmsnorm_jax_nnx`` (the two ``nnx.RMSNorm`` layers).
 
 Timing: on a GPU, the sum of the device kernels one call launches, read from
 the trace ``jax.profiler`` writes (``*.trace.json.gz`` under the log dir; one
@@ -62,10 +64,16 @@ from rmsnorm_jax import shapes as shape_data
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
 OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd", "linen_fwd",
-       "linen_fwd_mixed")
-LINEN_OPS = ("linen_fwd", "linen_fwd_mixed")
+       "linen_fwd_mixed", "linen_bwd")
+LINEN_OPS = ("linen_fwd", "linen_fwd_mixed", "linen_bwd")
 IMPLS = ("roofline", "xla", "flax_linen", "jax_pallas_example",
-         "rmsnorm_jax", "rmsnorm_jax_auto", "rmsnorm_jax_linen")
+         "rmsnorm_jax", "rmsnorm_jax_auto", "rmsnorm_jax_linen", "flax_nnx",
+         "rmsnorm_jax_nnx")
+# The layer implementations: (module, class name, which flax API).
+LAYERS = {"flax_linen": ("flax.linen", "linen"),
+          "rmsnorm_jax_linen": ("rmsnorm_jax.linen", "linen"),
+          "flax_nnx": ("flax.nnx", "nnx"),
+          "rmsnorm_jax_nnx": ("rmsnorm_jax.nnx", "nnx")}
 SMALL = (((4, 256), jnp.float32), ((16, 128), jnp.bfloat16),
          ((3, 1000), jnp.float16))
 EPS = 1e-6
@@ -100,6 +108,8 @@ def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
   * linen_fwd: read bfloat16 x, write bfloat16 y, write rstd, read a
     bfloat16 scale (layers with ``dtype=param_dtype=bfloat16``).
   * linen_fwd_mixed: the same with a float32 scale (``param_dtype=float32``).
+  * linen_bwd: the layers' backward (bfloat16 params): read x and dy, write
+    dx, read rstd and the scale, write dscale, as bwd.
   """
   n, s = rows * hidden, _isz(dtype)
   stat, vec = rows * 4, hidden * s
@@ -110,6 +120,7 @@ def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
       "fused_bwd": 4 * n * s + stat + 2 * vec,
       "linen_fwd": n * 4 + stat + hidden * 2,
       "linen_fwd_mixed": n * 4 + stat + hidden * 4,
+      "linen_bwd": 6 * n + stat + hidden * 4,
   }[op]
 
 
@@ -118,7 +129,7 @@ def roofline_bytes(op: str, rows: int, hidden: int, dtype) -> int:
   n, s = rows * hidden, _isz(dtype)
   return {"fwd": 2 * n * s, "bwd": 3 * n * s, "fused_fwd": 4 * n * s,
           "fused_bwd": 4 * n * s, "linen_fwd": 4 * n,
-          "linen_fwd_mixed": 4 * n}[op]
+          "linen_fwd_mixed": 4 * n, "linen_bwd": 6 * n}[op]
 
 
 # ------------------------------------------------------------ candidates --
@@ -213,6 +224,7 @@ def _roofline_fn(op):
       "fused_bwd": lambda h, dy, dh: h + dy + dh,
       "linen_fwd": lambda x, s: x * 2,
       "linen_fwd_mixed": lambda x, s: x * 2,
+      "linen_bwd": lambda x, s, dy: x + dy,
   }[op]
 
 
@@ -261,7 +273,10 @@ def _make_inputs(key, op, rows, hidden, dtype):
   x = rand((rows, hidden), dtype, 0.3)
   if op in LINEN_OPS:
     sdt = jnp.float32 if op == "linen_fwd_mixed" else jnp.bfloat16
-    return dict(x=x, s=rand((hidden,), sdt, 1.0, 0.5))
+    d = dict(x=x, s=rand((hidden,), sdt, 1.0, 0.5))
+    if op == "linen_bwd":
+      d["dy"] = rand((rows, hidden), dtype)
+    return d
   s = rand((hidden,), dtype, 1.0, 0.5)
   if op == "fwd":
     return dict(x=x, s=s)
@@ -296,32 +311,49 @@ def build_candidates(op, impls, rows, hidden, dtype, n_sets, seed=0,
   return out
 
 
+def _layer_fn(impl, param_dtype):
+  """``f(x, scale) -> y`` through a layer with bf16 activations and output
+  and params in ``param_dtype`` (bf16, or float32: mixed precision)."""
+  if impl not in LAYERS:
+    return None
+  import importlib
+  module, api = LAYERS[impl]
+  cls = importlib.import_module(module).RMSNorm
+  if api == "linen":
+    layer = cls(epsilon=EPS, dtype=jnp.bfloat16, param_dtype=param_dtype)
+    return lambda x, s: layer.apply({"params": {"scale": s}}, x)
+  from flax import nnx
+
+  def f(x, s):
+    layer = cls(x.shape[-1], epsilon=EPS, dtype=jnp.bfloat16,
+                param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    layer.scale.value = s
+    return layer(x)
+  return f
+
+
 def _candidate(op, impl, label, inputs, name):
   if impl == "roofline":
     f = _roofline_fn(op)
     keys = {"fwd": "xs", "bwd": ["x", "s", "dy"], "fused_fwd": ["x", "r", "s"],
             "fused_bwd": ["x", "dy", "dh"], "linen_fwd": ["x", "s"],
-            "linen_fwd_mixed": ["x", "s"]}[op]
+            "linen_fwd_mixed": ["x", "s"], "linen_bwd": ["x", "s", "dy"]}[op]
     keys = ["x", "s"] if keys == "xs" else keys
     return Candidate(op, label, _named_jit(f, name),
                      [tuple(d[k] for k in keys) for d in inputs], "xla")
   if op in LINEN_OPS:
-    import flax.linen as nn
-    from rmsnorm_jax import linen as rj_linen
-    cls = {"flax_linen": nn.RMSNorm,
-           "rmsnorm_jax_linen": rj_linen.RMSNorm}.get(impl)
-    if cls is None:
+    f = _layer_fn(impl, jnp.float32 if op == "linen_fwd_mixed"
+                  else jnp.bfloat16)
+    if f is None:
       return None
-    # bf16 activations and output; the parameter in bf16 (linen_fwd) or
-    # float32 (linen_fwd_mixed, the usual mixed-precision setup).
-    layer = cls(epsilon=EPS, dtype=jnp.bfloat16,
-                param_dtype=(jnp.float32 if op == "linen_fwd_mixed"
-                             else jnp.bfloat16))
-    f = lambda x, s: layer.apply({"params": {"scale": s}}, x)
+    backend = "flax" if impl.startswith("flax") else "rmsnorm_jax." + (
+        LAYERS[impl][1])
+    if op == "linen_bwd":
+      sets = [_vjp_runner(f, (d["x"], d["s"]), d["dy"]) for d in inputs]
+      return Candidate(op, label, _named_jit(_call_vjp, name), sets, backend)
     return Candidate(op, label, _named_jit(f, name),
-                     [(d["x"], d["s"]) for d in inputs],
-                     "flax" if impl == "flax_linen" else "rmsnorm_jax.linen")
-  if impl == "rmsnorm_jax_linen":
+                     [(d["x"], d["s"]) for d in inputs], backend)
+  if impl in LAYERS:
     return None
   if op in ("fwd", "bwd"):
     entry = _plain_fn(impl)
