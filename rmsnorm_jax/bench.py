@@ -353,8 +353,8 @@ def _candidate(op, impl, label, inputs, name):
       return Candidate(op, label, _named_jit(_call_vjp, name), sets, backend)
     return Candidate(op, label, _named_jit(f, name),
                      [(d["x"], d["s"]) for d in inputs], backend)
-  if impl in LAYERS:
-    return None
+  if impl in LAYERS and impl != "flax_linen":
+    return None  # flax_linen also runs the plain ops (through _plain_fn)
   if op in ("fwd", "bwd"):
     entry = _plain_fn(impl)
     if entry is None:

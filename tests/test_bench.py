@@ -110,3 +110,13 @@ def test_layer_ops_time_every_layer_forward_and_backward():
   assert math.isclose(by[("linen_bwd", "rmsnorm_jax_nnx")]["speedup_vs_xla"],
                       flax_bwd / by[("linen_bwd", "rmsnorm_jax_nnx")]["time_us"])
   assert "### linen_bwd" in bench.table(records)
+
+
+def test_flax_linen_runs_the_plain_ops_and_other_layers_do_not():
+  records = bench.run_benchmark(
+      [((8, 256), jnp.bfloat16)], ops=["fwd", "bwd", "fused_fwd"],
+      impls=["xla", "flax_linen", "rmsnorm_jax_linen", "flax_nnx",
+             "rmsnorm_jax_nnx"], reps=1, log=None)
+  for op in ("fwd", "bwd", "fused_fwd"):
+    impls = {r["impl"] for r in records if r["op"] == op}
+    assert impls == {"roofline", "xla", "flax_linen"}, (op, impls)
