@@ -45,6 +45,24 @@ def fused_path_serves(x, reduction_axes, feature_axes, axis_index_groups,
           and force_float32_reductions)
 
 
+def cast_unless_exact_widening(a, want):
+  """``a`` cast to ``want.dtype``, or ``a`` itself where that cast is exact.
+
+  bfloat16 or float16 to float32 changes no value, and ``rms_norm`` computes
+  in float32 whatever it is given, so handing it the narrower array gives
+  the same result without a separate cast over all of x (flax.nnx's default
+  promotion of bfloat16 activations with float32 params is exactly that
+  cast). Rounding casts (to a narrower dtype) and casts to float64, whose
+  arithmetic would then be float64, are kept.
+  """
+  if a is None or want is None or a.dtype == want.dtype:
+    return a
+  src, dst = jnp.dtype(a.dtype), jnp.dtype(want.dtype)
+  exact = (jnp.issubdtype(src, jnp.floating) and dst == jnp.float32
+           and src.itemsize < dst.itemsize)
+  return a if exact else a.astype(dst)
+
+
 def output_dtype(x, scale, dtype):
   """flax's result dtype: ``dtype`` if given, else x promoted with scale."""
   args = [x] if scale is None else [x, scale]

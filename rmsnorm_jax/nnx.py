@@ -9,6 +9,7 @@ layer work unchanged.
 from __future__ import annotations
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 
 from rmsnorm_jax import api
@@ -36,19 +37,26 @@ class RMSNorm(nnx.RMSNorm):
   def __call__(self, x, mask=None):
     x = validation.floating_array("x", x)
     scale = self.scale[...] if self.scale is not None else None
-    x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
     if not layer_math.fused_path_serves(
         x, self.reduction_axes, self.feature_axes, self.axis_index_groups, mask):
+      x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
       return layer_math.general_rms_norm(
           x, scale, epsilon=self.epsilon, dtype=self.dtype,
           reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           mask=mask, scale_offset=self.scale_offset)
+    # flax promotes x and scale to a common dtype first; only the dtypes are
+    # taken here, so that exact widenings are not materialized (see
+    # layer_math.cast_unless_exact_widening).
+    want = jax.eval_shape(
+        lambda a: self.promote_dtype(a, dtype=self.dtype), (x, scale))
+    out_dtype = self.dtype or jnp.result_type(
+        *[w.dtype for w in want if w is not None])
+    x, scale = (layer_math.cast_unless_exact_widening(a, w)
+                for a, w in zip((x, scale), want))
     return api.rms_norm(
         x, scale, eps=self.epsilon, scale_offset=self.scale_offset,
-        out_dtype=layer_math.output_dtype(x, scale, self.dtype),
-        backend=self.backend,
-        axis_name=self.axis_name)
+        out_dtype=out_dtype, backend=self.backend, axis_name=self.axis_name)
 
 
 class RMSNormResidual(nnx.Module):

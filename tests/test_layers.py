@@ -158,3 +158,47 @@ def test_layer_errors_name_the_argument():
   with pytest.raises(ValueError, match="residual must have the same shape"):
     rnnx.RMSNormResidual(4, rngs=fnnx.Rngs(0))(jnp.ones((2, 4)),
                                                jnp.ones((2, 5)))
+
+
+def _top_level_eqns(fn, *args):
+  return jax.make_jaxpr(fn)(*args).eqns
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16],
+                         ids=lambda d: np.dtype(d).name)
+def test_nnx_exact_promotion_does_not_cast_x(x_dtype):
+  # flax.nnx's default promotes 16-bit activations to the float32 params
+  # before the norm: an exact cast, so x reaches the function uncast (one
+  # kernel reading 16-bit x, not a float32 copy of x first).
+  layer = rnnx.RMSNorm(64, rngs=fnnx.Rngs(0))
+  x = random(np.random.default_rng(2), (4, 64), x_dtype)
+  eqns = _top_level_eqns(lambda x: layer(x), x)
+  assert not [e for e in eqns if e.primitive.name == "convert_element_type"]
+  (call,) = [e for e in eqns if "custom_vjp" in e.primitive.name]
+  assert [v.aval.dtype for v in call.invars[:2]] == [x_dtype, jnp.float32]
+  assert layer(x).dtype == jnp.float32
+
+
+def test_nnx_rounding_promotion_is_kept():
+  # dtype=bfloat16 with float32 params rounds the scale to bfloat16 in flax;
+  # that cast changes values, so it stays.
+  layer = rnnx.RMSNorm(64, dtype=jnp.bfloat16, rngs=fnnx.Rngs(0))
+  x = random(np.random.default_rng(3), (4, 64), jnp.bfloat16)
+  eqns = _top_level_eqns(lambda x: layer(x), x)
+  (call,) = [e for e in eqns if "custom_vjp" in e.primitive.name]
+  assert [v.aval.dtype for v in call.invars[:2]] == [jnp.bfloat16] * 2
+
+
+def test_nnx_custom_promote_dtype_is_followed():
+  def to_bf16(args, *, dtype=None, inexact=True):
+    del dtype, inexact
+    return tuple(None if a is None else jnp.asarray(a, jnp.bfloat16)
+                 for a in args)
+  rng = np.random.default_rng(4)
+  x = random(rng, (3, 40), jnp.float32)
+  kw = dict(promote_dtype=to_bf16, scale_init=fnnx.initializers.normal(1.0))
+  ours = rnnx.RMSNorm(40, rngs=fnnx.Rngs(0), **kw)
+  theirs = fnnx.RMSNorm(40, rngs=fnnx.Rngs(0), **kw)
+  y_ours, y_theirs = ours(x), theirs(x)
+  assert y_ours.dtype == y_theirs.dtype == jnp.bfloat16
+  assert_close(y_ours, y_theirs, tol(jnp.bfloat16), "y")
