@@ -8,8 +8,9 @@
   (y, h = x + residual), ``fused_bwd`` (gradients of residual and scale
   from dy, dh; x's gradient is the same array), ``linen_fwd`` (the flax
   layers, bfloat16 input, output and params), ``linen_fwd_mixed`` (the
-  same with float32 params) and ``linen_bwd`` (the gradients of x and scale
-  through the layers, bfloat16 params);
+  same with float32 params), ``linen_fwd_default`` (flax's defaults:
+  float32 params, ``dtype=None``, so a float32 output) and ``linen_bwd``
+  (the gradients of x and scale through the layers, bfloat16 params);
 * impls: ``roofline`` (an XLA elementwise op moving the op's minimum bytes),
   ``xla`` (``backend="xla"``; autodiff of its custom_vjp for the backward),
   ``flax_linen`` (``flax.linen.RMSNorm``, its own autodiff; for the fused ops
@@ -64,8 +65,14 @@ from rmsnorm_jax import shapes as shape_data
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
 OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd", "linen_fwd",
-       "linen_fwd_mixed", "linen_bwd")
-LINEN_OPS = ("linen_fwd", "linen_fwd_mixed", "linen_bwd")
+       "linen_fwd_mixed", "linen_fwd_default", "linen_bwd")
+LINEN_OPS = ("linen_fwd", "linen_fwd_mixed", "linen_fwd_default",
+             "linen_bwd")
+# Layer ops: (param dtype, layer dtype); the input is bfloat16 throughout.
+LAYER_DTYPES = {"linen_fwd": (jnp.bfloat16, jnp.bfloat16),
+                "linen_fwd_mixed": (jnp.float32, jnp.bfloat16),
+                "linen_fwd_default": (jnp.float32, None),
+                "linen_bwd": (jnp.bfloat16, jnp.bfloat16)}
 IMPLS = ("roofline", "xla", "flax_linen", "jax_pallas_example",
          "rmsnorm_jax", "rmsnorm_jax_auto", "rmsnorm_jax_linen", "flax_nnx",
          "rmsnorm_jax_nnx")
@@ -108,6 +115,8 @@ def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
   * linen_fwd: read bfloat16 x, write bfloat16 y, write rstd, read a
     bfloat16 scale (layers with ``dtype=param_dtype=bfloat16``).
   * linen_fwd_mixed: the same with a float32 scale (``param_dtype=float32``).
+  * linen_fwd_default: flax's defaults (float32 params, ``dtype=None``) on
+    bfloat16 x: read bfloat16 x, write float32 y, rstd, a float32 scale.
   * linen_bwd: the layers' backward (bfloat16 params): read x and dy, write
     dx, read rstd and the scale, write dscale, as bwd.
   """
@@ -120,6 +129,7 @@ def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
       "fused_bwd": 4 * n * s + stat + 2 * vec,
       "linen_fwd": n * 4 + stat + hidden * 2,
       "linen_fwd_mixed": n * 4 + stat + hidden * 4,
+      "linen_fwd_default": n * 6 + stat + hidden * 4,
       "linen_bwd": 6 * n + stat + hidden * 4,
   }[op]
 
@@ -129,7 +139,8 @@ def roofline_bytes(op: str, rows: int, hidden: int, dtype) -> int:
   n, s = rows * hidden, _isz(dtype)
   return {"fwd": 2 * n * s, "bwd": 3 * n * s, "fused_fwd": 4 * n * s,
           "fused_bwd": 4 * n * s, "linen_fwd": 4 * n,
-          "linen_fwd_mixed": 4 * n, "linen_bwd": 6 * n}[op]
+          "linen_fwd_mixed": 4 * n, "linen_fwd_default": 6 * n,
+          "linen_bwd": 6 * n}[op]
 
 
 # ------------------------------------------------------------ candidates --
@@ -224,6 +235,7 @@ def _roofline_fn(op):
       "fused_bwd": lambda h, dy, dh: h + dy + dh,
       "linen_fwd": lambda x, s: x * 2,
       "linen_fwd_mixed": lambda x, s: x * 2,
+      "linen_fwd_default": lambda x, s: x.astype(jnp.float32) * 2,
       "linen_bwd": lambda x, s, dy: x + dy,
   }[op]
 
@@ -272,7 +284,7 @@ def _make_inputs(key, op, rows, hidden, dtype):
     return v.astype(dt)
   x = rand((rows, hidden), dtype, 0.3)
   if op in LINEN_OPS:
-    sdt = jnp.float32 if op == "linen_fwd_mixed" else jnp.bfloat16
+    sdt = LAYER_DTYPES[op][0]
     d = dict(x=x, s=rand((hidden,), sdt, 1.0, 0.5))
     if op == "linen_bwd":
       d["dy"] = rand((rows, hidden), dtype)
@@ -311,21 +323,21 @@ def build_candidates(op, impls, rows, hidden, dtype, n_sets, seed=0,
   return out
 
 
-def _layer_fn(impl, param_dtype):
-  """``f(x, scale) -> y`` through a layer with bf16 activations and output
-  and params in ``param_dtype`` (bf16, or float32: mixed precision)."""
+def _layer_fn(impl, param_dtype, dtype):
+  """``f(x, scale) -> y`` through a layer with params in ``param_dtype``
+  and its ``dtype`` field (bfloat16, or None: x promoted with the params)."""
   if impl not in LAYERS:
     return None
   import importlib
   module, api = LAYERS[impl]
   cls = importlib.import_module(module).RMSNorm
   if api == "linen":
-    layer = cls(epsilon=EPS, dtype=jnp.bfloat16, param_dtype=param_dtype)
+    layer = cls(epsilon=EPS, dtype=dtype, param_dtype=param_dtype)
     return lambda x, s: layer.apply({"params": {"scale": s}}, x)
   from flax import nnx
 
   def f(x, s):
-    layer = cls(x.shape[-1], epsilon=EPS, dtype=jnp.bfloat16,
+    layer = cls(x.shape[-1], epsilon=EPS, dtype=dtype,
                 param_dtype=param_dtype, rngs=nnx.Rngs(0))
     layer.scale.value = s
     return layer(x)
@@ -337,13 +349,13 @@ def _candidate(op, impl, label, inputs, name):
     f = _roofline_fn(op)
     keys = {"fwd": "xs", "bwd": ["x", "s", "dy"], "fused_fwd": ["x", "r", "s"],
             "fused_bwd": ["x", "dy", "dh"], "linen_fwd": ["x", "s"],
-            "linen_fwd_mixed": ["x", "s"], "linen_bwd": ["x", "s", "dy"]}[op]
+            "linen_fwd_mixed": ["x", "s"], "linen_fwd_default": ["x", "s"],
+            "linen_bwd": ["x", "s", "dy"]}[op]
     keys = ["x", "s"] if keys == "xs" else keys
     return Candidate(op, label, _named_jit(f, name),
                      [tuple(d[k] for k in keys) for d in inputs], "xla")
   if op in LINEN_OPS:
-    f = _layer_fn(impl, jnp.float32 if op == "linen_fwd_mixed"
-                  else jnp.bfloat16)
+    f = _layer_fn(impl, *LAYER_DTYPES[op])
     if f is None:
       return None
     backend = "flax" if impl.startswith("flax") else "rmsnorm_jax." + (

@@ -95,17 +95,22 @@ def test_trace_without_device_events_falls_back_to_host_timing():
 def test_layer_ops_time_every_layer_forward_and_backward():
   layers = ["flax_linen", "rmsnorm_jax_linen", "flax_nnx", "rmsnorm_jax_nnx"]
   records = bench.run_benchmark([((8, 256), jnp.bfloat16)],
-                                ops=["linen_fwd", "linen_bwd"],
+                                ops=["linen_fwd", "linen_bwd",
+                                     "linen_fwd_default"],
                                 impls=layers + ["xla"], reps=1, log=None)
   by = {(r["op"], r["impl"]): r for r in records}
   # xla is not a layer: the layer ops time only the layers and the roofline.
-  assert set(by) == {(op, i) for op in ("linen_fwd", "linen_bwd")
+  assert set(by) == {(op, i) for op in ("linen_fwd", "linen_bwd",
+                                        "linen_fwd_default")
                      for i in layers + ["roofline"]}
   for r in records:
     assert not r.get("error") and r["time_us"] > 0, r
   n = 8 * 256
   assert by[("linen_bwd", "roofline")]["bytes"] == 3 * n * 2
   assert by[("linen_bwd", "flax_nnx")]["bytes"] == 3 * n * 2 + 8 * 4 + 256 * 4
+  # flax's defaults: bfloat16 x in, float32 y out, float32 scale.
+  assert by[("linen_fwd_default", "rmsnorm_jax_nnx")]["bytes"] == (
+      n * 6 + 8 * 4 + 256 * 4)
   flax_bwd = by[("linen_bwd", "flax_linen")]["time_us"]
   assert math.isclose(by[("linen_bwd", "rmsnorm_jax_nnx")]["speedup_vs_xla"],
                       flax_bwd / by[("linen_bwd", "rmsnorm_jax_nnx")]["time_us"])
