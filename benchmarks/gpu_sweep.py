@@ -77,8 +77,7 @@ CHECK = [
 ]
 # Fourth round: the wide-row backward with the second read (reload) on, in
 # the combinations measured only before reload existed (prefetch of the next
-# row, two programs per SM, wider programs); and the float32 forward at
-# 1024 rows.
+# row, two programs per SM, wider programs).
 WIDE = [
     ("bwd", (4096, 16384), BF16, [dict(prefetch=True),
                                   dict(prefetch=True, num_warps=32),

@@ -4,7 +4,7 @@
 # running long cannot cost the others. Results go to $OUT (default ./out).
 #
 #   bash benchmarks/h100_run.sh [parts...]
-#   parts: tests bench sweep sweep2 sweep3 sweep4 profile cross
+#   parts: tests bench sweep sweep2 ... sweep5 profile cross
 #
 # Time limits (seconds) come from T_TESTS, T_BENCH, T_SWEEP, T_PROFILE,
 # T_CROSS.

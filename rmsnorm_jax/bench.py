@@ -76,7 +76,7 @@ LAYER_DTYPES = {"linen_fwd": (jnp.bfloat16, jnp.bfloat16),
 IMPLS = ("roofline", "xla", "flax_linen", "jax_pallas_example",
          "rmsnorm_jax", "rmsnorm_jax_auto", "rmsnorm_jax_linen", "flax_nnx",
          "rmsnorm_jax_nnx")
-# The layer implementations: (module, class name, which flax API).
+# The layer implementations: (module holding RMSNorm, which flax API).
 LAYERS = {"flax_linen": ("flax.linen", "linen"),
           "rmsnorm_jax_linen": ("rmsnorm_jax.linen", "linen"),
           "flax_nnx": ("flax.nnx", "nnx"),
