@@ -1,39 +1,256 @@
-"""Shapes kept as data, shared by the tests, the benchmark and the TPU AOT check."""
+"""Shapes kept as data, shared by the tests, the benchmark and the TPU AOT check.
+
+Every shape is one :class:`Spec` in :data:`SPECS`: a name, the rows and hidden
+size of the flattened input, a dtype (or None where the consumer runs several
+dtypes) and tags saying who uses it:
+
+* ``bench``: the benchmark set (``python -m rmsnorm_jax.bench``);
+* ``smoke``: tiny shapes for a CPU run of the benchmark (``--small``);
+* ``tpu_aot``: compiled for every TPU generation in bfloat16 and float32;
+* ``correctness``: small shapes for the numerics tests (ragged row counts,
+  hidden sizes that are not multiples of 128, extra leading dims);
+* ``wide``: rows of 16384 columns or more (on TPU, ``correctness`` + ``wide``
+  exceeds one VMEM block and takes the two-pass path);
+* ``narrow``: rows of 128 columns or fewer;
+* ``launch_bound``: under 1 MB per array, where launch latency dominates.
+
+The names used before the specs existed (:data:`BENCHMARK`, :data:`TPU_AOT`,
+:data:`CORRECTNESS`, :data:`WIDE`) are selections from :data:`SPECS` in
+their old formats. :func:`min_bytes` is the one count of an op's least
+device-memory traffic, used by the benchmark and the TPU report.
+"""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import dataclasses
+import math
+from typing import Iterable
 
-# (rows, hidden), dtype: the benchmark set (LLaMA/Qwen-sized rows, QK-norm,
-# single-token decode).
-BENCHMARK = (
-    ((1, 768), jnp.float32),
-    ((1, 4096), jnp.float32),
-    ((64, 768), jnp.float32),
-    ((64, 4096), jnp.float32),
-    ((1024, 4096), jnp.float32),
-    ((2048, 4096), jnp.float16),
-    ((2048, 8192), jnp.float16),
-    ((8192, 4096), jnp.float16),
-    ((8192, 4096), jnp.bfloat16),
-    ((32768, 128), jnp.bfloat16),
-    ((4096, 16384), jnp.bfloat16),
+import jax.numpy as jnp
+import numpy as np
+
+TAGS = frozenset({"bench", "smoke", "tpu_aot", "correctness", "wide",
+                  "narrow", "launch_bound"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One named input shape.
+
+  Attributes:
+    name: unique name; for a spec with a dtype, ``ROWSxHIDDEN:DTYPE`` (the
+      benchmark's ``--cases`` syntax), else the shape joined by ``x``.
+    rows: number of rows after flattening the leading dims (>= 1).
+    hidden: size of the normalized last dim (>= 1).
+    dtype: NumPy dtype name (``"bfloat16"``, ``"float16"``, ``"float32"``) or
+      None when the consumer chooses the dtypes.
+    tags: a frozenset of names from :data:`TAGS`.
+    leading: the leading dims when x has more than two (their product is
+      ``rows``); empty for a 2-D input.
+
+  Raises:
+    ValueError: a non-positive size, ``leading`` whose product is not
+      ``rows``, an unknown dtype or tag.
+  """
+
+  name: str
+  rows: int
+  hidden: int
+  dtype: str | None
+  tags: frozenset
+  leading: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.rows < 1 or self.hidden < 1:
+      raise ValueError(f"Spec {self.name!r}: rows and hidden must be >= 1, "
+                       f"got rows={self.rows}, hidden={self.hidden}")
+    if self.leading and math.prod(self.leading) != self.rows:
+      raise ValueError(f"Spec {self.name!r}: leading={self.leading} must "
+                       f"multiply to rows={self.rows}")
+    if self.dtype is not None and self.dtype not in (
+        "bfloat16", "float16", "float32", "float64"):
+      raise ValueError(f"Spec {self.name!r}: dtype must be a float dtype "
+                       f"name or None, got {self.dtype!r}")
+    unknown = set(self.tags) - TAGS
+    if unknown:
+      raise ValueError(f"Spec {self.name!r}: unknown tags {sorted(unknown)}; "
+                       f"expected some of {sorted(TAGS)}")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The input's shape: ``leading + (hidden,)`` or ``(rows, hidden)``."""
+    return (*self.leading, self.hidden) if self.leading else (
+        self.rows, self.hidden)
+
+  @property
+  def case(self) -> tuple[tuple[int, int], np.dtype]:
+    """``((rows, hidden), dtype)``, the benchmark's case format.
+
+    Raises:
+      ValueError: the spec has no dtype.
+    """
+    if self.dtype is None:
+      raise ValueError(f"Spec {self.name!r} has no dtype; a benchmark case "
+                       "needs one")
+    return (self.rows, self.hidden), jnp.dtype(self.dtype)
+
+
+def _spec(rows, hidden, dtype=None, tags=(), leading=()):
+  shape = (*leading, hidden) if leading else (rows, hidden)
+  name = "x".join(str(d) for d in shape)
+  if dtype is not None:
+    name += f":{dtype}"
+  return Spec(name, rows, hidden, dtype, frozenset(tags), tuple(leading))
+
+
+_BF16, _F16, _F32 = "bfloat16", "float16", "float32"
+
+SPECS: tuple[Spec, ...] = (
+    # The benchmark set, largest first so that a run cut short keeps the
+    # shapes the targets are about: LLaMA/Qwen-sized rows, wide rows (issue
+    # tables up to 65536 columns), QK-norm (128 columns), single-token
+    # decode.
+    _spec(8192, 4096, _BF16, ["bench"]),
+    _spec(4096, 16384, _BF16, ["bench", "wide"]),
+    _spec(2048, 32768, _BF16, ["bench", "wide"]),
+    _spec(1024, 65536, _BF16, ["bench", "wide"]),
+    _spec(32768, 128, _BF16, ["bench", "narrow"]),
+    _spec(8192, 4096, _F16, ["bench"]),
+    _spec(2048, 8192, _F16, ["bench"]),
+    _spec(2048, 4096, _F16, ["bench"]),
+    _spec(1024, 4096, _F32, ["bench"]),
+    _spec(64, 4096, _F32, ["bench"]),
+    _spec(64, 768, _F32, ["bench", "launch_bound"]),
+    _spec(1, 4096, _F32, ["bench", "launch_bound"]),
+    _spec(1, 768, _F32, ["bench", "launch_bound"]),
+    # CPU smoke run of the benchmark: seconds, not minutes.
+    _spec(8, 256, _F32, ["smoke", "launch_bound"]),
+    _spec(16, 128, _BF16, ["smoke", "narrow", "launch_bound"]),
+    # Compiled for every TPU generation (bfloat16 and float32).
+    _spec(1, 768, None, ["tpu_aot", "launch_bound"]),
+    _spec(1, 4096, None, ["tpu_aot", "launch_bound"]),
+    _spec(64, 768, None, ["tpu_aot", "launch_bound"]),
+    _spec(64, 4096, None, ["tpu_aot"]),
+    _spec(1024, 4096, None, ["tpu_aot"]),
+    _spec(2048, 4096, None, ["tpu_aot"]),
+    _spec(8192, 4096, None, ["tpu_aot"]),
+    _spec(32768, 128, None, ["tpu_aot", "narrow"]),
+    _spec(4096, 16384, None, ["tpu_aot", "wide"]),
+    _spec(16, 65536, None, ["tpu_aot", "wide"]),
+    # Correctness: ragged row counts, hidden sizes that are not multiples of
+    # 128, tiny and wide rows, extra leading dims.
+    _spec(1, 1, None, ["correctness", "launch_bound"]),
+    _spec(3, 8, None, ["correctness", "launch_bound"]),
+    _spec(7, 100, None, ["correctness", "launch_bound"]),
+    _spec(17, 128, None, ["correctness", "narrow", "launch_bound"]),
+    _spec(33, 129, None, ["correctness", "launch_bound"]),
+    _spec(5, 2880, None, ["correctness", "launch_bound"]),
+    _spec(6, 256, None, ["correctness", "launch_bound"], leading=(2, 3)),
+    _spec(120, 64, None, ["correctness", "narrow", "launch_bound"],
+          leading=(4, 5, 6)),
+    _spec(9, 5184, None, ["correctness", "launch_bound"]),
+    _spec(1000, 128, None, ["correctness", "narrow", "launch_bound"]),
+    # Wide rows that exceed a single VMEM block on TPU (two-pass path).
+    _spec(3, 65536, None, ["correctness", "wide", "launch_bound"]),
 )
 
-# Compiled for every TPU generation, in bfloat16 and float32.
-TPU_AOT = ((1, 768), (1, 4096), (64, 768), (64, 4096), (1024, 4096),
-           (2048, 4096), (8192, 4096), (32768, 128), (4096, 16384),
-           (16, 65536))
+
+def select(*tags: str, exclude: Iterable[str] = ()) -> tuple[Spec, ...]:
+  """The specs carrying every tag in ``tags`` and none in ``exclude``.
+
+  Order is that of :data:`SPECS`.
+
+  Raises:
+    ValueError: a tag not in :data:`TAGS`.
+  """
+  exclude = tuple(exclude)
+  unknown = set(tags + exclude) - TAGS
+  if unknown:
+    raise ValueError(f"select: unknown tags {sorted(unknown)}; expected "
+                     f"some of {sorted(TAGS)}")
+  return tuple(s for s in SPECS
+               if set(tags) <= s.tags and not set(exclude) & s.tags)
+
+
+def by_name(name: str) -> Spec:
+  """The spec called ``name``.
+
+  Raises:
+    KeyError: no spec has that name (the message lists the known names).
+  """
+  for s in SPECS:
+    if s.name == name:
+      return s
+  raise KeyError(f"no shape spec named {name!r}; known: "
+                 f"{', '.join(s.name for s in SPECS)}")
+
+
+# The selections in the formats their consumers have always read.
+# ((rows, hidden), dtype): the benchmark set.
+BENCHMARK = tuple(s.case for s in select("bench"))
+# (rows, hidden): compiled for every TPU generation, bfloat16 and float32.
+TPU_AOT = tuple((s.rows, s.hidden) for s in select("tpu_aot"))
 TPU_GENERATIONS = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2",
                    "tpu7x:2x2x1")
-
-# Small shapes for correctness: ragged row counts, hidden sizes that are not
-# multiples of 128, tiny and wide rows, extra leading dims.
-CORRECTNESS = (
-    (1, 1), (3, 8), (7, 100), (17, 128), (33, 129), (5, 2880),
-    (2, 3, 256), (4, 5, 6, 64), (9, 5184), (1000, 128),
-)
+# Input shapes for correctness (the wide one apart).
+CORRECTNESS = tuple(s.shape for s in select("correctness", exclude=["wide"]))
 # Wide rows that exceed a single VMEM block on TPU (two-pass path).
-WIDE = ((3, 65536),)
+WIDE = tuple(s.shape for s in select("correctness", "wide"))
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# The ops whose traffic min_bytes counts; "res_fwd" and "res_bwd" are other
+# names of the fused (residual) ops.
+_OP_ALIASES = {"res_fwd": "fused_fwd", "res_bwd": "fused_bwd"}
+MIN_BYTES_OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd", "res_fwd", "res_bwd",
+                 "linen_fwd", "linen_fwd_mixed", "linen_fwd_default",
+                 "linen_bwd")
+
+
+def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
+  """Fewest bytes ``op`` must move through device memory.
+
+  N = rows * hidden elements of ``dtype`` (itemsize s); the scale and its
+  gradient are in ``dtype``, the per-row rstd saved by the forward is
+  float32 (4 bytes a row).
+
+  * fwd: read x, write y (2N), write rstd, read scale.
+  * bwd: read x and dy, write dx (3N), read rstd and scale, write dscale.
+  * fused_fwd (res_fwd): read x and residual, write y and h (4N), rstd,
+    scale.
+  * fused_bwd (res_bwd): read h, dy, dh, write the gradient of h (4N; the
+    gradients of x and residual are that same array), read rstd and scale,
+    write dscale.
+  * linen_fwd: bfloat16 x and y (``dtype`` ignored: the layer ops run in
+    bfloat16), rstd, a bfloat16 scale.
+  * linen_fwd_mixed: the same with a float32 scale.
+  * linen_fwd_default: flax's defaults on bfloat16 x: float32 y and scale.
+  * linen_bwd: bfloat16 x, dy, dx, rstd, a bfloat16 scale and dscale.
+
+  Args:
+    op: one of :data:`MIN_BYTES_OPS`.
+    rows, hidden: the flattened input's size (ints >= 0).
+    dtype: the activations' dtype (anything ``np.dtype`` accepts).
+
+  Returns:
+    The byte count, an int.
+
+  Raises:
+    ValueError: unknown ``op``.
+  """
+  if op not in MIN_BYTES_OPS:
+    raise ValueError(f"min_bytes: op must be one of {MIN_BYTES_OPS}, got "
+                     f"{op!r}")
+  op = _OP_ALIASES.get(op, op)
+  n, s = rows * hidden, np.dtype(dtype).itemsize
+  stat, vec = rows * 4, hidden * s
+  return {
+      "fwd": 2 * n * s + stat + vec,
+      "bwd": 3 * n * s + stat + 2 * vec,
+      "fused_fwd": 4 * n * s + stat + vec,
+      "fused_bwd": 4 * n * s + stat + 2 * vec,
+      "linen_fwd": n * 4 + stat + hidden * 2,
+      "linen_fwd_mixed": n * 4 + stat + hidden * 4,
+      "linen_fwd_default": n * 6 + stat + hidden * 4,
+      "linen_bwd": 6 * n + stat + hidden * 4,
+  }[op]
