@@ -1,18 +1,23 @@
-"""Main job: ``python -m rmsnorm_jax``.
+"""Main job, run as python -m rmsnorm_jax.
 
-Runs rms_norm and rms_norm_residual on LLaMA-sized inputs on whatever backend
-is present, checks each against the float64 NumPy reference and prints a table
-with the time per call next to the XLA path and ``flax.linen.RMSNorm``.
+Runs rms_norm and rms_norm_residual with backend="auto" on LLaMA-sized inputs
+on the device present, says which implementation ran and why "auto" chose it,
+checks each result against a float64 NumPy reference and times the call next
+to the XLA implementation and flax.linen.RMSNorm.
 
-Times here are wall-clock medians of jitted calls (dispatch included), a quick
-health check; ``python -m rmsnorm_jax.bench`` measures device kernel time.
+Every time is shown as min / median / max over the timed calls. A speed
+ratio is printed only on an accelerator, and only where the two ranges do not
+overlap; on a CPU "auto" runs XLA, so there is nothing to compare. The
+benchmark (python -m rmsnorm_jax.bench) measures kernel time in depth.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
+import textwrap
 import time
 
 import flax.linen as fnn
@@ -21,100 +26,266 @@ import jax.numpy as jnp
 import numpy as np
 
 import rmsnorm_jax as rj
+from rmsnorm_jax import dispatch
+from rmsnorm_jax import kernels
 from rmsnorm_jax import reference
 
-# (rows, hidden): LLaMA-7B hidden size, a 2048-token batch and one decode step.
+# (op, (rows, hidden), dtype): LLaMA-7B's hidden size, a 2048-token batch and
+# one decode step.
 CASES = (
     ("rms_norm", (2048, 4096), jnp.float32),
     ("rms_norm", (2048, 4096), jnp.bfloat16),
     ("rms_norm", (1, 4096), jnp.bfloat16),
     ("rms_norm_residual", (2048, 4096), jnp.bfloat16),
 )
-# Error bounds on ||y - ref|| / ||ref||: the result's own rounding (see
+# Bounds on ||y - ref|| / ||ref||: the result's own rounding (see
 # tests/numerics_util.py for the reasoning).
 TOLERANCE = {"float32": 2e-5, "bfloat16": 1e-2, "float16": 2e-3}
+IMPLS = ("auto", "xla", "flax")
+IMPL_TITLES = {"auto": 'backend="auto"', "xla": 'backend="xla"',
+               "flax": "flax.linen.RMSNorm"}
+# Back-to-back calls per timed sample on an accelerator: dispatch is
+# asynchronous, so a batch keeps the device busy and the host clock over it
+# reads device time rather than launch latency.
+ACCELERATOR_BATCH = 20
+BENCH_HINT = ("python -m rmsnorm_jax.bench on a GPU or TPU, or the measured "
+              "tables in docs/bench_h100.md")
 
 
-def _median_seconds(fns, args, repeats):
-  """Median wall-clock seconds per call of each fn, timed round-robin.
+def lowering_platform() -> str:
+  """The platform jax lowers for by default: cpu, cuda, rocm or tpu."""
+  platform = jax.default_backend()
+  if platform == "gpu":
+    version = getattr(jax.devices()[0].client, "platform_version", "")
+    return "rocm" if "rocm" in version.lower() else "cuda"
+  return platform
 
-  Interleaving the calls keeps the order of measurement out of the
-  comparison: timed one after another, whichever ran first read ~15% slower
-  on a 2-core CPU although auto and xla compile to the same program there.
+
+def explain(op: str, platform: str, shape, dtype) -> str:
+  """What backend="auto" runs for this case, and why, as one short string.
+
+  ``dispatch.explain`` gives the library's own account; where this version
+  of the library has none, the answer is rebuilt from ``dispatch.resolve``.
   """
-  for fn in fns:
+  fn = getattr(dispatch, "explain", None)
+  if fn is not None:
+    kwargs = dict(platform=platform, shape=tuple(shape), dtype=dtype)
+    if "op" in inspect.signature(fn).parameters:
+      kwargs["op"] = "forward" if op == "rms_norm" else "residual_forward"
+    return fn("auto", **kwargs)
+  rows = int(np.prod(shape[:-1]))
+  plan = dispatch.resolve("auto", rows=rows, hidden=shape[-1],
+                          dtype=np.dtype(dtype))
+  impl = dict(plan.per_platform).get(platform)
+  if impl is None:
+    return f"none (nothing for {platform})"
+  if impl.name != "xla":
+    return impl.name
+  if plan.requested != "auto":
+    return f"xla (forced by {dispatch.ENV_VAR} or force_backend)"
+  kernel = kernels.BY_PLATFORM.get(platform)
+  if kernel is None:
+    return f"xla (no Pallas kernel for {platform})"
+  return f"xla ({kernel.name}: XLA measured faster for this shape and dtype)"
+
+
+def _functions(op, dtype, scale):
+  """Jitted callables for each entry of IMPLS, taking the case's arrays."""
+  layer = fnn.RMSNorm(dtype=dtype)
+  params = {"params": {"scale": scale}}
+  if op == "rms_norm":
+    return {
+        "auto": jax.jit(lambda x, s: rj.rms_norm(x, s)),
+        "xla": jax.jit(lambda x, s: rj.rms_norm(x, s, backend="xla")),
+        "flax": jax.jit(lambda x, s: layer.apply(params, x)),
+    }
+  return {
+      "auto": jax.jit(lambda x, r, s: rj.rms_norm_residual(x, r, s)),
+      "xla": jax.jit(
+          lambda x, r, s: rj.rms_norm_residual(x, r, s, backend="xla")),
+      "flax": jax.jit(lambda x, r, s: (layer.apply(params, x + r), x + r)),
+  }
+
+
+def time_calls(fns: dict, args, repeats: int, batch: int) -> dict:
+  """Seconds per call of each fn: a list of ``repeats`` samples.
+
+  A sample is the host clock around ``batch`` back-to-back calls and one
+  wait for the results, divided by ``batch``. The functions are timed
+  round-robin so that the order of measurement does not favour one of them
+  (timed one after another on a 2-core CPU, whichever ran first read ~15%
+  slower, although auto and xla compile to the same program there).
+  """
+  for fn in fns.values():
     jax.block_until_ready(fn(*args))  # compile and warm up
-  times = [[] for _ in fns]
+  samples = {name: [] for name in fns}
   for _ in range(repeats):
-    for fn, ts in zip(fns, times):
+    for name, fn in fns.items():
       t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      ts.append(time.perf_counter() - t0)
-  return [statistics.median(ts) for ts in times]
+      jax.block_until_ready([fn(*args) for _ in range(batch)])
+      samples[name].append((time.perf_counter() - t0) / batch)
+  return samples
 
 
-def _row(op, shape, dtype, repeats, rng):
+def spread(samples) -> tuple[float, float, float]:
+  """(min, median, max) of a list of samples."""
+  return min(samples), statistics.median(samples), max(samples)
+
+
+def ratio_cell(ours, other) -> str:
+  """``other``'s median over ``ours``, or why no ratio is claimed.
+
+  A ratio is printed only when the [min, max] ranges of the two sets of
+  samples are disjoint: where they overlap, the measured difference is within
+  the run-to-run spread and a ratio would read noise as a result.
+  """
+  lo_a, med_a, hi_a = spread(ours)
+  lo_b, med_b, hi_b = spread(other)
+  if hi_a < lo_b or hi_b < lo_a:
+    return f"{med_b / med_a:.2f}x"
+  return "overlap"
+
+
+def run_case(op, shape, dtype, *, platform, repeats, batch, rng) -> dict:
+  """One row: what auto ran, its error vs float64, and the time samples."""
   x = jnp.asarray(rng.normal(0.1, 1.0, shape), dtype)
   scale = jnp.asarray(rng.normal(1.0, 0.2, shape[-1:]), jnp.float32)
-  flax_layer = fnn.RMSNorm(dtype=dtype)
-  flax_params = {"params": {"scale": scale}}
+  fns = _functions(op, dtype, scale)
   if op == "rms_norm":
-    ours = jax.jit(lambda x, s: rj.rms_norm(x, s))
-    xla = jax.jit(lambda x, s: rj.rms_norm(x, s, backend="xla"))
     args = (x, scale)
-    y = ours(*args)
+    y = fns["auto"](*args)
     want, _ = reference.rms_norm(x, scale)
-    flax_fn = jax.jit(lambda x, s: flax_layer.apply(flax_params, x))
   else:
-    res = jnp.asarray(rng.normal(0.0, 1.0, shape), dtype)
-    ours = jax.jit(lambda x, r, s: rj.rms_norm_residual(x, r, s))
-    xla = jax.jit(lambda x, r, s: rj.rms_norm_residual(x, r, s,
-                                                       backend="xla"))
-    args = (x, res, scale)
-    y, h = ours(*args)
-    want, _ = reference.rms_norm(h, scale)
-    flax_fn = jax.jit(lambda x, r, s: (flax_layer.apply(flax_params, x + r),
-                                       x + r))
-  err = reference.rel_error(y, want)
-  t_ours, t_xla, t_flax = _median_seconds((ours, xla, flax_fn), args,
-                                          repeats)
+    residual = jnp.asarray(rng.normal(0.0, 1.0, shape), dtype)
+    args = (x, residual, scale)
+    y, h = fns["auto"](*args)
+    h_want = np.asarray(x, np.float64) + np.asarray(residual, np.float64)
+    # h is stored in residual's dtype: its error is that rounding.
+    want, _ = reference.rms_norm(h_want, scale)
+    h_err = reference.rel_error(h, h_want)
   name = np.dtype(dtype).name
-  return dict(op=op, shape=shape, dtype=name, err=err,
-              ok=err <= TOLERANCE[name], ours=t_ours, xla=t_xla, flax=t_flax)
+  err = reference.rel_error(y, want)
+  if op != "rms_norm":
+    err = max(err, h_err)
+  return dict(op=op, shape=shape, dtype=name, ran=explain(op, platform, shape,
+                                                          dtype),
+              err=err, tol=TOLERANCE[name], ok=err <= TOLERANCE[name],
+              times=time_calls(fns, args, repeats, batch))
+
+
+def _us(seconds: float) -> str:
+  return f"{seconds * 1e6:.0f}" if seconds >= 1e-4 else f"{seconds * 1e6:.1f}"
+
+
+def _say(text: str) -> None:
+  print(textwrap.fill(text, width=88))
+
+
+def _time_cell(samples) -> str:
+  return " / ".join(_us(t) for t in spread(samples))
+
+
+def _parser() -> argparse.ArgumentParser:
+  doc = __doc__.split("\n\n")
+  parser = argparse.ArgumentParser(
+      prog="python -m rmsnorm_jax",
+      description="\n\n".join(doc[1:]).strip(),
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=textwrap.fill(
+          "Exit status: 0 when every result is within tolerance, else 1. "
+          "With RMSNORM_JAX_BACKEND=xla (or another backend name) in the "
+          'environment, "auto" is forced to that backend in every row.',
+          width=79))
+  parser.add_argument(
+      "--repeats", type=int, default=10, metavar="N",
+      help="timed samples per implementation and case; min / median / max "
+           "are taken over them (default: %(default)s)")
+  parser.add_argument(
+      "--batch", type=int, default=None, metavar="K",
+      help="calls per timed sample; the host clock over K back-to-back calls "
+           f"is divided by K (default: 1 on a CPU, {ACCELERATOR_BATCH} on a "
+           "GPU or TPU, where calls are dispatched asynchronously)")
+  return parser
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m rmsnorm_jax",
-                                   description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=10,
-                      help="timed calls per implementation (median reported)")
+  parser = _parser()
   args = parser.parse_args(argv)
   if args.repeats < 1:
     parser.error(f"--repeats must be >= 1; got {args.repeats}")
+  if args.batch is not None and args.batch < 1:
+    parser.error(f"--batch must be >= 1; got {args.batch}")
 
+  platform = lowering_platform()
+  accelerator = platform != "cpu"
+  batch = args.batch or (ACCELERATOR_BATCH if accelerator else 1)
   device = jax.devices()[0]
   print(f"rmsnorm_jax {rj.__version__} | jax {jax.__version__} | "
-        f"backend {jax.default_backend()} | device {device.device_kind}")
-  print("time: wall-clock median per jitted call (python -m rmsnorm_jax.bench "
-        "gives device kernel time)\n")
-  header = (f"{'op':<18} {'shape':<13} {'dtype':<9} {'rel err':>9} "
-            f"{'ok':>3} {'auto us':>9} {'xla us':>9} {'flax us':>9} "
-            f"{'vs xla':>7} {'vs flax':>7}")
+        f"platform {platform} | device {device.device_kind} "
+        f"x{jax.device_count()}\n")
+  rng = np.random.default_rng()
+  rows = [run_case(op, shape, dtype, platform=platform, repeats=args.repeats,
+                   batch=batch, rng=rng) for op, shape, dtype in CASES]
+
+  _say('Correctness of backend="auto" against a float64 NumPy reference '
+       "(fresh random inputs): rel err = ||y - ref|| / ||ref||, tol = the "
+       "result dtype's rounding bound.")
+  print()
+  header = (f"{'op':<18} {'shape':<10} {'dtype':<9} {'rel err':>8} "
+            f"{'tol':>7} {'ok':<3} auto ran (and why)")
   print(header)
   print("-" * len(header))
-  rng = np.random.default_rng(0)
-  all_ok = True
-  for op, shape, dtype in CASES:
-    r = _row(op, shape, dtype, args.repeats, rng)
-    all_ok &= r["ok"]
-    print(f"{r['op']:<18} {'x'.join(map(str, r['shape'])):<13} "
-          f"{r['dtype']:<9} {r['err']:>9.2e} {'yes' if r['ok'] else 'NO':>3} "
-          f"{r['ours'] * 1e6:>9.1f} {r['xla'] * 1e6:>9.1f} "
-          f"{r['flax'] * 1e6:>9.1f} {r['xla'] / r['ours']:>6.2f}x "
-          f"{r['flax'] / r['ours']:>6.2f}x")
-  print("\nall results within tolerance" if all_ok else
-        "\nSOME RESULTS EXCEED TOLERANCE")
-  return 0 if all_ok else 1
+  for r in rows:
+    print(f"{r['op']:<18} {'x'.join(map(str, r['shape'])):<10} "
+          f"{r['dtype']:<9} {r['err']:>8.1e} {r['tol']:>7.0e} "
+          f"{'yes' if r['ok'] else 'NO':<3} {r['ran']}")
+
+  how = ("the host clock around one call of the jitted function and the "
+         "wait for its result" if batch == 1 else
+         f"the host clock over {batch} back-to-back calls and one wait, "
+         f"divided by {batch}")
+  print()
+  _say(f"Time per call in us, min / median / max of {args.repeats} "
+       f"samples; a sample is {how}.")
+  print()
+  cols = [IMPL_TITLES[i] for i in IMPLS]
+  width = max(24, *(len(c) for c in cols))
+  ratio_cols = ["auto vs xla", "auto vs flax"] if accelerator else []
+  header = (f"{'op':<18} {'shape':<10} {'dtype':<9} "
+            + " ".join(f"{c:>{width}}" for c in cols)
+            + "".join(f" {c:>12}" for c in ratio_cols))
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    t = r["times"]
+    line = (f"{r['op']:<18} {'x'.join(map(str, r['shape'])):<10} "
+            f"{r['dtype']:<9} "
+            + " ".join(f"{_time_cell(t[i]):>{width}}" for i in IMPLS))
+    if accelerator:
+      line += (f" {ratio_cell(t['auto'], t['xla']):>12}"
+               f" {ratio_cell(t['auto'], t['flax']):>12}")
+    print(line)
+
+  if accelerator:
+    print()
+    _say('"NxX": the other\'s median over auto\'s, shown only where the '
+          'two min-max ranges do not overlap ("overlap": the difference is '
+          "within the spread). Host-clock times include launch gaps, which "
+          f"dominate small shapes; device kernel time: {BENCH_HINT}.")
+  elif all(r["ran"].split()[0] == "xla" for r in rows):
+    print()
+    _say(f'No speed ratio on {platform}: backend="auto" ran XLA here, the '
+          'same program as backend="xla", so the columns differ only by '
+          f"noise. Kernel speed: {BENCH_HINT}.")
+  else:
+    print()
+    _say(f"No speed ratio on {platform}: a Pallas kernel off its "
+          "accelerator runs in interpret mode, whose speed says nothing "
+          f"about the kernel's. Kernel speed: {BENCH_HINT}.")
+  bad = sum(not r["ok"] for r in rows)
+  print(f"\nall {len(rows)} results within tolerance" if not bad else
+        f"\n{bad} OF {len(rows)} RESULTS EXCEED TOLERANCE")
+  return 0 if not bad else 1
 
 
 if __name__ == "__main__":
