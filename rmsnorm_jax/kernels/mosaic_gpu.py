@@ -1,0 +1,280 @@
+"""``MosaicGpu``: RMSNorm kernels on Pallas' Mosaic GPU backend, for Hopper.
+
+The same four primitives as ``PallasGpu`` (forward, backward, fused residual
+forward and backward), each one pass over its inputs, written with
+``jax.experimental.pallas.mosaic_gpu``: persistent CTAs stream row blocks
+through shared memory with TMA (``plgpu.emit_pipeline``), compute in float32
+registers and store back with TMA. Kernel bodies and the layouts are in
+``mosaic_gpu_kernels.py``; measurements in docs/mosaic_gpu.md.
+
+Served shapes (``cannot_serve`` names the reason otherwise): hidden a
+multiple of 8 (TMA moves 16-byte row pieces) whose row blocks fit shared
+memory with two pipeline stages of 4 rows: forward up to 6144 columns for
+16-bit inputs (3072 float32), fused forward and backward up to 4096 (2048),
+fused backward up to 3072 (1536). Wider rows are left to ``PallasGpu``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmsnorm_jax import base
+from rmsnorm_jax.kernels import mosaic_gpu_kernels as mk
+
+SUPPORTED_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16),
+                    np.dtype(jnp.float16))
+
+# Shared memory a CTA may use for its pipeline buffers, scale and dscale
+# accumulator (the H100/H200 limit is 227 KB per block; a few KB stay for
+# barriers and the cross-warp reduction scratch).
+SMEM_BUDGET = 220 * 1024
+REDUCTION_SCRATCH = 2048
+# Copies into shared memory move whole multiples of this many bytes.
+COPY_UNIT = 128
+MIN_STAGES = 2
+MAX_STAGES = 4
+# Input bytes per pipeline stage the block size aims at: with two stages in
+# flight per SM this covers DRAM latency (~36 KB per SM at 4.8 TB/s x 1 us).
+STAGE_IN_BYTES = 32 * 1024
+# float32 values per thread per register chunk.
+CHUNK_VALUES = 32
+MAX_BOX = 256  # TMA box elements per dimension
+DEFAULT_NUM_SMS = 132
+
+
+def _num_sms() -> int:
+  try:
+    dev = jax.devices("gpu")[0]
+    count = getattr(dev, "core_count", None)
+    if count:
+      return int(count)
+  except RuntimeError:
+    pass
+  return DEFAULT_NUM_SMS
+
+
+def _pow2_floor(n: int) -> int:
+  return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def _itemsize(dt) -> int:
+  return np.dtype(dt).itemsize
+
+
+def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
+         sms: int, block_rows: int | None = None, stages: int | None = None,
+         grid: int | None = None, has_scale: bool = True,
+         scale_size: int = 4) -> mk.Plan:
+  """Chooses the launch for one kernel call.
+
+  Args:
+    kind: "fwd" or "bwd".
+    rows, hidden: the 2-D problem.
+    in_sizes, out_sizes: itemsizes of the (rows, hidden) inputs and outputs.
+    sms: SMs the persistent grid covers.
+    block_rows, stages, grid: overrides (tuning sweeps).
+    has_scale, scale_size: whether a scale is read, and its itemsize.
+
+  Raises:
+    ValueError: the shape cannot be served (the message says why).
+  """
+  if rows < 1 or hidden < 1:
+    raise ValueError(f"empty problem: rows={rows}, hidden={hidden}.")
+  min_size = min(min(in_sizes), min(out_sizes), scale_size)
+  if (hidden * min_size) % COPY_UNIT or hidden % 8:
+    raise ValueError(
+        f"rows of hidden={hidden} are not whole {COPY_UNIT}-byte pieces for "
+        "the copy engine.")
+  isz = max(max(in_sizes), max(out_sizes))
+  vec = 16 // isz
+  if hidden % (128 * vec) == 0:
+    layout, lanes = "wide", 32
+  else:
+    layout = "narrow"
+    lanes = 32
+    while lanes > 4 and hidden % (lanes * vec):
+      lanes //= 2
+    if hidden % (lanes * vec):
+      raise ValueError(f"hidden={hidden} has no register layout.")
+  tile_rows = 1 if layout == "wide" else 4 * (32 // lanes)
+  row_bytes_in = hidden * sum(in_sizes)
+  row_bytes_out = hidden * sum(out_sizes)
+  if block_rows is None:
+    br = _pow2_floor(max(1, STAGE_IN_BYTES // row_bytes_in))
+    br = min(br, MAX_BOX, _pow2_floor(rows) if rows < MAX_BOX else MAX_BOX)
+    br = max(br, tile_rows)
+  else:
+    br = block_rows
+  group = min(4, br) if layout == "wide" else tile_rows
+  if br % group or br > MAX_BOX:
+    raise ValueError(f"block_rows={br} must be a multiple of {group} and at "
+                     f"most {MAX_BOX}.")
+  # Columns per register chunk: CHUNK_VALUES float32 per thread.
+  unit = 128 * vec if layout == "wide" else lanes * vec
+  chunk = unit
+  while (group * chunk * 2 // 128 <= CHUNK_VALUES
+         and hidden % (chunk * 2) == 0):
+    chunk *= 2
+  k = hidden if hidden <= MAX_BOX else max(
+      d for d in range(8, MAX_BOX + 1, 8) if hidden % d == 0)
+
+  def layout_grid(br):
+    row_blocks = -(-rows // br)
+    g = grid or min(row_blocks, sms)
+    steps = -(-row_blocks // g)
+    # Each CTA's rstd is a 16-byte multiple: steps * br % 4 == 0.
+    while (steps * br) % 4:
+      steps += 1
+    return -(-row_blocks // steps), steps
+
+  def fit(br):
+    g, steps = layout_grid(br)
+    fixed = hidden * scale_size * has_scale + REDUCTION_SCRATCH + 4 * (steps * br + 128)
+    if kind == "bwd" and has_scale:
+      fixed += 4 * hidden * tile_rows
+    return (SMEM_BUDGET - fixed) // (br * (row_bytes_in + row_bytes_out))
+
+  while block_rows is None and br > group and fit(br) < MIN_STAGES:
+    br //= 2
+  if kind == "fwd" and layout == "wide" and br < 2:
+    # A one-row group would need a scalar statistic, which the layouts here
+    # do not lower.
+    br = 2
+    group = 2
+  st = stages or min(MAX_STAGES, fit(br))
+  if st < MIN_STAGES or fit(br) < st:
+    raise ValueError(
+        f"rows of {hidden} columns ({row_bytes_in + row_bytes_out} bytes in "
+        f"and out) do not fit {max(st, MIN_STAGES)} pipeline stages of {br} "
+        f"rows in {SMEM_BUDGET // 1024} KB of shared memory.")
+  g, steps = layout_grid(br)
+  return mk.Plan(rows=rows, hidden=hidden, block_rows=br, group_rows=group,
+                 chunk=chunk, vec=vec, kind=layout, lanes=lanes, stages=st,
+                 grid=g, steps=steps, k=k)
+
+
+def _check_dtype(name: str, a):
+  if np.dtype(a.dtype) not in SUPPORTED_DTYPES:
+    raise TypeError(
+        f"mosaic_gpu supports {name} of dtype float32, bfloat16 or float16; "
+        f"got {name} of shape {tuple(a.shape)} and dtype {a.dtype}. Use "
+        f"backend='xla' (or 'auto') for other dtypes.")
+
+
+def _f32_if_wide(a):
+  if a is not None and np.dtype(a.dtype) == np.dtype(np.float64):
+    return a.astype(jnp.float32)
+  return a
+
+
+def _kernel_dtype(dt):
+  dt = np.dtype(dt)
+  return np.dtype(jnp.float32) if dt == np.dtype(np.float64) else dt
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGpu(base.Implementation):
+  """Pallas Mosaic GPU kernels for Hopper GPUs (sm_90: H100, H200).
+
+  Inputs: x (and residual) float32, bfloat16 or float16, 2-D
+  ``(rows, hidden)``, any rows; hidden as in the module docstring (see
+  ``cannot_serve``); scale None or ``(hidden,)`` in any float dtype.
+  Unsupported shapes raise ValueError naming the limit; float64 x raises
+  TypeError.
+
+  Attributes (None: the heuristic in ``plan``):
+    block_rows: rows per pipeline step (multiple of 4).
+    stages: pipeline depth.
+    grid: persistent CTAs (default: one per SM).
+    num_sms: SM count used to size grids (default: read off the device).
+  """
+
+  name: ClassVar[str] = "mosaic_gpu"
+  platforms: ClassVar[tuple[str, ...]] = ("cuda",)
+
+  block_rows: int | None = None
+  stages: int | None = None
+  grid: int | None = None
+  num_sms: int | None = None
+
+  def _plan(self, kind, rows, hidden, in_dtypes, out_dtypes, scale):
+    return plan(kind, rows, hidden,
+                in_sizes=[_itemsize(d) for d in in_dtypes],
+                out_sizes=[_itemsize(d) for d in out_dtypes],
+                sms=self.num_sms or _num_sms(), block_rows=self.block_rows,
+                stages=self.stages, grid=self.grid,
+                has_scale=scale is not None,
+                scale_size=4 if scale is None else _itemsize(scale.dtype))
+
+  def cannot_serve(self, rows: int, hidden: int, dtype,
+                   op: str = "all") -> str | None:
+    """Why the kernels cannot run this shape, or None when they can.
+
+    Args:
+      rows, hidden: the 2-D problem; dtype: of x (outputs alike).
+      op: "fwd", "bwd", "residual_fwd", "residual_bwd" or "all" (each).
+    """
+    if np.dtype(dtype) not in SUPPORTED_DTYPES:
+      return f"dtype {np.dtype(dtype).name} is not float32/bfloat16/float16"
+    s = _itemsize(dtype)
+    cases = {
+        "fwd": ("fwd", [s], [s]),
+        "bwd": ("bwd", [s, s], [s]),
+        "residual_fwd": ("fwd", [s, s], [s, s]),
+        "residual_bwd": ("bwd", [s, s, s], [s]),
+    }
+    names = list(cases) if op == "all" else [op]
+    for name in names:
+      kind, ins, outs = cases[name]
+      try:
+        plan(kind, rows, hidden, in_sizes=ins, out_sizes=outs,
+             sms=DEFAULT_NUM_SMS, scale_size=s)
+      except ValueError as e:
+        return f"{name}: {e}"
+    return None
+
+  def preferred_for(self, rows: int, hidden: int, dtype) -> bool:
+    return self.cannot_serve(rows, hidden, dtype) is None
+
+  def forward(self, x, scale, *, eps, scale_offset, out_dtype):
+    """x (rows, hidden) -> (y in out_dtype, rstd float32 (rows,))."""
+    _check_dtype("x", x)
+    scale = _f32_if_wide(scale)
+    odt = _kernel_dtype(out_dtype)
+    p = self._plan("fwd", *x.shape, [x.dtype], [odt], scale)
+    y, rstd = mk.forward(x, None, scale, plan=p, eps=eps,
+                         offset=scale_offset, out_dtype=odt)
+    return y.astype(out_dtype), rstd
+
+  def backward(self, x, scale, rstd, dy, *, scale_offset):
+    """-> (dx in x.dtype, dscale float32 (hidden,) or None)."""
+    _check_dtype("x", x)
+    scale, dy = _f32_if_wide(scale), _f32_if_wide(dy)
+    p = self._plan("bwd", *x.shape, [x.dtype, dy.dtype], [x.dtype], scale)
+    return mk.backward(x, scale, rstd, dy, None, plan=p, offset=scale_offset)
+
+  def residual_forward(self, x, residual, scale, *, eps, scale_offset,
+                       out_dtype):
+    """-> (y in out_dtype, h = x + residual in residual.dtype, rstd)."""
+    _check_dtype("x", x)
+    _check_dtype("residual", residual)
+    scale = _f32_if_wide(scale)
+    odt = _kernel_dtype(out_dtype)
+    p = self._plan("fwd", *x.shape, [x.dtype, residual.dtype],
+                   [odt, residual.dtype], scale)
+    y, h, rstd = mk.forward(x, residual, scale, plan=p, eps=eps,
+                            offset=scale_offset, out_dtype=odt)
+    return y.astype(out_dtype), h, rstd
+
+  def residual_backward(self, h, scale, rstd, dy, dh, *, scale_offset):
+    """-> (gradient of h in h.dtype, dscale float32 or None)."""
+    _check_dtype("h", h)
+    scale, dy, dh = _f32_if_wide(scale), _f32_if_wide(dy), _f32_if_wide(dh)
+    p = self._plan("bwd", *h.shape, [h.dtype, dy.dtype, dh.dtype],
+                   [h.dtype], scale)
+    return mk.backward(h, scale, rstd, dy, dh, plan=p, offset=scale_offset)

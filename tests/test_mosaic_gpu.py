@@ -1,0 +1,182 @@
+"""MosaicGpu (Pallas Mosaic GPU) kernels: lowering on any host, numerics on Hopper.
+
+* Lowering tests run everywhere (CI: CPU): ``jax.export`` for the ``cuda``
+  platform builds the Mosaic GPU module, which catches layout, shape and
+  shared-memory errors without a GPU (the PTX compile happens on the device).
+* Numerics tests need a Hopper GPU (compute capability 9.x) and are skipped,
+  with the reason, elsewhere. They go through the public API
+  (``rmsnorm_jax.rms_norm`` / ``rms_norm_residual`` with ``jax.vjp``) and check
+  y, dx and dscale against the float64 NumPy reference on fresh random inputs
+  with a nonzero mean, at the tolerances of ``numerics_util.TOL`` (float32
+  arithmetic plus one rounding per output, two for gradients), on ragged row
+  counts that leave a partial last block and CTAs with fewer blocks.
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsnorm_jax as rj
+from rmsnorm_jax import reference
+from rmsnorm_jax.kernels import mosaic_gpu as mg
+from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
+
+from numerics_util import assert_close, assert_residual_matches_reference
+from numerics_util import dx_magnitude, random, residual_inputs, tol
+
+
+def _hopper_reason():
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    return "no CUDA GPU: the Mosaic GPU kernels run on Hopper (sm_90) only"
+  cc = str(getattr(gpus[0], "compute_capability", ""))
+  if not cc.startswith("9"):
+    return f"GPU is compute capability {cc or 'unknown'}, not Hopper (9.x)"
+  return None
+
+
+_REASON = _hopper_reason()
+hopper = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+DTYPES = [pytest.param(d, id=np.dtype(d).name)
+          for d in (jnp.float32, jnp.bfloat16, jnp.float16)]
+# Ragged rows (partial last block, uneven CTAs), narrow and wide layouts.
+SHAPES = [(1, 128), (37, 128), (300, 768), (129, 896), (67, 1024),
+          (19, 4096), (1000, 2048)]
+
+
+def _rng(*key):
+  return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _ids(shapes):
+  return [pytest.param(s, id="x".join(map(str, s))) for s in shapes]
+
+
+# ------------------------------------------------------------- any host --
+
+@pytest.mark.parametrize("shape", _ids([(8192, 4096), (32768, 128),
+                                        (37, 768), (5, 1024)]))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowers_for_cuda(shape, dtype):
+  impl = MosaicGpu(num_sms=132)
+  rows, hidden = shape
+  s = jax.ShapeDtypeStruct
+  x, w = s(shape, dtype), s((hidden,), dtype)
+  rs = s((rows,), jnp.float32)
+  calls = {
+      "fwd": (lambda x, w: impl.forward(x, w, eps=1e-6, scale_offset=0.0,
+                                        out_dtype=x.dtype), (x, w)),
+      "bwd": (lambda x, w, r, dy: impl.backward(x, w, r, dy,
+                                                scale_offset=1.0),
+              (x, w, rs, x)),
+      "residual_fwd": (lambda x, r, w: impl.residual_forward(
+          x, r, w, eps=1e-6, scale_offset=0.0, out_dtype=x.dtype), (x, x, w)),
+      "residual_bwd": (lambda h, w, r, dy, dh: impl.residual_backward(
+          h, w, r, dy, dh, scale_offset=0.0), (x, w, rs, x, x)),
+  }
+  for op, (fn, args) in calls.items():
+    if impl.cannot_serve(rows, hidden, dtype, op) is not None:
+      continue
+    exp = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert "mosaic_gpu" in exp.mlir_module()
+
+
+def test_cannot_serve_names_the_reason():
+  impl = MosaicGpu()
+  assert impl.cannot_serve(8192, 4096, jnp.bfloat16) is None
+  assert "float64" in impl.cannot_serve(8, 4096, jnp.float64)
+  assert "128-byte" in impl.cannot_serve(8, 100, jnp.bfloat16)
+  wide = impl.cannot_serve(8, 65536, jnp.float32)
+  assert wide is not None and "shared memory" in wide
+
+
+def test_plan_covers_rows_and_limits():
+  for rows, hidden, size in ((1, 128, 2), (8193, 4096, 2), (1000, 4096, 4)):
+    p = mg.plan("fwd", rows, hidden, in_sizes=[size], out_sizes=[size],
+                sms=132)
+    assert p.grid * p.steps * p.block_rows >= rows
+    assert (p.grid - 1) * p.steps < p.row_blocks  # no CTA without work
+    assert p.cta_rows % 4 == 0 and hidden % p.chunk == 0
+    assert hidden % p.k == 0 and p.k <= 256 and p.stages >= 2
+  with pytest.raises(ValueError, match="hidden=100"):
+    mg.plan("fwd", 8, 100, in_sizes=[2], out_sizes=[2], sms=132)
+
+
+def test_rejects_float64():
+  with pytest.raises(TypeError, match="x of shape"):
+    MosaicGpu().forward(np.ones((4, 128)), None, eps=1e-6, scale_offset=0.0,
+                        out_dtype=np.float64)
+
+
+# --------------------------------------------------------------- Hopper --
+
+def _run_norm(backend, x, scale, dy, *, eps, scale_offset):
+  def f(x, scale):
+    return rj.rms_norm(x, scale, eps=eps, scale_offset=scale_offset,
+                       backend=backend)
+  if scale is None:
+    y, vjp = jax.vjp(jax.jit(lambda x: f(x, None)), x)
+    return (y, *vjp(dy), None)
+  y, vjp = jax.vjp(jax.jit(f), x, scale)
+  return (y, *vjp(dy))
+
+
+@hopper
+@pytest.mark.parametrize("shape", _ids(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_scale", [True, False], ids=["scale", "noscale"])
+def test_norm_matches_float64(shape, dtype, with_scale):
+  impl = MosaicGpu()
+  if impl.cannot_serve(*shape, dtype) is not None:
+    pytest.skip(impl.cannot_serve(*shape, dtype))
+  rng = _rng("norm", shape, np.dtype(dtype).name, with_scale)
+  x = random(rng, shape, dtype, mean=0.3)
+  scale = random(rng, (shape[1],), dtype, mean=0.0, scale=0.5) \
+      if with_scale else None
+  offset = 1.0 if with_scale else 0.0
+  dy = random(rng, shape, dtype)
+  y, dx, dscale = _run_norm(impl, x, scale, dy, eps=1e-5, scale_offset=offset)
+  assert y.dtype == x.dtype and dx.dtype == x.dtype
+  y_ref, _ = reference.rms_norm(x, scale, eps=1e-5, scale_offset=offset)
+  dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy, eps=1e-5,
+                                           scale_offset=offset)
+  assert_close(y, y_ref, tol(dtype), "y")
+  assert_close(dx, dx_ref, tol(dtype), "dx",
+               dx_magnitude(x, scale, dy, eps=1e-5, scale_offset=offset))
+  if with_scale:
+    assert dscale.dtype == scale.dtype
+    assert_close(dscale, ds_ref, tol(dtype), "dscale")
+
+
+@hopper
+@pytest.mark.parametrize("shape", _ids([(37, 128), (300, 768), (19, 4096),
+                                        (1000, 2048)]))
+@pytest.mark.parametrize("x_dtype,res_dtype", [
+    (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32),
+    (jnp.float32, jnp.float32)], ids=["bf16", "f16+f32", "f32"])
+def test_residual_matches_float64(shape, x_dtype, res_dtype):
+  impl = MosaicGpu()
+  rng = _rng("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name)
+  inputs = residual_inputs(rng, shape, x_dtype, res_dtype)
+  x, res, scale, dy, dh = inputs
+  f = jax.jit(lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=impl))
+  (y, h), vjp = jax.vjp(f, x, res, scale)
+  outs = (y, h, *vjp((dy, dh)))
+  assert_residual_matches_reference(inputs, outs)
+
+
+@hopper
+def test_dscale_is_deterministic():
+  impl = MosaicGpu()
+  rng = _rng("det")
+  x = random(rng, (4099, 1024), jnp.bfloat16, mean=0.3)
+  scale = random(rng, (1024,), jnp.float32, mean=1.0, scale=0.3)
+  dy = random(rng, (4099, 1024), jnp.bfloat16)
+  a = _run_norm(impl, x, scale, dy, eps=1e-6, scale_offset=0.0)[2]
+  b = _run_norm(impl, x, scale, dy, eps=1e-6, scale_offset=0.0)[2]
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
