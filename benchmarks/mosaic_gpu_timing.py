@@ -54,22 +54,20 @@ def main():
                              (rows, hidden), jnp.float32).astype(dt)
            for i in range(k)]
     w = (jax.random.normal(key, (hidden,), jnp.float32) * 0.1 + 1).astype(dt)
-    rstd = base.Xla().forward(xs[0], w, eps=1e-6, scale_offset=0.0,
-                              out_dtype=dt)[1]
+    rstd = base.Xla().forward(xs[0], w, None, norm=base.Norm(
+        eps=1e-6, out_dtype=np.dtype(dt)))[1]
     res = {}
     copy = jax.jit(lambda xs: [x + jnp.asarray(1, x.dtype) for x in xs])
     res["copy2N"] = _time(copy, (xs,), k, args.reps)
     for name, impl in impls.items():
-      why = getattr(impl, "cannot_serve", lambda *a, **kw: None)(
-          rows, hidden, dt)
-      fwd = jax.jit(lambda xs, w, impl=impl: [
-          impl.forward(x, w, eps=1e-6, scale_offset=0.0, out_dtype=dt)
-          for x in xs])
-      bwd = jax.jit(lambda xs, dys, w, r, impl=impl: [
-          impl.backward(x, w, r, dy, scale_offset=0.0)
+      norm = base.Norm(eps=1e-6, out_dtype=np.dtype(dt))
+      fwd = jax.jit(lambda xs, w, impl=impl, norm=norm: [
+          impl.forward(x, w, None, norm=norm) for x in xs])
+      bwd = jax.jit(lambda xs, dys, w, r, impl=impl, norm=norm: [
+          impl.backward(x, w, None, r, dy, norm=norm)
           for x, dy in zip(xs, dys)])
       for op, fn, a in (("fwd", fwd, (xs, w)), ("bwd", bwd, (xs, dys, w, rstd))):
-        if name == "mosaic" and impl.cannot_serve(
+        if name == "mosaic" and impl.shape_reason(
             rows, hidden, dt, op) is not None:
           res[f"{name}_{op}"] = None
           continue
@@ -79,7 +77,6 @@ def main():
           print(f"{name} {op} {rows}x{hidden}: {type(e).__name__}: "
                 f"{str(e)[:300]}")
           res[f"{name}_{op}"] = None
-      del why
     rows_out.append(((rows, hidden, np.dtype(dt).name, k), res))
     print(rows, hidden, np.dtype(dt).name, k,
           {a: (None if b is None else round(b, 1)) for a, b in res.items()},

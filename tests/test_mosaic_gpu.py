@@ -69,18 +69,18 @@ def test_lowers_for_cuda(shape, dtype):
   x, w = s(shape, dtype), s((hidden,), dtype)
   rs = s((rows,), jnp.float32)
   calls = {
-      "fwd": (lambda x, w: impl.forward(x, w, eps=1e-6, scale_offset=0.0,
+      "fwd": (lambda x, w: impl.forward_kernel(x, w, eps=1e-6, scale_offset=0.0,
                                         out_dtype=x.dtype), (x, w)),
-      "bwd": (lambda x, w, r, dy: impl.backward(x, w, r, dy,
+      "bwd": (lambda x, w, r, dy: impl.backward_kernel(x, w, r, dy,
                                                 scale_offset=1.0),
               (x, w, rs, x)),
-      "residual_fwd": (lambda x, r, w: impl.residual_forward(
+      "residual_fwd": (lambda x, r, w: impl.residual_forward_kernel(
           x, r, w, eps=1e-6, scale_offset=0.0, out_dtype=x.dtype), (x, x, w)),
-      "residual_bwd": (lambda h, w, r, dy, dh: impl.residual_backward(
+      "residual_bwd": (lambda h, w, r, dy, dh: impl.residual_backward_kernel(
           h, w, r, dy, dh, scale_offset=0.0), (x, w, rs, x, x)),
   }
   for op, (fn, args) in calls.items():
-    if impl.cannot_serve(rows, hidden, dtype, op) is not None:
+    if impl.shape_reason(rows, hidden, dtype, op) is not None:
       continue
     exp = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exp.mlir_module()
@@ -88,10 +88,10 @@ def test_lowers_for_cuda(shape, dtype):
 
 def test_cannot_serve_names_the_reason():
   impl = MosaicGpu()
-  assert impl.cannot_serve(8192, 4096, jnp.bfloat16) is None
-  assert "float64" in impl.cannot_serve(8, 4096, jnp.float64)
-  assert "128-byte" in impl.cannot_serve(8, 100, jnp.bfloat16)
-  wide = impl.cannot_serve(8, 65536, jnp.float32)
+  assert impl.shape_reason(8192, 4096, jnp.bfloat16) is None
+  assert "float64" in impl.shape_reason(8, 4096, jnp.float64)
+  assert "128-byte" in impl.shape_reason(8, 100, jnp.bfloat16)
+  wide = impl.shape_reason(8, 65536, jnp.float32)
   assert wide is not None and "shared memory" in wide
 
 
@@ -109,7 +109,7 @@ def test_plan_covers_rows_and_limits():
 
 def test_rejects_float64():
   with pytest.raises(TypeError, match="x of shape"):
-    MosaicGpu().forward(np.ones((4, 128)), None, eps=1e-6, scale_offset=0.0,
+    MosaicGpu().forward_kernel(np.ones((4, 128)), None, eps=1e-6, scale_offset=0.0,
                         out_dtype=np.float64)
 
 
@@ -132,8 +132,8 @@ def _run_norm(backend, x, scale, dy, *, eps, scale_offset):
 @pytest.mark.parametrize("with_scale", [True, False], ids=["scale", "noscale"])
 def test_norm_matches_float64(shape, dtype, with_scale):
   impl = MosaicGpu()
-  if impl.cannot_serve(*shape, dtype) is not None:
-    pytest.skip(impl.cannot_serve(*shape, dtype))
+  if impl.shape_reason(*shape, dtype) is not None:
+    pytest.skip(impl.shape_reason(*shape, dtype))
   rng = _rng("norm", shape, np.dtype(dtype).name, with_scale)
   x = random(rng, shape, dtype, mean=0.3)
   scale = random(rng, (shape[1],), dtype, mean=0.0, scale=0.5) \

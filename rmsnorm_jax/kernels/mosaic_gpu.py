@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsnorm_jax import base
+from rmsnorm_jax.kernels import common
 from rmsnorm_jax.kernels import mosaic_gpu_kernels as mk
 
 SUPPORTED_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16),
@@ -158,6 +159,12 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
                  grid=g, steps=steps, k=k)
 
 
+# base.Call.op -> the op names of ``shape_reason``.
+_OPS = {"forward": "fwd", "backward": "bwd",
+        "residual_forward": "residual_fwd",
+        "residual_backward": "residual_bwd"}
+
+
 def _check_dtype(name: str, a):
   if np.dtype(a.dtype) not in SUPPORTED_DTYPES:
     raise TypeError(
@@ -211,7 +218,17 @@ class MosaicGpu(base.Implementation):
                 has_scale=scale is not None,
                 scale_size=4 if scale is None else _itemsize(scale.dtype))
 
-  def cannot_serve(self, rows: int, hidden: int, dtype,
+  def cannot_serve(self, call: base.Call) -> str | None:
+    """Why the kernels cannot compute ``call`` (a base.Call), or None."""
+    reason = common.not_implemented(self.name, call, SUPPORTED_DTYPES)
+    if reason is not None:
+      return reason
+    if call.op not in _OPS:
+      return f"{self.name} has no {call.op}"
+    return self.shape_reason(int(call.rows), int(call.hidden), call.dtype,
+                             _OPS[call.op])
+
+  def shape_reason(self, rows: int, hidden: int, dtype,
                    op: str = "all") -> str | None:
     """Why the kernels cannot run this shape, or None when they can.
 
@@ -238,10 +255,40 @@ class MosaicGpu(base.Implementation):
         return f"{name}: {e}"
     return None
 
-  def preferred_for(self, rows: int, hidden: int, dtype) -> bool:
-    return self.cannot_serve(rows, hidden, dtype) is None
+  # ------------------------------------------- the Implementation methods --
 
-  def forward(self, x, scale, *, eps, scale_offset, out_dtype):
+  def forward(self, x, scale, bias, *, norm: base.Norm):
+    """x (rows, hidden) -> (y in norm.out_dtype, rstd float32 (rows,))."""
+    del bias  # cannot_serve declines calls with a bias
+    return self.forward_kernel(x, scale, eps=norm.eps,
+                               scale_offset=norm.scale_offset,
+                               out_dtype=norm.out_dtype)
+
+  def backward(self, x, scale, bias, rstd, dy, *, norm: base.Norm):
+    """-> (dx in x.dtype, dscale float32 or None, None)."""
+    del bias
+    dx, ds = self.backward_kernel(x, scale, rstd, dy,
+                                  scale_offset=norm.scale_offset)
+    return dx, ds, None
+
+  def residual_forward(self, x, residual, scale, bias, *, norm: base.Norm):
+    """-> (y in norm.out_dtype, h = x + residual in residual.dtype, rstd)."""
+    del bias
+    return self.residual_forward_kernel(
+        x, residual, scale, eps=norm.eps, scale_offset=norm.scale_offset,
+        out_dtype=norm.out_dtype)
+
+  def residual_backward(self, h, scale, bias, rstd, dy, dh, *,
+                        norm: base.Norm):
+    """-> (gradient of h in h.dtype, dscale float32 or None, None)."""
+    del bias
+    g, ds = self.residual_backward_kernel(h, scale, rstd, dy, dh,
+                                          scale_offset=norm.scale_offset)
+    return g, ds, None
+
+  # ---------------------------------------------------------- the kernels --
+
+  def forward_kernel(self, x, scale, *, eps, scale_offset, out_dtype):
     """x (rows, hidden) -> (y in out_dtype, rstd float32 (rows,))."""
     _check_dtype("x", x)
     scale = _f32_if_wide(scale)
@@ -251,15 +298,15 @@ class MosaicGpu(base.Implementation):
                          offset=scale_offset, out_dtype=odt)
     return y.astype(out_dtype), rstd
 
-  def backward(self, x, scale, rstd, dy, *, scale_offset):
+  def backward_kernel(self, x, scale, rstd, dy, *, scale_offset):
     """-> (dx in x.dtype, dscale float32 (hidden,) or None)."""
     _check_dtype("x", x)
     scale, dy = _f32_if_wide(scale), _f32_if_wide(dy)
     p = self._plan("bwd", *x.shape, [x.dtype, dy.dtype], [x.dtype], scale)
     return mk.backward(x, scale, rstd, dy, None, plan=p, offset=scale_offset)
 
-  def residual_forward(self, x, residual, scale, *, eps, scale_offset,
-                       out_dtype):
+  def residual_forward_kernel(self, x, residual, scale, *, eps, scale_offset,
+                              out_dtype):
     """-> (y in out_dtype, h = x + residual in residual.dtype, rstd)."""
     _check_dtype("x", x)
     _check_dtype("residual", residual)
@@ -271,7 +318,8 @@ class MosaicGpu(base.Implementation):
                             offset=scale_offset, out_dtype=odt)
     return y.astype(out_dtype), h, rstd
 
-  def residual_backward(self, h, scale, rstd, dy, dh, *, scale_offset):
+  def residual_backward_kernel(self, h, scale, rstd, dy, dh, *,
+                               scale_offset):
     """-> (gradient of h in h.dtype, dscale float32 or None)."""
     _check_dtype("h", h)
     scale, dy, dh = _f32_if_wide(scale), _f32_if_wide(dy), _f32_if_wide(dh)
