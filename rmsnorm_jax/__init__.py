@@ -2,12 +2,14 @@
 
 Public API:
   rms_norm, rms_norm_residual: pure, differentiable functions.
+  rms_norm_quantized: the norm with its output quantized (forward only).
   linen.RMSNorm, linen.RMSNormResidual: drop-ins for flax.linen.
   nnx.RMSNorm, nnx.RMSNormResidual: drop-ins for flax.nnx.
   force_backend, backend_names: backend selection helpers.
 """
 
 from rmsnorm_jax.api import rms_norm
+from rmsnorm_jax.api import rms_norm_quantized
 from rmsnorm_jax.api import rms_norm_residual
 from rmsnorm_jax.dispatch import backend_names
 from rmsnorm_jax.dispatch import force_backend
@@ -15,7 +17,8 @@ from rmsnorm_jax import sharding
 
 __version__ = "0.1.0"
 
-__all__ = ["rms_norm", "rms_norm_residual", "backend_names", "force_backend",
+__all__ = ["rms_norm", "rms_norm_residual", "rms_norm_quantized",
+           "backend_names", "force_backend",
            "sharding", "linen", "nnx"]
 
 

@@ -1,201 +1,291 @@
-"""Public functions: ``rms_norm`` and ``rms_norm_residual``.
+"""Public functions: ``rms_norm``, ``rms_norm_residual``, ``rms_norm_quantized``.
 
-They validate arguments, flatten leading dims to rows, pick an implementation
-per lowering platform (``dispatch.py``) and attach the explicit backward pass
-through ``jax.custom_vjp``. Saved for the backward: the normalized input (x,
-or the updated residual), scale and a per-row float32 ``rstd``; never the
-output.
+Each validates its arguments once, describes the call (``base.Call``), picks
+an implementation per platform (``dispatch.route``) and runs through
+``sharding.run`` -> ``dispatch.call`` -> implementation -> kernel. The
+differentiable ones attach the explicit backward through ``jax.custom_vjp``;
+saved for it: the normalized input (x, or the updated residual; named
+``"rmsnorm_input"``), scale, bias and a per-row float32 ``rstd`` (named
+``"rmsnorm_rstd"``), never the output. The names let
+``jax.checkpoint(policy=jax.checkpoint_policies.save_only_these_names(
+"rmsnorm_rstd"))`` keep only rstd and recompute the rest.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import math
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
+from rmsnorm_jax import base
 from rmsnorm_jax import dispatch
 from rmsnorm_jax import sharding
 from rmsnorm_jax import validation as v
 
 DEFAULT_EPS = 1e-6
+RSTD_NAME = "rmsnorm_rstd"
+INPUT_NAME = "rmsnorm_input"
 
 
-def compute_dtype(*dtypes):
-  """float32 for half and single precision inputs, float64 for float64."""
-  return np.dtype(jnp.promote_types(jnp.result_type(*dtypes), jnp.float32))
+def _rows(shape) -> object:
+  """The row count: an int, or a symbolic expression under shape polymorphism."""
+  return math.prod(shape[:-1]) if len(shape) > 1 else 1
+
+
+def _empty(shape) -> bool:
+  # Symbolic dims are >= 1 by construction, so only constants can be 0.
+  return any(isinstance(d, (int, np.integer)) and d == 0 for d in shape)
+
+
+def _routes(backend, axis_name, ops_pair, x, scale, bias, norm, dtype):
+  """The Routes of the forward and backward ops (hashable, static)."""
+  if axis_name is not None:
+    names = v.axis_names(axis_name, backend)
+    route = sharding.hidden_sharded_route(names)
+    return tuple(route for _ in ops_pair)
+  return tuple(dispatch.route(backend, base.Call(
+      op, _rows(x.shape), x.shape[-1], np.dtype(dtype),
+      () if scale is None else tuple(scale.shape), bias is not None, norm))
+               for op in ops_pair)
+
+
+def _feature_grad(g, primal):
+  if primal is None:
+    return None
+  return sharding.sum_like(g, primal).astype(primal.dtype)
 
 
 # ---------------------------------------------------------------- rms_norm --
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _rms_norm(x, scale, plan, eps, scale_offset, out_dtype):
-  return _rms_norm_fwd(x, scale, plan, eps, scale_offset, out_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _rms_norm(x, scale, bias, routes, norm):
+  return _rms_norm_fwd(x, scale, bias, routes, norm)[0]
 
 
-def _rms_norm_fwd(x, scale, plan, eps, scale_offset, out_dtype):
-  y, rstd = sharding.execute(plan, "forward", x, scale, eps=eps,
-                             scale_offset=scale_offset, out_dtype=out_dtype)
-  return y, (x, scale, rstd)
+def _rms_norm_fwd(x, scale, bias, routes, norm):
+  y, rstd = sharding.run(routes[0], "forward", norm, (x, scale, bias))
+  saved = (checkpoint_name(x, INPUT_NAME), scale, bias,
+           checkpoint_name(rstd, RSTD_NAME))
+  return y, saved
 
 
-def _rms_norm_bwd(plan, eps, scale_offset, out_dtype, res, dy):
-  del eps, out_dtype
-  x, scale, rstd = res
-  dx, dscale = sharding.execute(plan, "backward", x, scale, rstd, dy,
-                                scale_offset=scale_offset)
-  if scale is None:
-    return dx, None
-  return dx, sharding.sum_like(dscale, scale).astype(scale.dtype)
+def _rms_norm_bwd(routes, norm, saved, dy):
+  x, scale, bias, rstd = saved
+  dx, dscale, dbias = sharding.run(routes[1], "backward", norm,
+                                   (x, scale, bias, rstd, dy))
+  return dx, _feature_grad(dscale, scale), _feature_grad(dbias, bias)
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
-def _plan(backend, axis_name, **shape_info):
-  plan = dispatch.resolve(backend, **shape_info)
-  if axis_name is None:
-    return dataclasses.replace(plan, partition=sharding.partitioning_enabled())
-  if backend not in ("auto", "xla"):
-    # A row split over devices needs its all-reduced statistics before any
-    # output is written, so this is XLA's two-pass path, never a kernel.
-    raise ValueError("axis_name runs the XLA path (statistics all-reduced "
-                     "between two passes), so backend must be 'auto' or "
-                     f"'xla'; got backend={backend!r}.")
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  if not names or not all(isinstance(n, str) and n for n in names):
-    raise TypeError("axis_name must be a mesh axis name or a tuple of names; "
-                    f"got {axis_name!r}.")
-  return sharding.hidden_sharded_plan(names)
-
-
-def _check_common(x, scale, eps, scale_offset):
-  x = v.floating_array("x", x)
-  hidden = x.shape[-1]
-  scale = v.scale_for("scale", scale, hidden)
-  eps = v.static_float("eps", eps, nonnegative=True)
-  scale_offset = v.static_float("scale_offset", scale_offset)
-  if scale is None and scale_offset != 0.0:
-    raise ValueError(
-        "scale_offset applies to scale, so it needs a scale array; got "
-        f"scale=None with scale_offset={scale_offset}.")
-  return x, scale, eps, scale_offset
-
-
-def rms_norm(x, scale=None, *, eps: float = DEFAULT_EPS,
-             scale_offset: float = 0.0, out_dtype=None,
-             backend: dispatch.Backend = "auto", axis_name=None):
-  """RMSNorm over the last axis: ``x / sqrt(mean(x**2) + eps) * (scale + offset)``.
+def rms_norm(x, scale=None, bias=None, *, eps: float = DEFAULT_EPS,
+             scale_offset: float = 0.0, cast_mode: str = "float32",
+             out_dtype=None, backend: dispatch.Backend = "auto",
+             axis_name=None):
+  """RMSNorm over the last axis: ``x / sqrt(mean(x**2) + eps) * (scale + offset) + bias``.
 
   Args:
-    x: array of shape ``(..., hidden)`` (any number of leading dims, at least
-      one dim), dtype float32, bfloat16, float16 (or float64).
-    scale: ``None`` (no scaling) or array of shape ``(hidden,)``, any floating
-      dtype; it is applied in float32.
+    x: array of shape ``(..., hidden)`` (at least one dim; leading dims may
+      be symbolic under ``jax.export``), dtype float32, bfloat16, float16
+      (or float64 under x64, XLA only).
+    scale: ``None`` (no scaling), an array of shape ``(hidden,)``, or a
+      per-head scale of shape ``x.shape[-2:]``, i.e. ``(heads, hidden)``:
+      each head's vector is normalized with its own scale row (QK-norm).
+    bias: ``None`` or an array of shape ``(hidden,)`` added after scaling.
     eps: non-negative finite Python float added to the mean square.
     scale_offset: Python float added to scale; ``1.0`` gives Gemma's
       ``(1 + scale)`` parameterization. Needs ``scale``.
-    out_dtype: result dtype; default ``x.dtype``.
-    backend: ``"auto"`` (the fastest implementation for the platform the
-      computation is lowered for), ``"xla"``, ``"pallas"`` (this library's
-      kernel for the platform, an error where there is none), a kernel name
-      from ``rmsnorm_jax.backend_names()``, or an Implementation instance
-      (e.g. a kernel config with its own block size).
+    cast_mode: ``"float32"`` (default; flax, Hugging Face's Gemma): x in
+      float32, ``x_hat * (scale + offset) + bias`` in float32, one rounding
+      to the output dtype. ``"llama"`` (Hugging Face's LlamaRMSNorm):
+      ``x_hat = x * rstd`` in float32 rounded to x's dtype, then
+      ``x_hat * (scale + offset) + bias`` in ``result_type(scale, x)``.
+    out_dtype: result dtype; default x's dtype ("float32"), or
+      ``result_type(scale, x)`` ("llama").
+    backend: ``"auto"`` (the fastest implementation that serves the call on
+      the platform the computation is lowered for), ``"xla"``, ``"pallas"``
+      (this library's kernel for the platform; an error where there is none
+      or it cannot serve the call), a kernel name from
+      ``rmsnorm_jax.backend_names()``, or a kernel config instance.
     axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
-      over which the hidden dim of x (and scale) is split; the per-row
-      statistics are all-reduced over it. Under plain ``jax.jit`` with
-      sharded arrays this is not needed: the sharding is read from the
-      operands.
+      over which the hidden dim of x (and scale, bias) is split; the per-row
+      statistics are all-reduced over it. Not needed under ``jax.jit`` with
+      sharded arrays: the sharding is read from the operands.
 
   Returns:
-    Array of ``x.shape`` and ``out_dtype``. Statistics and arithmetic are in
-    float32 (float64 for float64 inputs). Differentiable in x and scale
-    (reverse mode; forward mode raises JAX's custom_vjp TypeError).
+    Array of ``x.shape`` and ``out_dtype``. Statistics in float32 (float64
+    for float64 inputs). Differentiable in x, scale and bias (reverse mode;
+    forward mode raises JAX's custom_vjp TypeError); dscale and dbias are
+    accumulated in float32 in a fixed order (deterministic).
 
   Raises:
-    TypeError: non-floating x/scale, or non-numeric eps/scale_offset/out_dtype.
-    ValueError: 0-d x, scale of the wrong shape, eps negative or not finite,
-      scale_offset without scale, unknown backend; at lowering time, an
-      explicit backend with no implementation for the platform.
+    TypeError: non-floating x/scale/bias, or non-numeric eps/scale_offset/
+      out_dtype.
+    ValueError: 0-d x, scale or bias of the wrong shape, eps negative or not
+      finite, scale_offset without scale, unknown cast_mode or backend, an
+      explicit backend that cannot serve the call (with its reason, e.g. a
+      symbolic row count); at lowering time, an explicit backend with no
+      implementation for the platform.
   """
-  x, scale, eps, scale_offset = _check_common(x, scale, eps, scale_offset)
-  out_dtype = v.out_dtype_for(out_dtype, x.dtype)
-  hidden = x.shape[-1]
-  rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-  plan = _plan(backend, axis_name, rows=rows, hidden=hidden, dtype=x.dtype)
-  if rows == 0 or hidden == 0:
-    return jnp.zeros(x.shape, out_dtype)
-  return _rms_norm(x, scale, plan, eps, scale_offset, out_dtype)
+  x, scale, bias, norm = v.norm_args(
+      x, scale, bias, eps=eps, scale_offset=scale_offset,
+      cast_mode=cast_mode, out_dtype=out_dtype)
+  routes = _routes(backend, axis_name, ("forward", "backward"), x, scale,
+                   bias, norm, x.dtype)
+  if _empty(x.shape):
+    return jnp.zeros(x.shape, norm.out_dtype)
+  return _rms_norm(x, scale, bias, routes, norm)
 
 
 # ------------------------------------------------------- rms_norm_residual --
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _rms_norm_residual(x, residual, scale, plan, eps, scale_offset, out_dtype,
-                       x_dtype):
-  (y, h), _ = _residual_fwd(x, residual, scale, plan, eps, scale_offset,
-                            out_dtype, x_dtype)
-  return y, h
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _rms_norm_residual(x, residual, scale, bias, routes, norm, x_dtype):
+  return _residual_fwd(x, residual, scale, bias, routes, norm, x_dtype)[0]
 
 
-def _residual_fwd(x, residual, scale, plan, eps, scale_offset, out_dtype,
-                  x_dtype):
+def _residual_fwd(x, residual, scale, bias, routes, norm, x_dtype):
   del x_dtype  # Only the backward needs it, to cast the gradient of x.
-  y, h, rstd = sharding.execute(
-      plan, "residual_forward", x, residual, scale, eps=eps,
-      scale_offset=scale_offset, out_dtype=out_dtype)
-  return (y, h), (h, scale, rstd)
+  y, h, rstd = sharding.run(routes[0], "residual_forward", norm,
+                            (x, residual, scale, bias))
+  saved = (checkpoint_name(h, INPUT_NAME), scale, bias,
+           checkpoint_name(rstd, RSTD_NAME))
+  return (y, h), saved
 
 
-def _residual_bwd(plan, eps, scale_offset, out_dtype, x_dtype, res, cts):
-  del eps, out_dtype
-  h, scale, rstd = res
+def _residual_bwd(routes, norm, x_dtype, saved, cts):
+  h, scale, bias, rstd = saved
   dy, dh = cts
-  dh_total, dscale = sharding.execute(plan, "residual_backward", h, scale,
-                                     rstd, dy, dh, scale_offset=scale_offset)
-  if scale is not None:
-    dscale = sharding.sum_like(dscale, scale).astype(scale.dtype)
-  return dh_total.astype(x_dtype), dh_total, dscale
+  dh_total, dscale, dbias = sharding.run(
+      routes[1], "residual_backward", norm, (h, scale, bias, rstd, dy, dh))
+  return (dh_total.astype(x_dtype), dh_total, _feature_grad(dscale, scale),
+          _feature_grad(dbias, bias))
 
 
 _rms_norm_residual.defvjp(_residual_fwd, _residual_bwd)
 
 
-def rms_norm_residual(x, residual, scale=None, *, eps: float = DEFAULT_EPS,
-                      scale_offset: float = 0.0, out_dtype=None,
+def rms_norm_residual(x, residual, scale=None, bias=None, *,
+                      eps: float = DEFAULT_EPS, scale_offset: float = 0.0,
+                      cast_mode: str = "float32", out_dtype=None,
                       backend: dispatch.Backend = "auto", axis_name=None):
   """Fused residual add + RMSNorm, the pre-norm transformer block pattern.
 
   ``h = x + residual`` (added in float32, stored in residual's dtype) and
-  ``normed = rms_norm(h, scale, ...)``; a kernel backend reads x and residual
-  once and writes both outputs in one pass.
+  ``normed = rms_norm(h, scale, bias, ...)``; a kernel backend reads x and
+  residual once and writes both outputs in one pass.
 
   Args:
     x: array of shape ``(..., hidden)``, float32/bfloat16/float16 (float64).
-    residual: array of x's shape, floating (its dtype is the residual stream's).
-    scale, eps, scale_offset, backend, axis_name: as in ``rms_norm``.
-    out_dtype: dtype of ``normed``; default residual's dtype.
+    residual: floating array of x's shape (its dtype is the residual
+      stream's).
+    scale, bias, eps, scale_offset, cast_mode, backend, axis_name: as in
+      ``rms_norm`` (with residual's dtype in the role of x's).
+    out_dtype: dtype of ``normed``; default residual's dtype ("float32"), or
+      ``result_type(scale, residual)`` ("llama").
 
   Returns:
     ``(normed, h)``: normed in ``out_dtype``, h (the updated residual) in
-    residual's dtype, both of x's shape. Differentiable in x, residual and
-    scale; the gradient reaching h flows into both x and residual.
+    residual's dtype, both of x's shape. Differentiable in x, residual,
+    scale and bias; the gradient reaching h flows into both x and residual
+    (x's in x's dtype).
 
   Raises:
     As ``rms_norm``, plus ValueError when residual's shape differs from x's.
   """
-  x, scale, eps, scale_offset = _check_common(x, scale, eps, scale_offset)
+  x = v.floating_array("x", x)
   residual = v.same_shape("residual", residual, x)
-  out_dtype = v.out_dtype_for(out_dtype, residual.dtype)
-  hidden = x.shape[-1]
-  rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-  plan = _plan(backend, axis_name, rows=rows, hidden=hidden,
-               dtype=residual.dtype)
-  if rows == 0 or hidden == 0:
-    h = (x.astype(compute_dtype(x.dtype, residual.dtype)) + residual
-         ).astype(residual.dtype)
-    return jnp.zeros(x.shape, out_dtype), h
-  return _rms_norm_residual(x, residual, scale, plan, eps, scale_offset,
-                            out_dtype, np.dtype(x.dtype))
+  residual, scale, bias, norm = v.norm_args(
+      residual, scale, bias, eps=eps, scale_offset=scale_offset,
+      cast_mode=cast_mode, out_dtype=out_dtype)
+  routes = _routes(backend, axis_name,
+                   ("residual_forward", "residual_backward"), x, scale, bias,
+                   norm, residual.dtype)
+  if _empty(x.shape):
+    h = (base.upcast(x) + base.upcast(residual)).astype(residual.dtype)
+    return jnp.zeros(x.shape, norm.out_dtype), h
+  return _rms_norm_residual(x, residual, scale, bias, routes, norm,
+                            np.dtype(x.dtype))
+
+
+# ------------------------------------------------------ rms_norm_quantized --
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _rms_norm_quantized(x, residual, scale, bias, quant_scale, route, norm):
+  return sharding.run(route, "quantized_forward", norm,
+                      (x, residual, scale, bias, quant_scale))
+
+
+def _quantized_fwd(x, residual, scale, bias, quant_scale, route, norm):
+  return _rms_norm_quantized(x, residual, scale, bias, quant_scale, route,
+                             norm), None
+
+
+def _quantized_bwd(route, norm, saved, cts):
+  del route, norm, saved, cts
+  raise TypeError(
+      "rms_norm_quantized is a forward-only op (its outputs are quantized "
+      "integers or float8 values); differentiate rms_norm or "
+      "rms_norm_residual instead.")
+
+
+_rms_norm_quantized.defvjp(_quantized_fwd, _quantized_bwd)
+
+
+def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
+                       scale_offset: float = 0.0, cast_mode: str = "float32",
+                       quant_dtype=jnp.int8, quant_scale=None, residual=None,
+                       bias=None, backend: dispatch.Backend = "auto"):
+  """RMSNorm with its output quantized in the same pass (inference, fp8).
+
+  ``y`` is the float32 value of ``rms_norm(x (+ residual), scale, bias,
+  ...)``; then ``q = saturate(round_half_even(y / q_scale))`` for int8, or
+  the saturating float8 cast of ``y / q_scale``.
+
+  Args:
+    x: array of shape ``(..., hidden)``, float32/bfloat16/float16.
+    scale, bias, eps, scale_offset, cast_mode, backend: as in ``rms_norm``.
+    quant_dtype: ``jnp.int8`` (qmax 127), ``jnp.float8_e4m3fn`` (448) or
+      ``jnp.float8_e5m2`` (57344).
+    quant_scale: ``None`` for dynamic per-row scaling, ``q_scale =
+      max|y_row| / qmax`` (1 for an all-zero row); or a float32 scalar for
+      static scaling.
+    residual: optional array of x's shape: the input is then
+      ``h = x + residual`` (rounded to residual's dtype), also returned.
+
+  Returns:
+    ``(q, q_scale)``, or ``(q, q_scale, h)`` with a residual: q of x's shape
+    in ``quant_dtype``, q_scale float32 of shape ``x.shape[:-1] + (1,)``,
+    so that ``q * q_scale`` approximates y.
+
+  Raises:
+    As ``rms_norm``; ValueError for an unsupported quant_dtype or a
+    quant_scale that is not a scalar; TypeError when differentiated.
+  """
+  x = v.floating_array("x", x)
+  stream = x
+  if residual is not None:
+    residual = v.same_shape("residual", residual, x)
+    stream = residual
+  quant_dtype = v.quant_dtype(quant_dtype)
+  quant_scale = v.quant_scale(quant_scale)
+  stream, scale, bias, norm = v.norm_args(
+      stream, scale, bias, eps=eps, scale_offset=scale_offset,
+      cast_mode=cast_mode, out_dtype=jnp.float32, quant_dtype=quant_dtype)
+  (route,) = _routes(backend, None, ("quantized_forward",), x, scale, bias,
+                     norm, stream.dtype)
+  if _empty(x.shape):
+    q = jnp.zeros(x.shape, quant_dtype)
+    q_scale = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
+    if residual is None:
+      return q, q_scale
+    h = (base.upcast(x) + base.upcast(residual)).astype(residual.dtype)
+    return q, q_scale, h
+  q, q_scale, h = _rms_norm_quantized(x, residual, scale, bias, quant_scale,
+                                      route, norm)
+  return (q, q_scale) if residual is None else (q, q_scale, h)

@@ -1,22 +1,27 @@
 """The implementation interface and the pure-XLA implementation.
 
-Every implementation works on 2-D views: ``x`` of shape ``(rows, hidden)`` and
-``scale`` of shape ``(hidden,)`` or ``None``. The public API in ``api.py``
-validates arguments, flattens leading dims and wires the ``custom_vjp``; an
-implementation only supplies the four primitives below. The XLA implementation
-is both the numerical reference for the kernels and the fallback on every
-platform.
+Every implementation works on 2-D row views: ``x`` of shape ``(rows, hidden)``
+and the per-feature operands ``scale`` and ``bias``. ``api.py`` validates
+arguments, flattens leading dims and wires the ``custom_vjp``; an
+implementation supplies the methods of ``Implementation``. The XLA
+implementation is both the numerical reference for the kernels and the
+fallback on every platform.
 
-The math (float32 throughout, ``w = scale + scale_offset``)::
+The math (``w = scale + scale_offset``; statistics in float32)::
 
-    rstd = 1 / sqrt(mean(x**2) + eps)                        # per row
-    y    = x * rstd * w
-    dx   = rstd * (dy*w) - x * rstd**3 * mean(dy*w*x)        # per row
-    dw   = sum_rows(dy * x * rstd)
+    rstd  = 1 / sqrt(mean(x**2) + eps)                        # per row
+    y     = x * rstd * w + bias                               # cast_mode "float32"
+    y     = round_x(x * rstd) * w + bias   (in result_type(scale, x))  # "llama"
+    dx    = rstd * g - x * rstd**3 * mean(g * x),  g = dy * w  # per row
+    dw    = sum_rows(dy * x_hat),   dbias = sum_rows(dy)
 
-For the fused residual variant ``h = x + residual`` (rounded to residual's
-dtype, since that is what the caller receives and what the norm sees), and the
-gradient flowing into ``h`` is ``dx_norm + dh_out``.
+``round_x`` rounds to x's dtype (Hugging Face's LlamaRMSNorm order). The
+per-head form takes ``scale`` of shape ``(heads, hidden)``: the rows are
+``(..., heads)`` flattened, and row ``r`` uses ``scale[r % heads]``.
+
+For the fused residual variant ``h = x + residual`` (added in float32,
+rounded to residual's dtype, since that is what the caller receives and what
+the norm sees), and the gradient flowing into ``h`` is ``dx_norm + dh_out``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,73 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+CAST_MODES = ("float32", "llama")
+F32 = np.dtype(np.float32)
+
+# Largest finite magnitude of each quantized dtype (int8 saturates at 127 so
+# that the range is symmetric, as dynamic scaling by max|y| / 127 assumes).
+QUANT_MAX = {
+    np.dtype(jnp.int8): 127.0,
+    np.dtype(jnp.float8_e4m3fn): 448.0,
+    np.dtype(jnp.float8_e5m2): 57344.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+  """The static (compile-time) arguments of one norm call.
+
+  Attributes:
+    eps: added to the mean square.
+    scale_offset: added to scale (Gemma's ``1 + scale`` with 1.0).
+    cast_mode: ``"float32"`` or ``"llama"`` (see the module docstring).
+    out_dtype: dtype of the normalized output.
+    quant_dtype: ``None``, or the dtype of ``quantized_forward``'s ``q``.
+  """
+
+  eps: float
+  scale_offset: float = 0.0
+  cast_mode: str = "float32"
+  out_dtype: np.dtype = F32
+  quant_dtype: np.dtype | None = None
+
+  def product_dtype(self, x_dtype, scale_dtype) -> np.dtype:
+    """The dtype ``x_hat * w + bias`` is computed in."""
+    if self.cast_mode == "llama":
+      return np.dtype(jnp.result_type(x_dtype, scale_dtype or x_dtype))
+    return np.dtype(jnp.promote_types(x_dtype, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """What an implementation needs to know to say whether it can serve a call.
+
+  Attributes:
+    op: ``"forward"``, ``"backward"``, ``"residual_forward"``,
+      ``"residual_backward"`` or ``"quantized_forward"``.
+    rows: row count (an int, or a symbolic dimension in shape-polymorphic
+      export).
+    hidden: normalized width.
+    dtype: x's dtype (for residual ops, the residual stream's).
+    scale_shape: ``()`` without scale, ``(hidden,)``, or ``(heads, hidden)``.
+    has_bias: whether a bias is added.
+    norm: the static arguments.
+  """
+
+  op: str
+  rows: object
+  hidden: int
+  dtype: np.dtype
+  scale_shape: tuple = ()
+  has_bias: bool = False
+  norm: Norm = Norm(eps=1e-6)
+
+  @property
+  def static_rows(self) -> bool:
+    return isinstance(self.rows, (int, np.integer))
 
 
 def upcast(a):
@@ -33,15 +105,36 @@ def upcast(a):
   return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
-def effective_scale(scale, scale_offset: float, hidden: int, dtype):
-  """The multiplier ``scale + scale_offset`` in dtype (ones if scale is None)."""
+def scale_rows(scale, rows: int):
+  """The per-feature multiplier broadcast to ``(rows or 1, hidden)``.
+
+  ``(hidden,)`` becomes ``(1, hidden)``; a per-head ``(heads, hidden)`` is
+  tiled so that row ``r`` gets ``scale[r % heads]`` (rows is a multiple of
+  heads).
+  """
+  if scale.ndim == 1:
+    return scale[None, :]
+  heads, hidden = scale.shape
+  return jnp.broadcast_to(scale[None], (rows // heads, heads, hidden)
+                          ).reshape(rows, hidden)
+
+
+def fold_rows(a, scale_shape):
+  """Sums a ``(rows, hidden)`` array into ``scale_shape`` (float32)."""
+  if len(scale_shape) == 1:
+    return jnp.sum(a, axis=0)
+  heads, hidden = scale_shape
+  return jnp.sum(a.reshape(-1, heads, hidden), axis=0)
+
+
+def weights(scale, scale_offset: float, dtype):
+  """``scale + scale_offset`` in dtype; None without scale."""
   if scale is None:
-    return jnp.ones((hidden,), dtype)
+    return None
   w = scale.astype(dtype)
   return w + jnp.asarray(scale_offset, dtype) if scale_offset else w
 
 
-@dataclasses.dataclass(frozen=True)
 class Implementation:
   """One way of computing RMSNorm; subclasses are frozen (hashable) configs.
 
@@ -58,72 +151,158 @@ class Implementation:
     """Platforms this instance may be lowered for (interpret mode: any)."""
     return self.platforms
 
-  def preferred_for(self, rows: int, hidden: int, dtype) -> bool:
-    """Whether ``backend="auto"`` should pick this over XLA for the shape."""
-    del rows, hidden, dtype
-    return True
+  def cannot_serve(self, call: Call) -> str | None:
+    """Why this implementation cannot compute ``call``; None when it can."""
+    del call
+    return None
 
-  def forward(self, x, scale, *, eps: float, scale_offset: float, out_dtype):
-    """Returns ``(y[rows, hidden] in out_dtype, rstd[rows] float32)``."""
+  def auto_declines(self, call: Call) -> str | None:
+    """Why ``backend="auto"`` should prefer XLA for ``call``; None if not."""
+    del call
+    return None
+
+  def forward(self, x, scale, bias, *, norm: Norm):
+    """Returns ``(y[rows, hidden] in norm.out_dtype, rstd[rows] float32)``."""
     raise NotImplementedError
 
-  def backward(self, x, scale, rstd, dy, *, scale_offset: float):
-    """Returns ``(dx in x.dtype, dscale float32 (hidden,) or None)``."""
+  def backward(self, x, scale, bias, rstd, dy, *, norm: Norm):
+    """Returns ``(dx in x.dtype, dscale, dbias)``.
+
+    dscale is float32 of scale's shape (None without scale), dbias float32
+    ``(hidden,)`` (None without bias); bias is passed only for its presence.
+    """
     raise NotImplementedError
 
-  def residual_forward(self, x, residual, scale, *, eps: float,
-                       scale_offset: float, out_dtype):
-    """Returns ``(y in out_dtype, h in residual.dtype, rstd float32)``.
+  def residual_forward(self, x, residual, scale, bias, *, norm: Norm):
+    """Returns ``(y in norm.out_dtype, h in residual.dtype, rstd float32)``.
 
     The default composes an XLA add with ``forward``; kernels override it to
     read ``x`` and ``residual`` once.
     """
     h = (upcast(x) + upcast(residual)).astype(residual.dtype)
-    y, rstd = self.forward(h, scale, eps=eps, scale_offset=scale_offset,
-                           out_dtype=out_dtype)
+    y, rstd = self.forward(h, scale, bias, norm=norm)
     return y, h, rstd
 
-  def residual_backward(self, h, scale, rstd, dy, dh, *, scale_offset: float):
-    """Returns ``(gradient of h in h.dtype, dscale float32 or None)``.
+  def residual_backward(self, h, scale, bias, rstd, dy, dh, *, norm: Norm):
+    """Returns ``(gradient of h in h.dtype, dscale, dbias)``.
 
     ``dh`` is the cotangent of the updated residual output.
     """
-    dx, dscale = self.backward(h, scale, rstd, dy, scale_offset=scale_offset)
-    return (upcast(dx) + upcast(dh)).astype(h.dtype), dscale
+    dx, dscale, dbias = self.backward(h, scale, bias, rstd, dy, norm=norm)
+    return (upcast(dx) + upcast(dh)).astype(h.dtype), dscale, dbias
+
+  def quantized_forward(self, x, residual, scale, bias, quant_scale, *,
+                        norm: Norm):
+    """Returns ``(q, q_scale[rows, 1] float32, h or None)``.
+
+    ``q`` in ``norm.quant_dtype``; ``quant_scale`` None (dynamic, per row) or
+    a float32 scalar (static). The default quantizes ``forward``'s float32
+    output with XLA.
+    """
+    h = None
+    if residual is not None:
+      h = (upcast(x) + upcast(residual)).astype(residual.dtype)
+      x = h
+    y, _ = self.forward(x, scale, bias,
+                        norm=dataclasses.replace(norm, out_dtype=F32))
+    q, q_scale = quantize(y, norm.quant_dtype, quant_scale)
+    return q, q_scale, h
+
+
+def quantize(y, quant_dtype, quant_scale=None):
+  """``(q, q_scale)`` from float32 ``y`` of shape ``(rows, hidden)``.
+
+  Dynamic (quant_scale None): ``q_scale = max|y_row| / qmax`` per row, 1 for
+  an all-zero row. Static: ``q_scale`` is the given float32 scalar. ``q`` is
+  ``y / q_scale`` rounded half to even and saturated for int8, or cast with
+  saturation for float8.
+  """
+  dt = np.dtype(quant_dtype)
+  qmax = jnp.float32(QUANT_MAX[dt])
+  if quant_scale is None:
+    amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+    q_scale = jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
+  else:
+    q_scale = jnp.broadcast_to(
+        jnp.asarray(quant_scale, jnp.float32).reshape(1, 1), (y.shape[0], 1))
+  v = jnp.clip(y / q_scale, -qmax, qmax)
+  if dt == np.dtype(jnp.int8):
+    v = jnp.round(v)  # half to even
+  return v.astype(dt), q_scale
 
 
 @dataclasses.dataclass(frozen=True)
 class Xla(Implementation):
-  """Plain jax.numpy; XLA fuses the forward into one kernel on every platform."""
+  """Plain jax.numpy; XLA fuses the forward into one kernel on every platform.
+
+  Attributes:
+    axis_names: mesh axes over which the hidden dim is split (inside
+      ``shard_map``, or one device's share of a partitioned program): the
+      per-row sums are all-reduced over them. Empty for whole rows.
+  """
 
   name: ClassVar[str] = "xla"
-  platforms: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "rocm", "tpu")
+  platforms: ClassVar[tuple[str, ...]] = PLATFORMS
+  axis_names: tuple[str, ...] = ()
 
-  def forward(self, x, scale, *, eps, scale_offset, out_dtype):
+  def _row_sum(self, a):
+    s = jnp.sum(a, axis=-1, keepdims=True)
+    return jax.lax.psum(s, self.axis_names) if self.axis_names else s
+
+  def _row_mean(self, a):
+    n = a.shape[-1]
+    if self.axis_names:
+      n = n * jax.lax.psum(1, self.axis_names)
+    return self._row_sum(a) / jnp.asarray(n, a.dtype)
+
+  def forward(self, x, scale, bias, *, norm):
     xf = upcast(x)
-    rstd = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + jnp.asarray(eps, xf.dtype))
-    w = effective_scale(scale, scale_offset, x.shape[-1], xf.dtype)
-    y = xf * rstd[:, None] * w
-    return y.astype(out_dtype), rstd
+    rstd = jax.lax.rsqrt(self._row_mean(xf * xf)
+                         + jnp.asarray(norm.eps, xf.dtype))
+    xhat = xf * rstd
+    pdt = norm.product_dtype(x.dtype, None if scale is None else scale.dtype)
+    if norm.cast_mode == "llama":
+      xhat = xhat.astype(x.dtype)
+    y = xhat.astype(pdt)
+    w = weights(scale, norm.scale_offset, pdt)
+    if w is not None:
+      y = y * scale_rows(w, x.shape[0])
+    if bias is not None:
+      y = y + bias.astype(pdt)[None, :]
+    return y.astype(norm.out_dtype), rstd[:, 0]
 
-  def backward(self, x, scale, rstd, dy, *, scale_offset):
-    dx, dscale = xla_backward_f32(x, scale, rstd, dy, scale_offset=scale_offset)
-    return dx.astype(x.dtype), dscale
+  def backward(self, x, scale, bias, rstd, dy, *, norm):
+    dx, dscale, dbias = self.backward_f32(x, scale, bias, rstd, dy, norm=norm)
+    return dx.astype(x.dtype), dscale, dbias
 
-  def residual_backward(self, h, scale, rstd, dy, dh, *, scale_offset):
-    dx, dscale = xla_backward_f32(h, scale, rstd, dy, scale_offset=scale_offset)
-    return (dx + upcast(dh)).astype(h.dtype), dscale
+  def backward_f32(self, x, scale, bias, rstd, dy, *, norm):
+    """``backward`` with dx left in float32 so callers round once."""
+    xf = upcast(x)
+    r = rstd.astype(xf.dtype)[:, None]
+    xhat = xf * r
+    pdt = norm.product_dtype(x.dtype, None if scale is None else scale.dtype)
+    dyp = dy.astype(pdt)
+    llama = norm.cast_mode == "llama"
+    if llama:
+      xhat_used = xhat.astype(x.dtype).astype(pdt)
+    else:
+      xhat_used = xhat
+    w = weights(scale, norm.scale_offset, pdt)
+    g = dyp if w is None else dyp * scale_rows(w, x.shape[0])
+    if llama:
+      # The cotangent passes back through x_hat's rounding to x's dtype.
+      g = g.astype(x.dtype)
+    g = g.astype(xf.dtype)
+    # mean(g * xhat) couples the row: it is the projection the norm removes.
+    c = self._row_mean(g * xhat)
+    dx = r * (g - xhat * c)
+    acc = jnp.promote_types(pdt, jnp.float32)
+    dscale = None
+    if scale is not None:
+      dscale = fold_rows(dyp.astype(acc) * xhat_used.astype(acc), scale.shape)
+    dbias = None if bias is None else jnp.sum(dyp.astype(acc), axis=0)
+    return dx, dscale, dbias
 
-
-def xla_backward_f32(x, scale, rstd, dy, *, scale_offset):
-  """The explicit backward; dx stays float32 so callers round once."""
-  xf, dyf = upcast(x), upcast(dy)
-  r = rstd[:, None]
-  w = effective_scale(scale, scale_offset, x.shape[-1], xf.dtype)
-  g = dyf * w
-  xhat = xf * r
-  # mean(g * xhat) couples the row: it is the projection the norm removes.
-  c = jnp.mean(g * xhat, axis=-1, keepdims=True)
-  dx = r * (g - xhat * c)
-  dscale = None if scale is None else jnp.sum(dyf * xhat, axis=0)
-  return dx, dscale
+  def residual_backward(self, h, scale, bias, rstd, dy, dh, *, norm):
+    dx, dscale, dbias = self.backward_f32(h, scale, bias, rstd, dy, norm=norm)
+    return (dx + upcast(dh)).astype(h.dtype), dscale, dbias

@@ -1,19 +1,24 @@
-"""Backend selection, resolved when the computation is lowered for a platform.
+"""Choosing an implementation per platform, and the one primitive that runs it.
 
-``backend="auto"`` does not look at ``jax.default_backend()``: it stages every
-candidate in one primitive whose lowering keeps exactly the one for the
-platform being lowered (like ``jax.lax.platform_dependent``), so ``jax.export(..., platforms=["cpu", "cuda", "tpu"])``
-carries the right implementation for each platform and the compiler never sees
-a conditional.
+``route`` turns a ``backend=`` argument and a ``base.Call`` into a ``Route``:
+which implementation each lowering platform gets, and why "auto" passed a
+kernel over. ``call`` binds one primitive whose lowering keeps exactly the
+platform's implementation (like ``jax.lax.platform_dependent``, but a branch
+is lowered only for its own platform, so a multi-platform ``jax.export``
+carries a Pallas kernel for its platform and XLA's math for the others).
 
-An explicitly named backend that has nothing for the platform being lowered
-fails at lowering time with an error naming the backend and the platform; it
-never falls back silently.
+At lowering the program's device count is known: one device lowers the
+implementation directly; several go through ``partition.py`` so that each
+device runs the implementation on its shard.
+
+An explicitly named backend that cannot serve a call raises when traced,
+with the implementation's reason; one with nothing for the platform being
+lowered raises at lowering. Neither ever falls back silently.
 
 Debugging override: ``RMSNORM_JAX_BACKEND=xla`` in the environment, or the
 ``force_backend("xla")`` context manager, replaces ``"auto"`` (explicit
-``backend=`` arguments still win). Both are read when a function is traced, so
-they do not affect functions jit has already compiled.
+``backend=`` arguments still win). Both are read when a function is traced,
+so they do not affect functions jit has already compiled.
 """
 
 from __future__ import annotations
@@ -22,23 +27,24 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from typing import Any, Union
+from typing import Union
 
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jex_core
 from jax.interpreters import batching
 from jax.interpreters import mlir
-# lower_per_platform (in JAX since 0.4.20) is what platform_dependent and
-# pallas_call themselves lower through; it has no public alias.
+# lower_per_platform is what platform_dependent and pallas_call themselves
+# lower through; it has no public alias.
 from jax._src.interpreters import mlir as _mlir_internal
 # Which primitives need the device assignment at lowering (no public alias).
 from jax._src import dispatch as _jax_dispatch
+import numpy as np
 
 from rmsnorm_jax import base
 from rmsnorm_jax import kernels
+from rmsnorm_jax import ops
+from rmsnorm_jax import partition
 
-ALL_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 ENV_VAR = "RMSNORM_JAX_BACKEND"
 Backend = Union[str, base.Implementation]
 
@@ -53,7 +59,11 @@ def backend_names() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def force_backend(name: str | None):
-  """Within the block, ``backend="auto"`` means ``name`` (None: no override)."""
+  """Within the block, ``backend="auto"`` means ``name`` (None: no override).
+
+  Raises:
+    ValueError: ``name`` is not one of ``backend_names()``.
+  """
   if name is not None:
     _check_name(name, "force_backend(name)")
   token = _forced.set(name)
@@ -71,237 +81,193 @@ def _check_name(name, what):
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-  """Which implementation runs on which lowering platform (hashable)."""
+class Route:
+  """Which implementation runs on each lowering platform (hashable).
+
+  Attributes:
+    requested: the ``backend=`` argument as the user spelled it.
+    per_platform: ``(platform, implementation)`` pairs.
+    notes: ``(platform, reason)`` for each platform where "auto" (or
+      "pallas") passed the platform's kernel over.
+  """
 
   requested: str
   per_platform: tuple[tuple[str, base.Implementation], ...]
-  # Whether sharded operands go through custom_partitioning (sharding.py).
-  # Part of the plan so that traces made under either setting stay apart.
-  partition: bool = True
+  notes: tuple[tuple[str, str], ...] = ()
 
-  def call(self, method: str, *args, **kwargs):
-    """Calls ``impl.method(*args, **kwargs)`` for the lowering platform."""
-    impls = dict(self.per_platform)
-    distinct = set(impls.values())
-    if len(distinct) == 1 and set(impls) == set(ALL_PLATFORMS):
-      return getattr(distinct.pop(), method)(*args, **kwargs)
-    leaves, in_tree = jax.tree.flatten(args)
-    by_impl: dict = {}
-    for platform in ALL_PLATFORMS:
-      if platform in impls:
-        by_impl.setdefault(impls[platform], []).append(platform)
-    branches = tuple(
-        (tuple(ps), _Branch(impl, method, tuple(sorted(kwargs.items())),
-                            in_tree))
-        for impl, ps in by_impl.items())
-    # Every implementation returns the same structure (None for an absent
-    # dscale); an abstract trace of the XLA one gives it without tracing a
-    # kernel in the caller's context (e.g. inside shard_map).
-    impl = base.Xla()
-    out_tree = []
+  def impl(self, platform: str) -> base.Implementation | None:
+    return dict(self.per_platform).get(platform)
 
-    def reference(*l):
-      out = getattr(impl, method)(*jax.tree.unflatten(in_tree, l), **kwargs)
-      out_tree.append(jax.tree.structure(out))
-      return jax.tree.leaves(out)
-
-    outs = _per_platform_p.bind(
-        *leaves, branches=branches, requested=self.requested,
-        out_avals=_out_avals(reference, leaves))
-    return jax.tree.unflatten(out_tree[0], outs)
+  def describe(self, platform: str) -> str:
+    """``"pallas_gpu"``, or ``"xla (pallas_gpu: <reason>)"``, for a platform."""
+    impl = self.impl(platform)
+    if impl is None:
+      return f"none (backend={self.requested!r} has nothing for {platform})"
+    note = dict(self.notes).get(platform)
+    return impl.name + (f" ({note})" if note else "")
 
 
-def per_platform_call(fns: dict, leaves, requested: str):
-  """Binds ``fns[platform](*leaves)`` (each a pytree) to lower per platform.
-
-  A value may be a ``MultiDeviceSwitch``; the program is lowered with its
-  device assignment (custom_partitioning needs it). The first function's result (for a
-  switch, its ``multi`` one) gives the output structure and types.
-  """
-  by_fn: dict = {}
-  for platform in ALL_PLATFORMS:
-    if platform in fns:
-      by_fn.setdefault(fns[platform], []).append(platform)
-  out_tree = []
-
-  def flat(fn):
-    def call(*l):
-      out = fn(*l)
-      out_tree.append(jax.tree.structure(out))
-      return jax.tree.leaves(out)
-    return call
-
-  avals = _out_avals(flat(next(iter(by_fn))), leaves)
-  branches = tuple((tuple(ps), _FlatBranch(fn)) for fn, ps in by_fn.items())
-  outs = _partitioned_p.bind(*leaves, branches=branches, requested=requested,
-                             out_avals=avals)
-  return jax.tree.unflatten(out_tree[0], outs)
-
-
-@dataclasses.dataclass(frozen=True)
-class MultiDeviceSwitch:
-  """A branch that lowers ``single`` in one-device programs, else ``multi``.
-
-  How many devices a jitted program spans is known only when it is lowered.
-  Calling the switch (for abstract evaluation) runs ``multi``.
-  """
-
-  single: Any
-  multi: Any
-
-  def pick(self, ctx):
-    ac = ctx.module_context.axis_context
-    if hasattr(ac, "num_devices"):  # jit: ShardingContext
-      n = ac.num_devices
-    elif hasattr(ac, "mesh"):  # shard_map: SPMDAxisContext
-      n = ac.mesh.size
-    else:
-      n = 1
-    return self.single if n <= 1 else self.multi
-
-  def __call__(self, *args):
-    return self.multi(*args)
-
-
-@dataclasses.dataclass(frozen=True)
-class _FlatBranch:
-  fn: Any
-
-  def __call__(self, *leaves):
-    return jax.tree.leaves(self.fn(*leaves))
-
-  def pick(self, ctx):
-    if isinstance(self.fn, MultiDeviceSwitch):
-      return _FlatBranch(self.fn.pick(ctx))
-    return self
-
-
-def _out_avals(fn, args) -> tuple:
-  # Full types, including the manual axes a value varies over inside
-  # shard_map, which the kernels' outputs share with the XLA reference's.
-  return tuple(jax.make_jaxpr(fn)(*args).out_avals)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Branch:
-  """One implementation's method on flat operands (hashable primitive param)."""
-
-  impl: base.Implementation
-  method: str
-  kw_items: tuple
-  in_tree: Any
-
-  def __call__(self, *leaves):
-    args = jax.tree.unflatten(self.in_tree, leaves)
-    out = getattr(self.impl, self.method)(*args, **dict(self.kw_items))
-    return jax.tree.leaves(out)
-
-
-# One primitive per call site rather than lax.platform_dependent: a
-# platform_dependent branch is lowered for every platform of a multi-platform
-# export, and a pallas_call has no lowering for the others. Here each
-# platform's branch is lowered only for that platform (the narrowed
-# LoweringRuleContext.platforms that mlir.lower_per_platform passes down).
-def _define_primitive(name: str, needs_devices: bool):
-  prim = jex_core.Primitive(name)
-  prim.multiple_results = True
-  prim.def_abstract_eval(
-      lambda *args, branches, requested, out_avals: list(out_avals))
-  prim.def_impl(lambda *args, **params: jax.jit(
-      lambda *a: prim.bind(*a, **params))(*args))
-  mlir.register_lowering(prim, _per_platform_lowering)
-
-  def batching_rule(args, dims, *, branches, requested, out_avals):
-    del out_avals
-    # An unbatched operand has dim None (batching.not_mapped).
-    args = [a if d is None else jnp.moveaxis(a, d, 0)
-            for a, d in zip(args, dims)]
-    in_axes = tuple(None if d is None else 0 for d in dims)
-    vmapped = tuple((ps, _Vmapped(fn, in_axes)) for ps, fn in branches)
-    outs = prim.bind(*args, branches=vmapped, requested=requested,
-                     out_avals=_out_avals(vmapped[0][1], args))
-    return outs, [0] * len(outs)
-
-  batching.primitive_batchers[prim] = batching_rule
-  if needs_devices:
-    # jit lowers without the device assignment unless a primitive asks for
-    # it; custom_partitioning inside a branch needs it (sharding.py), and
-    # JAX finds custom_partitioning only at the top level of a jaxpr.
-    _jax_dispatch.prim_requires_devices_during_lowering.add(prim)
-  return prim
-
-
-def _per_platform_lowering(ctx, *args, branches, requested, out_avals):
-  del out_avals
-  rules = {}
-  for platforms, fn in branches:
-    if hasattr(fn, "pick"):
-      fn = fn.pick(ctx)
-    rule = mlir.lower_fun(fn, multiple_results=True)
-    for p in platforms:
-      rules[p] = rule
-
-  def unavailable(ctx, *args):
-    platforms = _mlir_internal._platforms_for_eqn(ctx)  # pylint: disable=protected-access
-    raise ValueError(
-        f"rmsnorm_jax: backend={requested!r} has no implementation for "
-        f"platform {', '.join(repr(p) for p in platforms)}. Use "
-        "backend='auto' or 'xla', or run on a platform the backend supports.")
-
-  return _mlir_internal.lower_per_platform(
-      ctx, f"rmsnorm_jax backend={requested}", rules, unavailable, set(),
-      *args)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Vmapped:
-  fn: Any
-  in_axes: tuple
-
-  def __call__(self, *args):
-    return jax.vmap(self.fn, in_axes=self.in_axes)(*args)
-
-  def pick(self, ctx):
-    if hasattr(self.fn, "pick"):
-      return _Vmapped(self.fn.pick(ctx), self.in_axes)
-    return self
-
-
-_per_platform_p = _define_primitive("rmsnorm_jax_per_platform", False)
-_partitioned_p = _define_primitive("rmsnorm_jax_partitioned", True)
-
-
-def resolve(backend: Backend, *, rows: int, hidden: int, dtype) -> Plan:
-  """Turns a ``backend=`` argument into a Plan.
+def route(backend: Backend, call: base.Call) -> Route:
+  """Turns a ``backend=`` argument into a Route for ``call``.
 
   Raises:
-    ValueError: unknown backend name.
+    ValueError: unknown backend name, or an explicit kernel that cannot
+      serve the call (the message gives its reason).
   """
   if isinstance(backend, base.Implementation):
-    return Plan(backend.name, tuple(
+    _serves_or_raise(backend, call)
+    return Route(backend.name, tuple(
         (p, backend) for p in backend.lowering_platforms()))
   _check_name(backend, "backend")
   if backend == "auto":
     forced = _forced.get() or os.environ.get(ENV_VAR) or None
     if forced is not None and forced != "auto":
-      _check_name(forced, f"the {ENV_VAR} environment variable or force_backend")
-      return resolve(forced, rows=rows, hidden=hidden, dtype=dtype)
+      _check_name(forced, f"the {ENV_VAR} environment variable or "
+                  "force_backend")
+      return route(forced, call)
   xla = base.Xla()
   if backend == "xla":
-    return Plan("xla", tuple((p, xla) for p in ALL_PLATFORMS))
+    return Route("xla", tuple((p, xla) for p in base.PLATFORMS))
   if backend in kernels.BY_NAME:
     impl = kernels.BY_NAME[backend]()
-    return Plan(backend, tuple((p, impl) for p in impl.lowering_platforms()))
-  per_platform = {}
-  for platform in ALL_PLATFORMS:
+    _serves_or_raise(impl, call)
+    return Route(backend, tuple((p, impl) for p in impl.lowering_platforms()))
+  per_platform, notes = [], []
+  for platform in base.PLATFORMS:
     cls = kernels.BY_PLATFORM.get(platform)
-    kernel = None if cls is None else cls()
-    if backend == "pallas":
-      if kernel is not None:
-        per_platform[platform] = kernel
-    elif kernel is not None and kernel.preferred_for(rows, hidden, dtype):
-      per_platform[platform] = kernel
+    if cls is None:
+      if backend == "auto":
+        per_platform.append((platform, xla))
+      continue
+    kernel = cls()
+    reason = kernel.cannot_serve(call)
+    if backend == "pallas" and reason is not None:
+      raise ValueError(f"backend='pallas' on {platform} is {kernel.name}, "
+                       f"which cannot serve this call: {reason}.")
+    if reason is None and backend == "auto":
+      reason = kernel.auto_declines(call)
+    if reason is None or backend == "pallas":
+      per_platform.append((platform, kernel))
     else:
-      per_platform[platform] = xla
-  return Plan(backend, tuple(per_platform.items()))
+      per_platform.append((platform, xla))
+      notes.append((platform, f"{kernel.name}: {reason}"))
+  return Route(backend, tuple(per_platform), tuple(notes))
+
+
+def _serves_or_raise(impl: base.Implementation, call: base.Call):
+  reason = impl.cannot_serve(call)
+  if reason is not None:
+    raise ValueError(f"backend={impl.name!r} cannot serve this call: "
+                     f"{reason}. Use backend='auto' or 'xla'.")
+
+
+def explain(backend: Backend = "auto", *, platform: str, shape, dtype,
+            op: str = "forward", **norm_args) -> str:
+  """What ``backend`` runs for an input of ``shape``/``dtype`` on ``platform``.
+
+  Returns e.g. ``"pallas_gpu"`` or ``"xla (pallas_gpu: ...reason...)"``.
+  ``norm_args`` are ``base.Norm`` fields (eps, cast_mode, ...).
+  """
+  rows = int(np.prod(shape[:-1], dtype=np.int64))
+  norm = base.Norm(**{"eps": 1e-6, "out_dtype": np.dtype(dtype),
+                      **norm_args})
+  call = base.Call(op, rows, int(shape[-1]), np.dtype(dtype), (shape[-1],),
+                   False, norm)
+  return route(backend, call).describe(platform)
+
+
+# ------------------------------------------------------------ the primitive --
+
+def call(rte: Route, op: str, norm: base.Norm, operands, *,
+         partitioned: bool = True):
+  """Runs ``op`` (see ``ops.SIGNATURES``) on N-D operands, per platform.
+
+  ``operands`` follow the op's signature, ``None`` for absent optional ones;
+  the results come back the same way. ``partitioned``: multi-device
+  programs run the implementation per shard (``partition.py``); off, the
+  implementation sees the global arrays and XLA partitions around it.
+  """
+  present = tuple(a is not None for a in operands)
+  arrays = [a for a in operands if a is not None]
+  impls = {impl for _, impl in rte.per_platform}
+  if (len(impls) == 1 and isinstance(next(iter(impls)), base.Xla)
+      and len(rte.per_platform) == len(base.PLATFORMS)):
+    # XLA's math everywhere: traced in place, so XLA partitions it, vmap
+    # batches it (named axes included) and no custom primitive is left in
+    # the program.
+    outs = partition.Local(next(iter(impls)), op, norm, present)(*arrays)
+    return ops.unflatten_results(op, present, outs)
+  outs = _call_p.bind(*arrays, route=rte, op=op, norm=norm, present=present,
+                      partitioned=partitioned, nvmap=0)
+  return ops.unflatten_results(op, present, outs)
+
+
+def _abstract_eval(*avals, route, op, norm, present, partitioned, nvmap):
+  del route, partitioned
+  return ops.result_avals(op, norm, present, avals, nvmap)
+
+
+def _impl(*args, **params):
+  return jax.jit(lambda *a: _call_p.bind(*a, **params))(*args)
+
+
+def _lowering(ctx, *args, route, op, norm, present, partitioned, nvmap):
+  rules = {}
+  for platform, impl in route.per_platform:
+    fn = partition.lowering_body(ctx, platform, impl, op, norm, present,
+                                 nvmap, partitioned=partitioned)
+    rules[platform] = mlir.lower_fun(fn, multiple_results=True)
+
+  def unavailable(ctx, *args):
+    platforms = _mlir_internal._platforms_for_eqn(ctx)  # pylint: disable=protected-access
+    raise ValueError(
+        f"rmsnorm_jax: backend={route.requested!r} has no implementation for "
+        f"platform {', '.join(repr(p) for p in platforms)}. Use "
+        "backend='auto' or 'xla', or run on a platform the backend supports.")
+
+  return _mlir_internal.lower_per_platform(
+      ctx, f"rmsnorm_jax {op} backend={route.requested}", rules, unavailable,
+      set(), *args)
+
+
+def _batching_rule(args, dims, *, route, op, norm, present, partitioned,
+                   nvmap):
+  """vmap: a batch axis of x-like operands is one more leading dim.
+
+  Where each batch element needs its own per-feature operand or result
+  (a batched scale, or dscale/dbias, which would otherwise be summed over
+  the batch), every operand gets the batch axis in front and the
+  implementation is vmapped at lowering (a pallas_call batches by adding a
+  grid axis).
+  """
+  kinds = ops.operand_kinds(op, present)
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  per_element = (nvmap > 0 or any(
+      d is not None for d, k in zip(dims, kinds) if k in ops.FEATURE_KINDS)
+      or ops.has_feature_results(op, present))
+  if per_element:
+    args = [jax.numpy.broadcast_to(a, (size, *a.shape)) if d is None
+            else jax.numpy.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    outs = _call_p.bind(*args, route=route, op=op, norm=norm,
+                        present=present, partitioned=partitioned,
+                        nvmap=nvmap + 1)
+    return outs, [0] * len(outs)
+  args = [jax.numpy.moveaxis(a, d, 0) if d is not None else
+          (jax.numpy.broadcast_to(a, (size, *a.shape)) if k in ops.ROW_KINDS
+           else a)
+          for a, d, k in zip(args, dims, kinds)]
+  outs = _call_p.bind(*args, route=route, op=op, norm=norm, present=present,
+                      partitioned=partitioned, nvmap=nvmap)
+  return outs, [0 if k in ops.ROW_KINDS else None
+                for k in ops.result_kinds(op, present)]
+
+
+_call_p = jex_core.Primitive("rmsnorm_jax")
+_call_p.multiple_results = True
+_call_p.def_abstract_eval(_abstract_eval)
+_call_p.def_impl(_impl)
+mlir.register_lowering(_call_p, _lowering)
+batching.primitive_batchers[_call_p] = _batching_rule
+# jit lowers without the device assignment unless a primitive asks for it;
+# the multi-device path (custom_partitioning) needs it.
+_jax_dispatch.prim_requires_devices_during_lowering.add(_call_p)

@@ -11,6 +11,8 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
+from rmsnorm_jax import base
+
 
 def _describe(a) -> str:
   return f"shape {tuple(a.shape)} and dtype {a.dtype}"
@@ -33,15 +35,34 @@ def floating_array(name: str, a, *, allow_scalar: bool = False):
   return a
 
 
-def scale_for(name: str, scale, hidden: int):
+def scale_for(name: str, scale, x_shape):
+  """scale as an array of shape ``(hidden,)`` or per-head ``x.shape[-2:]``."""
   if scale is None:
     return None
   scale = floating_array(name, scale, allow_scalar=True)
-  if tuple(scale.shape) != (hidden,):
+  hidden = x_shape[-1]
+  shape = tuple(scale.shape)
+  if shape == (hidden,):
+    return scale
+  if len(x_shape) >= 2 and shape == tuple(x_shape[-2:]):
+    return scale
+  per_head = (f" or, per head, {tuple(x_shape[-2:])}" if len(x_shape) >= 2
+              else "")
+  raise ValueError(
+      f"{name} must have shape ({hidden},), matching the last axis of x"
+      f"{per_head}; got {_describe(scale)}.")
+
+
+def bias_for(name: str, bias, hidden):
+  """bias as an array of shape ``(hidden,)``."""
+  if bias is None:
+    return None
+  bias = floating_array(name, bias, allow_scalar=True)
+  if tuple(bias.shape) != (hidden,):
     raise ValueError(
         f"{name} must have shape ({hidden},), matching the last axis of x; "
-        f"got {_describe(scale)}.")
-  return scale
+        f"got {_describe(bias)}.")
+  return bias
 
 
 def same_shape(name: str, a, x):
@@ -66,6 +87,83 @@ def static_float(name: str, value, *, nonnegative: bool = False) -> float:
   if nonnegative and value < 0:
     raise ValueError(f"{name} must be >= 0; got {value}.")
   return value
+
+
+def one_of(name: str, value, allowed):
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed}; got {value!r}.")
+  return value
+
+
+def norm_args(x, scale, bias, *, eps, scale_offset, cast_mode, out_dtype,
+              quant_dtype=None):
+  """Validates the arguments every op shares; returns them with a Norm.
+
+  ``x`` is the normalized stream (x, or the residual of the fused ops); the
+  default out_dtype is its dtype ("float32") or ``result_type(scale, x)``
+  ("llama").
+  """
+  x = floating_array("x", x)
+  scale = scale_for("scale", scale, x.shape)
+  bias = bias_for("bias", bias, x.shape[-1])
+  eps = static_float("eps", eps, nonnegative=True)
+  scale_offset = static_float("scale_offset", scale_offset)
+  cast_mode = one_of("cast_mode", cast_mode, base.CAST_MODES)
+  if scale is None and scale_offset != 0.0:
+    raise ValueError(
+        "scale_offset applies to scale, so it needs a scale array; got "
+        f"scale=None with scale_offset={scale_offset}.")
+  default = x.dtype
+  if cast_mode == "llama" and scale is not None:
+    default = jnp.result_type(x.dtype, scale.dtype)
+  norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode,
+                   out_dtype=out_dtype_for(out_dtype, default),
+                   quant_dtype=quant_dtype)
+  return x, scale, bias, norm
+
+
+def axis_names(axis_name, backend) -> tuple[str, ...]:
+  """``axis_name`` as a tuple of mesh axis names (with backend auto/xla)."""
+  if not (isinstance(backend, str) and backend in ("auto", "xla")):
+    # A row split over devices needs its all-reduced statistics before any
+    # output is written, so this is XLA's two-pass path, never a kernel.
+    raise ValueError("axis_name runs the XLA path (statistics all-reduced "
+                     "between two passes), so backend must be 'auto' or "
+                     f"'xla'; got backend={backend!r}.")
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  if not names or not all(isinstance(n, str) and n for n in names):
+    raise TypeError("axis_name must be a mesh axis name or a tuple of names; "
+                    f"got {axis_name!r}.")
+  return names
+
+
+def quant_dtype(dtype) -> np.dtype:
+  """One of the quantized dtypes of ``base.QUANT_MAX``."""
+  try:
+    dt = np.dtype(jnp.dtype(dtype))
+  except TypeError as e:
+    raise ValueError(f"quant_dtype must be one of int8, float8_e4m3fn, "
+                     f"float8_e5m2; got {dtype!r}.") from e
+  if dt not in base.QUANT_MAX:
+    raise ValueError(f"quant_dtype must be one of int8, float8_e4m3fn, "
+                     f"float8_e5m2; got {dt}.")
+  return dt
+
+
+def quant_scale(value):
+  """None, or the static quantization scale as a float32 scalar array."""
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"quant_scale must be a float32 scalar; got {value!r}.")
+  a = jnp.asarray(value)
+  if a.ndim != 0 or not jnp.issubdtype(a.dtype, jnp.floating):
+    raise ValueError("quant_scale must be a floating scalar (static "
+                     f"scaling) or None (dynamic); got {_describe(a)}.")
+  if isinstance(value, (int, float, np.floating)) and not (
+      math.isfinite(float(value)) and float(value) > 0):
+    raise ValueError(f"quant_scale must be positive and finite; got {value}.")
+  return a.astype(jnp.float32)
 
 
 def out_dtype_for(out_dtype, default):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import rmsnorm_jax as rj
+from rmsnorm_jax import base
 from rmsnorm_jax import dispatch
 from rmsnorm_jax import kernels
 from rmsnorm_jax import reference
@@ -25,6 +26,12 @@ UNSTABLE_OK = [jax.export.DisabledSafetyCheck.custom_call(
 def _exported_text(fn, platforms, *args):
   return jax.export.export(jax.jit(fn), platforms=platforms,
                            disabled_checks=UNSTABLE_OK)(*args).mlir_module()
+
+
+def _route(backend, rows, hidden, dtype, **norm):
+  call = base.Call("forward", rows, hidden, np.dtype(dtype), (hidden,), False,
+                   base.Norm(eps=1e-6, out_dtype=np.dtype(dtype), **norm))
+  return dispatch.route(backend, call), call
 
 
 def _kernel_calls(fn, *args):
@@ -69,12 +76,11 @@ def test_auto_stages_kernels_and_force_backend_removes_them():
 def test_environment_variable_forces_auto(monkeypatch):
   x = jnp.ones((4096, 1024), jnp.bfloat16)
   monkeypatch.setenv(dispatch.ENV_VAR, "xla")
-  plan = dispatch.resolve("auto", rows=4096, hidden=1024, dtype=x.dtype)
-  assert {type(i).__name__ for _, i in plan.per_platform} == {"Xla"}
+  route, _ = _route("auto", 4096, 1024, x.dtype)
+  assert {type(i).__name__ for _, i in route.per_platform} == {"Xla"}
   assert _kernel_calls(lambda x: rj.rms_norm(x), x) == 0
   # An explicit argument still wins over the override.
-  assert dispatch.resolve("xla", rows=1, hidden=8, dtype=x.dtype).requested \
-      == "xla"
+  assert _route("xla", 1, 8, x.dtype)[0].requested == "xla"
   monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
   with pytest.raises(ValueError, match=r"RMSNORM_JAX_BACKEND.*got 'bogus'"):
     rj.rms_norm(x)
@@ -96,16 +102,20 @@ def test_backend_names_list_every_kernel():
 @pytest.mark.parametrize("rows,hidden", [(1, 768), (1, 4096), (64, 4096),
                                          (8192, 4096), (32768, 128)])
 def test_auto_follows_each_kernels_own_size_rule(rows, hidden):
-  plan = dict(dispatch.resolve("auto", rows=rows, hidden=hidden,
-                               dtype=jnp.bfloat16).per_platform)
+  route, call = _route("auto", rows, hidden, jnp.bfloat16)
+  plan = dict(route.per_platform)
   assert type(plan["cpu"]).__name__ == "Xla"
   for platform, cls in kernels.BY_PLATFORM.items():
-    wants = cls().preferred_for(rows, hidden, jnp.bfloat16)
-    assert isinstance(plan[platform], cls) == wants
-  # float64 never goes to a kernel.
-  plan64 = dict(dispatch.resolve("auto", rows=rows, hidden=hidden,
-                                 dtype=jnp.float64).per_platform)
-  assert all(type(i).__name__ == "Xla" for i in plan64.values())
+    declined = cls().auto_declines(call)
+    assert isinstance(plan[platform], cls) == (declined is None)
+    # The reason "auto" passed the kernel over is kept and reported.
+    if declined is not None:
+      assert declined in route.describe(platform)
+  # float64 never goes to a kernel, and each kernel says why.
+  route64, _ = _route("auto", rows, hidden, jnp.float64)
+  assert all(type(i).__name__ == "Xla" for _, i in route64.per_platform)
+  for platform, cls in kernels.BY_PLATFORM.items():
+    assert "float64" in route64.describe(platform)
 
 
 def test_implementation_instances_are_accepted_as_backend():
