@@ -5,10 +5,12 @@ on the device present, says which implementation ran and why "auto" chose it,
 checks each result against a float64 NumPy reference and times the call next
 to the XLA implementation and flax.linen.RMSNorm.
 
-Every time is shown as min / median / max over the timed calls. A speed
-ratio is printed only on an accelerator, and only where the two ranges do not
-overlap; on a CPU "auto" runs XLA, so there is nothing to compare. The
-benchmark (python -m rmsnorm_jax.bench) measures kernel time in depth.
+Every time is shown as min / median / max over the timed calls: on a GPU
+the device time of the kernels each call launches (from a jax.profiler trace,
+as the benchmark measures it), elsewhere the host clock. A speed ratio is
+printed only on an accelerator, and only where the two ranges do not overlap;
+on a CPU "auto" runs XLA, so there is nothing to compare. The benchmark
+(python -m rmsnorm_jax.bench) measures more shapes, ops and peers.
 """
 
 from __future__ import annotations
@@ -132,22 +134,74 @@ def spread(samples) -> tuple[float, float, float]:
   return min(samples), statistics.median(samples), max(samples)
 
 
+# The benchmark's names for this job's ops and implementations.
+BENCH_OPS = {"rms_norm": "fwd", "rms_norm_residual": "fused_fwd"}
+BENCH_IMPLS = {"auto": "rmsnorm_jax_auto", "xla": "xla",
+               "flax": "flax_linen"}
+
+
+def device_times(op, shape, dtype, repeats) -> dict:
+  """Device seconds per call of each entry of IMPLS: (min, median, max).
+
+  Uses the benchmark's candidates and profiler timing
+  (``bench.build_candidates``, ``bench.time_candidates``): the kernels each
+  call launches, summed, over ``repeats`` passes over input sets that
+  together exceed L2.
+
+  Raises:
+    RuntimeError: the benchmark has no profiler timing here, or a candidate
+      got no device time (the message says which and why).
+  """
+  from rmsnorm_jax import bench  # pylint: disable=import-outside-toplevel
+  for name in ("build_candidates", "time_candidates"):
+    if not hasattr(bench, name):
+      raise RuntimeError(f"rmsnorm_jax.bench has no {name}")
+  bench_op = BENCH_OPS[op]
+  rows, hidden = int(np.prod(shape[:-1])), shape[-1]
+  n_sets = (bench.n_sets(bench_op, rows, hidden, dtype)
+            if hasattr(bench, "n_sets") else 2)
+  cands = bench.build_candidates(bench_op, list(BENCH_IMPLS.values()), rows,
+                                 hidden, dtype, n_sets)
+  for c in cands:
+    if isinstance(c, Exception):
+      raise RuntimeError(f"building a candidate failed: {c!r}")
+  results = bench.time_candidates(cands, reps=repeats, profiler=True)
+  by_label = {c.impl: results.get(c.fn.__name__, {}) for c in cands}
+  out = {}
+  for key, label in BENCH_IMPLS.items():
+    r = by_label.get(label)
+    if not r or r.get("timing") != "profiler" or "time_min" not in r:
+      why = "not built" if r is None else (
+          r.get("error") or f"timing {r.get('timing')!r}, no spread")
+      raise RuntimeError(f"{label}: {why}")
+    out[key] = (r["time_min"] * 1e-6, r["time_us"] * 1e-6,
+                r["time_max"] * 1e-6)
+  return out
+
+
 def ratio_cell(ours, other) -> str:
   """``other``'s median over ``ours``, or why no ratio is claimed.
 
-  A ratio is printed only when the [min, max] ranges of the two sets of
-  samples are disjoint: where they overlap, the measured difference is within
-  the run-to-run spread and a ratio would read noise as a result.
+  Both are (min, median, max). A ratio is printed only when the two
+  [min, max] ranges are disjoint: where they overlap, the measured
+  difference is within the run-to-run spread and a ratio would read noise as
+  a result.
   """
-  lo_a, med_a, hi_a = spread(ours)
-  lo_b, med_b, hi_b = spread(other)
+  lo_a, med_a, hi_a = ours
+  lo_b, med_b, hi_b = other
   if hi_a < lo_b or hi_b < lo_a:
     return f"{med_b / med_a:.2f}x"
   return "overlap"
 
 
-def run_case(op, shape, dtype, *, platform, repeats, batch, rng) -> dict:
-  """One row: what auto ran, its error vs float64, and the time samples."""
+def run_case(op, shape, dtype, *, platform, repeats, batch, device_clock,
+             rng) -> dict:
+  """One row: what auto ran, its error vs float64, and its times.
+
+  ``times`` maps each entry of IMPLS to (min, median, max) seconds;
+  ``clock`` says which clock measured them ("device" or "host"), and
+  ``note`` why device time was not used where it was asked for.
+  """
   x = jnp.asarray(rng.normal(0.1, 1.0, shape), dtype)
   scale = jnp.asarray(rng.normal(1.0, 0.2, shape[-1:]), jnp.float32)
   fns = _functions(op, dtype, scale)
@@ -167,10 +221,20 @@ def run_case(op, shape, dtype, *, platform, repeats, batch, rng) -> dict:
   err = reference.rel_error(y, want)
   if op != "rms_norm":
     err = max(err, h_err)
-  return dict(op=op, shape=shape, dtype=name, ran=explain(op, platform, shape,
-                                                          dtype),
-              err=err, tol=TOLERANCE[name], ok=err <= TOLERANCE[name],
-              times=time_calls(fns, args, repeats, batch))
+  row = dict(op=op, shape=shape, dtype=name,
+             ran=explain(op, platform, shape, dtype), err=err,
+             tol=TOLERANCE[name], ok=err <= TOLERANCE[name], note=None)
+  if device_clock:
+    try:
+      return dict(row, times=device_times(op, shape, dtype, repeats),
+                  clock="device")
+    except Exception as e:  # pylint: disable=broad-except
+      # A missing or unreadable profiler trace costs the device clock, not
+      # the row: the host clock still gives a time with its spread.
+      row["note"] = f"{type(e).__name__}: {e}"[:300]
+  samples = time_calls(fns, args, repeats, batch)
+  return dict(row, times={k: spread(v) for k, v in samples.items()},
+              clock="host")
 
 
 def _us(seconds: float) -> str:
@@ -181,8 +245,8 @@ def _say(text: str) -> None:
   print(textwrap.fill(text, width=88))
 
 
-def _time_cell(samples) -> str:
-  return " / ".join(_us(t) for t in spread(samples))
+def _time_cell(triple) -> str:
+  return " / ".join(_us(t) for t in triple)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,6 +269,12 @@ def _parser() -> argparse.ArgumentParser:
       help="calls per timed sample; the host clock over K back-to-back calls "
            f"is divided by K (default: 1 on a CPU, {ACCELERATOR_BATCH} on a "
            "GPU or TPU, where calls are dispatched asynchronously)")
+  parser.add_argument(
+      "--host-clock", action="store_true",
+      help="time with the host clock on a GPU too (default: off; a GPU's "
+           "times are then the device time of the kernels each call "
+           "launches, read from a jax.profiler trace, as the benchmark "
+           "measures it)")
   return parser
 
 
@@ -224,8 +294,10 @@ def main(argv=None) -> int:
         f"platform {platform} | device {device.device_kind} "
         f"x{jax.device_count()}\n")
   rng = np.random.default_rng()
+  device_clock = platform in ("cuda", "rocm") and not args.host_clock
   rows = [run_case(op, shape, dtype, platform=platform, repeats=args.repeats,
-                   batch=batch, rng=rng) for op, shape, dtype in CASES]
+                   batch=batch, device_clock=device_clock, rng=rng)
+          for op, shape, dtype in CASES]
 
   _say('Correctness of backend="auto" against a float64 NumPy reference '
        "(fresh random inputs): rel err = ||y - ref|| / ||ref||, tol = the "
@@ -240,13 +312,25 @@ def main(argv=None) -> int:
           f"{r['dtype']:<9} {r['err']:>8.1e} {r['tol']:>7.0e} "
           f"{'yes' if r['ok'] else 'NO':<3} {r['ran']}")
 
-  how = ("the host clock around one call of the jitted function and the "
-         "wait for its result" if batch == 1 else
-         f"the host clock over {batch} back-to-back calls and one wait, "
-         f"divided by {batch}")
+  host = ("the host clock around one call of the jitted function and the "
+          "wait for its result" if batch == 1 else
+          f"the host clock over {batch} back-to-back calls and one wait, "
+          f"divided by {batch}")
   print()
-  _say(f"Time per call in us, min / median / max of {args.repeats} "
-       f"samples; a sample is {how}.")
+  clocks = {r["clock"] for r in rows}
+  if "device" in clocks:
+    _say("Time per call in us, min / median / max over the calls of "
+         f"{args.repeats} passes: device time, the kernels one call launches "
+         "summed, from a jax.profiler trace (inputs rotated so that L2 does "
+         "not hold them).")
+  if "host" in clocks:
+    _say(f"{'Rows marked * (host clock): time' if 'device' in clocks else 'Time'}"
+         f" per call in us, min / median / max of {args.repeats} samples; a "
+         f"sample is {host}.")
+  for r in rows:
+    if r["note"]:
+      _say(f"* {r['op']} {'x'.join(map(str, r['shape']))} {r['dtype']}: no "
+           f"device time ({r['note']}).")
   print()
   cols = [IMPL_TITLES[i] for i in IMPLS]
   width = max(24, *(len(c) for c in cols))
@@ -258,8 +342,9 @@ def main(argv=None) -> int:
   print("-" * len(header))
   for r in rows:
     t = r["times"]
+    mark = "*" if r["clock"] == "host" and "device" in clocks else " "
     line = (f"{r['op']:<18} {'x'.join(map(str, r['shape'])):<10} "
-            f"{r['dtype']:<9} "
+            f"{r['dtype']:<8}{mark} "
             + " ".join(f"{_time_cell(t[i]):>{width}}" for i in IMPLS))
     if accelerator:
       line += (f" {ratio_cell(t['auto'], t['xla']):>12}"
@@ -268,10 +353,11 @@ def main(argv=None) -> int:
 
   if accelerator:
     print()
-    _say('"NxX": the other\'s median over auto\'s, shown only where the '
-          'two min-max ranges do not overlap ("overlap": the difference is '
-          "within the spread). Host-clock times include launch gaps, which "
-          f"dominate small shapes; device kernel time: {BENCH_HINT}.")
+    gaps = (" Host-clock times include launch gaps, which dominate small "
+            "shapes." if "host" in clocks else "")
+    _say('"N.NNx": the other\'s median over auto\'s, shown only where the '
+         'two min-max ranges do not overlap ("overlap": the difference is '
+         f"within the spread).{gaps} More shapes and ops: {BENCH_HINT}.")
   elif all(r["ran"].split()[0] == "xla" for r in rows):
     print()
     _say(f'No speed ratio on {platform}: backend="auto" ran XLA here, the '

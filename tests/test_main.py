@@ -67,13 +67,52 @@ def test_ratio_only_where_the_ranges_are_disjoint():
   rng = np.random.default_rng()
   fast = list(rng.uniform(1.0, 1.2, 7))
   slow = list(rng.uniform(2.0, 2.4, 7))
-  want = f"{np.median(slow) / np.median(fast):.2f}x"
-  assert main_job.ratio_cell(fast, slow) == want
-  assert main_job.ratio_cell(slow, fast) == (
-      f"{np.median(fast) / np.median(slow):.2f}x")
-  # One sample of each reaches into the other's range.
-  assert main_job.ratio_cell(fast + [2.1], slow) == "overlap"
-  assert main_job.ratio_cell(fast, slow + [1.1]) == "overlap"
+  cell = lambda a, b: main_job.ratio_cell(main_job.spread(a),
+                                          main_job.spread(b))
+  assert cell(fast, slow) == f"{np.median(slow) / np.median(fast):.2f}x"
+  assert cell(slow, fast) == f"{np.median(fast) / np.median(slow):.2f}x"
+  # One sample of either reaching into the other's range is enough.
+  assert cell(fast + [2.1], slow) == "overlap"
+  assert cell(fast, slow + [1.1]) == "overlap"
+
+
+def test_device_times_reads_the_benchmarks_profiler_records(monkeypatch):
+  # The benchmark's real candidates, with the profiler timing replaced by
+  # made-up records (a CPU has no device events): each entry of IMPLS must
+  # get the record of its own candidate, in seconds.
+  from rmsnorm_jax import bench
+  made_up = {}
+
+  def fake_time_candidates(cands, *, reps, profiler):
+    assert profiler and reps == 3
+    out = {}
+    for c in cands:
+      lo, med, hi = sorted(np.random.default_rng().uniform(1, 100, 3))
+      made_up[c.impl] = (lo * 1e-6, med * 1e-6, hi * 1e-6)
+      out[c.fn.__name__] = dict(time_us=med, time_min=lo, time_max=hi,
+                                timing="profiler")
+    return out
+
+  monkeypatch.setattr(bench, "time_candidates", fake_time_candidates)
+  for op in ("rms_norm", "rms_norm_residual"):
+    got = main_job.device_times(op, (64, 256), jax.numpy.bfloat16, 3)
+    assert set(got) == set(main_job.IMPLS)
+    for impl, label in main_job.BENCH_IMPLS.items():
+      assert got[impl] == made_up[label]
+
+
+def test_no_device_time_falls_back_to_the_host_clock(monkeypatch):
+  def no_trace(*args):
+    raise RuntimeError("no device events in the profiler trace")
+
+  monkeypatch.setattr(main_job, "device_times", no_trace)
+  row = main_job.run_case("rms_norm", (8, 256), jax.numpy.float32,
+                          platform="cpu", repeats=2, batch=1,
+                          device_clock=True, rng=np.random.default_rng())
+  assert row["ok"] and row["clock"] == "host"
+  assert "no device events" in row["note"]
+  for lo, med, hi in row["times"].values():
+    assert 0 < lo <= med <= hi
 
 
 def test_spread_is_min_median_max():
@@ -98,7 +137,7 @@ def test_help_is_complete(capsys):
   assert "``" not in out
   assert "python -m rmsnorm_jax" in out
   options = out.split("options:", 1)[1]
-  for option in ("--repeats", "--batch"):
+  for option in ("--repeats", "--batch", "--host-clock"):
     block = options.split(option, 1)[1].split("\n  -", 1)[0]
     assert "default" in block, (option, block)
 
