@@ -252,7 +252,7 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
 
   args = inputs + ([scale] if has_scale else [])
   outs = plgpu.kernel(
-      kernel, out_shape=tuple(out_types), scratch_shapes=scratch,
+      kernel, out_type=tuple(out_types), scratch_types=scratch,
       grid=(plan.grid,), grid_names=("cta",),
       compiler_params=_params(plan))(*args)
   outs = list(outs)
@@ -405,7 +405,7 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
 
   args = inputs + ([scale] if has_scale else [])
   outs = plgpu.kernel(
-      kernel, out_shape=tuple(out_types), scratch_shapes=scratch,
+      kernel, out_type=tuple(out_types), scratch_types=scratch,
       grid=(plan.grid,), grid_names=("cta",),
       compiler_params=_params(plan))(*args)
   dx = outs[0].reshape(rows, hidden)
