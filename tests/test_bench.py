@@ -13,8 +13,9 @@ import pytest
 
 from rmsnorm_jax import bench
 
-KEYS = {"op", "impl", "rows", "hidden", "dtype", "bytes", "time_us", "gbps",
-        "timing", "ratio_to_roofline", "speedup_vs_xla"}
+KEYS = {"op", "impl", "rows", "hidden", "dtype", "bytes", "time_us",
+        "time_min", "time_max", "gbps", "timing", "ratio_to_roofline",
+        "ratio_to_copy", "speedup_vs_xla", "noise", "backend"}
 
 
 def test_run_benchmark_records_and_ratios(tmp_path):
@@ -27,6 +28,7 @@ def test_run_benchmark_records_and_ratios(tmp_path):
   for r in records:
     assert KEYS <= set(r), r
     assert r["time_us"] > 0 and r["timing"] in ("wallclock", "profiler"), r
+    assert r["time_min"] <= r["time_us"] <= r["time_max"], r
     assert math.isclose(r["gbps"], r["bytes"] / (r["time_us"] * 1e3))
     roof = by[(r["op"], "roofline")]["time_us"]
     assert math.isclose(r["ratio_to_roofline"], r["time_us"] / roof)
@@ -39,6 +41,9 @@ def test_run_benchmark_records_and_ratios(tmp_path):
   assert by[("fused_bwd", "roofline")]["bytes"] == 4 * n * 4
   text = bench.table(records)
   assert "### fwd" in text and "### bwd" in text and "wallclock" in text
+  # Off-GPU the kernel runs in Pallas interpret mode, and its column says so.
+  assert "rmsnorm_jax [pallas_gpu (interpret)]" in text
+  assert by[("fwd", "rmsnorm_jax")]["backend"] == "pallas_gpu (interpret)"
 
 
 def test_trace_parsing_attributes_kernels_to_calls(tmp_path):
@@ -65,14 +70,16 @@ def test_trace_parsing_attributes_kernels_to_calls(tmp_path):
   path = tmp_path / "host.trace.json.gz"
   with gzip.open(path, "wt") as fp:
     json.dump(dict(traceEvents=ev), fp)
-  assert bench._trace_file(str(tmp_path)) == str(path)
+  assert bench.trace_file(str(tmp_path)) == str(path)
   kernels, modules, info = bench.device_events(str(path))
   assert info["n_kernels"] == 9 and modules == []
-  mine = bench._attribute(kernels, modules, "rb00101_")
-  summary = bench._summarize(mine, 4)
+  mine = bench.attribute(kernels, modules, "rb00101_")
+  summary = bench.summarize(mine, 4)
+  # Calls take 3+1, 3+2, 3+3, 3+4 us.
   assert summary["time_us"] == 5.5 and summary["kernels"] == 2
+  assert (summary["time_min"], summary["time_max"]) == (4.0, 7.0)
   assert summary["breakdown"] == [("k0", 3.0), ("k1", 2.5)]
-  assert bench._summarize(mine, 3)["timing"] == "profiler-mean"
+  assert bench.summarize(mine, 3)["timing"] == "profiler-mean"
 
 
 def test_cli_rejects_unknown_op():
@@ -125,3 +132,111 @@ def test_flax_linen_runs_the_plain_ops_and_other_layers_do_not():
   for op in ("fwd", "bwd", "fused_fwd"):
     impls = {r["impl"] for r in records if r["op"] == op}
     assert impls == {"roofline", "xla", "flax_linen"}, (op, impls)
+
+
+def _rec(impl, t, lo=None, hi=None, timing="profiler", op="fwd"):
+  return dict(op=op, impl=impl, rows=64, hidden=256, dtype="float32",
+              bytes=1000, time_us=t, time_min=lo, time_max=hi, timing=timing)
+
+
+def test_ratios_against_roofline_copy_and_xla():
+  records = bench.add_ratios([_rec("roofline", 10.0), _rec("copy", 8.0),
+                              _rec("xla", 12.0), _rec("rmsnorm_jax", 9.0),
+                              _rec("liger", 18.0)])
+  by = {r["impl"]: r for r in records}
+  assert math.isclose(by["rmsnorm_jax"]["ratio_to_copy"], 9.0 / 8.0)
+  assert math.isclose(by["rmsnorm_jax"]["ratio_to_roofline"], 9.0 / 10.0)
+  assert math.isclose(by["liger"]["speedup_vs_xla"], 12.0 / 18.0)
+  assert by["copy"]["ratio_to_copy"] is None
+  assert all(r["noise"] == [] for r in records)  # device timing
+  text = bench.table(records)
+  # References first, peers last; the cells carry the copy ratio.
+  header = next(line for line in text.splitlines() if line.startswith("| shape"))
+  assert header.split(" | ")[3:5] == ["roofline", "copy"]
+  assert header.rstrip(" |").endswith("liger")
+  assert "1.12x copy" in text and "0.90x roof" in text
+
+
+def test_host_timing_ratios_are_noise_when_the_spread_overlaps_one():
+  records = bench.add_ratios([
+      _rec("roofline", 10.0, 5.0, 30.0, "wallclock"),
+      _rec("xla", 11.0, 6.0, 25.0, "wallclock"),
+      # 100x slower and spreads far apart: a supported ratio.
+      _rec("rmsnorm_jax", 1000.0, 900.0, 1500.0, "wallclock")])
+  by = {r["impl"]: r for r in records}
+  assert by["xla"]["noise"] == ["ratio_to_roofline"]
+  assert by["rmsnorm_jax"]["noise"] == []
+  text = bench.table(records)
+  assert "roof noise" in text and "speedup 0.01" in text
+  assert "1000.0 (900.0..1500.0)" in text
+
+
+def test_missing_peers_are_notes_not_errors():
+  notes = []
+  records = bench.run_benchmark([((4, 128), jnp.float32)], ops=["fwd"],
+                                impls=["xla"], reps=1, peers=["liger"],
+                                copy=False, notes=notes, log=None)
+  assert {r["impl"] for r in records} == {"roofline", "xla"}
+  assert not any(r.get("error") for r in records)
+  try:
+    import torch  # noqa: F401
+    import liger_kernel  # noqa: F401
+  except ImportError:
+    # Either torch or liger is missing here: one note says which.
+    assert any("torch" in n or "liger" in n for n in notes), notes
+  assert "note:" in bench.table(records, notes) or not notes
+
+
+def test_peer_trace_attribution_by_launch_correlation(tmp_path):
+  # torch's Chrome trace: user annotations and launches on the host,
+  # kernels on the device linked to their launch by a correlation id. The
+  # last kernel starts after its range closed (device clock skew): its
+  # launch decides.
+  ev = [dict(ph="X", cat="user_annotation", name="liger|fwd", ts=0, dur=100),
+        dict(ph="X", cat="user_annotation", name="copy|fwd", ts=200, dur=100)]
+  for i, (launch, start, dur) in enumerate(
+      [(10, 20, 4.0), (30, 40, 6.0), (210, 220, 2.0), (290, 301, 3.0)]):
+    ev.append(dict(ph="X", cat="cuda_runtime", name="cudaLaunchKernel",
+                   ts=launch, dur=1, args=dict(correlation=i)))
+    ev.append(dict(ph="X", cat="kernel", name=f"k{i}", ts=start, dur=dur,
+                   args=dict(correlation=i)))
+  path = tmp_path / "trace.json"
+  path.write_text(json.dumps(dict(traceEvents=ev)))
+  from rmsnorm_jax.bench import peer_worker
+  found = peer_worker._attribute(str(path), {"liger|fwd", "copy|fwd"})
+  assert [k["name"] for k in found["liger|fwd"]] == ["k0", "k1"]
+  assert [k["name"] for k in found["copy|fwd"]] == ["k2", "k3"]
+  s = peer_worker._summarize(found["copy|fwd"], 2)
+  assert (s["time_us"], s["time_min"], s["time_max"]) == (2.5, 2.0, 3.0)
+  assert peer_worker._summarize(found["liger|fwd"], 1)["kernels"] == 2
+
+
+def test_cli_help_names_every_default_and_no_internal_names(capsys):
+  with pytest.raises(SystemExit):
+    bench.main(["--help"])
+  text = capsys.readouterr().out
+  assert "`" not in text and "shapes.BENCHMARK" not in text
+  options = [o for o in ("--small", "--cases", "--ops", "--impls", "--peers",
+                         "--copy", "--reps", "--json", "--markdown",
+                         "--plot")]
+  # argparse wraps help texts; every option's own help names its default.
+  flat = " ".join(text.split())
+  for i, opt in enumerate(options):
+    start = flat.index(f" {opt} ", flat.index("options:"))
+    end = (flat.index(f" {options[i + 1]} ", start) if i + 1 < len(options)
+           else len(flat))
+    assert "default" in flat[start:end], opt
+
+
+def test_cases_by_text_and_by_tag():
+  from rmsnorm_jax import shapes
+  cases = bench.parse_cases("8x256:bfloat16,tag:wide")
+  assert cases[0] == ((8, 256), jnp.dtype(jnp.bfloat16))
+  wide = {c[0][1] for c in cases[1:]}
+  assert {16384, 32768, 65536} <= wide
+  assert cases[1:] == [s.case for s in shapes.select("bench", "wide")]
+  for bad in ("8x256", "8x256:int8x", "tag:nope", "0x4:float32"):
+    with pytest.raises(ValueError, match="--cases"):
+      bench.parse_cases(bad)
+  with pytest.raises(SystemExit, match="--cases"):
+    bench.main(["--cases", "8by256:float32"])

@@ -1,0 +1,139 @@
+"""Command line of the benchmark: python -m rmsnorm_jax.bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+
+from rmsnorm_jax.bench import report
+from rmsnorm_jax.bench.cases import IMPLS, OPS, parse_cases
+from rmsnorm_jax.bench.peers import PEERS
+from rmsnorm_jax.bench.runner import run_benchmark
+
+DESCRIPTION = """\
+Times RMSNorm implementations side by side on each shape: this library's
+kernel and its automatic choice, XLA, flax's layers, JAX's Pallas example
+and, on a GPU, the PyTorch peers (torch.nn.functional.rms_norm,
+Liger-Kernel, quack, each where installed) and a device-to-device copy of
+the op's minimum bytes. On a GPU the time is the device kernels' (profiler
+traces, median over calls rotating past L2); elsewhere it is host wall clock
+with its spread, good for a smoke run only."""
+
+EPILOG = """\
+ops: fwd (y and rstd from x, scale), bwd (dx, dscale from dy and the
+residuals each implementation's own forward saved), fused_fwd (y and
+h = x + residual), fused_bwd (gradients of residual and scale), linen_fwd,
+linen_fwd_mixed (float32 params), linen_fwd_default (flax's defaults:
+float32 params and output), linen_bwd (the layers, bfloat16 input).
+impls: roofline (an XLA elementwise op moving the op's minimum bytes), xla,
+flax_linen, jax_pallas_example (GPU only), rmsnorm_jax (the Pallas GPU
+kernel named explicitly; interpreted off-GPU), rmsnorm_jax_auto, and the
+layers rmsnorm_jax_linen, flax_nnx, rmsnorm_jax_nnx.
+example: python -m rmsnorm_jax.bench --cases 8192x4096:bfloat16,tag:wide \\
+  --ops fwd,bwd --json bench.json --markdown bench.md --plot bench.png"""
+
+
+def _list_arg(text, allowed, what):
+  items = [t.strip() for t in text.split(",") if t.strip()]
+  if items == ["none"]:
+    return []
+  bad = [t for t in items if t not in allowed]
+  if bad:
+    raise SystemExit(f"{what}: unknown {bad}; expected a comma-separated "
+                     f"subset of {','.join(allowed)}")
+  return items
+
+
+def parse_args(argv):
+  """The parsed command line (see ``--help``)."""
+  p = argparse.ArgumentParser(
+      prog="python -m rmsnorm_jax.bench", description=DESCRIPTION,
+      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--small", action="store_true",
+                 help="time only the tiny shapes tagged 'smoke' with 2 "
+                      "passes (a CPU check that everything runs, in "
+                      "seconds) (default: off)")
+  p.add_argument("--cases", default="", metavar="LIST",
+                 help="comma-separated ROWSxHIDDEN:DTYPE items (e.g. "
+                      "8192x4096:bfloat16) or tag:NAME for every shape "
+                      "with that tag in rmsnorm_jax/shapes.py (e.g. "
+                      "tag:wide) (default: the benchmark set, the shapes "
+                      "tagged 'bench', largest first)")
+  p.add_argument("--ops", default=",".join(OPS),
+                 metavar="LIST",
+                 help="comma-separated ops to time (default: all of those "
+                      "listed below)")
+  p.add_argument("--impls", default=",".join(IMPLS),
+                 metavar="LIST",
+                 help="comma-separated implementations to time; roofline "
+                      "is always added (default: all of those listed "
+                      "below)")
+  p.add_argument("--peers", default=None, metavar="LIST",
+                 help="comma-separated PyTorch peers to time in a worker "
+                      f"process ({','.join(PEERS)}), or 'none'; a missing "
+                      "one is a note (default: all on a GPU, none "
+                      "elsewhere)")
+  p.add_argument("--copy", choices=("auto", "on", "off"), default="auto",
+                 help="time a device-to-device copy of each op's minimum "
+                      "bytes (through torch, else CuPy) and print 'x copy' "
+                      "ratios (default: auto, on a GPU only)")
+  p.add_argument("--reps", type=int, default=None, metavar="N",
+                 help="passes over the rotated input sets; the median is "
+                      "over all calls (default: 5; 2 with --small)")
+  p.add_argument("--json", metavar="PATH", default=None,
+                 help="write every record as JSON here (default: none)")
+  p.add_argument("--markdown", metavar="PATH", default=None,
+                 help="write the tables, the device and the command here "
+                      "(default: none)")
+  p.add_argument("--plot", metavar="PATH", default=None,
+                 help="write a bandwidth plot (PNG; needs matplotlib) here "
+                      "(default: none)")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  """Runs the benchmark from the command line; prints the tables."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  ops = _list_arg(args.ops, OPS, "--ops")
+  impls = _list_arg(args.impls, IMPLS, "--impls")
+  peers = (None if args.peers is None
+           else _list_arg(args.peers, PEERS, "--peers"))
+  if args.reps is not None and args.reps < 1:
+    raise SystemExit(f"--reps: expected an integer >= 1, got {args.reps}")
+  reps = args.reps or (2 if args.small else 5)
+  try:
+    cases = parse_cases(args.cases) if args.cases else None
+  except ValueError as e:
+    raise SystemExit(str(e)) from e
+  copy = {"auto": None, "on": True, "off": False}[args.copy]
+  command = "python -m rmsnorm_jax.bench " + " ".join(argv)
+  notes: list[str] = []
+  t0 = time.perf_counter()
+
+  def write(records):
+    text = report.table(records, notes)
+    if args.json:
+      with open(args.json, "w") as fp:
+        json.dump(dict(command=command, notes=notes, records=records), fp,
+                  indent=1)
+    if args.markdown:
+      device = sorted({r["device"] for r in records if r.get("device")})
+      with open(args.markdown, "w") as fp:
+        fp.write(f"# RMSNorm benchmark\n\ndevice: {', '.join(device)}; "
+                 f"jax {jax.__version__}\n\ncommand: `{command}`\n"
+                 + text + "\n")
+    return text
+
+  records = run_benchmark(cases, ops=ops, impls=impls, reps=reps,
+                          small=args.small, peers=peers, copy=copy,
+                          notes=notes, on_case=write)
+  print(write(records))
+  if args.plot:
+    report.plot(records, args.plot)
+  print(f"\n{len(records)} records in {time.perf_counter() - t0:.0f} s")
+  return records
