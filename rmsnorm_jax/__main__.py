@@ -74,7 +74,12 @@ def explain(op: str, platform: str, shape, dtype) -> str:
     kwargs = dict(platform=platform, shape=tuple(shape), dtype=dtype)
     if "op" in inspect.signature(fn).parameters:
       kwargs["op"] = "forward" if op == "rms_norm" else "residual_forward"
-    return fn("auto", **kwargs)
+    text = fn("auto", **kwargs)
+    # A plain "xla" where the platform has no kernel at all: the reason is
+    # that absence, which a newcomer on a CPU would otherwise have to guess.
+    if text == "xla" and platform not in kernels.BY_PLATFORM:
+      text = f"xla (no Pallas kernel for {platform})"
+    return text
   rows = int(np.prod(shape[:-1]))
   plan = dispatch.resolve("auto", rows=rows, hidden=shape[-1],
                           dtype=np.dtype(dtype))
