@@ -18,10 +18,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rmsnorm_jax as rj
-from rmsnorm_jax import shapes
+from rmsnorm_jax import base
 # Imported before any TPU compilation: it sets libtpu's environment defaults.
 from rmsnorm_jax import tpu_aot
 from rmsnorm_jax.kernels.tpu import PallasTpu
+from rmsnorm_jax.tpu_aot import cli
+from rmsnorm_jax.tpu_aot import hlo
+from rmsnorm_jax.tpu_aot import report
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 EPS = 1e-5
@@ -37,11 +40,12 @@ def _all_ops(impl, with_scale):
   def f(x, res, scale, rstd, dy, dh):
     s = scale if with_scale else None
     offset = 1.0 if with_scale else 0.0
-    out = impl.forward(x, s, eps=EPS, scale_offset=offset, out_dtype=x.dtype)
-    out += impl.backward(x, s, rstd, dy, scale_offset=offset)
-    out += impl.residual_forward(x, res, s, eps=EPS, scale_offset=offset,
-                                 out_dtype=res.dtype)
-    out += impl.residual_backward(res, s, rstd, dh, dh, scale_offset=offset)
+    norm = base.Norm(eps=EPS, scale_offset=offset, out_dtype=x.dtype)
+    res_norm = base.Norm(eps=EPS, scale_offset=offset, out_dtype=res.dtype)
+    out = impl.forward(x, s, None, norm=norm)
+    out += impl.backward(x, s, None, rstd, dy, norm=norm)
+    out += impl.residual_forward(x, res, s, None, norm=res_norm)
+    out += impl.residual_backward(res, s, None, rstd, dh, dh, norm=res_norm)
     return out
   return f
 
@@ -63,7 +67,7 @@ AOT_CASES = [
     pytest.param((40, 1000), BF16, BF16, True,
                  dict(hidden_block=256, block_rows=16), id="2pass_40x1000"),
 ]
-GENS = [pytest.param(g, id=g.split(":")[0]) for g in shapes.TPU_GENERATIONS]
+GENS = [pytest.param(g, id=g.split(":")[0]) for g in tpu_aot.GENERATIONS]
 
 
 @pytest.mark.tpu_aot
@@ -90,12 +94,14 @@ def test_aot_compiles_kernel_variants(gen, shape, x_dtype, res_dtype,
 
 @pytest.mark.tpu_aot
 @needs_libtpu
-@pytest.mark.parametrize("gen,two_pass_ops", [("v4:2x2x1", 3),
+@pytest.mark.parametrize("gen,two_pass_ops", [("v2:2x2", 3), ("v3:2x2", 3),
+                                              ("v4:2x2x1", 3),
                                               ("v5e:2x2", 0)])
 def test_aot_block_choice_follows_target_vmem(gen, two_pass_ops):
-  # 64K-wide float32 rows: on v4 (16 MiB VMEM per core) the backward and both
-  # fused kernels take two passes; v5e (128 MiB) runs all four in one. The
-  # chip is read from the mesh being compiled for, not from the host.
+  # 64K-wide float32 rows: on v2, v3 and v4 (16 MiB VMEM per core) the
+  # backward and both fused kernels take two passes; v5e (128 MiB) runs all
+  # four in one. The chip is read from the mesh being compiled for, not from
+  # the host.
   mesh = tpu_aot.single_device_mesh(gen)
   sh = NamedSharding(mesh, P())
   rows, hidden = 16, 65536
@@ -112,7 +118,8 @@ def test_aot_sweep_and_report():
   # The sweep on one shape: everything compiles, the kernel moves the
   # minimum bytes, XLA no fewer, and the report has the summary and rows.
   rows = tpu_aot.sweep(gens=("v5e:2x2",), shape_list=((1024, 4096),),
-                       dtypes=(BF16,), ops=("fwd", "bwd"), log=lambda s: None)
+                       dtypes=(BF16,), ops=("forward", "backward"),
+                       features=False, log=lambda s: None)
   for r in rows:
     assert r.ok and r.block == "128", r
     assert r.min_bytes <= r.kernel_bytes <= 1.001 * r.min_bytes, r
@@ -120,7 +127,7 @@ def test_aot_sweep_and_report():
   text = tpu_aot.markdown(rows)
   assert "Compiled: pallas_tpu 2/2, xla 2/2." in text
   assert "| v5e:2x2 | 819 | 2/2 | 2/2 |" in text
-  assert "| v5e:2x2 | 1024x4096 | bfloat16 | bwd | yes | 128 |" in text
+  assert "| v5e:2x2 | 1024x4096 | bfloat16 | backward | yes | 128 |" in text
 
 
 def _sharded_args(gen, kind, axis_type):
@@ -206,3 +213,100 @@ def test_aot_one_device_program_keeps_the_kernel():
   scale = jax.ShapeDtypeStruct((4096,), F32, sharding=NamedSharding(mesh, P()))
   hlo = tpu_aot.compile_fn(_forward_and_grad, (x, scale), mesh).as_text()
   assert _kernel_calls(hlo) == 2
+
+
+# ------------------------------------------- the tool itself (no libtpu) --
+
+def _row(gen, op, compiled=True, declined="", error=""):
+  return tpu_aot.Row(
+      gen=gen, shape=(64, 768), dtype="bfloat16", op=op, compiled=compiled,
+      declined=declined, block="64" if compiled else "-",
+      kernel_bytes=200_000 if compiled else None, xla_compiled=True,
+      xla_bytes=300_000, min_bytes=199_000, bandwidth=819e9,
+      vmem_bytes=128 << 20, seconds=0.5, error=error)
+
+
+def test_report_write_keeps_the_text_above_the_marker(tmp_path):
+  path = tmp_path / "report.md"
+  prose = "# Title\n\nHand-written method and CI notes.\n\n"
+  path.write_text(prose + report.MARKER + "\n\nstale results\n")
+  rows = [_row("v5e:2x2", "forward"),
+          _row("v5e:2x2", "backward", compiled=False, error="VMEM exceeded"),
+          _row("v5e:2x2", "residual_forward", compiled=False,
+               declined="no bias")]
+  report.write(str(path), rows)
+  text = path.read_text()
+  assert text.startswith(prose + report.MARKER)
+  assert "stale results" not in text
+  # The declined kernel is neither compiled nor failed; the failure is
+  # listed with its error.
+  assert "Compiled: pallas_tpu 1/2 (1 declined by the kernel), xla 3/3." in text
+  assert "| v5e:2x2 | 819 | 1/2 | 3/3 | 1 | 128 |" in text
+  assert "* v5e:2x2 64x768 bfloat16 backward: VMEM exceeded" in text
+  assert "| backward | NO: VMEM exceeded | - |" in text
+  assert "| residual_forward | declined: no bias | - |" in text
+  assert [r.ok for r in rows] == [True, False, True]
+
+
+def test_report_write_without_marker_starts_a_new_file(tmp_path):
+  path = tmp_path / "sub" / "report.md"
+  report.write(str(path), [_row("v2:2x2", "forward")])
+  text = path.read_text()
+  assert text.index(report.MARKER) < text.index("| v2:2x2 | 64x768 |")
+
+
+def test_cli_help_gives_every_option_a_help_text_and_default():
+  p = cli.parser()
+  text = p.format_help()
+  assert "`" not in text
+  for action in p._actions:
+    if action.dest == "help":
+      continue
+    assert action.help, action.dest
+    assert "default" in action.help.lower(), action.dest
+  for gen in tpu_aot.GENERATIONS:
+    assert gen in text
+
+
+@pytest.mark.parametrize("argv,where", [
+    (["--ops", "forward,fwdx"], "--ops"),
+    (["--gens", "v9:2x2"], "--gens"),
+    (["--shapes", "1024"], "--shapes"),
+    (["--dtypes", "floaty"], "--dtypes"),
+    (["--jobs", "0"], "--jobs"),
+])
+def test_cli_rejects_bad_arguments_naming_the_option(argv, where, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv + ["--out", ""])
+  assert e.value.code == 2
+  assert where in capsys.readouterr().err
+
+
+@pytest.mark.tpu_aot
+@needs_libtpu
+def test_sweep_in_two_processes_matches_one():
+  kw = dict(gens=("v2:2x2", "v3:2x2"), shape_list=((64, 768),),
+            dtypes=(BF16,), ops=("forward", "residual_backward"),
+            features=False, xla=False,
+            log=lambda s: None)
+  key = lambda r: (r.gen, r.shape, r.dtype, r.op, r.compiled, r.block,
+                   r.kernel_bytes, r.bandwidth)
+  one = tpu_aot.sweep(jobs=1, **kw)
+  two = tpu_aot.sweep(jobs=2, **kw)
+  assert len(one) == 4 and all(r.compiled for r in one), one
+  assert [key(r) for r in two] == [key(r) for r in one]
+
+
+def test_hbm_bytes_counts_float8_as_one_byte_and_needs_an_entry():
+  # A float8 result of (16, 128) in its (8, 128) tile: 2048 one-byte
+  # elements written, a bf16 (16, 128) operand read: 4096 bytes.
+  text = """HloModule m
+
+ENTRY %main (p0: bf16[16,128]) -> f8e4m3fn[16,128] {
+  %p0 = bf16[16,128]{1,0:T(16,128)(2,1)} parameter(0)
+  ROOT %q = f8e4m3fn[16,128]{1,0:T(8,128)(4,1)} convert(%p0)
+}
+"""
+  assert hlo.hbm_bytes(text) == 16 * 128 * 1 + 16 * 128 * 2
+  with pytest.raises(ValueError, match="ENTRY"):
+    hlo.hbm_bytes("HloModule m\n")
