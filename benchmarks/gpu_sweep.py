@@ -16,6 +16,7 @@ import json
 import jax.numpy as jnp
 
 from rmsnorm_jax import bench
+from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
@@ -115,11 +116,12 @@ def _label(cfg):
 
 def configs(op, rows, hidden, dtype):
   """The default heuristic plus explicit tiling picks around it."""
-  kind = {"fwd": "fwd", "fused_fwd": "fwd", "bwd": "bwd",
-          "fused_bwd": "bwd_residual"}[op]
-  d = gpu_tiling.plan(kind, rows, hidden, sms=gpu_tiling.num_sms(),
-                      itemsize=jnp.dtype(dtype).itemsize)
-  br, w = d.block_rows, d.num_warps
+  kind = {"fwd": "forward", "fused_fwd": "residual_forward",
+          "bwd": "backward", "fused_bwd": "residual_backward"}[op]
+  d = gpu_kernels.Geometry(
+      gpu_tiling.resolve(gpu_tiling.Config(), kind, rows, hidden,
+                         itemsize=jnp.dtype(dtype).itemsize), rows, hidden)
+  br, w = d.block_rows, d.config.num_warps
   grid = []
   if br > 1:
     grid.append(dict(block_rows=br // 2))
@@ -128,7 +130,7 @@ def configs(op, rows, hidden, dtype):
     grid.append(dict(num_warps=w // 2))
   if w < 32:
     grid.append(dict(num_warps=w * 2))
-  if kind == "fwd":
+  if kind in ("forward", "residual_forward"):
     if d.steps > 1:
       grid += [dict(persistent=False), dict(prefetch=False)]
     else:
@@ -137,10 +139,13 @@ def configs(op, rows, hidden, dtype):
     grid += [dict(prefetch=not d.prefetch),
              dict(programs_per_sm=2 if d.grid <= gpu_tiling.num_sms()
                   else 1)]
-    if not d.cache_scale:
+    if not d.config.cache_scale:
       grid.append(dict(cache_scale=True))
-  return [("default", PallasGpu())] + [(_label(c), PallasGpu(**c))
-                                       for c in grid]
+  return [("default", PallasGpu())] + [(_label(c), _impl(c)) for c in grid]
+
+
+def _impl(cfg):
+  return PallasGpu(config=gpu_tiling.Config(**cfg))
 
 
 def main():
@@ -155,7 +160,7 @@ def main():
   args = p.parse_args()
   if args.round > 1:
     cases = [(op, shape, dt, [("default", PallasGpu())] + [
-        (_label(c), PallasGpu(**c)) for c in cfgs])
+        (_label(c), _impl(c)) for c in cfgs])
              for op, shape, dt, cfgs in ROUNDS[args.round]]
   else:
     cases = [(op, shape, dt, configs(op, *shape, dt))

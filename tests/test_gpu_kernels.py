@@ -6,10 +6,11 @@ Every check runs in two modes:
 * ``compiled``: Triton-compiled on a CUDA GPU, marked ``gpu`` and skipped,
   with the reason, where there is none (``pytest -m gpu`` runs only these).
 
-All calls go through the public API (``rmsnorm_jax.rms_norm`` /
-``rms_norm_residual`` with ``jax.vjp``), with ``poison_outputs=True`` so that
-every kernel output starts as NaN: an element the kernel failed to write
-fails the finiteness check inside ``rel_error``. Inputs are fresh random
+The checks call the Implementation methods (``forward``/``backward``,
+``residual_forward``/``residual_backward``) on 2-D row views, jitted, with
+``poison_outputs=True`` so that every kernel output starts as NaN: an
+element the kernel failed to write fails the finiteness check inside
+``rel_error``. Inputs are fresh random
 normals (never zeros), with a nonzero mean so that the mean-square is not
 trivially 1.
 
@@ -27,6 +28,7 @@ Tolerances are on ``||got - want|| / ||want||``:
   below 1e-5.
 """
 
+import functools
 import zlib
 
 import jax
@@ -34,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import rmsnorm_jax as rj
 from rmsnorm_jax import base
 from rmsnorm_jax import reference
 from rmsnorm_jax import shapes
+from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
@@ -79,18 +81,25 @@ def _rng(*key):
   return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
-def _impl(mode, **kw):
-  return PallasGpu(interpret=(mode == "interpret"), poison_outputs=True, **kw)
+def _impl(mode, **config):
+  return PallasGpu(config=gpu_tiling.Config(**config),
+                   interpret=(mode == "interpret"), poison_outputs=True)
 
 
 def _xla_tol(*dtypes):
   return max(XLA_TOL[np.dtype(d)] for d in dtypes)
 
 
+def _rows_view(shape):
+  # The methods take 2-D row views: leading dims flattened, as api.py does.
+  return (int(np.prod(shape[:-1])), shape[-1])
+
+
 def _check_norm(impl, shape, dtype, scale_dtype, *, scale_offset=0.0,
                 eps=1e-5, out_dtype=None, key=()):
   """Forward and both gradients vs float64 and vs XLA."""
   rng = _rng("norm", shape, np.dtype(dtype).name, key)
+  shape = _rows_view(shape)
   hidden = shape[-1]
   x = random(rng, shape, dtype, mean=0.3)
   scale = None if scale_dtype is None else random(
@@ -99,15 +108,15 @@ def _check_norm(impl, shape, dtype, scale_dtype, *, scale_offset=0.0,
   y_dtype = np.dtype(out_dtype or dtype)
   dy = random(rng, shape, y_dtype)
 
-  def run(backend):
-    def f(x, scale):
-      return rj.rms_norm(x, scale, eps=eps, scale_offset=scale_offset,
-                         out_dtype=out_dtype, backend=backend)
-    if scale is None:
-      y, vjp = jax.vjp(jax.jit(lambda x: f(x, None)), x)
-      return (y, *vjp(dy), None)
-    y, vjp = jax.vjp(jax.jit(f), x, scale)
-    return (y, *vjp(dy))
+  norm = base.Norm(eps=eps, scale_offset=scale_offset, out_dtype=y_dtype)
+
+  def run(impl):
+    y, rstd = jax.jit(functools.partial(impl.forward, norm=norm))(
+        x, scale, None)
+    dx, dscale, dbias = jax.jit(functools.partial(impl.backward, norm=norm))(
+        x, scale, None, rstd, dy)
+    assert dbias is None
+    return y, dx, dscale
 
   y, dx, dscale = run(impl)
   assert y.dtype == y_dtype and dx.dtype == x.dtype
@@ -121,8 +130,10 @@ def _check_norm(impl, shape, dtype, scale_dtype, *, scale_offset=0.0,
   assert_close(y, y_x, _xla_tol(y_dtype), "y vs xla")
   assert_close(dx, dx_x, _xla_tol(dtype, y_dtype), "dx vs xla",
                dx_magnitude(x, scale, dy, eps=eps, scale_offset=scale_offset))
-  if scale is not None:
-    assert dscale.dtype == scale.dtype
+  if scale is None:
+    assert dscale is None
+  else:
+    assert dscale.dtype == jnp.float32 and dscale.shape == scale.shape
     assert_close(dscale, ds_ref, tol(scale.dtype, y_dtype), "dscale")
     assert_close(dscale, ds_x, _xla_tol(scale.dtype), "dscale vs xla")
 
@@ -131,13 +142,21 @@ def _check_residual(impl, shape, x_dtype, res_dtype, key=()):
   """Fused residual forward and backward vs float64 and vs XLA."""
   rng = _rng("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name,
              key)
+  shape = _rows_view(shape)
   inputs = residual_inputs(rng, shape, x_dtype, res_dtype)
   x, res, scale, dy, dh = inputs
 
-  def run(backend):
-    f = jax.jit(lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=backend))
-    (y, h), vjp = jax.vjp(f, x, res, scale)
-    return (y, h, *vjp((dy, dh)))
+  norm = base.Norm(eps=1e-6, out_dtype=np.dtype(res_dtype))
+
+  def run(impl):
+    y, h, rstd = jax.jit(functools.partial(impl.residual_forward, norm=norm))(
+        x, res, scale, None)
+    dres, dscale, dbias = jax.jit(
+        functools.partial(impl.residual_backward, norm=norm))(
+            h, scale, None, rstd, dy, dh)
+    assert dbias is None and dres.dtype == res.dtype
+    # The gradient of x and of residual is the same (h = x + residual).
+    return y, h, dres.astype(x.dtype), dres, dscale
 
   y, h, dx, dres, dscale = run(impl)
   assert_residual_matches_reference(inputs, (y, h, dx, dres, dscale))
@@ -220,32 +239,37 @@ def test_mixed_residual_dtypes(mode):
   _check_residual(_impl(mode), (19, 257), jnp.bfloat16, jnp.float32)
 
 
-def test_float64_is_rejected_and_not_preferred():
+def _call(op, rows, hidden, dtype, **kw):
+  return base.Call(op=op, rows=rows, hidden=hidden, dtype=np.dtype(dtype),
+                   scale_shape=(hidden,), **kw)
+
+
+def test_float64_cannot_be_served():
   impl = PallasGpu(interpret=True)
-  assert not impl.preferred_for(4096, 4096, jnp.float64)
-  with jax.enable_x64(True) if hasattr(jax, "enable_x64") else (
-      jax.experimental.enable_x64()):
-    x = jnp.ones((4, 8), jnp.float64) * 0.5
-    with pytest.raises(TypeError, match=r"\bx\b.*float64"):
-      rj.rms_norm(x, backend=impl)
-    with pytest.raises(TypeError, match=r"residual.*float64"):
-      rj.rms_norm_residual(x.astype(jnp.float32), x, backend=impl)
+  for op in ("forward", "backward", "residual_forward", "residual_backward"):
+    reason = impl.cannot_serve(_call(op, 4096, 4096, jnp.float64))
+    assert reason is not None and "float64" in reason
+    assert impl.cannot_serve(_call(op, 4096, 4096, jnp.bfloat16)) is None
 
 
-def test_preferred_for_crossover():
+def test_auto_declines_crossover():
   # The measured crossover (gpu.py): the kernel from one row up, except few
   # rows of very wide rows, where XLA's backward is faster.
   impl = PallasGpu()
-  assert impl.preferred_for(1, 768, jnp.float32)
-  assert impl.preferred_for(1, 4096, jnp.bfloat16)
-  assert impl.preferred_for(64, 768, jnp.float32)
-  assert impl.preferred_for(8192, 4096, jnp.bfloat16)
-  assert impl.preferred_for(32768, 128, jnp.bfloat16)
-  assert not impl.preferred_for(1, 16384, jnp.bfloat16)
-  assert not impl.preferred_for(4, 16384, jnp.bfloat16)
-  assert not impl.preferred_for(2, 65536, jnp.float32)
-  assert impl.preferred_for(4096, 16384, jnp.bfloat16)
-  assert not impl.preferred_for(2**20, 2**12, jnp.bfloat16)  # > 2**31 elems
+
+  def preferred(rows, hidden, dtype):
+    return impl.auto_declines(_call("forward", rows, hidden, dtype)) is None
+
+  assert preferred(1, 768, jnp.float32)
+  assert preferred(1, 4096, jnp.bfloat16)
+  assert preferred(64, 768, jnp.float32)
+  assert preferred(8192, 4096, jnp.bfloat16)
+  assert preferred(32768, 128, jnp.bfloat16)
+  assert not preferred(1, 16384, jnp.bfloat16)
+  assert not preferred(4, 16384, jnp.bfloat16)
+  assert not preferred(2, 65536, jnp.float32)
+  assert preferred(4096, 16384, jnp.bfloat16)
+  assert not preferred(2**20, 2**12, jnp.bfloat16)  # > 2**31 elems
 
 
 def test_registered_and_platforms():
@@ -254,15 +278,21 @@ def test_registered_and_platforms():
   assert kernels.BY_PLATFORM["cuda"] is PallasGpu
   assert PallasGpu().lowering_platforms() == ("cuda",)
   assert "cpu" in PallasGpu(interpret=True).lowering_platforms()
-  assert "pallas_gpu" in rj.backend_names()
+
+
+def _geometry(op, rows, hidden, itemsize=2):
+  config = gpu_tiling.resolve(gpu_tiling.Config(num_sms=132), op, rows,
+                              hidden, itemsize=itemsize)
+  assert config.resolved
+  return gpu_kernels.Geometry(config, rows, hidden)
 
 
 @pytest.mark.parametrize("rows,hidden", [
     (1, 768), (1, 4096), (64, 4096), (8192, 4096), (32768, 128),
     (4096, 16384), (3, 65536), (1000, 129), (7, 100)])
-@pytest.mark.parametrize("kind", ["fwd", "bwd", "bwd_residual"])
-def test_tiling_covers_every_row(kind, rows, hidden):
-  launch = gpu_tiling.plan(kind, rows, hidden, sms=132, itemsize=2)
+@pytest.mark.parametrize("op", ["forward", "backward", "residual_backward"])
+def test_tiling_covers_every_row(op, rows, hidden):
+  launch = _geometry(op, rows, hidden)
   assert launch.block_rows & (launch.block_rows - 1) == 0
   assert launch.block_cols & (launch.block_cols - 1) == 0
   assert launch.grid * launch.steps * launch.block_rows >= rows
@@ -281,16 +311,29 @@ def test_tiling_covers_every_row(kind, rows, hidden):
 def test_wide_backward_tiling_follows_the_sweep():
   # 16-bit rows of 16384 columns: 32 warps; the plain backward caches the
   # scale, the fused one (which also reads dh) does not; float32 keeps 16.
-  bwd16 = gpu_tiling.plan("bwd", 4096, 16384, sms=132, itemsize=2)
-  fused16 = gpu_tiling.plan("bwd_residual", 4096, 16384, sms=132, itemsize=2)
-  bwd32 = gpu_tiling.plan("bwd", 4096, 16384, sms=132, itemsize=4)
+  bwd16 = _geometry("backward", 4096, 16384).config
+  fused16 = _geometry("residual_backward", 4096, 16384).config
+  bwd32 = _geometry("backward", 4096, 16384, itemsize=4).config
   assert (bwd16.num_warps, bwd16.cache_scale, bwd16.reload) == (32, True, True)
   assert (fused16.num_warps, fused16.cache_scale) == (32, False)
   assert (bwd32.num_warps, bwd32.cache_scale) == (16, False)
-  narrower = gpu_tiling.plan("bwd", 8192, 4096, sms=132, itemsize=2)
+  narrower = _geometry("backward", 8192, 4096).config
   assert narrower.num_warps == 16
 
 
-def test_tiling_rejects_unknown_kind():
-  with pytest.raises(ValueError, match="kind must be .* got 'backward'"):
-    gpu_tiling.plan("backward", 8, 128, sms=132)
+def test_tiling_rejects_unknown_op():
+  with pytest.raises(ValueError, match="op must be one of .* got 'bwd'"):
+    gpu_tiling.resolve(gpu_tiling.Config(num_sms=132), "bwd", 8, 128)
+
+
+def test_user_config_is_kept_and_completed():
+  # A partial config: the given knobs survive, the rest are chosen.
+  user = gpu_tiling.Config(block_rows=3, num_warps=2, prefetch=False)
+  got = gpu_tiling.resolve(user, "backward", 1000, 129)
+  assert got.resolved and (got.block_rows, got.num_warps, got.prefetch) == (
+      4, 2, False)
+  assert got == gpu_tiling.resolve(got, "backward", 1000, 129)
+  with pytest.raises(ValueError, match="block_rows must be a positive int"):
+    gpu_tiling.Config(block_rows=0)
+  with pytest.raises(TypeError, match="gpu_tiling.Config"):
+    PallasGpu(config=dict(block_rows=4))

@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel modules: pallas_call types inside shard_map.
+"""Helpers shared by the kernel modules: what they serve, compiler
+parameters, pallas_call types inside shard_map.
 
 Inside ``shard_map`` with checked types (``check_vma=True``, the default) every
 value carries the set of manual mesh axes it varies over. A pallas_call must
@@ -9,6 +10,7 @@ agree. Outside shard_map the set is empty and these helpers change nothing.
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 
 def _varying(a) -> frozenset:
@@ -46,3 +48,45 @@ def vary_like(out_shapes, inputs):
     return jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat)
 
   return jax.tree.map(one, out_shapes)
+
+
+def compiler_params(module, legacy_name: str, **kwargs):
+  """``module.CompilerParams(**kwargs)`` for a Pallas backend module.
+
+  JAX renamed each backend's class (``TritonCompilerParams``,
+  ``TPUCompilerParams``) to ``CompilerParams``; ``legacy_name`` is the old
+  spelling, used where the new one is missing.
+  """
+  cls = getattr(module, "CompilerParams", None) or getattr(module, legacy_name)
+  return cls(**kwargs)
+
+
+FEATURES = ("bias", "llama", "per_head", "quantized")
+
+
+def not_implemented(name: str, call, dtypes,
+                    implemented=frozenset()) -> str | None:
+  """Why kernel ``name`` cannot serve ``call`` (a base.Call), or None.
+
+  ``implemented``: the names in ``FEATURES`` the kernel already serves; a
+  call needing any other one is declined with its name.
+  """
+  unknown = set(implemented) - set(FEATURES)
+  if unknown:
+    raise ValueError(f"implemented must name features among {FEATURES}; got "
+                     f"{sorted(unknown)}.")
+  if np.dtype(call.dtype) not in dtypes:
+    return (f"{name} supports {', '.join(np.dtype(d).name for d in dtypes)}, "
+            f"not {np.dtype(call.dtype).name}")
+  if call.norm.cast_mode != "float32" and "llama" not in implemented:
+    return f"{name} implements cast_mode='float32' only"
+  if call.has_bias and "bias" not in implemented:
+    return f"{name} does not add a bias"
+  if len(call.scale_shape) == 2 and "per_head" not in implemented:
+    return f"{name} does not take a per-head scale"
+  if call.op == "quantized_forward" and "quantized" not in implemented:
+    return f"{name} has no quantized forward"
+  if not call.static_rows:
+    return (f"{name} needs a static row count; got the symbolic dimension "
+            f"{call.rows}")
+  return None

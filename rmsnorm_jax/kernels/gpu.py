@@ -1,13 +1,16 @@
 """``PallasGpu``: the Pallas (Triton) implementation for NVIDIA GPUs.
 
-One kernel per primitive, each one pass over its inputs:
+One kernel per op, each one pass over its inputs (scale and bias are read
+by every program, from L2):
 
-* forward: reads x (and scale), writes y and the float32 rstd;
-* backward: reads x, dy, rstd (and scale), writes dx and per-program float32
-  partial sums of dscale, which a small XLA reduction finishes;
+* forward: reads x, writes y and the float32 rstd;
+* backward: reads x, dy, rstd, writes dx and per-program float32 partial
+  sums of dscale (and dbias), which a small XLA reduction finishes;
 * fused residual forward: reads x and residual, writes y, h and rstd;
 * fused residual backward: reads h, dy, dh, rstd, writes the gradient of h
-  and the dscale partials.
+  and the partials;
+* quantized forward: reads x (and residual), writes q, its per-row float32
+  scale (and h).
 
 Kernel bodies are in ``gpu_kernels.py``, launch heuristics in
 ``gpu_tiling.py``; the measurements behind the constants are in
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsnorm_jax import base
+from rmsnorm_jax.kernels import common
 from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 
@@ -48,17 +52,11 @@ AUTO_WIDE_MIN_ROWS = 8
 # Element offsets past 2**31 would need 64-bit pointer arithmetic in every
 # tile; such inputs (8 GiB of float32) stay on XLA under "auto".
 AUTO_MAX_ELEMENTS = 2**31 - 1
+# The features of issue 11 the kernels serve (kernels/common.py FEATURES).
+IMPLEMENTED = frozenset()
 # Interpret mode on CPU: a few "SMs" so that tests exercise the persistent
 # backward loop (several row blocks per program) on small shapes.
 INTERPRET_NUM_SMS = 4
-
-
-def _check_dtype(name: str, a):
-  if np.dtype(a.dtype) not in SUPPORTED_DTYPES:
-    raise TypeError(
-        f"pallas_gpu supports {name} of dtype float32, bfloat16 or float16; "
-        f"got {name} of shape {tuple(a.shape)} and dtype {a.dtype}. Use "
-        f"backend='xla' (or 'auto') for other dtypes.")
 
 
 def _f32_if_wide(a):
@@ -73,28 +71,16 @@ class PallasGpu(base.Implementation):
   """Pallas kernels lowered through Triton, for CUDA GPUs.
 
   Inputs: x (and residual) of dtype float32, bfloat16 or float16, 2-D
-  ``(rows, hidden)`` with any rows and hidden (hidden up to 65536 and beyond;
-  rows past 16384 columns are processed in chunks); scale ``None`` or
-  ``(hidden,)`` in any float dtype. float64 raises TypeError (naming the
-  argument); ``preferred_for`` is False for it, so "auto" uses XLA.
+  ``(rows, hidden)`` with any rows and hidden (rows past 16384 columns are
+  processed in chunks); scale ``None``, ``(hidden,)`` or per-head
+  ``(heads, hidden)`` and bias ``None`` or ``(hidden,)``, in any float
+  dtype; both cast modes; quantized outputs int8, float8_e4m3fn and
+  float8_e5m2. ``cannot_serve`` names what it does not take (float64, a
+  symbolic row count), so "auto" uses XLA there.
 
-  Attributes (all optional; None means the measured heuristic):
-    block_rows: rows per tile (rounded up to a power of two).
-    block_cols: columns per chunk; below the padded hidden size it forces the
-      chunked (two-loop) tiling.
-    num_warps: warps per program.
-    programs_per_sm: programs per SM of a persistent grid.
-    persistent: forward on a persistent grid (programs walk row blocks and
-      load the scale once); the backward always is.
-    prefetch: persistent backward loads the next row block while working on
-      the current one.
-    cache_scale: keep the scale in registers across the backward's row
-      blocks (else reload it from cache per block).
-    reload: backward reads x and dy again (from L2) after the row reduction
-      rather than holding them in registers across it (default: rows of
-      16384 padded columns and more, where holding them spilled).
-    num_stages: Triton software-pipelining depth of the kernels' loops.
-    num_sms: SM count used to size grids (default: read off the device).
+  Attributes:
+    config: launch knobs (``gpu_tiling.Config``); its None fields (all, by
+      default) are chosen per call by ``gpu_tiling.resolve``.
     interpret: run with the Pallas interpreter; then every platform
       (including CPU) may lower it, which is how CI tests the kernels.
     poison_outputs: testing aid; outputs start as NaN so that an element the
@@ -104,49 +90,55 @@ class PallasGpu(base.Implementation):
   name: ClassVar[str] = "pallas_gpu"
   platforms: ClassVar[tuple[str, ...]] = ("cuda",)
 
-  block_rows: int | None = None
-  block_cols: int | None = None
-  num_warps: int | None = None
-  programs_per_sm: int | None = None
-  persistent: bool | None = None
-  prefetch: bool | None = None
-  cache_scale: bool | None = None
-  reload: bool | None = None
-  num_stages: int | None = None
-  num_sms: int | None = None
+  config: gpu_tiling.Config = gpu_tiling.Config()
   interpret: bool = False
   poison_outputs: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.config, gpu_tiling.Config):
+      raise TypeError("PallasGpu(config=...) takes a gpu_tiling.Config; got "
+                      f"{type(self.config).__name__}.")
 
   def lowering_platforms(self) -> tuple[str, ...]:
     if self.interpret:
       return ("cpu", "cuda", "rocm", "tpu")
     return self.platforms
 
-  def preferred_for(self, rows: int, hidden: int, dtype) -> bool:
-    """True where the kernel measured faster than XLA (see constants)."""
-    if np.dtype(dtype) not in SUPPORTED_DTYPES:
-      return False
-    rows, hidden = int(rows), int(hidden)
+  def cannot_serve(self, call: base.Call) -> str | None:
+    """Why the kernels cannot compute ``call`` (None when they can)."""
+    return common.not_implemented(self.name, call, SUPPORTED_DTYPES,
+                                  IMPLEMENTED)
+
+  def auto_declines(self, call: base.Call) -> str | None:
+    """Where XLA measured faster than the kernel (see the constants)."""
+    rows, hidden = int(call.rows), int(call.hidden)
     if rows * hidden > AUTO_MAX_ELEMENTS:
-      return False
-    if gpu_tiling.next_pow2(hidden) >= AUTO_WIDE_COLS:
-      return rows >= AUTO_WIDE_MIN_ROWS
-    return True
+      return (f"{rows}x{hidden} elements need 64-bit offsets, which the "
+              "kernel does not use")
+    if (gpu_tiling.next_pow2(hidden) >= AUTO_WIDE_COLS
+        and rows < AUTO_WIDE_MIN_ROWS):
+      return (f"XLA measured faster for fewer than {AUTO_WIDE_MIN_ROWS} rows "
+              f"of {AUTO_WIDE_COLS} or more columns")
+    return None
 
   # ------------------------------------------------------------- plumbing --
 
-  def _launch(self, kind: str, x):
+  def resolved_config(self, op: str, rows: int, hidden: int,
+                      dtype) -> gpu_tiling.Config:
+    """The full configuration ``op`` runs with on ``(rows, hidden)``."""
+    config = self.config
+    if config.num_sms is None:
+      config = dataclasses.replace(
+          config, num_sms=INTERPRET_NUM_SMS if self.interpret
+          else gpu_tiling.num_sms())
+    return gpu_tiling.resolve(config, op, rows, hidden,
+                              itemsize=np.dtype(dtype).itemsize)
+
+  def _kw(self, op, x, dtype=None):
     rows, hidden = x.shape
-    sms = self.num_sms or (INTERPRET_NUM_SMS if self.interpret
-                           else gpu_tiling.num_sms())
-    return gpu_tiling.plan(
-        kind, rows, hidden, sms=sms, itemsize=np.dtype(x.dtype).itemsize,
-        persistent=self.persistent, block_rows=self.block_rows,
-        block_cols=self.block_cols, num_warps=self.num_warps,
-        programs_per_sm=self.programs_per_sm, prefetch=self.prefetch,
-        cache_scale=self.cache_scale, reload=self.reload,
-        num_stages=self.num_stages,
-        interpret=self.interpret)
+    return dict(config=self.resolved_config(op, rows, hidden,
+                                            dtype or x.dtype),
+                interpret=self.interpret, poison=self.poison_outputs)
 
   @staticmethod
   def _kernel_out_dtype(out_dtype):
@@ -156,41 +148,47 @@ class PallasGpu(base.Implementation):
 
   # ------------------------------------------------------------ interface --
 
-  def forward(self, x, scale, *, eps, scale_offset, out_dtype):
-    """x (rows, hidden) -> (y in out_dtype, rstd float32 (rows,))."""
-    _check_dtype("x", x)
+  def forward(self, x, scale, bias, *, norm):
+    """x (rows, hidden) -> (y in norm.out_dtype, rstd float32 (rows,))."""
     y, rstd = gpu_kernels.forward(
-        x, None, _f32_if_wide(scale), launch=self._launch("fwd", x),
-        eps=eps, offset=scale_offset,
-        out_dtype=self._kernel_out_dtype(out_dtype),
-        poison=self.poison_outputs)
-    return y.astype(out_dtype), rstd
+        x, None, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
+        out_dtype=self._kernel_out_dtype(norm.out_dtype),
+        **self._kw("forward", x))
+    return y.astype(norm.out_dtype), rstd
 
-  def backward(self, x, scale, rstd, dy, *, scale_offset):
-    """-> (dx in x.dtype, dscale float32 (hidden,) or None)."""
-    _check_dtype("x", x)
+  def backward(self, x, scale, bias, rstd, dy, *, norm):
+    """-> (dx in x.dtype, dscale float32 scale-shaped or None, dbias)."""
     return gpu_kernels.backward(
-        x, _f32_if_wide(scale), rstd, _f32_if_wide(dy), None,
-        launch=self._launch("bwd", x), offset=scale_offset,
-        poison=self.poison_outputs)
+        x, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy), None,
+        norm=norm, **self._kw("backward", x))
 
-  def residual_forward(self, x, residual, scale, *, eps, scale_offset,
-                       out_dtype):
+  def residual_forward(self, x, residual, scale, bias, *, norm):
     """-> (y in out_dtype, h = x + residual in residual.dtype, rstd)."""
-    _check_dtype("x", x)
-    _check_dtype("residual", residual)
+    wider = max(x.dtype.itemsize, residual.dtype.itemsize)
     y, h, rstd = gpu_kernels.forward(
-        x, residual, _f32_if_wide(scale),
-        launch=self._launch("fwd", x if x.dtype.itemsize >= residual.dtype.itemsize
-                            else residual), eps=eps,
-        offset=scale_offset, out_dtype=self._kernel_out_dtype(out_dtype),
-        poison=self.poison_outputs)
-    return y.astype(out_dtype), h, rstd
+        x, residual, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
+        out_dtype=self._kernel_out_dtype(norm.out_dtype),
+        **self._kw("residual_forward", x, np.dtype(f"f{wider}")))
+    return y.astype(norm.out_dtype), h, rstd
 
-  def residual_backward(self, h, scale, rstd, dy, dh, *, scale_offset):
-    """-> (gradient of h in h.dtype, dscale float32 or None)."""
-    _check_dtype("h", h)
+  def residual_backward(self, h, scale, bias, rstd, dy, dh, *, norm):
+    """-> (gradient of h in h.dtype, dscale float32 or None, dbias)."""
     return gpu_kernels.backward(
-        h, _f32_if_wide(scale), rstd, _f32_if_wide(dy), _f32_if_wide(dh),
-        launch=self._launch("bwd_residual", h), offset=scale_offset,
-        poison=self.poison_outputs)
+        h, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy),
+        _f32_if_wide(dh), norm=norm, **self._kw("residual_backward", h))
+
+  def quantized_forward(self, x, residual, scale, bias, quant_scale, *,
+                        norm):
+    """-> (q in norm.quant_dtype, q_scale float32 (rows, 1), h or None).
+
+    One pass: reads x (and residual), writes q, q_scale (and h).
+    """
+    wider = x.dtype.itemsize if residual is None else max(
+        x.dtype.itemsize, residual.dtype.itemsize)
+    outs = gpu_kernels.forward(
+        x, residual, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
+        out_dtype=None, quant_scale=quant_scale,
+        **self._kw("quantized_forward", x, np.dtype(f"f{wider}")))
+    if residual is None:
+      return outs[0], outs[1], None
+    return outs

@@ -3,22 +3,31 @@
 Every kernel sees whole-array refs (no BlockSpecs) and addresses them with
 ``pl.ds`` windows of power-of-two size plus masks: the Triton lowering needs
 power-of-two tensors, and explicit masks let one kernel cover ragged row
-counts and hidden sizes that are not a power of two. All arithmetic is in
-float32; inputs are upcast on load and outputs rounded once on store.
+counts and hidden sizes that are not a power of two. Statistics and
+products are float32; inputs are upcast on load and outputs rounded once on
+store, except where cast_mode "llama" prescribes intermediate roundings
+(``_round``).
 
-Two tilings (chosen by ``gpu_tiling.py``):
+Two tilings (chosen by ``gpu_tiling.resolve``):
 
 * resident: a tile of ``block_rows`` whole rows, ``block_cols =
   next_pow2(hidden)``; one read of each input, one write of each output.
 * chunked (wide rows): ``block_rows`` rows are walked in ``block_cols``-wide
-  chunks twice, a first loop for the row statistic and a second for the
-  outputs. The second loop re-reads its inputs, which the first loop just
-  left in L2.
+  chunks, a first loop for the row statistic and later ones for the
+  outputs. Later loops re-read their inputs, which the first loop just left
+  in L2.
 
 The backward of the resident tiling runs on a persistent grid: each program
-walks the row blocks ``pid, pid + grid, ...`` and keeps its share of dscale in
-registers, so the partial sums written are ``grid x hidden`` floats however
-many rows there are, and a small XLA reduction finishes dscale.
+walks the row blocks ``pid, pid + grid, ...`` and keeps its share of dscale
+(and dbias) in registers, so the partial sums written are ``grid x hidden``
+floats however many rows there are, and a small XLA reduction in a fixed
+order finishes them (no atomics: results are bitwise reproducible).
+
+A per-head scale ``(heads, head_dim)`` applies to rows ``(tokens, heads)``
+flattened. The kernels view x as ``(tokens, heads * head_dim)`` (a free
+reshape) and run a second grid axis over heads: program ``(p, h)`` handles
+head ``h``'s ``head_dim``-wide column window of its row blocks, so its scale
+row is one vector, loaded once, and its dscale partial belongs to one head.
 """
 
 from __future__ import annotations
@@ -31,59 +40,72 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+import numpy as np
 
+from rmsnorm_jax import base
 from rmsnorm_jax.kernels import common
-
-# The Triton compiler-parameter class was renamed across JAX releases.
-_CompilerParams = (getattr(pltriton, "CompilerParams", None)
-                   or getattr(pltriton, "TritonCompilerParams"))
+from rmsnorm_jax.kernels.gpu_tiling import Config
 
 _F32 = jnp.float32
+# Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22
+# to an integer, half to even (the sum's unit in the last place is 1); the
+# Triton lowering has no round-to-nearest-even primitive.
+_ROUND_MAGIC = 12582912.0
 
 
 @dataclasses.dataclass(frozen=True)
-class Launch:
-  """A static launch configuration for one kernel call.
+class Geometry:
+  """What a resolved ``Config`` implies for one call (derived, no knobs).
 
   Attributes:
-    rows, hidden: the 2-D problem.
-    block_rows: rows per tile (power of two).
-    block_cols: columns per tile (power of two); ``>= hidden`` when resident.
-    resident: the whole (padded) row is one tile.
-    num_warps: warps per program.
-    grid: number of programs.
-    steps: row blocks each program walks (persistent backward only; else 1).
-    prefetch: persistent backward loads the next row block before working on
-      the current one, so a block's loads are in flight during the previous
-      block's reduction and stores.
-    cache_scale: keep the scale tile in registers across row blocks (else
-      reload it per block, from L1/L2; saves registers on wide rows).
-    reload: backward only: read x and dy (and the scale) a second time, from
-      L2, after the row reduction instead of keeping them in registers
-      across it. On 16384-wide rows the kept values did not fit (128
-      registers per thread and ~350 MB of local-memory spill traffic for
-      4096 rows, measured with Nsight Compute).
-    num_stages: Triton software-pipelining depth for loops.
-    interpret: run the kernel with the Pallas interpreter (any platform).
+    config: the resolved configuration (``gpu_tiling.resolve``).
+    rows: rows of one head (all rows without a per-head scale).
+    hidden: normalized width (head_dim with a per-head scale).
+    heads: scale rows (1 without a per-head scale); the second grid axis.
   """
 
+  config: Config
   rows: int
   hidden: int
-  block_rows: int
-  block_cols: int
-  resident: bool
-  num_warps: int
-  grid: int
-  steps: int = 1
-  prefetch: bool = False
-  cache_scale: bool = True
-  reload: bool = False
-  num_stages: int = 1
-  interpret: bool = False
+  heads: int = 1
 
   @property
-  def row_blocks(self) -> int:
-    return pl.cdiv(self.rows, self.block_rows)
+  def block_rows(self) -> int:
+    return self.config.block_rows
+
+  @property
+  def block_cols(self) -> int:
+    return self.config.block_cols
+
+  @property
+  def resident(self) -> bool:
+    """The whole (padded) row is one tile."""
+    return self.block_cols >= self.hidden
+
+  @functools.cached_property
+  def _grid_steps(self) -> tuple[int, int]:
+    blocks = pl.cdiv(self.rows, self.block_rows)
+    if not (self.resident and self.config.persistent):
+      return blocks, 1
+    slots = self.config.num_sms * self.config.programs_per_sm
+    grid = max(1, min(blocks, slots // self.heads))
+    steps = pl.cdiv(blocks, grid)
+    # Same steps per program, no program left with only empty blocks.
+    return pl.cdiv(blocks, steps), steps
+
+  @property
+  def grid(self) -> int:
+    """Programs along the rows (per head)."""
+    return self._grid_steps[0]
+
+  @property
+  def steps(self) -> int:
+    """Row blocks each program walks (1 unless persistent)."""
+    return self._grid_steps[1]
+
+  @property
+  def prefetch(self) -> bool:
+    return self.config.prefetch and self.steps > 1
 
   @property
   def rows_ragged(self) -> bool:
@@ -101,17 +123,114 @@ class Launch:
     return 1 if self.resident else pl.cdiv(self.hidden, self.block_cols)
 
 
-class _Tile:
-  """Masks and windows of one ``block_rows x block_cols`` tile."""
+@dataclasses.dataclass(frozen=True)
+class _Math:
+  """The static arithmetic of one call (cast order, operands, quantization).
 
-  def __init__(self, launch: Launch, r0, c0, mask_rows: bool = False):
-    self.launch = launch
-    self.r0, self.c0 = r0, c0
-    br, bc = launch.block_rows, launch.block_cols
-    self.rmask = ((r0 + jnp.arange(br)) < launch.rows
-                  if launch.rows_ragged or mask_rows else None)
-    self.cmask = ((c0 + jnp.arange(bc)) < launch.hidden
-                  if launch.cols_ragged else None)
+  ``xdt`` is the dtype x_hat is rounded to under "llama" (the normalized
+  input's), ``pdt`` the dtype of the products (``Norm.product_dtype``);
+  ``offset`` is already rounded to ``pdt``. ``qmax`` is None unless the
+  output is quantized.
+  """
+
+  eps: float = 0.0
+  offset: float = 0.0
+  llama: bool = False
+  xdt: np.dtype = np.dtype(np.float32)
+  pdt: np.dtype = np.dtype(np.float32)
+  has_scale: bool = False
+  has_bias: bool = False
+  qmax: float | None = None
+  q_int: bool = False
+  q_static: bool = False
+  interpret: bool = False
+
+  def round(self, v, dtype):
+    """float32 ``v`` rounded to ``dtype`` and back (a no-op for float32)."""
+    if np.dtype(dtype) == np.dtype(np.float32):
+      return v
+    return v.astype(dtype).astype(_F32)
+
+  def weight(self, w):
+    """``scale + offset`` as the cast mode computes it (float32 values)."""
+    if self.llama:
+      return self.round(w + _F32(self.offset), self.pdt) if self.offset else w
+    return w + _F32(self.offset) if self.offset else w
+
+  def bias(self, b):
+    return self.round(b, self.pdt) if self.llama else b
+
+  def output(self, h, rstd, w, b):
+    """y (float32 values) from the normalized input h and its rstd."""
+    y = h * rstd[:, None]
+    if self.llama:
+      y = self.round(y, self.xdt)
+      if w is not None:
+        y = self.round(y * w[None, :], self.pdt)
+      if b is not None:
+        y = self.round(y + b[None, :], self.pdt)
+      return y
+    if w is not None:
+      y = y * w[None, :]
+    if b is not None:
+      y = y + b[None, :]
+    return y
+
+  def grad_terms(self, x, dy, w, rstd):
+    """``(dy in the product dtype, g, x_hat, x_hat as dscale sees it)``."""
+    x, dy = x.astype(_F32), dy.astype(_F32)
+    xhat = x * rstd[:, None]
+    if not self.llama:
+      g = dy * w[None, :] if w is not None else dy
+      return dy, g, xhat, xhat
+    dyp = self.round(dy, self.pdt)
+    g = self.round(dyp * w[None, :], self.pdt) if w is not None else dyp
+    # The cotangent passes back through x_hat's rounding to x's dtype.
+    g = self.round(g, self.xdt)
+    return dyp, g, xhat, self.round(xhat, self.xdt)
+
+  def divide(self, a, b):
+    """Correctly rounded float32 ``a / b`` (b broadcast to a's shape).
+
+    Triton lowers ``/`` to an approximate division (``div.full.f32``); the
+    quantization rule divides exactly, as XLA does.
+    """
+    b = jnp.broadcast_to(b, a.shape)
+    if self.interpret:
+      return a / b
+    return pltriton.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, _F32)])[0]
+
+  def quant_scale(self, amax):
+    """Dynamic per-row scale: ``amax / qmax``, 1 for an all-zero row."""
+    s = self.divide(amax, jnp.full(amax.shape, self.qmax, _F32))
+    return jnp.where(amax > 0, s, _F32(1.0))
+
+  def quantize(self, y, qs):
+    """Values of q (float32) for y and per-row scales qs."""
+    v = self.divide(y, qs[:, None])
+    v = jnp.minimum(jnp.maximum(v, _F32(-self.qmax)), _F32(self.qmax))
+    if self.q_int:
+      v = (v + _F32(_ROUND_MAGIC)) - _F32(_ROUND_MAGIC)
+    return v
+
+
+class _Tile:
+  """Masks and windows of one ``block_rows x block_cols`` tile.
+
+  ``r0`` is the first row (of one head), ``c0`` the first column within the
+  head's ``hidden``-wide window, ``head`` the head (0 without per-head).
+  """
+
+  def __init__(self, g: Geometry, r0, c0, head, mask_rows: bool = False):
+    self.g = g
+    self.r0, self.c0, self.head = r0, c0, head
+    br, bc = g.block_rows, g.block_cols
+    self.rmask = ((r0 + jnp.arange(br)) < g.rows
+                  if g.rows_ragged or mask_rows else None)
+    self.cmask = ((c0 + jnp.arange(bc)) < g.hidden
+                  if g.cols_ragged else None)
     if self.rmask is None:
       self.mask = None if self.cmask is None else jnp.broadcast_to(
           self.cmask[None, :], (br, bc))
@@ -120,18 +239,21 @@ class _Tile:
     else:
       self.mask = self.rmask[:, None] & self.cmask[None, :]
 
+  def _col(self, per_head=True):
+    if self.g.heads == 1 or not per_head:
+      return self.c0
+    return self.head * self.g.hidden + self.c0
+
   def _window(self, ref):
-    return ref.at[pl.ds(self.r0, self.launch.block_rows),
-                  pl.ds(self.c0, self.launch.block_cols)]
+    return ref.at[pl.ds(self.r0, self.g.block_rows),
+                  pl.ds(self._col(), self.g.block_cols)]
 
   def load(self, ref, eviction_policy=None):
-    """The tile of ``ref`` as float32; masked-off elements read 0."""
+    """The tile of ``ref`` (input dtype); masked-off elements read 0."""
     kw = {} if eviction_policy is None else {"eviction_policy": eviction_policy}
     if self.mask is None:
-      v = pltriton.load(self._window(ref), **kw)
-    else:
-      v = pltriton.load(self._window(ref), mask=self.mask, other=0.0, **kw)
-    return v
+      return pltriton.load(self._window(ref), **kw)
+    return pltriton.load(self._window(ref), mask=self.mask, other=0.0, **kw)
 
   def store(self, ref, value):
     value = value.astype(ref.dtype)
@@ -140,33 +262,37 @@ class _Tile:
     else:
       pltriton.store(self._window(ref), value, mask=self.mask)
 
+  def _row_window(self, ref):
+    return ref.at[pl.ds(self.r0, self.g.block_rows), self.head]
+
   def load_row_stat(self, ref):
-    """``ref[r0:r0+block_rows]`` of a per-row float32 vector."""
-    win = ref.at[pl.ds(self.r0, self.launch.block_rows)]
+    """Rows ``r0:r0+block_rows`` of a per-row ``(rows, heads)`` array."""
     if self.rmask is None:
-      return pltriton.load(win).astype(_F32)
-    return pltriton.load(win, mask=self.rmask, other=0.0).astype(_F32)
+      return pltriton.load(self._row_window(ref)).astype(_F32)
+    return pltriton.load(self._row_window(ref), mask=self.rmask,
+                         other=0.0).astype(_F32)
 
   def store_row_stat(self, ref, value):
-    win = ref.at[pl.ds(self.r0, self.launch.block_rows)]
+    value = value.astype(ref.dtype)
     if self.rmask is None:
-      pltriton.store(win, value.astype(ref.dtype))
+      pltriton.store(self._row_window(ref), value)
     else:
-      pltriton.store(win, value.astype(ref.dtype), mask=self.rmask)
+      pltriton.store(self._row_window(ref), value, mask=self.rmask)
 
-  def load_weight(self, ref, offset, eviction_policy=None):
-    """``scale[c0:c0+block_cols] + offset`` in float32 (0 where masked)."""
-    win = ref.at[pl.ds(self.c0, self.launch.block_cols)]
+  def load_vector(self, ref, per_head=False, eviction_policy=None):
+    """The tile's columns of a per-feature vector, float32 (0 if masked).
+
+    ``per_head``: ``ref`` holds ``heads`` rows of ``hidden`` flattened.
+    """
+    win = ref.at[pl.ds(self._col(per_head), self.g.block_cols)]
     kw = {} if eviction_policy is None else {"eviction_policy": eviction_policy}
     if self.cmask is None:
-      w = pltriton.load(win, **kw).astype(_F32)
-    else:
-      w = pltriton.load(win, mask=self.cmask, other=0.0, **kw).astype(_F32)
-    return w + _F32(offset) if offset else w
+      return pltriton.load(win, **kw).astype(_F32)
+    return pltriton.load(win, mask=self.cmask, other=0.0, **kw).astype(_F32)
 
   def store_cols(self, ref, row, value):
     """Stores a ``(block_cols,)`` vector into row ``row`` of a 2-D ref."""
-    win = ref.at[pl.ds(row, 1), pl.ds(self.c0, self.launch.block_cols)]
+    win = ref.at[pl.ds(row, 1), pl.ds(self._col(), self.g.block_cols)]
     value = value[None, :].astype(ref.dtype)
     if self.cmask is None:
       pltriton.store(win, value)
@@ -186,70 +312,95 @@ def _take(it, flag):
   return next(it) if flag else None
 
 
-def _walk(L: Launch, load_block, work, carry):
+def _walk(g: Geometry, load_block, work, carry):
   """Runs ``work(k, load_block(k), carry)`` over a program's row blocks.
 
-  With ``L.prefetch`` the loads of block k+1 are issued before the work on
-  block k, so they are in flight during its reduction and stores (the block
-  after the last one is fully masked and reads nothing).
+  With prefetch the loads of block k+1 are issued before the work on block
+  k, so they are in flight during its reduction and stores (the block after
+  the last one is fully masked and reads nothing).
   """
-  if L.steps == 1:
+  if g.steps == 1:
     return work(0, load_block(0), carry)
-  if L.prefetch:
+  if g.prefetch:
     def step(k, state):
       c, block = state
       following = load_block(k + 1)
       return work(k, block, c), following
-    return lax.fori_loop(0, L.steps, step, (carry, load_block(0)))[0]
-  return lax.fori_loop(0, L.steps,
+    return lax.fori_loop(0, g.steps, step, (carry, load_block(0)))[0]
+  return lax.fori_loop(0, g.steps,
                        lambda k, c: work(k, load_block(k), c), carry)
+
+
+def _head(g: Geometry):
+  # An array, not a Python int: interpret mode indexes refs with arrays only.
+  return pl.program_id(1) if g.heads > 1 else jnp.int32(0)
 
 
 # ---------------------------------------------------------------- forward --
 
-def _forward_kernel(*refs, launch: Launch, eps: float, offset: float,
-                    has_scale: bool, has_res: bool, n_alias: int):
-  """y = h * rstd * w with h = x (+ residual, rounded to residual's dtype)."""
+def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
+                    n_alias: int):
+  """y = norm(h) with h = x (+ residual, rounded to residual's dtype)."""
   it = iter(refs)
   x_ref = next(it)
   r_ref = _take(it, has_res)
-  w_ref = _take(it, has_scale)
+  w_ref = _take(it, m.has_scale)
+  b_ref = _take(it, m.has_bias)
+  qs_in_ref = _take(it, m.q_static)
   for _ in range(n_alias):  # poison buffers, aliased to the outputs below
     next(it)
-  y_ref = next(it)
+  quant = m.qmax is not None
+  y_ref = next(it)  # q when quantized
+  qs_ref = _take(it, quant)
   h_ref = _take(it, has_res)
-  rstd_ref = next(it)
+  rstd_ref = _take(it, not quant)
 
-  L = launch
-  r0 = pl.program_id(0) * L.block_rows
-  inv_n = 1.0 / L.hidden
+  pid, head = pl.program_id(0), _head(g)
+  inv_n = _F32(1.0 / g.hidden)
+
+  def operands(tile, policy=None):
+    w = m.weight(tile.load_vector(w_ref, g.heads > 1, policy)) if (
+        m.has_scale) else None
+    b = m.bias(tile.load_vector(b_ref, False, policy)) if m.has_bias else None
+    return w, b
+
+  static_qs = None
+  if m.q_static:
+    static_qs = jnp.broadcast_to(
+        pltriton.load(qs_in_ref.at[pl.ds(0, 1)]).astype(_F32),
+        (g.block_rows,))
+
+  def emit(tile, y, rstd, qs=None):
+    """Stores y (or q and its scales) and the row statistic."""
+    if not quant:
+      tile.store(y_ref, y)
+      tile.store_row_stat(rstd_ref, rstd)
+      return
+    if qs is None:
+      qs = static_qs if m.q_static else m.quant_scale(
+          jnp.max(jnp.abs(y), axis=1))
+    tile.store(y_ref, m.quantize(y, qs))
+    tile.store_row_stat(qs_ref, qs)
 
   def normed_input(tile, store_h, policy=None):
-    x = tile.load(x_ref, policy).astype(_F32)
+    h = tile.load(x_ref, policy).astype(_F32)
     if not has_res:
-      return x
+      return h
     # h is rounded to residual's dtype: the caller gets exactly what the
     # norm saw.
-    h = (x + tile.load(r_ref, policy).astype(_F32)).astype(h_ref.dtype)
+    h = (h + tile.load(r_ref, policy).astype(_F32)).astype(h_ref.dtype)
     if store_h:
       tile.store(h_ref, h)
     return h.astype(_F32)
 
-  def output(tile, h, rstd):
-    y = h * rstd[:, None]
-    if has_scale:
-      y = y * tile.load_weight(w_ref, offset)[None, :]
-    tile.store(y_ref, y)
-
-  if L.resident:
-    w_cached = None
-    if has_scale and L.cache_scale:
-      w_cached = _Tile(L, 0, 0).load_weight(w_ref, offset)
-    pid = pl.program_id(0)
+  if g.resident:
+    cached = None
+    if g.config.cache_scale:
+      cached = operands(_Tile(g, 0, 0, head))
 
     def block_tile(k):
-      return _Tile(L, (pid + k * L.grid) * L.block_rows, 0,
-                   mask_rows=L.prefetch)
+      return _Tile(g, (pid + k * g.grid) * g.block_rows, 0, head,
+                   mask_rows=g.prefetch)
 
     def load_block(k):
       tile = block_tile(k)
@@ -260,121 +411,215 @@ def _forward_kernel(*refs, launch: Launch, eps: float, offset: float,
       x, r = block
       h = x.astype(_F32)
       if has_res:
-        # h is rounded to residual's dtype: the caller gets exactly what the
-        # norm saw.
         h = (h + r.astype(_F32)).astype(h_ref.dtype)
         tile.store(h_ref, h)
         h = h.astype(_F32)
-      rstd = lax.rsqrt(jnp.sum(h * h, axis=1) * _F32(inv_n) + _F32(eps))
-      y = h * rstd[:, None]
-      if has_scale:
-        w = w_cached if w_cached is not None else tile.load_weight(
-            w_ref, offset)
-        y = y * w[None, :]
-      tile.store(y_ref, y)
-      tile.store_row_stat(rstd_ref, rstd)
+      rstd = lax.rsqrt(jnp.sum(h * h, axis=1) * inv_n + _F32(m.eps))
+      w, b = cached if cached is not None else operands(tile)
+      emit(tile, m.output(h, rstd, w, b), rstd)
       return carry
 
-    _walk(L, load_block, work, 0)
+    _walk(g, load_block, work, 0)
     return
 
+  r0 = pid * g.block_rows
+
   def chunk(i):
-    return _Tile(L, r0, _multiple_of(i * L.block_cols, L.block_cols))
+    return _Tile(g, r0, _multiple_of(i * g.block_cols, g.block_cols), head)
 
   def sum_squares(i, acc):
     h = normed_input(chunk(i), store_h=True, policy="evict_last")
     return acc + h * h
 
-  acc = lax.fori_loop(0, L.num_chunks, sum_squares,
-                      jnp.zeros((L.block_rows, L.block_cols), _F32))
-  rstd = lax.rsqrt(jnp.sum(acc, axis=1) * _F32(inv_n) + _F32(eps))
+  acc = lax.fori_loop(0, g.num_chunks, sum_squares,
+                      jnp.zeros((g.block_rows, g.block_cols), _F32))
+  rstd = lax.rsqrt(jnp.sum(acc, axis=1) * inv_n + _F32(m.eps))
+
+  def chunk_output(tile, policy):
+    # Recomputed from x and residual (L2 hits) rather than read back from
+    # h_ref, which other threads of this program wrote.
+    h = normed_input(tile, store_h=False, policy=policy)
+    return m.output(h, rstd, *operands(tile))
+
+  qs = static_qs
+  if quant and not m.q_static:
+    def row_max(i, amax):
+      y = chunk_output(chunk(i), "evict_last")
+      return jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1))
+    qs = m.quant_scale(lax.fori_loop(0, g.num_chunks, row_max,
+                                     jnp.zeros((g.block_rows,), _F32)))
 
   def write(i, carry):
     tile = chunk(i)
-    # Recomputed from x and residual (L2 hits) rather than read back from
-    # h_ref, which other threads of this program wrote.
-    output(tile, normed_input(tile, store_h=False, policy="evict_first"), rstd)
+    y = chunk_output(tile, "evict_first")
+    if quant:
+      tile.store(y_ref, m.quantize(y, qs))
+    else:
+      tile.store(y_ref, y)
     return carry
 
-  lax.fori_loop(0, L.num_chunks, write, 0)
-  _Tile(L, r0, 0).store_row_stat(rstd_ref, rstd)
+  lax.fori_loop(0, g.num_chunks, write, 0)
+  row = _Tile(g, r0, 0, head)
+  if quant:
+    row.store_row_stat(qs_ref, qs)
+  else:
+    row.store_row_stat(rstd_ref, rstd)
 
 
-def forward(x, residual, scale, *, launch: Launch, eps: float, offset: float,
-            out_dtype, res_dtype=None, poison: bool = False):
-  """Runs the forward kernel.
+def _math(norm: base.Norm, x_dtype, scale, bias, interpret, quant_scale=None):
+  pdt = norm.product_dtype(x_dtype, None if scale is None else scale.dtype)
+  if pdt == np.dtype(np.float64):  # x64 mode: applied in float32
+    pdt = np.dtype(np.float32)
+  llama = norm.cast_mode == "llama"
+  offset = float(np.asarray(norm.scale_offset, pdt)) if llama else float(
+      np.float32(norm.scale_offset))
+  kw = {}
+  if norm.quant_dtype is not None:
+    qdt = np.dtype(norm.quant_dtype)
+    kw = dict(qmax=base.QUANT_MAX[qdt], q_int=qdt == np.dtype(jnp.int8),
+              q_static=quant_scale is not None)
+  return _Math(eps=float(norm.eps), offset=offset, llama=llama,
+               xdt=np.dtype(x_dtype), pdt=pdt, has_scale=scale is not None,
+               has_bias=bias is not None, interpret=interpret, **kw)
+
+
+def _rows_view(a, heads):
+  """(rows, hidden) as (rows // heads, heads * hidden): a free reshape."""
+  if a is None or heads == 1:
+    return a
+  rows, hidden = a.shape
+  return a.reshape(rows // heads, heads * hidden)
+
+
+def forward(x, residual, scale, bias, *, config: Config, norm: base.Norm,
+            out_dtype, quant_scale=None, interpret: bool = False,
+            poison: bool = False):
+  """Runs the forward kernel (plain, fused residual or quantized).
 
   Args:
     x: (rows, hidden) float32/bfloat16/float16.
     residual: None, or (rows, hidden) array added to x first.
-    scale: None or (hidden,) array, any float dtype.
-    launch: tiling from ``gpu_tiling``.
+    scale: None, (hidden,) or per-head (heads, hidden), any float dtype;
+      rows must be a multiple of heads.
+    bias: None or (hidden,).
+    config: resolved tiling (``gpu_tiling.resolve``).
+    norm: the static arguments; ``norm.quant_dtype`` set selects the
+      quantized output.
+    out_dtype: y's dtype (ignored when quantized).
+    quant_scale: static quantization: a float32 scalar array; None for
+      dynamic per-row scales.
     poison: start every output from NaN (through input/output aliasing) so
       tests see any element the kernel failed to write.
 
   Returns:
-    ``(y, rstd)`` or, with a residual, ``(y, h, rstd)``; rstd float32 (rows,).
+    ``(y, rstd)``, with a residual ``(y, h, rstd)``; quantized
+    ``(q, q_scale)`` or ``(q, q_scale, h)``. rstd float32 (rows,), q_scale
+    float32 (rows, 1).
   """
   rows, hidden = x.shape
-  has_res, has_scale = residual is not None, scale is not None
-  out_shapes = [jax.ShapeDtypeStruct((rows, hidden), out_dtype)]
+  heads = 1 if scale is None or scale.ndim == 1 else scale.shape[0]
+  tokens = rows // heads
+  g = Geometry(config, tokens, hidden, heads)
+  has_res = residual is not None
+  h_dtype = residual.dtype if has_res else x.dtype
+  m = _math(norm, h_dtype, scale, bias, interpret, quant_scale)
+  quant = m.qmax is not None
+  wide = (tokens, heads * hidden)
+  out_shapes = [jax.ShapeDtypeStruct(
+      wide, norm.quant_dtype if quant else out_dtype)]
+  if quant:
+    out_shapes.append(jax.ShapeDtypeStruct((tokens, heads), _F32))
   if has_res:
-    out_shapes.append(jax.ShapeDtypeStruct((rows, hidden), residual.dtype))
-  out_shapes.append(jax.ShapeDtypeStruct((rows,), _F32))
-  inputs = [x] + ([residual] if has_res else []) + (
-      [scale] if has_scale else [])
-  return _call(_forward_kernel, inputs, out_shapes, launch, poison,
-               name="rmsnorm_fwd" + ("_residual" if has_res else ""),
-               eps=eps, offset=offset, has_scale=has_scale, has_res=has_res)
+    out_shapes.append(jax.ShapeDtypeStruct(wide, residual.dtype))
+  if not quant:
+    out_shapes.append(jax.ShapeDtypeStruct((tokens, heads), _F32))
+  inputs = [_rows_view(x, heads)]
+  if has_res:
+    inputs.append(_rows_view(residual, heads))
+  if scale is not None:
+    inputs.append(scale.reshape(-1))
+  if bias is not None:
+    inputs.append(bias)
+  if m.q_static:
+    inputs.append(jnp.asarray(quant_scale, _F32).reshape(1))
+  name = "rmsnorm_" + ("quantized_" if quant else "") + (
+      "residual_forward" if has_res else "forward")
+  outs = _call(_forward_kernel, inputs, out_shapes, g, poison, interpret,
+               name=name, m=m, has_res=has_res)
+  outs = list(outs)
+  outs[0] = outs[0].reshape(rows, hidden)
+  if has_res:
+    outs[-2 if not quant else -1] = outs[-2 if not quant else -1].reshape(
+        rows, hidden)
+  if quant:
+    outs[1] = outs[1].reshape(rows, 1)
+  else:
+    outs[-1] = outs[-1].reshape(rows)
+  return tuple(outs)
 
 
 # --------------------------------------------------------------- backward --
 
-def _backward_kernel(*refs, launch: Launch, offset: float, has_scale: bool,
-                     has_dh: bool, n_alias: int):
+def _backward_kernel(*refs, g: Geometry, m: _Math, has_dh: bool,
+                     n_alias: int):
   """dx = rstd * (g - xhat * mean(g * xhat)) (+ dh), g = dy * w."""
   it = iter(refs)
   x_ref = next(it)
-  w_ref = _take(it, has_scale)
+  w_ref = _take(it, m.has_scale)
   rstd_ref = next(it)
   dy_ref = next(it)
   dh_ref = _take(it, has_dh)
   for _ in range(n_alias):
     next(it)
   dx_ref = next(it)
-  part_ref = _take(it, has_scale)
+  pw_ref = _take(it, m.has_scale)
+  pb_ref = _take(it, m.has_bias)
 
-  L = launch
-  pid = pl.program_id(0)
-  inv_n = _F32(1.0 / L.hidden)
+  pid, head = pl.program_id(0), _head(g)
+  inv_n = _F32(1.0 / g.hidden)
+  zeros = jnp.zeros((g.block_cols,), _F32)
 
-  def load_xg(tile, w, policy=None):
-    x = tile.load(x_ref, policy).astype(_F32)
-    dy = tile.load(dy_ref, policy).astype(_F32)
-    g = dy * w[None, :] if has_scale else dy
-    return x, dy, g
+  def weight(tile, policy=None):
+    if not m.has_scale:
+      return None
+    return m.weight(tile.load_vector(w_ref, g.heads > 1, policy))
 
-  def write_dx(tile, xhat, g, rstd, c, dh=None):
-    dx = rstd[:, None] * (g - xhat * c[:, None])
+  def write_dx(tile, xhat, grad, rstd, c, dh=None):
+    dx = rstd[:, None] * (grad - xhat * c[:, None])
     if has_dh:
       dx = dx + dh.astype(_F32)
     tile.store(dx_ref, dx)
 
-  if L.resident:
+  def accumulate(acc, dyp, xhat_s):
+    # Rows past the end loaded zeros, so they add nothing here.
+    aw, ab = acc
+    if m.has_scale:
+      aw = aw + jnp.sum(dyp * xhat_s, axis=0)
+    if m.has_bias:
+      ab = ab + jnp.sum(dyp, axis=0)
+    return aw, ab
+
+  def store_partials(tile, row, acc):
+    if m.has_scale:
+      tile.store_cols(pw_ref, row, acc[0])
+    if m.has_bias:
+      tile.store_cols(pb_ref, row, acc[1])
+
+  if g.resident:
     w_cached = None
-    if has_scale and L.cache_scale:
-      w_cached = _Tile(L, 0, 0).load_weight(w_ref, offset)
+    if m.has_scale and g.config.cache_scale:
+      w_cached = weight(_Tile(g, 0, 0, head))
 
     def block_tile(k):
       # Prefetching reads one block past the last: its rows are masked off.
-      return _Tile(L, (pid + k * L.grid) * L.block_rows, 0,
-                   mask_rows=L.prefetch)
+      return _Tile(g, (pid + k * g.grid) * g.block_rows, 0, head,
+                   mask_rows=g.prefetch)
 
     # With reload, the first reads of x and dy ask L2 to keep their lines
     # for the second. The two reads of each input carry different eviction
     # policies, which also keeps the compiler from merging them into one;
     # the scale, shared by every program, is never marked evict_first.
-    first = "evict_last" if L.reload else None
+    first = "evict_last" if g.config.reload else None
 
     def load_block(k):
       # Every input of the block is requested up front (dh too, unless it
@@ -382,125 +627,131 @@ def _backward_kernel(*refs, launch: Launch, offset: float, has_scale: bool,
       tile = block_tile(k)
       return (tile.load(x_ref, first), tile.load(dy_ref, first),
               tile.load_row_stat(rstd_ref),
-              tile.load(dh_ref) if has_dh and not L.reload else None)
+              tile.load(dh_ref) if has_dh and not g.config.reload else None)
 
-    def weight(tile, policy=None):
-      if not has_scale:
-        return None
-      if w_cached is not None:
-        return w_cached
-      return tile.load_weight(w_ref, offset, policy)
-
-    def grad_in(x, dy, w, rstd):
-      x, dy = x.astype(_F32), dy.astype(_F32)
-      g = dy * w[None, :] if has_scale else dy
-      return dy, g, x * rstd[:, None]
+    def block_weight(tile, policy=None):
+      return w_cached if w_cached is not None else weight(tile, policy)
 
     def work(k, block, acc):
       tile = block_tile(k)
       x, dy, rstd, dh = block
-      dy, g, xhat = grad_in(x, dy, weight(tile), rstd)
-      c = jnp.sum(g * xhat, axis=1) * inv_n
-      if L.reload:
-        dy, g, xhat = grad_in(tile.load(x_ref, "evict_first"),
-                              tile.load(dy_ref, "evict_first"),
-                              weight(tile, "evict_last"), rstd)
+      dyp, grad, xhat, xhat_s = m.grad_terms(x, dy, block_weight(tile), rstd)
+      c = jnp.sum(grad * xhat, axis=1) * inv_n
+      if g.config.reload:
+        dyp, grad, xhat, xhat_s = m.grad_terms(
+            tile.load(x_ref, "evict_first"), tile.load(dy_ref, "evict_first"),
+            block_weight(tile, "evict_last"), rstd)
         dh = tile.load(dh_ref, "evict_first") if has_dh else None
-      write_dx(tile, xhat, g, rstd, c, dh)
-      if has_scale:
-        # Rows past the end loaded zeros, so they add nothing here.
-        acc = acc + jnp.sum(dy * xhat, axis=0)
-      return acc
+      write_dx(tile, xhat, grad, rstd, c, dh)
+      return accumulate(acc, dyp, xhat_s)
 
-    acc = _walk(L, load_block, work, jnp.zeros((L.block_cols,), _F32))
-    if has_scale:
-      _Tile(L, 0, 0).store_cols(part_ref, pid, acc)
+    acc = _walk(g, load_block, work, (zeros, zeros))
+    store_partials(_Tile(g, 0, 0, head), pid, acc)
     return
 
-  r0 = pid * L.block_rows
+  r0 = pid * g.block_rows
 
   def chunk(i):
-    return _Tile(L, r0, _multiple_of(i * L.block_cols, L.block_cols))
+    return _Tile(g, r0, _multiple_of(i * g.block_cols, g.block_cols), head)
 
-  def weight(tile):
-    return tile.load_weight(w_ref, offset) if has_scale else None
+  rstd = _Tile(g, r0, 0, head).load_row_stat(rstd_ref)
 
   def dot_gx(i, acc):
     tile = chunk(i)
-    x, _, g = load_xg(tile, weight(tile), "evict_last")
-    return acc + g * x
+    _, grad, xhat, _ = m.grad_terms(tile.load(x_ref, "evict_last"),
+                                    tile.load(dy_ref, "evict_last"),
+                                    weight(tile), rstd)
+    return acc + grad * xhat
 
-  rstd = _Tile(L, r0, 0).load_row_stat(rstd_ref)
-  acc = lax.fori_loop(0, L.num_chunks, dot_gx,
-                      jnp.zeros((L.block_rows, L.block_cols), _F32))
-  # mean(g * xhat) = rstd * mean(g * x)
-  c = jnp.sum(acc, axis=1) * inv_n * rstd
+  acc = lax.fori_loop(0, g.num_chunks, dot_gx,
+                      jnp.zeros((g.block_rows, g.block_cols), _F32))
+  c = jnp.sum(acc, axis=1) * inv_n
 
   def write(i, carry):
     tile = chunk(i)
     dh = tile.load(dh_ref, "evict_first") if has_dh else None
-    x, dy, g = load_xg(tile, weight(tile), "evict_first")
-    xhat = x * rstd[:, None]
-    write_dx(tile, xhat, g, rstd, c, dh)
-    if has_scale:
-      tile.store_cols(part_ref, pid, jnp.sum(dy * xhat, axis=0))
+    dyp, grad, xhat, xhat_s = m.grad_terms(
+        tile.load(x_ref, "evict_first"), tile.load(dy_ref, "evict_first"),
+        weight(tile), rstd)
+    write_dx(tile, xhat, grad, rstd, c, dh)
+    store_partials(tile, pid, accumulate((zeros, zeros), dyp, xhat_s))
     return carry
 
-  lax.fori_loop(0, L.num_chunks, write, 0)
+  lax.fori_loop(0, g.num_chunks, write, 0)
 
 
-def backward(x, scale, rstd, dy, dh, *, launch: Launch, offset: float,
-             poison: bool = False):
+def backward(x, scale, bias, rstd, dy, dh, *, config: Config,
+             norm: base.Norm, interpret: bool = False, poison: bool = False):
   """Runs the backward kernel.
 
   Args:
     x: (rows, hidden) the normalized input (the updated residual h for the
       fused variant); dy: cotangent of y, (rows, hidden), any float dtype.
-    scale: None or (hidden,); rstd: float32 (rows,) from the forward.
+    scale: None, (hidden,) or per-head (heads, hidden); bias: None or
+      (hidden,) (only its presence matters); rstd: float32 (rows,) from the
+      forward.
     dh: None, or the cotangent of h (fused variant), added to dx.
+    config: resolved tiling (``gpu_tiling.resolve``).
 
   Returns:
-    ``(dx in x.dtype, dscale float32 (hidden,) or None)``.
+    ``(dx in x.dtype, dscale float32 of scale's shape or None, dbias
+    float32 (hidden,) or None)``.
   """
   rows, hidden = x.shape
-  has_scale, has_dh = scale is not None, dh is not None
-  out_shapes = [jax.ShapeDtypeStruct((rows, hidden), x.dtype)]
-  if has_scale:
-    out_shapes.append(jax.ShapeDtypeStruct((launch.grid, hidden), _F32))
-  inputs = [x] + ([scale] if has_scale else []) + [rstd, dy] + (
-      [dh] if has_dh else [])
-  outs = _call(_backward_kernel, inputs, out_shapes, launch, poison,
-               name="rmsnorm_bwd" + ("_residual" if has_dh else ""),
-               offset=offset, has_scale=has_scale, has_dh=has_dh)
-  if not has_scale:
-    return outs[0], None
-  dx, partials = outs
-  # The second step: a (grid, hidden) column sum, small next to the inputs.
-  dscale = partials[0] if launch.grid == 1 else jnp.sum(partials, axis=0)
-  return dx, dscale
+  heads = 1 if scale is None or scale.ndim == 1 else scale.shape[0]
+  tokens = rows // heads
+  g = Geometry(config, tokens, hidden, heads)
+  m = _math(norm, x.dtype, scale, bias, interpret)
+  has_dh = dh is not None
+  out_shapes = [jax.ShapeDtypeStruct((tokens, heads * hidden), x.dtype)]
+  partial = jax.ShapeDtypeStruct((g.grid, heads * hidden), _F32)
+  out_shapes += [partial] * (int(m.has_scale) + int(m.has_bias))
+  inputs = [_rows_view(x, heads)]
+  if scale is not None:
+    inputs.append(scale.reshape(-1))
+  inputs += [rstd.reshape(tokens, heads), _rows_view(dy, heads)]
+  if has_dh:
+    inputs.append(_rows_view(dh, heads))
+  outs = _call(_backward_kernel, inputs, out_shapes, g, poison, interpret,
+               name="rmsnorm_" + ("residual_backward" if has_dh
+                                  else "backward"),
+               m=m, has_dh=has_dh)
+  dx = outs[0].reshape(rows, hidden)
+  rest = list(outs[1:])
+  # The second step: column sums of (grid, heads * hidden) partials, in a
+  # fixed order, small next to the inputs.
+  dscale = dbias = None
+  if m.has_scale:
+    dscale = jnp.sum(rest.pop(0), axis=0).reshape(scale.shape)
+  if m.has_bias:
+    dbias = jnp.sum(rest.pop(0).reshape(-1, hidden), axis=0)
+  return dx, dscale, dbias
 
 
 # ------------------------------------------------------------------ common --
 
-def _call(kernel, inputs, out_shapes, launch: Launch, poison: bool, *, name,
-          **kernel_kwargs):
+def _call(kernel, inputs, out_shapes, g: Geometry, poison: bool,
+          interpret: bool, *, name, **kernel_kwargs):
   n_alias = len(out_shapes) if poison else 0
   aliases = {}
   if poison:
-    # Outputs start as NaN: an element the kernel never writes stays NaN.
-    poison_bufs = [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes]
+    # Outputs start as NaN: an element the kernel never writes stays NaN
+    # (int8 outputs, which have no NaN, start at the invalid -128).
+    poison_bufs = [jnp.full(s.shape, jnp.nan if jnp.issubdtype(
+        s.dtype, jnp.floating) else -128, s.dtype) for s in out_shapes]
     aliases = {len(inputs) + i: i for i in range(n_alias)}
     inputs = list(inputs) + poison_bufs
-  body = functools.partial(kernel, launch=launch, n_alias=n_alias,
-                           **kernel_kwargs)
+  body = functools.partial(kernel, g=g, n_alias=n_alias, **kernel_kwargs)
+  grid = (g.grid,) if g.heads == 1 else (g.grid, g.heads)
   call = pl.pallas_call(
       body,
       out_shape=common.vary_like(tuple(out_shapes), inputs),
-      grid=(launch.grid,),
+      grid=grid,
       input_output_aliases=aliases,
-      compiler_params=_CompilerParams(num_warps=launch.num_warps,
-                                      num_stages=launch.num_stages),
-      interpret=launch.interpret,
+      compiler_params=common.compiler_params(
+          pltriton, "TritonCompilerParams", num_warps=g.config.num_warps,
+          num_stages=g.config.num_stages),
+      interpret=interpret,
       name=name,
   )
   return call(*common.match_varying(inputs))

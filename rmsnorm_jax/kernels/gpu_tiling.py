@@ -1,4 +1,9 @@
-"""Launch heuristics for the GPU kernels: tile shape, warps, grid.
+"""Launch configuration of the GPU kernels and the heuristic that fills it.
+
+``Config`` is the one place each launch knob is named. A user (or a tuning
+sweep) passes a partial ``Config`` to ``PallasGpu``; ``resolve`` returns the
+same type with every field set, and the kernels read that plus what it
+implies for the problem at hand (``gpu_kernels.Geometry``).
 
 The kernels are memory-bound (a few flops per byte), so the choices aim at
 (1) enough bytes in flight per SM to cover DRAM latency, (2) few enough
@@ -11,9 +16,9 @@ their SM count.
 
 from __future__ import annotations
 
-import jax
+import dataclasses
 
-from rmsnorm_jax.kernels.gpu_kernels import Launch
+import jax
 
 # Widest padded row kept whole in registers; wider rows are walked in chunks.
 MAX_RESIDENT_COLS = 16384
@@ -55,7 +60,7 @@ BWD_NARROW_PROGRAMS_PER_SM = 4
 # either).
 PREFETCH_MAX_COLS = 8192
 CACHE_SCALE_MAX_COLS = 8192
-# Backward rows of this padded width are read twice (see Launch.reload):
+# Backward rows of this padded width are read twice (see Config.reload):
 # holding x, dy and their products across the row reduction took 128
 # registers per thread and spilled at 16384 columns.
 RELOAD_MIN_COLS = 16384
@@ -78,6 +83,64 @@ MAX_WARPS = 32
 # Fewer programs than this many per SM leave SMs idle: shrink the row block.
 MIN_WAVES = 1
 DEFAULT_NUM_SMS = 132  # H100 SXM
+
+
+OPS = ("forward", "backward", "residual_forward", "residual_backward",
+       "quantized_forward")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Launch knobs of the GPU kernels; None means the measured heuristic.
+
+  Attributes:
+    block_rows: rows per tile (a power of two; others are rounded up).
+    block_cols: columns per tile (a power of two; others are rounded up).
+      Below the padded row width it forces the chunked (two-loop) tiling,
+      where each row block is walked in ``block_cols``-wide chunks.
+    num_warps: warps per program.
+    programs_per_sm: programs per SM of a persistent grid.
+    persistent: the forward runs on a persistent grid (programs walk row
+      blocks and load the scale once). The backward of whole-row tiles always
+      does and the chunked tiling never does; ``resolve`` sets it so.
+    prefetch: a persistent program loads its next row block while working
+      on the current one (its loads are in flight during the reduction and
+      stores); only meaningful with more than one block per program.
+    cache_scale: keep the scale (and bias) tile in registers across row
+      blocks (else reload it per block from L1/L2; saves registers on wide
+      rows).
+    reload: backward only: read x and dy a second time, from L2, after the
+      row reduction instead of keeping them in registers across it. On
+      16384-wide rows the kept values did not fit (128 registers per thread
+      and ~350 MB of local-memory spill traffic for 4096 rows, measured with
+      Nsight Compute).
+    num_stages: Triton software-pipelining depth of the kernels' loops.
+    num_sms: SM count the grid is sized for (default: the device's).
+  """
+
+  block_rows: int | None = None
+  block_cols: int | None = None
+  num_warps: int | None = None
+  programs_per_sm: int | None = None
+  persistent: bool | None = None
+  prefetch: bool | None = None
+  cache_scale: bool | None = None
+  reload: bool | None = None
+  num_stages: int | None = None
+  num_sms: int | None = None
+
+  def __post_init__(self):
+    for f in ("block_rows", "block_cols", "num_warps", "programs_per_sm",
+              "num_stages", "num_sms"):
+      v = getattr(self, f)
+      if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+        raise ValueError(f"Config.{f} must be a positive int or None; got "
+                         f"{v!r}.")
+
+  @property
+  def resolved(self) -> bool:
+    return all(getattr(self, f.name) is not None
+               for f in dataclasses.fields(self))
 
 
 def next_pow2(n: int) -> int:
@@ -114,46 +177,51 @@ def _pick(value, default):
   return default if value is None else value
 
 
-def plan(kind: str, rows: int, hidden: int, *, sms: int, itemsize: int = 2,
-         block_rows: int | None = None, block_cols: int | None = None,
-         num_warps: int | None = None, programs_per_sm: int | None = None,
-         persistent: bool | None = None, prefetch: bool | None = None,
-         cache_scale: bool | None = None, reload: bool | None = None,
-         num_stages: int | None = None, interpret: bool = False) -> Launch:
-  """Chooses the launch for one kernel call.
+def resolve(config: Config, op: str, rows: int, hidden: int, *,
+            itemsize: int = 2) -> Config:
+  """``config`` with every None field chosen for one kernel call.
 
   Args:
-    kind: "fwd" (forward, fused forward), "bwd" (backward) or
-      "bwd_residual" (fused backward).
-    rows, hidden: the 2-D problem.
-    sms: SM count the grid is sized for.
+    config: the user's partial configuration (None fields are chosen here;
+      ``num_sms`` None means the device's).
+    op: one of ``OPS``; the forward ops share one tiling.
+    rows: rows of the call (with a per-head scale: all heads' rows).
+    hidden: normalized width (with a per-head scale: head_dim).
     itemsize: bytes per element of the main input (2 or 4).
-    Others: explicit overrides of the heuristics (tuning sweeps);
-      block_rows and block_cols are rounded up to powers of two.
+
+  Returns:
+    A ``Config`` with no None field; block sizes are powers of two.
+
+  Raises:
+    ValueError: unknown ``op``.
   """
-  if kind not in ("fwd", "bwd", "bwd_residual"):
-    raise ValueError("kind must be 'fwd', 'bwd' or 'bwd_residual'; got "
-                     f"{kind!r}.")
+  if op not in OPS:
+    raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}.")
+  c = config
+  sms = c.num_sms or num_sms()
+  fwd = not op.endswith("backward")
   isz = 4 if itemsize >= 4 else 2
   padded = next_pow2(hidden)
-  want_cols = next_pow2(block_cols) if block_cols else None
+  want_cols = next_pow2(c.block_cols) if c.block_cols else None
   resident = padded <= MAX_RESIDENT_COLS and (
       want_cols is None or want_cols >= padded)
   per_sm = None
   max_warps = MAX_WARPS
   if not resident:
-    br = next_pow2(block_rows) if block_rows else _shrink_for_grid(
+    br = next_pow2(c.block_rows) if c.block_rows else _shrink_for_grid(
         MAX_CHUNK_ROWS, rows, sms)
     bc = want_cols or max(256, min(padded, CHUNK_TILE // br))
     per_thread = ELEMS_PER_THREAD
-  elif kind == "fwd":
+    persistent = False
+  elif fwd:
     bc = padded
     br = max(1, FWD_TILE[isz] // bc)
     per_thread = FWD_ELEMS_PER_THREAD[isz]
-    if _pick(persistent, bc >= FWD_PERSISTENT_MIN_COLS):
-      per_sm = programs_per_sm or FWD_PROGRAMS_PER_SM
+    persistent = _pick(c.persistent, bc >= FWD_PERSISTENT_MIN_COLS)
+    per_sm = FWD_PROGRAMS_PER_SM
   else:
     bc = padded
+    persistent = True
     if bc >= BWD_WIDE_MIN_COLS:
       per_thread = BWD_BYTES_PER_THREAD // isz
       br = max(1, BWD_WARPS * 32 * per_thread // bc)
@@ -165,30 +233,21 @@ def plan(kind: str, rows: int, hidden: int, *, sms: int, itemsize: int = 2,
       br = max(1, BWD_NARROW_TILE // bc)
       per_thread = BWD_NARROW_TILE // (32 * BWD_NARROW_WARPS)
       per_sm = BWD_NARROW_PROGRAMS_PER_SM
-    per_sm = programs_per_sm or per_sm
   if resident:
-    br = next_pow2(block_rows) if block_rows else _shrink_for_grid(
+    br = next_pow2(c.block_rows) if c.block_rows else _shrink_for_grid(
         br, rows, sms)
   br = min(br, next_pow2(rows))
-  warps = num_warps or min(max_warps, _warps_for(br * bc, per_thread))
-  row_blocks = -(-rows // br)
-  if per_sm is not None:
-    grid = max(1, min(row_blocks, sms * per_sm))
-    steps = -(-row_blocks // grid)
-    # Same steps per program, no program left with only empty blocks.
-    grid = -(-row_blocks // steps)
-  else:
-    grid, steps = row_blocks, 1
-  fwd = kind == "fwd"
   cache_max = FWD_CACHE_SCALE_MAX_COLS if fwd else CACHE_SCALE_MAX_COLS
-  if kind == "bwd" and isz == 2 and max_warps == BWD_WIDE16_WARPS:
+  if op == "backward" and isz == 2 and max_warps == BWD_WIDE16_WARPS:
     cache_max = MAX_RESIDENT_COLS
   prefetch_max = FWD_PREFETCH_MAX_COLS if fwd else PREFETCH_MAX_COLS
-  return Launch(rows=rows, hidden=hidden, block_rows=br, block_cols=bc,
-                resident=resident, num_warps=warps, grid=grid, steps=steps,
-                prefetch=bool(_pick(prefetch, bc <= prefetch_max)
-                              and steps > 1),
-                cache_scale=bool(_pick(cache_scale, bc <= cache_max)),
-                reload=bool(not fwd and resident
-                            and _pick(reload, bc >= RELOAD_MIN_COLS)),
-                num_stages=num_stages or 1, interpret=interpret)
+  return Config(
+      block_rows=br, block_cols=bc,
+      num_warps=c.num_warps or min(max_warps, _warps_for(br * bc, per_thread)),
+      programs_per_sm=c.programs_per_sm or per_sm or FWD_PROGRAMS_PER_SM,
+      persistent=bool(persistent),
+      prefetch=bool(_pick(c.prefetch, bc <= prefetch_max)),
+      cache_scale=bool(_pick(c.cache_scale, bc <= cache_max)),
+      reload=bool(not fwd and resident
+                  and _pick(c.reload, bc >= RELOAD_MIN_COLS)),
+      num_stages=c.num_stages or 1, num_sms=sms)
