@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -111,6 +112,11 @@ def main(argv=None):
   except ValueError as e:
     raise SystemExit(str(e)) from e
   copy = {"auto": None, "on": True, "off": False}[args.copy]
+  if peers != [] or copy:
+    # The peer process shares the GPU: JAX must not reserve most of its
+    # memory up front (set before JAX's backend starts; a user's setting
+    # stands).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   command = "python -m rmsnorm_jax.bench " + " ".join(argv)
   notes: list[str] = []
   t0 = time.perf_counter()
