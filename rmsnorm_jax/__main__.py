@@ -267,8 +267,9 @@ def _parser() -> argparse.ArgumentParser:
           width=79))
   parser.add_argument(
       "--repeats", type=int, default=10, metavar="N",
-      help="timed samples per implementation and case; min / median / max "
-           "are taken over them (default: %(default)s)")
+      help="timed samples per implementation and case (with device time: "
+           "passes over the input sets, every call a sample); min / median / "
+           "max are taken over them (default: %(default)s)")
   parser.add_argument(
       "--batch", type=int, default=None, metavar="K",
       help="calls per timed sample; the host clock over K back-to-back calls "
@@ -276,10 +277,10 @@ def _parser() -> argparse.ArgumentParser:
            "GPU or TPU, where calls are dispatched asynchronously)")
   parser.add_argument(
       "--host-clock", action="store_true",
-      help="time with the host clock on a GPU too (default: off; a GPU's "
-           "times are then the device time of the kernels each call "
-           "launches, read from a jax.profiler trace, as the benchmark "
-           "measures it)")
+      help="time with the host clock on a GPU too (default: off, so that a "
+           "GPU's times are the device time of the kernels each call "
+           "launches, read from a jax.profiler trace as the benchmark "
+           "reads it)")
   return parser
 
 
