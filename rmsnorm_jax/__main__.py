@@ -16,7 +16,6 @@ on a CPU "auto" runs XLA, so there is nothing to compare. The benchmark
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import sys
 import textwrap
@@ -64,36 +63,19 @@ def lowering_platform() -> str:
 
 
 def explain(op: str, platform: str, shape, dtype) -> str:
-  """What backend="auto" runs for this case, and why, as one short string.
+  """What backend="auto" runs for this case on ``platform``, and why.
 
-  ``dispatch.explain`` gives the library's own account; where this version
-  of the library has none, the answer is rebuilt from ``dispatch.resolve``.
+  ``dispatch.explain``'s answer (e.g. ``"pallas_gpu"``, or ``"xla
+  (pallas_gpu: <reason>)"``), with the reason added where it is a bare
+  "xla" on a platform that has no kernel at all, which a newcomer on a CPU
+  would otherwise have to guess.
   """
-  fn = getattr(dispatch, "explain", None)
-  if fn is not None:
-    kwargs = dict(platform=platform, shape=tuple(shape), dtype=dtype)
-    if "op" in inspect.signature(fn).parameters:
-      kwargs["op"] = "forward" if op == "rms_norm" else "residual_forward"
-    text = fn("auto", **kwargs)
-    # A plain "xla" where the platform has no kernel at all: the reason is
-    # that absence, which a newcomer on a CPU would otherwise have to guess.
-    if text == "xla" and platform not in kernels.BY_PLATFORM:
-      text = f"xla (no Pallas kernel for {platform})"
-    return text
-  rows = int(np.prod(shape[:-1]))
-  plan = dispatch.resolve("auto", rows=rows, hidden=shape[-1],
-                          dtype=np.dtype(dtype))
-  impl = dict(plan.per_platform).get(platform)
-  if impl is None:
-    return f"none (nothing for {platform})"
-  if impl.name != "xla":
-    return impl.name
-  if plan.requested != "auto":
-    return f"xla (forced by {dispatch.ENV_VAR} or force_backend)"
-  kernel = kernels.BY_PLATFORM.get(platform)
-  if kernel is None:
-    return f"xla (no Pallas kernel for {platform})"
-  return f"xla ({kernel.name}: XLA measured faster for this shape and dtype)"
+  text = dispatch.explain(
+      "auto", platform=platform, shape=tuple(shape), dtype=np.dtype(dtype),
+      op="forward" if op == "rms_norm" else "residual_forward")
+  if text == "xla" and platform not in kernels.BY_PLATFORM:
+    text = f"xla (no Pallas kernel for {platform})"
+  return text
 
 
 def _functions(op, dtype, scale):
