@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import rmsnorm_jax as rj
+from rmsnorm_jax import base
 from rmsnorm_jax import reference
 from rmsnorm_jax.kernels import mosaic_gpu as mg
 from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
@@ -93,6 +94,19 @@ def test_cannot_serve_names_the_reason():
   assert "128-byte" in impl.shape_reason(8, 100, jnp.bfloat16)
   wide = impl.shape_reason(8, 65536, jnp.float32)
   assert wide is not None and "shared memory" in wide
+
+
+def test_cannot_serve_calls():
+  impl = MosaicGpu()
+  call = lambda **kw: base.Call(**{**dict(
+      op="forward", rows=64, hidden=1024, dtype=np.dtype(jnp.bfloat16),
+      scale_shape=(1024,)), **kw})
+  if _REASON is None or "no CUDA GPU" in _REASON:
+    assert impl.cannot_serve(call()) is None
+  assert "bias" in impl.cannot_serve(call(has_bias=True))
+  assert impl.cannot_serve(call(op="quantized_forward")) is not None
+  assert "shared memory" in impl.cannot_serve(
+      call(op="residual_forward", hidden=16384))
 
 
 def test_plan_covers_rows_and_limits():
