@@ -11,7 +11,7 @@ import time
 import jax
 
 from rmsnorm_jax.bench import report
-from rmsnorm_jax.bench.cases import IMPLS, OPS, parse_cases
+from rmsnorm_jax.bench.cases import IMPLS, OPS, on_gpu, parse_cases
 from rmsnorm_jax.bench.peers import PEERS
 from rmsnorm_jax.bench.runner import run_benchmark
 
@@ -112,13 +112,19 @@ def main(argv=None):
   except ValueError as e:
     raise SystemExit(str(e)) from e
   copy = {"auto": None, "on": True, "off": False}[args.copy]
-  if peers != [] or copy:
-    # The peer process shares the GPU: JAX must not reserve most of its
+  if peers != [] or copy is not False:
+    # The peer process may share the GPU: JAX must not reserve most of its
     # memory up front (set before JAX's backend starts; a user's setting
     # stands).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  gpu = on_gpu()
+  peers = (list(PEERS) if gpu else []) if peers is None else peers
+  copy = gpu if copy is None else copy
   command = "python -m rmsnorm_jax.bench " + " ".join(argv)
   notes: list[str] = []
+  if not gpu and not peers and not copy:
+    notes.append("no GPU: the device-copy reference and the PyTorch peers "
+                 "are timed on a GPU only (--peers, --copy on to force)")
   t0 = time.perf_counter()
 
   def write(records):

@@ -28,7 +28,7 @@ PEER_OPS = peer_worker.PEER_OPS
 MARK = peer_worker.MARK
 # The worker compiles Triton and CuTe kernels per case; a case that takes
 # longer than this is given up (its columns stay empty, with a note).
-CASE_TIMEOUT_S = 300.0
+CASE_TIMEOUT_S = 180.0
 
 
 class PeerWorker:

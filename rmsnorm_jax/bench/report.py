@@ -128,8 +128,11 @@ def table(records: list[dict], notes: list[str] | None = None) -> str:
              + [i for i in PEERS if i in present])
     ref_name = "flax_linen" if op in LINEN_OPS else "xla"
     host = any(host_timed(r) for r in recs)
+    ratios = ["x roofline time"] + (
+        ["x copy time"] if "copy" in present else []) + [
+            f"speedup vs {ref_name}"]
     lines.append(f"\n### {op} (us per call{' (min..max)' if host else ''}; "
-                 f"x roofline time, x copy time, speedup vs {ref_name})\n")
+                 f"{', '.join(ratios)})\n")
     lines.append("| shape | dtype | MB | "
                  + " | ".join(column_label(i, recs) for i in order) + " |")
     lines.append("|---|---|---:|" + "---:|" * len(order))

@@ -56,8 +56,8 @@ def _cupy_copy_records(rows, hidden, dt_name, ops, reps, device, notes):
 def run_benchmark(cases=None, *, ops: Iterable[str] = OPS,
                   impls: Iterable = IMPLS, reps: int = 5, small: bool = False,
                   profiler: bool | None = None,
-                  peers: Sequence[str] | None = None,
-                  copy: bool | None = None,
+                  peers: Sequence[str] = (),
+                  copy: bool = False,
                   notes: list[str] | None = None,
                   log: Callable[[str], None] | None = print,
                   on_case: Callable[[list[dict]], None] | None = None
@@ -75,10 +75,10 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = OPS,
     reps: passes over the rotated input sets; the median is over all calls.
     profiler: device time from the profiler trace (default: on GPU only).
     peers: names from ``peers.PEERS`` timed through PyTorch in a worker
-      process (default: all of them on a GPU, none elsewhere); a peer that
-      is not installed adds a line to ``notes``.
+      process (the command line's default: all of them on a GPU); a peer
+      that is not installed adds a line to ``notes``.
     copy: time a device-to-device copy of each op's minimum bytes (torch,
-      else CuPy; default: on a GPU only).
+      else CuPy; the command line's default: on a GPU).
     notes: a list the run appends its notes to (missing peers, no copy).
     log: progress printer, or None.
     on_case: called with the records so far after each case (so that a
@@ -108,9 +108,7 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = OPS,
     impls = ["roofline"] + impls
   notes = [] if notes is None else notes
   gpu = on_gpu()
-  peers = list(peer_lib.PEERS if gpu else ()) if peers is None else list(
-      peers)
-  copy = gpu if copy is None else copy
+  peers = list(peers)
   worker = None
   if peers or copy:
     worker = peer_lib.PeerWorker(peers, log=log)
