@@ -190,7 +190,7 @@ def call(rte: Route, op: str, norm: base.Norm, operands, *,
   present = tuple(a is not None for a in operands)
   arrays = [a for a in operands if a is not None]
   impls = {impl for _, impl in rte.per_platform}
-  if (len(impls) == 1 and isinstance(next(iter(impls)), base.Xla)
+  if (len(impls) == 1 and type(next(iter(impls))) is base.Xla
       and len(rte.per_platform) == len(base.PLATFORMS)):
     # XLA's math everywhere: traced in place, so XLA partitions it, vmap
     # batches it (named axes included) and no custom primitive is left in

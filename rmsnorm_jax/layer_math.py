@@ -63,17 +63,28 @@ def cast_unless_exact_widening(a, want):
   return a if exact else a.astype(dst)
 
 
-def output_dtype(x, scale, dtype):
-  """flax's result dtype: ``dtype`` if given, else x promoted with scale."""
-  args = [x] if scale is None else [x, scale]
+def output_dtype(x, scale, dtype, bias=None):
+  """flax's result dtype: ``dtype`` if given, else x promoted with params."""
+  args = [a for a in (x, scale, bias) if a is not None]
   return dtypes.canonicalize_dtype(*args, dtype=dtype)
 
 
 def general_rms_norm(x, scale, *, epsilon, dtype, reduction_axes,
                      feature_axes, axis_name=None, axis_index_groups=None,
                      mask=None, force_float32_reductions=True,
-                     scale_offset=0.0):
-  """flax's RMSNorm formula for any axes, mask and named axis."""
+                     scale_offset=0.0, bias=None, cast_mode="float32"):
+  """flax's RMSNorm formula for any axes, mask and named axis.
+
+  Raises:
+    ValueError: cast_mode other than "float32" (the llama order is defined
+      for the last-axis norm only).
+  """
+  if cast_mode != "float32":
+    raise ValueError(
+        "cast_mode='llama' is defined for the norm over the last axis "
+        "without mask or axis_index_groups; got cast_mode="
+        f"{cast_mode!r} with reduction_axes={reduction_axes!r}, "
+        f"mask {'set' if mask is not None else 'None'}.")
   stat_dtype = jnp.result_type(x) if dtype is None else dtype
   if force_float32_reductions:
     stat_dtype = jnp.promote_types(stat_dtype, jnp.float32)
@@ -85,13 +96,17 @@ def general_rms_norm(x, scale, *, epsilon, dtype, reduction_axes,
     ms = jax.lax.pmean(ms, axis_name, axis_index_groups=axis_index_groups)
   mul = jax.lax.rsqrt(jnp.expand_dims(ms, red) + epsilon)
   args = [x]
+  shape = [1] * x.ndim
+  for a in canonical_axes(x.ndim, feature_axes):
+    shape[a] = x.shape[a]
   if scale is not None:
-    shape = [1] * x.ndim
-    for a in canonical_axes(x.ndim, feature_axes):
-      shape[a] = x.shape[a]
     s = scale.reshape(shape)
     if scale_offset:
       s = s + jnp.asarray(scale_offset, s.dtype)
     mul = mul * s
     args.append(s)
-  return jnp.asarray(x * mul, dtypes.canonicalize_dtype(*args, dtype=dtype))
+  y = x * mul
+  if bias is not None:
+    y = y + bias.reshape(shape)
+    args.append(bias)
+  return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=dtype))

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from rmsnorm_jax import api
 from rmsnorm_jax import layer_math
-from rmsnorm_jax import validation
 
 
 class RMSNorm(nn.RMSNorm):
@@ -23,6 +22,11 @@ class RMSNorm(nn.RMSNorm):
   Extra fields (after flax's, all defaulted):
     scale_offset: added to scale before use; 1.0 gives Gemma's ``(1 + scale)``
       form (then use ``scale_init=nn.initializers.zeros``).
+    cast_mode: ``"float32"`` (flax's order) or ``"llama"`` (Hugging Face's
+      LlamaRMSNorm order), as in ``rmsnorm_jax.rms_norm``.
+    use_bias: add a ``bias`` parameter of shape ``(hidden,)`` (init
+      ``bias_init``, zeros) after scaling.
+    bias_init: initializer of ``bias``.
     backend: as in ``rmsnorm_jax.rms_norm``.
 
   Call: ``layer.apply(params, x, mask=None)`` with x of shape ``(..., hidden)``
@@ -31,14 +35,18 @@ class RMSNorm(nn.RMSNorm):
   """
 
   scale_offset: float = 0.0
+  cast_mode: str = "float32"
+  use_bias: bool = False
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
   backend: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, mask=None):
-    x = validation.floating_array("x", x)
     feat = layer_math.feature_shape(x.shape, self.feature_axes)
     scale = (self.param("scale", self.scale_init, feat, self.param_dtype)
              if self.use_scale else None)
+    bias = (self.param("bias", self.bias_init, feat, self.param_dtype)
+            if self.use_bias else None)
     if not layer_math.fused_path_serves(
         x, self.reduction_axes, self.feature_axes, self.axis_index_groups, mask,
         self.force_float32_reductions):
@@ -47,19 +55,19 @@ class RMSNorm(nn.RMSNorm):
           reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
           mask=mask, force_float32_reductions=self.force_float32_reductions,
-          scale_offset=self.scale_offset)
+          scale_offset=self.scale_offset, bias=bias, cast_mode=self.cast_mode)
     return api.rms_norm(
-        x, scale, eps=self.epsilon, scale_offset=self.scale_offset,
-        out_dtype=layer_math.output_dtype(x, scale, self.dtype),
-        backend=self.backend,
-        axis_name=self.axis_name)
+        x, scale, bias, eps=self.epsilon, scale_offset=self.scale_offset,
+        cast_mode=self.cast_mode,
+        out_dtype=layer_math.output_dtype(x, scale, self.dtype, bias),
+        backend=self.backend, axis_name=self.axis_name)
 
 
 class RMSNormResidual(nn.Module):
   """Fused ``h = x + residual; normed = RMSNorm(h)`` over the last axis.
 
-  Same fields as ``RMSNorm`` for the last-axis case; the parameter is
-  ``scale`` of shape ``(hidden,)``. ``__call__(x, residual)`` returns
+  Same fields as ``RMSNorm`` for the last-axis case; the parameters are
+  ``scale`` (and with ``use_bias``, ``bias``) of shape ``(hidden,)``. ``__call__(x, residual)`` returns
   ``(normed, h)``: h in residual's dtype, normed in ``dtype`` or residual's
   dtype promoted with param_dtype.
   """
@@ -70,15 +78,20 @@ class RMSNormResidual(nn.Module):
   use_scale: bool = True
   scale_init: nn.initializers.Initializer = nn.initializers.ones
   scale_offset: float = 0.0
+  cast_mode: str = "float32"
+  use_bias: bool = False
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
   backend: str = "auto"
 
   @nn.compact
   def __call__(self, x, residual):
-    x = validation.floating_array("x", x)
-    residual = validation.same_shape("residual", residual, x)
-    scale = (self.param("scale", self.scale_init, (x.shape[-1],),
-                        self.param_dtype) if self.use_scale else None)
+    feat = (x.shape[-1],)
+    scale = (self.param("scale", self.scale_init, feat, self.param_dtype)
+             if self.use_scale else None)
+    bias = (self.param("bias", self.bias_init, feat, self.param_dtype)
+            if self.use_bias else None)
     return api.rms_norm_residual(
-        x, residual, scale, eps=self.epsilon, scale_offset=self.scale_offset,
-        out_dtype=layer_math.output_dtype(residual, scale, self.dtype),
+        x, residual, scale, bias, eps=self.epsilon,
+        scale_offset=self.scale_offset, cast_mode=self.cast_mode,
+        out_dtype=layer_math.output_dtype(residual, scale, self.dtype, bias),
         backend=self.backend)

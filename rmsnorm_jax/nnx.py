@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from rmsnorm_jax import api
 from rmsnorm_jax import layer_math
-from rmsnorm_jax import validation
 
 
 class RMSNorm(nnx.RMSNorm):
@@ -22,6 +21,9 @@ class RMSNorm(nnx.RMSNorm):
 
   Args (beyond flax's, keyword-only):
     scale_offset: added to scale before use (Gemma: 1.0 with zeros init).
+    cast_mode: ``"float32"`` or ``"llama"``, as in ``rmsnorm_jax.rms_norm``.
+    use_bias: add a ``bias`` Param of shape ``(num_features,)`` after
+      scaling (init ``bias_init``, zeros).
     backend: as in ``rmsnorm_jax.rms_norm``.
 
   Call: ``layer(x, mask=None)``, x of shape ``(..., num_features)``; returns
@@ -29,34 +31,43 @@ class RMSNorm(nnx.RMSNorm):
   """
 
   def __init__(self, num_features: int, *, scale_offset: float = 0.0,
-               backend: str = "auto", **kwargs):
+               cast_mode: str = "float32", use_bias: bool = False,
+               bias_init=nnx.initializers.zeros, backend: str = "auto",
+               **kwargs):
     super().__init__(num_features, **kwargs)
     self.scale_offset = scale_offset
+    self.cast_mode = cast_mode
+    self.use_bias = use_bias
+    self.bias = (nnx.Param(bias_init(kwargs["rngs"].params(), (num_features,),
+                                     self.param_dtype))
+                 if use_bias else nnx.data(None))
     self.backend = backend
 
   def __call__(self, x, mask=None):
-    x = validation.floating_array("x", x)
     scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
     if not layer_math.fused_path_serves(
         x, self.reduction_axes, self.feature_axes, self.axis_index_groups, mask):
-      x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
+      x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
       return layer_math.general_rms_norm(
           x, scale, epsilon=self.epsilon, dtype=self.dtype,
           reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
           axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-          mask=mask, scale_offset=self.scale_offset)
+          mask=mask, scale_offset=self.scale_offset, bias=bias,
+          cast_mode=self.cast_mode)
     # flax promotes x and scale to a common dtype first; only the dtypes are
     # taken here, so that exact widenings are not materialized (see
     # layer_math.cast_unless_exact_widening).
     want = jax.eval_shape(
-        lambda a: self.promote_dtype(a, dtype=self.dtype), (x, scale))
+        lambda a: self.promote_dtype(a, dtype=self.dtype), (x, scale, bias))
     out_dtype = self.dtype or jnp.result_type(
         *[w.dtype for w in want if w is not None])
-    x, scale = (layer_math.cast_unless_exact_widening(a, w)
-                for a, w in zip((x, scale), want))
+    x, scale, bias = (layer_math.cast_unless_exact_widening(a, w)
+                      for a, w in zip((x, scale, bias), want))
     return api.rms_norm(
-        x, scale, eps=self.epsilon, scale_offset=self.scale_offset,
-        out_dtype=out_dtype, backend=self.backend, axis_name=self.axis_name)
+        x, scale, bias, eps=self.epsilon, scale_offset=self.scale_offset,
+        cast_mode=self.cast_mode, out_dtype=out_dtype, backend=self.backend,
+        axis_name=self.axis_name)
 
 
 class RMSNormResidual(nnx.Module):
@@ -65,7 +76,8 @@ class RMSNormResidual(nnx.Module):
   Args:
     num_features: hidden size; ``scale`` is a Param of shape (num_features,).
     epsilon, dtype, param_dtype, use_scale, scale_init, rngs: as flax's
-      RMSNorm. scale_offset, backend: as ``RMSNorm`` here.
+      RMSNorm. scale_offset, cast_mode, use_bias, bias_init, backend: as
+      ``RMSNorm`` here.
 
   Call: ``layer(x, residual)`` -> ``(normed, h)``; h in residual's dtype,
   normed in ``dtype`` or residual's dtype promoted with param_dtype.
@@ -74,10 +86,17 @@ class RMSNormResidual(nnx.Module):
   def __init__(self, num_features: int, *, epsilon: float = 1e-6,
                dtype=None, param_dtype=jnp.float32, use_scale: bool = True,
                scale_init=nnx.initializers.ones, scale_offset: float = 0.0,
-               backend: str = "auto", rngs: nnx.Rngs):
+               cast_mode: str = "float32", use_bias: bool = False,
+               bias_init=nnx.initializers.zeros, backend: str = "auto",
+               rngs: nnx.Rngs):
     self.scale = (nnx.Param(scale_init(rngs.params(), (num_features,),
                                        param_dtype))
                   if use_scale else nnx.data(None))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (num_features,),
+                                     param_dtype))
+                 if use_bias else nnx.data(None))
+    self.cast_mode = cast_mode
+    self.use_bias = use_bias
     self.num_features = num_features
     self.epsilon = epsilon
     self.dtype = dtype
@@ -87,10 +106,10 @@ class RMSNormResidual(nnx.Module):
     self.backend = backend
 
   def __call__(self, x, residual):
-    x = validation.floating_array("x", x)
-    residual = validation.same_shape("residual", residual, x)
     scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
     return api.rms_norm_residual(
-        x, residual, scale, eps=self.epsilon, scale_offset=self.scale_offset,
-        out_dtype=layer_math.output_dtype(residual, scale, self.dtype),
+        x, residual, scale, bias, eps=self.epsilon,
+        scale_offset=self.scale_offset, cast_mode=self.cast_mode,
+        out_dtype=layer_math.output_dtype(residual, scale, self.dtype, bias),
         backend=self.backend)

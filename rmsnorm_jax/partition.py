@@ -55,7 +55,7 @@ class Local:
     fn = self._rows_call
     for _ in range(self.nvmap):
       fn = jax.vmap(fn)
-    return list(fn(*arrays))
+    return tuple(fn(*arrays))
 
   def _rows_call(self, *arrays):
     kinds = ops.operand_kinds(self.op, self.present)
@@ -104,7 +104,7 @@ def lowering_body(ctx, platform, impl, op, norm, present, nvmap, *,
   n = _num_devices(ctx)
   x_aval = ctx.avals_in[0]
   if (n is None or n <= 1 or nvmap or not partitioned or x_aval.ndim < 2
-      or isinstance(impl, base.Xla)):
+      or type(impl) is base.Xla):
     # XLA partitions its own ops; a vmapped kernel (per-element batch
     # axis) is left to XLA's partitioner as well.
     return local
@@ -149,7 +149,7 @@ def sum_partials(outs, result_kinds, row_axes, head_axes):
     if k in ("scale", "feat") and axes:
       o = jax.lax.psum(o, axes)
     summed.append(o)
-  return summed
+  return tuple(summed)
 
 
 def _per_shard(local: Local, row_axes, head_axes, hidden_axes):
