@@ -87,6 +87,34 @@ def test_lowers_for_cuda(shape, dtype):
     assert "mosaic_gpu" in exp.mlir_module()
 
 
+def test_public_api_lowers_for_cuda():
+  # Forward and both gradients through rms_norm / rms_norm_residual, as a
+  # user selects the implementation.
+  impl = MosaicGpu(num_sms=132)
+  s = jax.ShapeDtypeStruct
+  x, w = s((300, 1024), jnp.bfloat16), s((1024,), jnp.float32)
+
+  def loss(x, w):
+    return jnp.sum(rj.rms_norm(x, w, backend=impl).astype(jnp.float32))
+
+  def loss_f32_out(x, w):
+    # float32 y (and so float32 dy) from 16-bit x, with scale_offset.
+    return jnp.sum(rj.rms_norm(x, w, scale_offset=1.0, out_dtype=jnp.float32,
+                               backend=impl))
+
+  def loss_res(x, r, w):
+    y, h = rj.rms_norm_residual(x, r, w, backend=impl)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h.astype(jnp.float32))
+
+  for fn, args in ((jax.grad(loss, argnums=(0, 1)), (x, w)),
+                   (jax.grad(loss_f32_out, argnums=(0, 1)), (x, w)),
+                   (jax.grad(loss, argnums=(0, 1)),
+                    (s((37, 128), jnp.float16), s((128,), jnp.bfloat16))),
+                   (jax.grad(loss_res, argnums=(0, 1, 2)), (x, x, w))):
+    exp = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert exp.mlir_module().count("mosaic_gpu") >= 2
+
+
 def test_cannot_serve_names_the_reason():
   impl = MosaicGpu()
   assert impl.shape_reason(8192, 4096, jnp.bfloat16) is None

@@ -151,7 +151,9 @@ def _load_scale(w_g, w_s, bar, has_scale):
 def _scale_chunk(cast, w_s, cols, offset, shape):
   if w_s is None:
     return None
-  w = plgpu.layout_cast(w_s[cols], cast.col).astype(_F32)
+  # A float32 scale beside 16-bit rows makes 32-byte vectors, which only
+  # the unoptimized transfer path takes.
+  w = plgpu.load(w_s, (cols,), layout=cast.col, optimized=False).astype(_F32)
   if offset:
     w = w + offset
   return cast.cols_b(w, shape)
