@@ -279,6 +279,8 @@ def test_peer_and_copy_columns_end_to_end_with_a_stand_in_torch(
                       by[("bwd", "xla")]["time_us"] / 2.0)
   assert math.isclose(by[("fwd", "torch")]["speedup_vs_xla"],
                       by[("fwd", "xla")]["time_us"] / 3.0)
+  # The notes name what timed the peers, and the device.
+  assert any("torch 0.0+stand-in on Stand-in: torch" in n for n in notes)
   # liger is not importable next to the stand-in: a note, not an error.
   assert any("liger" in n for n in notes), notes
   assert not any(r.get("error") for r in records)

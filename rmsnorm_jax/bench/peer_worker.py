@@ -297,6 +297,14 @@ def main():
       hello["device"] = torch.cuda.get_device_name(0)
     peers, missing = _load_peers(torch)
     hello["peers"], hello["missing"] = sorted(peers), missing
+    hello["versions"] = {"torch": torch.__version__}
+    for peer, dist in (("liger", "liger-kernel"), ("quack", "quack-kernels")):
+      if peer in peers:
+        try:
+          from importlib import metadata
+          hello["versions"][peer] = metadata.version(dist)
+        except Exception:  # pylint: disable=broad-except
+          hello["versions"][peer] = "?"
   except Exception as e:  # pylint: disable=broad-except
     hello["missing"] = {p: _err(e) for p in PEERS}
     torch, peers = None, {}

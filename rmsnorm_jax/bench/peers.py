@@ -65,6 +65,13 @@ class PeerWorker:
     elif not self.hello.get("cuda"):
       self.notes.append(f"peers and copy: torch {self.hello['torch']} sees "
                         "no CUDA device")
+    if self.usable:
+      versions = self.hello.get("versions", {})
+      self.notes.append(
+          f"peers and copy timed through torch {self.hello['torch']} on "
+          f"{self.hello.get('device')}: " + ", ".join(
+              f"{p} {versions.get(p, '')}".strip() for p in self.peers
+              if p in self.hello.get("peers", [])))
     for p in self.peers:
       why = self.hello.get("missing", {}).get(p)
       if why and self.hello.get("torch"):
