@@ -90,7 +90,9 @@ def _cell(r, impl, ref_name):
   text = f"{r['time_us']:.1f}"
   if host_timed(r) and r.get("time_min") is not None:
     text += f" ({r['time_min']:.1f}..{r['time_max']:.1f})"
-  if impl in REFERENCE_IMPLS:
+  if impl in REFERENCE_IMPLS or host_timed(r):
+    # Host wall clock off-accelerator: a few samples with dispatch jitter
+    # do not support a ratio in print (the records keep them, with noise).
     return text
   extra = []
   for field, short in (("ratio_to_roofline", "roof"),
@@ -110,10 +112,11 @@ def _cell(r, impl, ref_name):
 def table(records: list[dict], notes: list[str] | None = None) -> str:
   """A markdown table per op.
 
-  Cells: us per call (host timing: with its min..max over calls), then in
-  brackets the time over the roofline op's, over the device copy's, and
-  the speedup against XLA (against ``flax.linen.RMSNorm`` for the linen
-  ops); a ratio the host timing's spread does not support reads "noise".
+  Cells: us per call, then in brackets the time over the roofline op's,
+  over the device copy's, and the speedup against XLA (against
+  ``flax.linen.RMSNorm`` for the linen ops); a device-timed ratio the
+  spreads do not support reads "noise". Host-timed cells show the
+  min..max over calls and no ratio.
   ``notes`` (e.g. a missing peer) are listed under the tables.
   """
   lines = []
@@ -131,8 +134,11 @@ def table(records: list[dict], notes: list[str] | None = None) -> str:
     ratios = ["x roofline time"] + (
         ["x copy time"] if "copy" in present else []) + [
             f"speedup vs {ref_name}"]
-    lines.append(f"\n### {op} (us per call{' (min..max)' if host else ''}; "
-                 f"{', '.join(ratios)})\n")
+    if host:
+      lines.append(f"\n### {op} (us per call, min..max over calls; host "
+                   "wall clock: no ratios)\n")
+    else:
+      lines.append(f"\n### {op} (us per call; {', '.join(ratios)})\n")
     lines.append("| shape | dtype | MB | "
                  + " | ".join(column_label(i, recs) for i in order) + " |")
     lines.append("|---|---|---:|" + "---:|" * len(order))
@@ -152,9 +158,11 @@ def table(records: list[dict], notes: list[str] | None = None) -> str:
   lines.append(f"\ntiming: {', '.join(timing)}; device: {', '.join(device)}; "
                f"jax {', '.join(versions)}")
   if any(host_timed(r) for r in records):
-    lines.append("host wall clock (no device timer): times include dispatch "
-                 "overhead; a ratio whose spread (min..max over calls) "
-                 "overlaps 1 reads 'noise'. Use a GPU for performance claims.")
+    lines.append("host wall clock (no device timer): times include "
+                 "dispatch overhead and vary between runs, so no ratio is "
+                 "printed (the JSON records keep them, listing under "
+                 "'noise' those whose spread overlaps 1). Use a GPU for "
+                 "performance claims.")
   for n in notes or []:
     lines.append(f"- note: {n}")
   for r in records:
