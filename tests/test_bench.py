@@ -282,6 +282,11 @@ def test_peer_and_copy_columns_end_to_end_with_a_stand_in_torch(
                       by[("bwd", "xla")]["time_us"] / 2.0)
   assert math.isclose(by[("fwd", "torch")]["speedup_vs_xla"],
                       by[("fwd", "xla")]["time_us"] / 3.0)
+  # Device time (the peer) against host time (XLA on a CPU): not a ratio
+  # the table may claim.
+  assert "speedup_vs_xla" in by[("fwd", "torch")]["noise"]
+  assert by[("fwd", "torch")]["noise"] == ["ratio_to_roofline",
+                                           "speedup_vs_xla"]
   # The notes name what timed the peers, and the device.
   assert any("torch 0.0+stand-in on Stand-in: torch" in n for n in notes)
   # liger is not importable next to the stand-in: a note, not an error.
@@ -290,4 +295,4 @@ def test_peer_and_copy_columns_end_to_end_with_a_stand_in_torch(
   text = bench.table(records, notes)
   assert "| roofline | copy | xla | torch |" in text
   assert by[("linen_fwd", "copy")]["dtype"] == "bfloat16"
-  assert "1.50x copy" in text
+  assert "1.50x copy" in text and "speedup noise" in text

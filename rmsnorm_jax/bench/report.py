@@ -21,10 +21,12 @@ def host_timed(r: dict) -> bool:
 
 
 def _noise(num: dict, den: dict) -> bool:
-  """Whether num/den is not supported by the spreads: host-timed, and the
-  interval [num_min/den_max, num_max/den_min] holds 1 (or a spread is
-  unknown)."""
-  if not (host_timed(num) or host_timed(den)):
+  """Whether num/den is unsupported: the two times come from different
+  clocks (device and host), or both from the host and the interval
+  [num_min/den_max, num_max/den_min] holds 1 (or a spread is unknown)."""
+  if host_timed(num) != host_timed(den):
+    return True
+  if not host_timed(num):
     return False
   try:
     lo = num["time_min"] / den["time_max"]
@@ -41,8 +43,9 @@ def add_ratios(records: list[dict]) -> list[dict]:
   * ratio_to_copy: time / the device copy of the op's minimum bytes;
   * speedup_vs_xla: XLA's time / time (``flax.linen.RMSNorm``'s for the
     linen ops);
-  * noise: the names of those ratios that host timing does not support
-    (the spreads of the two times overlap 1); empty with device timing.
+  * noise: the names of those ratios the timing does not support: a host
+    time against a device time, or two host times whose spreads overlap
+    1; empty when both are device times.
 
   A ratio is None where a time or its reference is missing.
   """
