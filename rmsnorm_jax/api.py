@@ -66,6 +66,7 @@ def _rms_norm(x, scale, bias, routes, norm):
   return _rms_norm_fwd(x, scale, bias, routes, norm)[0]
 
 
+@base.with_own_promotion_rules
 def _rms_norm_fwd(x, scale, bias, routes, norm):
   y, rstd = sharding.run(routes[0], "forward", norm, (x, scale, bias))
   saved = (checkpoint_name(x, INPUT_NAME), scale, bias,
@@ -73,6 +74,7 @@ def _rms_norm_fwd(x, scale, bias, routes, norm):
   return y, saved
 
 
+@base.with_own_promotion_rules
 def _rms_norm_bwd(routes, norm, saved, dy):
   x, scale, bias, rstd = saved
   dx, dscale, dbias = sharding.run(routes[1], "backward", norm,
@@ -83,6 +85,7 @@ def _rms_norm_bwd(routes, norm, saved, dy):
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
+@base.with_own_promotion_rules
 def rms_norm(x, scale=None, bias=None, *, eps: float = DEFAULT_EPS,
              scale_offset: float = 0.0, cast_mode: str = "float32",
              out_dtype=None, backend: dispatch.Backend = "auto",
@@ -149,6 +152,7 @@ def _rms_norm_residual(x, residual, scale, bias, routes, norm, x_dtype):
   return _residual_fwd(x, residual, scale, bias, routes, norm, x_dtype)[0]
 
 
+@base.with_own_promotion_rules
 def _residual_fwd(x, residual, scale, bias, routes, norm, x_dtype):
   del x_dtype  # Only the backward needs it, to cast the gradient of x.
   y, h, rstd = sharding.run(routes[0], "residual_forward", norm,
@@ -158,6 +162,7 @@ def _residual_fwd(x, residual, scale, bias, routes, norm, x_dtype):
   return (y, h), saved
 
 
+@base.with_own_promotion_rules
 def _residual_bwd(routes, norm, x_dtype, saved, cts):
   h, scale, bias, rstd = saved
   dy, dh = cts
@@ -170,6 +175,7 @@ def _residual_bwd(routes, norm, x_dtype, saved, cts):
 _rms_norm_residual.defvjp(_residual_fwd, _residual_bwd)
 
 
+@base.with_own_promotion_rules
 def rms_norm_residual(x, residual, scale=None, bias=None, *,
                       eps: float = DEFAULT_EPS, scale_offset: float = 0.0,
                       cast_mode: str = "float32", out_dtype=None,
@@ -215,15 +221,19 @@ def rms_norm_residual(x, residual, scale=None, bias=None, *,
 
 # ------------------------------------------------------ rms_norm_quantized --
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _rms_norm_quantized(x, residual, scale, bias, quant_scale, route, norm):
+@base.with_own_promotion_rules
+def _quantized(x, residual, scale, bias, quant_scale, route, norm):
   return sharding.run(route, "quantized_forward", norm,
                       (x, residual, scale, bias, quant_scale))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _rms_norm_quantized(x, residual, scale, bias, quant_scale, route, norm):
+  return _quantized(x, residual, scale, bias, quant_scale, route, norm)
+
+
 def _quantized_fwd(x, residual, scale, bias, quant_scale, route, norm):
-  return _rms_norm_quantized(x, residual, scale, bias, quant_scale, route,
-                             norm), None
+  return _quantized(x, residual, scale, bias, quant_scale, route, norm), None
 
 
 def _quantized_bwd(route, norm, saved, cts):
@@ -237,6 +247,7 @@ def _quantized_bwd(route, norm, saved, cts):
 _rms_norm_quantized.defvjp(_quantized_fwd, _quantized_bwd)
 
 
+@base.with_own_promotion_rules
 def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
                        scale_offset: float = 0.0, cast_mode: str = "float32",
                        quant_dtype=jnp.int8, quant_scale=None, residual=None,

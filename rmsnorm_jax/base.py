@@ -26,7 +26,9 @@ the norm sees), and the gradient flowing into ``h`` is ``dx_norm + dh_out``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -44,6 +46,31 @@ QUANT_MAX = {
     np.dtype(jnp.float8_e4m3fn): 448.0,
     np.dtype(jnp.float8_e5m2): 57344.0,
 }
+
+
+@contextlib.contextmanager
+def own_promotion_rules():
+  """The library's code traces under JAX's default promotion rules.
+
+  ``jax_numpy_rank_promotion="raise"`` and ``jax_numpy_dtype_promotion=
+  "strict"`` are a user's guard on their own code; the library's internal
+  arithmetic (float32 statistics beside 16-bit data, per-row values beside
+  rows) is deliberate, so every place where it is traced (the public
+  functions, the custom_vjp rules, the lowering of each implementation)
+  runs inside this context.
+  """
+  with jax.numpy_rank_promotion("allow"), \
+      jax.numpy_dtype_promotion("standard"):
+    yield
+
+
+def with_own_promotion_rules(fn):
+  """Decorator form of ``own_promotion_rules``."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with own_promotion_rules():
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 @dataclasses.dataclass(frozen=True)

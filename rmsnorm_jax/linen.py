@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rmsnorm_jax import api
+from rmsnorm_jax import base
 from rmsnorm_jax import layer_math
 
 
@@ -41,6 +42,7 @@ class RMSNorm(nn.RMSNorm):
   backend: str = "auto"
 
   @nn.compact
+  @base.with_own_promotion_rules
   def __call__(self, x, *, mask=None):
     feat = layer_math.feature_shape(x.shape, self.feature_axes)
     scale = (self.param("scale", self.scale_init, feat, self.param_dtype)
@@ -84,6 +86,7 @@ class RMSNormResidual(nn.Module):
   backend: str = "auto"
 
   @nn.compact
+  @base.with_own_promotion_rules
   def __call__(self, x, residual):
     feat = (x.shape[-1],)
     scale = (self.param("scale", self.scale_init, feat, self.param_dtype)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rmsnorm_jax import api
+from rmsnorm_jax import base
 from rmsnorm_jax import layer_math
 
 
@@ -43,6 +44,7 @@ class RMSNorm(nnx.RMSNorm):
                  if use_bias else nnx.data(None))
     self.backend = backend
 
+  @base.with_own_promotion_rules
   def __call__(self, x, mask=None):
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
@@ -105,6 +107,7 @@ class RMSNormResidual(nnx.Module):
     self.scale_offset = scale_offset
     self.backend = backend
 
+  @base.with_own_promotion_rules
   def __call__(self, x, residual):
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None

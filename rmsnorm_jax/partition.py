@@ -51,6 +51,7 @@ class Local:
   present: tuple
   nvmap: int = 0
 
+  @base.with_own_promotion_rules
   def __call__(self, *arrays):
     fn = self._rows_call
     for _ in range(self.nvmap):

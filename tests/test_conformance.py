@@ -1,0 +1,189 @@
+"""A drop-in works in the settings real JAX code runs in.
+
+Each check runs on every implementation that runs on CPU (XLA, and the TPU
+and GPU kernels in interpret mode) through the public functions and both
+Flax layers: rank promotion "raise", strict dtype promotion, x64, debug_nans
+and debug_infs, leak checking, eval_shape, nested vmap, donated inputs, and
+shape-polymorphic export for cpu, cuda and tpu at once.
+"""
+
+import flax.linen as fnn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsnorm_jax as rj
+from rmsnorm_jax import reference
+
+from implementations import IMPLEMENTATIONS
+from numerics_util import assert_close, random, tol
+
+BACKENDS = [pytest.param(make, id=name) for name, make in IMPLEMENTATIONS]
+# Triton calls carry no serialization-compatibility guarantee; exporting them
+# is the caller's explicit choice.
+UNSTABLE_OK = [jax.export.DisabledSafetyCheck.custom_call(
+    "__gpu$xla.gpu.triton")]
+
+
+def _inputs(seed, shape=(2, 3, 40), dtype=jnp.bfloat16):
+  rng = np.random.default_rng(seed)
+  x = random(rng, shape, dtype)
+  res = random(rng, shape, dtype, mean=0.5)
+  scale = random(rng, shape[-1:], jnp.float32, mean=1.0, scale=0.3)
+  return x, res, scale
+
+
+def _every_entry_point(backend, x, res, scale):
+  """Forward, backward, fused and both layers; returns their outputs."""
+  f32 = lambda a: a.astype(jnp.float32)
+  outs = {"fwd": rj.rms_norm(x, scale, backend=backend),
+          "fwd_no_scale": rj.rms_norm(x, backend=backend),
+          "fused": rj.rms_norm_residual(x, res, scale, backend=backend)}
+  outs["grad"] = jax.grad(
+      lambda x, s: f32(rj.rms_norm(x, s, backend=backend)).sum(),
+      argnums=(0, 1))(x, scale)
+  outs["fused_grad"] = jax.grad(
+      lambda x, r, s: sum(f32(o).sum() for o in rj.rms_norm_residual(
+          x, r, s, backend=backend)), argnums=(0, 1, 2))(x, res, scale)
+  linen = rj.linen.RMSNorm(backend=backend)
+  params = linen.init(jax.random.key(0), x)
+  outs["linen"] = linen.apply(params, x)
+  outs["linen_grad"] = jax.grad(
+      lambda p: f32(linen.apply(p, x)).sum())(params)
+  outs["linen_fused"] = rj.linen.RMSNormResidual(backend=backend).apply(
+      params, x, res)
+  nnx_norm = rj.nnx.RMSNorm(x.shape[-1], backend=backend, rngs=nnx.Rngs(0))
+  outs["nnx"] = nnx_norm(x)
+  outs["nnx_fused"] = rj.nnx.RMSNormResidual(
+      x.shape[-1], backend=backend, rngs=nnx.Rngs(0))(x, res)
+  return outs
+
+
+def _assert_same(got, want, what):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype and g.shape == w.shape, what
+    np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                  np.asarray(w, np.float32), err_msg=what)
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_rank_promotion_raise_and_strict_dtype_promotion(make):
+  x, res, scale = _inputs(0)
+  want = _every_entry_point(make(), x, res, scale)
+  with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
+    got = _every_entry_point(make(), x, res, scale)
+  _assert_same(got, want, "rank 'raise' / strict promotion")
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_x64_keeps_results_and_serves_float64(make):
+  x, res, scale = _inputs(1)
+  want = _every_entry_point(make(), x, res, scale)
+  with jax.enable_x64(True):
+    got = _every_entry_point(make(), x, res, scale)
+    _assert_same(got, want, "x64 on")
+    # float64 is XLA's: "auto" serves it, statistics in float64.
+    x64 = jnp.asarray(np.asarray(x, np.float64) * 3.0)
+    y = rj.rms_norm(x64, jnp.asarray(scale, jnp.float64))
+    assert y.dtype == jnp.float64
+    assert_close(y, reference.rms_norm(x64, scale)[0], tol(jnp.float64),
+                 "float64")
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_debug_nans_and_infs_raise_no_false_alarm(make):
+  # Ragged rows and a hidden size that is not a power of two or of 128:
+  # every kernel pads or masks here.
+  x, res, scale = _inputs(2, shape=(5, 3, 100), dtype=jnp.float16)
+  with jax.debug_nans(True), jax.debug_infs(True):
+    outs = _every_entry_point(make(), x, res, scale)
+  for leaf in jax.tree.leaves(outs):
+    assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_leak_checking_eval_shape_nested_vmap_and_donation(make):
+  backend = make()
+  x, res, scale = _inputs(3, shape=(2, 3, 4, 64), dtype=jnp.float32)
+  with jax.checking_leaks():
+    y = jax.jit(lambda x, s: rj.rms_norm(x, s, backend=backend))(x, scale)
+  shapes = jax.eval_shape(
+      lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=backend),
+      x, res, scale)
+  assert [(s.shape, s.dtype) for s in shapes] == [(x.shape, x.dtype)] * 2
+  nested = jax.vmap(jax.vmap(lambda a: rj.rms_norm(a, scale,
+                                                   backend=backend)))(x)
+  assert_close(nested, y, tol(jnp.float32), "vmap of vmap")
+  # Per-example scales and gradients under vmap of vmap.
+  scales = jnp.broadcast_to(scale, (2, 3, 64)) * jnp.arange(
+      1, 7, dtype=jnp.float32).reshape(2, 3, 1)
+  grads = jax.vmap(jax.vmap(jax.grad(
+      lambda a, s: rj.rms_norm(a, s, backend=backend).sum(), argnums=1)))(
+          x, scales)
+  for i in range(2):
+    for j in range(3):
+      want = jax.grad(lambda s: rj.rms_norm(x[i, j], s, backend="xla").sum())(
+          scales[i, j])
+      assert_close(grads[i, j], want, tol(jnp.float32), "per-example dscale")
+  donated = jax.jit(lambda x, s: rj.rms_norm(x, s, backend=backend),
+                    donate_argnums=0)(jnp.array(x), scale)
+  assert_close(donated, y, 0.0, "donated x")
+
+
+def _poly_export(fn, spec, hidden, backend_platforms=("cpu", "cuda", "tpu")):
+  dims = jax.export.symbolic_shape(spec)
+  args = (jax.ShapeDtypeStruct((*dims, hidden), jnp.float32),
+          jax.ShapeDtypeStruct((hidden,), jnp.float32))
+  exp = jax.export.export(jax.jit(fn), platforms=list(backend_platforms),
+                          disabled_checks=UNSTABLE_OK)(*args)
+  return jax.export.deserialize(exp.serialize())
+
+
+@pytest.mark.parametrize("op", ["fwd", "grad", "fused", "linen", "nnx"])
+def test_symbolic_leading_dims_export_for_three_platforms(op):
+  hidden = 96
+  linen = rj.linen.RMSNorm()
+  params = {"params": {"scale": jnp.linspace(0.5, 1.5, hidden)}}
+  nnx_norm = rj.nnx.RMSNorm(hidden, rngs=nnx.Rngs(0))
+  fns = {
+      "fwd": lambda x, s: rj.rms_norm(x, s),
+      "grad": lambda x, s: jax.grad(lambda x, s: rj.rms_norm(x, s).sum(),
+                                    argnums=(0, 1))(x, s),
+      "fused": lambda x, s: rj.rms_norm_residual(x, x * 0.5, s),
+      "linen": lambda x, s: linen.apply(
+          {"params": {"scale": s}}, x),
+      "nnx": lambda x, s: nnx_norm(x) * s,
+  }
+  exp = _poly_export(fns[op], "b, s", hidden)
+  assert exp.platforms == ("cpu", "cuda", "tpu")
+  for shape in [(2, 3), (5, 7)]:
+    rng = np.random.default_rng(sum(shape))
+    x = random(rng, (*shape, hidden), jnp.float32)
+    s = params["params"]["scale"]
+    _assert_same(exp.call(x, s), jax.jit(fns[op])(x, s),
+                 f"exported {op} at {shape}")
+
+
+@pytest.mark.parametrize("name", ["pallas_gpu", "pallas_tpu"])
+def test_explicit_kernel_names_the_symbolic_dim_it_cannot_take(name):
+  with pytest.raises(ValueError, match=rf"{name}.*symbolic.*b\*s|{name}.*"
+                     r"symbolic.*s\*b"):
+    _poly_export(lambda x, s: rj.rms_norm(x, s, backend=name), "b, s", 128)
+
+
+def test_flax_layers_export_like_flax_does():
+  # flax's own layer is the yardstick: it exports with symbolic dims.
+  hidden = 64
+  theirs = fnn.RMSNorm()
+  ours = rj.linen.RMSNorm()
+  params = theirs.init(jax.random.key(0), jnp.ones((1, hidden)))
+  exp_theirs = _poly_export(lambda x, s: theirs.apply(
+      {"params": {"scale": s}}, x), "b", hidden, ("cpu",))
+  exp_ours = _poly_export(lambda x, s: ours.apply(
+      {"params": {"scale": s}}, x), "b", hidden, ("cpu",))
+  x = random(np.random.default_rng(4), (9, hidden), jnp.float32)
+  s = params["params"]["scale"]
+  assert_close(exp_ours.call(x, s), exp_theirs.call(x, s), tol(jnp.float32),
+               "ours vs flax, exported")
