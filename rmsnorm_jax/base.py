@@ -232,22 +232,26 @@ class Implementation:
       x = h
     y, _ = self.forward(x, scale, bias,
                         norm=dataclasses.replace(norm, out_dtype=F32))
-    q, q_scale = quantize(y, norm.quant_dtype, quant_scale)
+    q, q_scale = quantize(y, norm.quant_dtype, quant_scale,
+                          getattr(self, "axis_names", ()))
     return q, q_scale, h
 
 
-def quantize(y, quant_dtype, quant_scale=None):
+def quantize(y, quant_dtype, quant_scale=None, axis_names=()):
   """``(q, q_scale)`` from float32 ``y`` of shape ``(rows, hidden)``.
 
   Dynamic (quant_scale None): ``q_scale = max|y_row| / qmax`` per row, 1 for
   an all-zero row. Static: ``q_scale`` is the given float32 scalar. ``q`` is
   ``y / q_scale`` rounded half to even and saturated for int8, or cast with
-  saturation for float8.
+  saturation for float8. ``axis_names``: mesh axes the row is split over
+  (its max is all-reduced over them).
   """
   dt = np.dtype(quant_dtype)
   qmax = jnp.float32(QUANT_MAX[dt])
   if quant_scale is None:
     amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+    if axis_names:
+      amax = jax.lax.pmax(amax, axis_names)
     q_scale = jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
   else:
     q_scale = jnp.broadcast_to(

@@ -20,7 +20,6 @@ from jax.sharding import PartitionSpec as P
 
 import rmsnorm_jax as rj
 from rmsnorm_jax import base
-from rmsnorm_jax import dispatch
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
 from implementations import IMPLEMENTATIONS
@@ -274,3 +273,49 @@ def test_compiled_kernel_lowers_inside_checked_shard_map(name, platform):
   text = exported.mlir_module()
   kernel_call = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
   assert text.count(kernel_call[platform]) >= 2  # forward and backward
+
+
+@pytest.mark.parametrize("feature", ["bias", "per_head", "quantized"])
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_features_sharded_equal_unsharded(feature, axis_type):
+  # Batch over "data", heads (per-head) or hidden over "model": the
+  # partitioning rule's per-feature operands and results (bias, dbias, a
+  # (heads, head_dim) scale and its gradient, the (..., 1) quantization
+  # scale) follow x's sharding; nothing is gathered.
+  mesh = _mesh(MESHES[1], axis_type)
+  rng = np.random.default_rng(11)
+  impl = _RuleOnlyXla()
+  x = random(rng, (8, 4, 128), jnp.float32)
+  if feature == "per_head":
+    spec = P("data", "model", None)
+    params = (random(rng, (4, 128), jnp.float32, mean=1.0), None)
+    param_specs = (P("model", None), None)
+  else:
+    spec = P("data", None, "model")
+    params = (random(rng, (128,), jnp.float32, mean=1.0),
+              random(rng, (128,), jnp.float32))
+    param_specs = (P("model"), P("model"))
+  if feature == "quantized":
+    fn = lambda x, s, b: rj.rms_norm_quantized(
+        x, s, bias=b, quant_dtype=jnp.int8, backend=impl)
+  else:
+    fn = lambda x, s, b: jax.value_and_grad(
+        lambda x, s, b: jnp.sum(rj.rms_norm(x, s, b, backend=impl) ** 2),
+        argnums=(0, 1, 2) if b is not None else (0, 1))(x, s, b)
+  want = jax.jit(fn)(x, *params)
+  put = lambda a, s: None if a is None else jax.device_put(
+      a, NamedSharding(mesh, s))
+  args = (put(x, spec),) + tuple(put(a, s) for a, s in zip(params,
+                                                          param_specs))
+  got = jax.jit(fn)(*args)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    if g.dtype == jnp.int8:
+      # Rounding of y / q_scale may flip by one where the all-reduced
+      # statistics differ in the last bit from the unsharded ones.
+      assert np.max(np.abs(np.asarray(g, np.int32)
+                           - np.asarray(w, np.int32))) <= 1
+    else:
+      assert_close(g, w, 1e-5, feature)
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo, \
+      "x was gathered"

@@ -2,7 +2,8 @@
 
 ``BY_NAME`` maps each explicit ``backend=`` name to its Implementation class;
 ``BY_PLATFORM`` names the kernel that ``backend="pallas"`` (and ``"auto"``,
-where the kernel's ``preferred_for`` agrees) uses on a lowering platform.
+where the kernel serves the call and does not decline it) uses on a
+lowering platform.
 """
 
 BY_NAME: dict = {}
@@ -14,6 +15,11 @@ BY_NAME["pallas_gpu"] = PallasGpu
 BY_PLATFORM["cuda"] = PallasGpu
 
 from rmsnorm_jax.kernels.tpu import PallasTpu  # noqa: E402
+from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu  # noqa: E402
 
 BY_NAME["pallas_tpu"] = PallasTpu
 BY_PLATFORM["tpu"] = PallasTpu
+# Mosaic GPU (Hopper) is selectable by name; "auto" keeps the Triton kernels
+# on CUDA until its compiled numerics and device times are on record
+# (docs/mosaic_gpu.md).
+BY_NAME["mosaic_gpu"] = MosaicGpu
