@@ -190,8 +190,9 @@ def by_name(name: str) -> Spec:
 BENCHMARK = tuple(s.case for s in select("bench"))
 # (rows, hidden): compiled for every TPU generation, bfloat16 and float32.
 TPU_AOT = tuple((s.rows, s.hidden) for s in select("tpu_aot"))
-TPU_GENERATIONS = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2",
-                   "tpu7x:2x2x1")
+# Deviceless TPU topologies, oldest first (v2 and v3: Colab's TPUs).
+TPU_GENERATIONS = ("v2:2x2", "v3:2x2", "v4:2x2x1", "v5e:2x2", "v5p:2x2x1",
+                   "v6e:2x2", "tpu7x:2x2x1")
 # Input shapes for correctness (the wide one apart).
 CORRECTNESS = tuple(s.shape for s in select("correctness", exclude=["wide"]))
 # Wide rows that exceed a single VMEM block on TPU (two-pass path).

@@ -15,6 +15,8 @@ import numpy as np
 import rmsnorm_jax as rj
 from rmsnorm_jax import shapes
 from rmsnorm_jax.kernels.gpu import PallasGpu
+# The one count of an op's least traffic, shared with the TPU report.
+from rmsnorm_jax.shapes import min_bytes
 
 OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd", "linen_fwd",
        "linen_fwd_mixed", "linen_fwd_default", "linen_bwd")
@@ -44,11 +46,6 @@ MAX_SETS = 16
 def on_gpu() -> bool:
   """Whether JAX's default backend is a GPU."""
   return jax.default_backend() == "gpu"
-
-
-def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
-  """Fewest bytes ``op`` must move; see :func:`rmsnorm_jax.shapes.min_bytes`."""
-  return shapes.min_bytes(op, rows, hidden, dtype)
 
 
 def roofline_bytes(op: str, rows: int, hidden: int, dtype) -> int:
