@@ -51,21 +51,53 @@ html_theme = "alabaster"
 html_title = f"rmsnorm_jax {release}"
 
 
-# rmsnorm_jax.linen.RMSNorm lists its extra fields under a free-form heading
-# that docutils parses as a broken definition list (a -W error). Until the
-# docstring uses a Google "Attributes:" section, that one heading is read as
-# one; any other docstring passes through unchanged.
-_LINEN_FIELDS_HEADING = "Extra fields (after flax's, all defaulted):"
+# Attributes render as a field list of the class (not as separate objects,
+# which would collide with the dataclass fields autodoc also finds).
+napoleon_use_ivar = True
+
+# The layer classes list their extra fields and arguments under free-form
+# headings, which docutils parses as broken definition lists (a -W error).
+# Until those docstrings use plain Google sections, these exact headings are
+# read as a sentence and the section they mean; every other docstring passes
+# through unchanged.
+_HEADINGS = {
+    "Extra fields (after flax's, all defaulted):":
+        ("Extra fields, after flax's, all defaulted.", "Attributes:"),
+    "Args (beyond flax's, keyword-only):":
+        ("Keyword-only arguments beyond flax's.", "Args:"),
+}
 
 
-def _linen_fields_as_attributes(app, what, name, obj, options, lines):
+def _layer_headings_as_sections(app, what, name, obj, options, lines):
   del app, what, obj, options
-  if name == "rmsnorm_jax.linen.RMSNorm":
-    lines[:] = ["Attributes:" if l.strip() == _LINEN_FIELDS_HEADING else l
-                for l in lines]
+  if not name.startswith(("rmsnorm_jax.linen.", "rmsnorm_jax.nnx.")):
+    return
+  out = []
+  for line in lines:
+    heading = _HEADINGS.get(line.strip())
+    if heading is None:
+      out.append(line)
+    else:
+      indent = line[:len(line) - len(line.lstrip())]
+      out += [indent + heading[0], "", indent + heading[1]]
+  lines[:] = out
+
+
+def _skip_field_defaults(app, what, name, obj, skip, options):
+  # A flax field whose default is a function (``bias_init = zeros``) looks
+  # like a method to autodoc, which would document jax's initializer under
+  # the layer's name; the field itself is in the class signature and its
+  # docstring.
+  del app, name, options
+  module = getattr(obj, "__module__", "") or ""
+  if what == "class" and callable(obj) and not module.startswith(
+      "rmsnorm_jax"):
+    return True
+  return skip
 
 
 def setup(app):
-  # Before napoleon (priority 500) turns "Attributes:" into fields.
-  app.connect("autodoc-process-docstring", _linen_fields_as_attributes,
+  # Before napoleon (priority 500) turns the sections into fields.
+  app.connect("autodoc-process-docstring", _layer_headings_as_sections,
               priority=400)
+  app.connect("autodoc-skip-member", _skip_field_defaults)
