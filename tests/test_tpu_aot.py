@@ -25,6 +25,7 @@ from rmsnorm_jax.kernels.tpu import PallasTpu
 from rmsnorm_jax.tpu_aot import cli
 from rmsnorm_jax.tpu_aot import hlo
 from rmsnorm_jax.tpu_aot import report
+from rmsnorm_jax.tpu_aot import specs
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 EPS = 1e-5
@@ -310,3 +311,16 @@ ENTRY %main (p0: bf16[16,128]) -> f8e4m3fn[16,128] {
   assert hlo.hbm_bytes(text) == 16 * 128 * 1 + 16 * 128 * 2
   with pytest.raises(ValueError, match="ENTRY"):
     hlo.hbm_bytes("HloModule m\n")
+
+
+def test_quick_plan_keeps_every_program_on_every_generation():
+  full = specs.plan(specs.GENERATIONS)
+  quick = specs.plan(specs.GENERATIONS, quick=True)
+  assert set(quick) < set(full)
+  names = {v.name for v in specs.CORE + specs.FEATURES}
+  for gen in specs.GENERATIONS:
+    assert {p[3].name for p in quick if p[0] == gen} == names, gen
+  short = {p[1] for p in quick if p[0] == "v2:2x2" and p[3] in specs.CORE}
+  assert short == set(specs.QUICK_SHORT_SHAPES)
+  # Per-head programs only where the rows are whole heads.
+  assert all(p[1][0] % p[3].heads == 0 for p in full if p[3].heads)

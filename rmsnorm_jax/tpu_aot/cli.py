@@ -84,6 +84,15 @@ def parser() -> argparse.ArgumentParser:
            "the feature programs (bias, per-head scale, llama cast order, "
            "quantized output; default: compile both)")
   p.add_argument(
+      "--quick", action="store_true",
+      help="every program on every generation, on fewer shapes (what CI "
+           "compiles): the feature programs on "
+           + _shown(f"{r}x{h}" for r, h in specs.QUICK_FEATURE_SHAPES)
+           + ", and on " + _shown(specs.QUICK_SHORT_FAMILIES)
+           + " the plain ops on "
+           + _shown(f"{r}x{h}" for r, h in specs.QUICK_SHORT_SHAPES)
+           + " (default: off, the full lists)")
+  p.add_argument(
       "--no-xla", dest="xla", action="store_false",
       help="compile only the kernels, not the XLA programs the comparison "
            "columns of the report need (default: compile both)")
@@ -128,8 +137,8 @@ def main(argv=None) -> int:
     return 2
   t0 = time.perf_counter()
   rows = aot.sweep(gens=args.gens, shape_list=shape_list, dtypes=dtypes,
-                   ops=args.ops, features=args.features, xla=args.xla,
-                   jobs=args.jobs)
+                   ops=args.ops, features=args.features, quick=args.quick,
+                   xla=args.xla, jobs=args.jobs)
   if args.out:
     report.write(args.out, rows)
   failed = [r for r in rows if not r.ok]

@@ -171,7 +171,10 @@ def compile_row(gen: str, shape: tuple[int, int], dtype, v: specs.Variant,
   kernel = PallasTpu()
   t0 = time.perf_counter()
   error, block, kbytes, compiled = "", "-", None, False
-  declined = kernel.cannot_serve(specs.call(v, rows, hidden, dtype)) or ""
+  # Inside the mesh, so that a reason that depends on the chip (VMEM) is
+  # the target's.
+  with jax.set_mesh(mesh):
+    declined = kernel.cannot_serve(specs.call(v, rows, hidden, dtype)) or ""
   if not declined:
     try:
       c = compile_one(kernel, v, rows, hidden, dtype, mesh)
@@ -199,12 +202,13 @@ def _compile_unit(unit) -> list[Row]:
 
 
 def sweep(gens=specs.GENERATIONS, shape_list=None, dtypes=None,
-          ops=specs.OPS, features=True, xla=True, jobs=1, log=print):
+          ops=specs.OPS, features=True, quick=False, xla=True, jobs=1,
+          log=print):
   """Compiles every program of :func:`specs.plan`; returns :class:`Row` s.
 
   Args:
     gens: topology names for ``jax.experimental.topologies``.
-    shape_list, dtypes, ops, features: select the programs, see
+    shape_list, dtypes, ops, features, quick: select the programs, see
       :func:`specs.plan`.
     xla: also compile the XLA implementation, for the comparison columns.
     jobs: processes compiling at once (each loads libtpu); 1 compiles here.
@@ -224,7 +228,7 @@ def sweep(gens=specs.GENERATIONS, shape_list=None, dtypes=None,
     specs.family(gen)
   if jobs < 1:
     raise ValueError(f"jobs must be >= 1; got {jobs}")
-  programs = specs.plan(gens, shape_list, dtypes, ops, features)
+  programs = specs.plan(gens, shape_list, dtypes, ops, features, quick)
   # One unit per (generation, shape): enough units to balance the jobs,
   # few enough that each job reuses its topology and caches.
   units: dict = {}

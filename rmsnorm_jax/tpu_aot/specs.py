@@ -112,6 +112,15 @@ FEATURES = (
 FEATURE_SHAPES = ((1024, 4096), (32768, 128), (16, 65536))
 FEATURE_DTYPES = (np.dtype(jnp.bfloat16),)
 
+# The quick selection (CI's): every program on every generation, on fewer
+# shapes. The features keep the QK-norm rows and the rows too wide for one
+# VMEM block on 16 MiB chips; v2 and v3 have v4's VMEM, so v4's full list
+# already covers their block choices, and they keep one shape of each kind
+# (one row, LLaMA rows, QK-norm rows, two-pass rows).
+QUICK_FEATURE_SHAPES = ((32768, 128), (16, 65536))
+QUICK_SHORT_FAMILIES = ("v2", "v3")
+QUICK_SHORT_SHAPES = ((1, 768), (1024, 4096), (32768, 128), (16, 65536))
+
 
 def family(gen: str) -> str:
   """``"v5e"`` for ``"v5e:2x2"``.
@@ -244,32 +253,38 @@ def streamed_dtypes(v: Variant, dtype) -> list:
                     "residual_backward": 4}[v.op]
 
 
-def plan(gens, shape_list=None, dtypes=None, ops=OPS, features=True):
+def plan(gens, shape_list=None, dtypes=None, ops=OPS, features=True,
+         quick=False):
   """The sweep's programs, ``(gen, (rows, hidden), dtype, Variant)``.
 
   Args:
     gens: topology names.
     shape_list: ``(rows, hidden)`` pairs for every program; None: the core
-      ops on :data:`SHAPES`, the features on :data:`FEATURE_SHAPES`. A dict
-      from generation to such pairs gives each generation its own list.
+      ops on :data:`SHAPES`, the features on :data:`FEATURE_SHAPES`.
     dtypes: x's dtypes for every program; None: :data:`DTYPES` for the core
       ops, :data:`FEATURE_DTYPES` for the features.
     ops: only the variants of these ops.
     features: include :data:`FEATURES` (else the core ops only).
+    quick: where ``shape_list`` is None, the shorter lists: the features on
+      :data:`QUICK_FEATURE_SHAPES`, and the core ops of
+      :data:`QUICK_SHORT_FAMILIES` on :data:`QUICK_SHORT_SHAPES`.
 
   Returns:
     A list in the order gens x (core, features) x shapes x dtypes x
     variants. Per-head variants skip shapes whose rows are not whole heads.
   """
-  groups = [(CORE, SHAPES, DTYPES)]
-  if features:
-    groups.append((FEATURES, FEATURE_SHAPES, FEATURE_DTYPES))
   out = []
   for gen in gens:
-    shs_given = (shape_list.get(gen) if isinstance(shape_list, dict)
-                 else shape_list)
+    core_shapes, feature_shapes = SHAPES, FEATURE_SHAPES
+    if quick:
+      feature_shapes = QUICK_FEATURE_SHAPES
+      if family(gen) in QUICK_SHORT_FAMILIES:
+        core_shapes = QUICK_SHORT_SHAPES
+    groups = [(CORE, core_shapes, DTYPES)]
+    if features:
+      groups.append((FEATURES, feature_shapes, FEATURE_DTYPES))
     for vs, shs, dts in groups:
-      for shape in (shs if shs_given is None else shs_given):
+      for shape in (shs if shape_list is None else shape_list):
         for dt in (dts if dtypes is None else dtypes):
           for v in vs:
             if v.op not in ops or (v.heads and shape[0] % v.heads):
