@@ -1,5 +1,7 @@
 """Bad input gets an error that names the argument, the expected and the given."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +112,36 @@ def test_empty_arrays_give_empty_results(shape):
   assert y.shape == shape and h.shape == shape
   g = jax.grad(lambda s: rj.rms_norm(x, s).astype(jnp.float32).sum())(scale)
   assert g.shape == scale.shape
+
+
+@pytest.mark.parametrize("bad", [(15,), (4, 16), ()])
+def test_bias_shape(bad):
+  with pytest.raises(ValueError, match=r"bias must have shape \(16,\).*got "
+                     r"shape " + re.escape(str(bad))):
+    rj.rms_norm(X, None, jnp.ones(bad, jnp.float32))
+  with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+    rj.rms_norm_residual(X, X, None, jnp.ones(bad, jnp.float32))
+
+
+def test_per_head_scale_shape_is_named():
+  x = jnp.ones((2, 4, 8), jnp.float32)
+  with pytest.raises(ValueError, match=r"scale must have shape \(8,\).*or, "
+                     r"per head, \(4, 8\); got shape \(3, 8\)"):
+    rj.rms_norm(x, jnp.ones((3, 8)))
+
+
+@pytest.mark.parametrize("mode", ["Llama", "bf16", None, 1])
+def test_unknown_cast_mode(mode):
+  with pytest.raises(ValueError, match=r"cast_mode must be one of \('float32'"
+                     r", 'llama'\); got " + re.escape(repr(mode))):
+    rj.rms_norm(X, cast_mode=mode)
+
+
+def test_explicit_kernel_gives_its_reason():
+  # float64 is XLA's; an explicit kernel says why it cannot serve it.
+  with jax.enable_x64(True):
+    x = jnp.ones((4, 16), jnp.float64)
+    for name in ("pallas_gpu", "pallas_tpu"):
+      with pytest.raises(ValueError, match=rf"backend='{name}' cannot serve "
+                         r"this call: .*not float64"):
+        rj.rms_norm(x, backend=name)
