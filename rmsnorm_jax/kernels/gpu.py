@@ -53,7 +53,7 @@ AUTO_WIDE_MIN_ROWS = 8
 # tile; such inputs (8 GiB of float32) stay on XLA under "auto".
 AUTO_MAX_ELEMENTS = 2**31 - 1
 # The features of issue 11 the kernels serve (kernels/common.py FEATURES).
-IMPLEMENTED = frozenset()
+IMPLEMENTED = frozenset(("bias", "llama", "per_head", "quantized"))
 # Interpret mode on CPU: a few "SMs" so that tests exercise the persistent
 # backward loop (several row blocks per program) on small shapes.
 INTERPRET_NUM_SMS = 4

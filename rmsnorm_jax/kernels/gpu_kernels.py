@@ -47,10 +47,6 @@ from rmsnorm_jax.kernels import common
 from rmsnorm_jax.kernels.gpu_tiling import Config
 
 _F32 = jnp.float32
-# Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22
-# to an integer, half to even (the sum's unit in the last place is 1); the
-# Triton lowering has no round-to-nearest-even primitive.
-_ROUND_MAGIC = 12582912.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +208,18 @@ class _Math:
     v = self.divide(y, qs[:, None])
     v = jnp.minimum(jnp.maximum(v, _F32(-self.qmax)), _F32(self.qmax))
     if self.q_int:
-      v = (v + _F32(_ROUND_MAGIC)) - _F32(_ROUND_MAGIC)
+      v = self.round_half_even(v)
     return v
+
+  def round_half_even(self, v):
+    """float32 v rounded to an integer, ties to even."""
+    if self.interpret:
+      return jnp.round(v)
+    # The Triton lowering has no rounding primitive; PTX's cvt.rni is
+    # round to nearest integer, ties to even.
+    return pltriton.elementwise_inline_asm(
+        "cvt.rni.f32.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, _F32)])[0]
 
 
 class _Tile:

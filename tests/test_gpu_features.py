@@ -1,0 +1,552 @@
+"""PallasGpu's features beyond the plain norm: bias, cast_mode "llama",
+per-head scale, quantized output; determinism; Triton lowering.
+
+Each check calls the Implementation methods on 2-D row views, in two modes:
+``interpret`` (the Pallas interpreter, on CPU in CI: small shapes) and
+``compiled`` (Triton on a CUDA GPU, marked ``gpu`` and skipped elsewhere with
+the reason). Every output starts as NaN (``poison_outputs``), so an element
+the kernel never writes fails the checks. Inputs are fresh random normals
+with nonzero means (never zeros, except the deliberate zero row of the
+quantization test).
+
+References and tolerances:
+
+* ``base.Xla`` computes the same formulas with XLA (the numerics every
+  kernel must follow): outputs in 16-bit dtypes may differ by one ulp where
+  the float32 value sits at a rounding boundary (the sum of squares is added
+  in another order), so the tolerance on ``||got - want|| / ||want||`` is
+  one ulp relative (``XLA_TOL``); float32 results differ by reduction order
+  only (1e-5).
+* the float64 reference (float32 cast mode): ``numerics_util.TOL`` of the
+  dtypes an output passed through (one rounding to each).
+* ``reference.emulate`` (each cast mode's formula with the reference
+  libraries' roundings): 16-bit outputs identical in at least 99.9% of the
+  elements (one-ulp flips from the order of the float32 sum of squares are
+  the only allowed difference); float32 outputs within 4 ulps.
+* quantized: ``q`` equal, bit for bit, to ``base.quantize`` of the same
+  kernel's own float32 ``y``; dequantized ``q * q_scale`` within half a
+  quantization step of the float64 reference (plus the float32 error of y).
+"""
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from rmsnorm_jax import base
+from rmsnorm_jax import reference
+from rmsnorm_jax.kernels import gpu_tiling
+from rmsnorm_jax.kernels.gpu import PallasGpu
+
+from numerics_util import assert_close, random, tol
+
+F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(
+    jnp.float16)
+XLA_TOL = {F32: 1e-5, BF16: 2.0**-7, F16: 2.0**-10}
+QUANT_DTYPES = [np.dtype(jnp.int8), np.dtype(jnp.float8_e4m3fn),
+                np.dtype(jnp.float8_e5m2)]
+
+
+def _has_cuda() -> bool:
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+MODES = [
+    pytest.param("interpret", id="interpret"),
+    pytest.param("compiled", id="compiled", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not _has_cuda(),
+                           reason="compiled Pallas GPU kernels need a CUDA "
+                                  "GPU; the interpret variant covers CPU")]),
+]
+
+
+def _rng(*key):
+  return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _impl(mode, **config):
+  return PallasGpu(config=gpu_tiling.Config(**config),
+                   interpret=(mode == "interpret"), poison_outputs=True)
+
+
+def _xla_tol(*dtypes):
+  return max(XLA_TOL[np.dtype(d)] for d in dtypes)
+
+
+def _f64(a):
+  return None if a is None else np.asarray(np.asarray(a, np.float32),
+                                           np.float64)
+
+
+def _scale_rows(w, rows):
+  return w[None, :] if w.ndim == 1 else np.tile(w, (rows // w.shape[0], 1))
+
+
+def _reference64(x, scale, bias, dy, eps, offset=0.0):
+  """Float64 (y, dx, dscale, dbias) of the float32 cast mode."""
+  x, dy = _f64(x), _f64(dy)
+  rows, hidden = x.shape
+  r = 1.0 / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps)
+  xhat = x * r
+  w = np.ones((1, hidden)) if scale is None else _scale_rows(
+      _f64(scale) + offset, rows)
+  y = xhat * w + (0.0 if bias is None else _f64(bias)[None, :])
+  g = dy * w
+  dx = r * (g - xhat * np.mean(g * xhat, axis=1, keepdims=True))
+  dscale = None
+  if scale is not None:
+    dscale = (dy * xhat).reshape(-1, *np.shape(scale)).sum(0)
+  dbias = None if bias is None else dy.sum(0)
+  return y, dx, dscale, dbias
+
+
+def _inputs(key, rows, hidden, dtype, *, scale_shape, scale_dtype,
+            bias_dtype=None, out_dtype=None):
+  rng = _rng(*key)
+  x = random(rng, (rows, hidden), dtype, mean=0.3)
+  scale = None if scale_shape is None else random(
+      rng, scale_shape, scale_dtype, mean=1.0, scale=0.5)
+  bias = None if bias_dtype is None else random(rng, (hidden,), bias_dtype,
+                                                mean=0.1, scale=0.5)
+  dy = random(rng, (rows, hidden), out_dtype or dtype)
+  return x, scale, bias, dy
+
+
+def _run(impl, x, scale, bias, dy, norm):
+  y, rstd = jax.jit(functools.partial(impl.forward, norm=norm))(
+      x, scale, bias)
+  dx, dscale, dbias = jax.jit(functools.partial(impl.backward, norm=norm))(
+      x, scale, bias, rstd, dy)
+  return y, rstd, dx, dscale, dbias
+
+
+def _identical_fraction(got, want):
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.dtype == want.dtype and got.shape == want.shape
+  return float(np.mean(got.view(np.uint8 if got.itemsize == 1 else
+                                f"u{got.itemsize}") ==
+                       want.view(np.uint8 if want.itemsize == 1 else
+                                 f"u{want.itemsize}")))
+
+
+def _check_against_xla(impl, x, scale, bias, dy, norm):
+  """Forward and gradients against base.Xla; returns the kernel's results."""
+  got = _run(impl, x, scale, bias, dy, norm)
+  want = _run(base.Xla(), x, scale, bias, dy, norm)
+  y, _, dx, dscale, dbias = got
+  assert y.dtype == np.dtype(norm.out_dtype) and dx.dtype == x.dtype
+  assert_close(y, want[0], _xla_tol(y.dtype), "y vs xla")
+  # dx is a difference of terms of size ||rstd * dy * w||, so its error is
+  # judged against that size (it cancels for tiny rows).
+  assert_close(dx, want[2], _xla_tol(x.dtype, dy.dtype), "dx vs xla",
+               magnitude=float(np.linalg.norm(_f64(dy)) * 2))
+  for name, a, b in (("dscale", dscale, want[3]), ("dbias", dbias, want[4])):
+    if b is None:
+      assert a is None, name
+      continue
+    assert a.dtype == F32 and a.shape == b.shape, name
+    assert_close(a, b, _xla_tol(x.dtype, dy.dtype), f"{name} vs xla")
+  return got
+
+
+# ----------------------------------------------------------- cannot_serve --
+
+@pytest.mark.parametrize("op", ["forward", "backward", "residual_forward",
+                                "residual_backward", "quantized_forward"])
+def test_serves_every_feature(op):
+  impl = PallasGpu(interpret=True)
+  for dtype in (F32, BF16, F16):
+    for norm in (base.Norm(eps=1e-6, cast_mode="llama", quant_dtype=np.dtype(
+        jnp.float8_e4m3fn)), base.Norm(eps=1e-6)):
+      call = base.Call(op=op, rows=64, hidden=128, dtype=dtype,
+                       scale_shape=(8, 128), has_bias=True, norm=norm)
+      assert impl.cannot_serve(call) is None
+  reason = impl.cannot_serve(base.Call(op=op, rows=jax.export.symbolic_shape(
+      "b")[0], hidden=128, dtype=BF16))
+  assert reason is not None and "symbolic" in reason
+
+
+# ------------------------------------------------------------------ bias --
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype,config", [
+    (BF16, {}), (F32, {}), (F16, dict(block_cols=64)),
+    (BF16, dict(block_rows=2, num_sms=2, prefetch=False, cache_scale=False)),
+], ids=["bf16", "f32", "f16_chunked", "bf16_persistent_uncached"])
+def test_bias(mode, dtype, config):
+  impl = _impl(mode, **config)
+  rows, hidden = 45, 200
+  x, scale, bias, dy = _inputs(("bias", dtype.name, config), rows, hidden,
+                               dtype, scale_shape=(hidden,), scale_dtype=F32,
+                               bias_dtype=dtype)
+  norm = base.Norm(eps=1e-5, scale_offset=0.5, out_dtype=dtype)
+  y, _, dx, dscale, dbias = _check_against_xla(impl, x, scale, bias, dy, norm)
+  y64, dx64, ds64, db64 = _reference64(x, scale, bias, dy, 1e-5, 0.5)
+  assert_close(y, y64, tol(dtype), "y")
+  assert_close(dx, dx64, tol(dtype), "dx",
+               magnitude=float(np.linalg.norm(_f64(dy)) * 2))
+  assert_close(dscale, ds64, tol(dtype), "dscale")
+  assert_close(dbias, db64, tol(dtype), "dbias")
+  # No scale, bias only.
+  _check_against_xla(impl, x, None, bias, dy, norm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bias_with_residual(mode):
+  impl = _impl(mode)
+  rows, hidden = 19, 257
+  x, scale, bias, dy = _inputs(("bias_res",), rows, hidden, BF16,
+                               scale_shape=(hidden,), scale_dtype=F32,
+                               bias_dtype=F32)
+  res = random(_rng("bias_res_r"), (rows, hidden), BF16, mean=0.5)
+  dh = random(_rng("bias_res_dh"), (rows, hidden), BF16)
+  norm = base.Norm(eps=1e-6, out_dtype=BF16)
+
+  def run(impl):
+    y, h, rstd = jax.jit(functools.partial(impl.residual_forward, norm=norm))(
+        x, res, scale, bias)
+    return (y, h) + tuple(jax.jit(functools.partial(
+        impl.residual_backward, norm=norm))(h, scale, bias, rstd, dy, dh))
+
+  y, h, dres, dscale, dbias = run(impl)
+  y_x, h_x, dres_x, ds_x, db_x = run(base.Xla())
+  np.testing.assert_array_equal(np.asarray(h, np.float32),
+                                np.asarray(h_x, np.float32))
+  assert_close(y, y_x, _xla_tol(BF16), "y vs xla")
+  assert_close(dres, dres_x, _xla_tol(BF16), "dresidual vs xla")
+  assert_close(dscale, ds_x, 1e-5, "dscale vs xla")
+  assert_close(dbias, db_x, 1e-5, "dbias vs xla")
+  y64, _, _, db64 = _reference64(h, scale, bias, dy, 1e-6)
+  assert_close(y, y64, tol(BF16), "y")
+  assert_close(dbias, db64, tol(BF16), "dbias")
+
+
+# ----------------------------------------------------------------- llama --
+
+LLAMA_CASES = [(BF16, BF16), (BF16, F32), (F16, F16), (F16, F32), (F32, F32)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("x_dtype,scale_dtype", LLAMA_CASES,
+                         ids=[f"{a.name}-{b.name}" for a, b in LLAMA_CASES])
+def test_llama_cast_mode(mode, x_dtype, scale_dtype):
+  impl = _impl(mode)
+  rows, hidden = 64, 384
+  x, scale, bias, dy = _inputs(("llama", x_dtype.name, scale_dtype.name),
+                               rows, hidden, x_dtype, scale_shape=(hidden,),
+                               scale_dtype=scale_dtype, bias_dtype=F32)
+  for b in (None, bias):
+    norm = base.Norm(eps=1e-6, cast_mode="llama", out_dtype=norm_pdt(
+        x_dtype, scale_dtype))
+    y = _check_against_xla(impl, x, scale, b, dy.astype(norm.out_dtype),
+                           norm)[0]
+    want = reference.emulate(np.asarray(x), np.asarray(scale),
+                             None if b is None else np.asarray(b), eps=1e-6,
+                             cast_mode="llama")
+    if y.dtype == F32:
+      # float32 results within 4 ulps, except where x_hat, rounded to x's
+      # dtype, flipped by one of its ulps (the order of the sum of squares).
+      # Measured against the size of the terms (|x_hat * w| + |bias|): the
+      # bias may cancel the product.
+      size = np.abs(want)
+      if b is not None:
+        size = size + 2 * np.abs(np.asarray(b, np.float64))[None, :]
+      rel = np.abs(np.asarray(y, np.float64) - want) / np.maximum(
+          size, 2.0**-126)
+      assert np.mean(rel <= 4 * 2.0**-23) >= 0.999
+      assert np.all(rel <= max(2.0 * float(jnp.finfo(x_dtype).eps),
+                               8 * 2.0**-23)), float(np.max(rel))
+    else:
+      frac = _identical_fraction(y, want)
+      assert frac >= 0.999, f"{frac:.5f} of y identical to the emulation"
+
+
+def norm_pdt(x_dtype, scale_dtype):
+  return base.Norm(eps=0.0, cast_mode="llama").product_dtype(x_dtype,
+                                                             scale_dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_llama_and_float32_modes_differ(mode):
+  # bf16 x with a bf16 scale: llama rounds x_hat to bf16 before the product,
+  # float32 rounds once at the end; some outputs must differ.
+  impl = _impl(mode)
+  x, scale, _, _ = _inputs(("modes",), 32, 256, BF16, scale_shape=(256,),
+                           scale_dtype=BF16)
+  y = {m: jax.jit(functools.partial(impl.forward, norm=base.Norm(
+      eps=1e-6, cast_mode=m, out_dtype=BF16)))(x, scale, None)[0]
+       for m in base.CAST_MODES}
+  assert _identical_fraction(y["llama"], y["float32"]) < 0.99
+  want = reference.emulate(np.asarray(x), np.asarray(scale), eps=1e-6,
+                           cast_mode="float32")
+  assert _identical_fraction(y["float32"], want) >= 0.999
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_llama_chunked_and_residual(mode):
+  impl = _impl(mode, block_cols=64)
+  rows, hidden = 12, 300
+  x, scale, bias, dy = _inputs(("llama_chunk",), rows, hidden, BF16,
+                               scale_shape=(hidden,), scale_dtype=BF16,
+                               bias_dtype=BF16)
+  norm = base.Norm(eps=1e-6, scale_offset=1.0, cast_mode="llama",
+                   out_dtype=BF16)
+  _check_against_xla(impl, x, scale, bias, dy, norm)
+  res = random(_rng("llama_chunk_r"), (rows, hidden), BF16, mean=0.5)
+  y, h, rstd = jax.jit(functools.partial(impl.residual_forward, norm=norm))(
+      x, res, scale, bias)
+  y_x, h_x, _ = base.Xla().residual_forward(x, res, scale, bias, norm=norm)
+  np.testing.assert_array_equal(np.asarray(h, np.float32),
+                                np.asarray(h_x, np.float32))
+  assert _identical_fraction(y, y_x) >= 0.999
+  got = jax.jit(functools.partial(impl.residual_backward, norm=norm))(
+      h, scale, bias, rstd, dy, dy)
+  want = base.Xla().residual_backward(h, scale, bias, rstd, dy, dy,
+                                      norm=norm)
+  for name, a, b in zip(("dh", "dscale", "dbias"), got, want):
+    assert_close(a, b, _xla_tol(BF16), f"{name} vs xla",
+                 magnitude=float(np.linalg.norm(_f64(dy)) * 2))
+
+
+# -------------------------------------------------------------- per-head --
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("heads,head_dim,tokens", [
+    (1, 64, 7), (4, 128, 5), (8, 256, 3), (8, 64, 9)])
+def test_per_head_scale(mode, heads, head_dim, tokens):
+  impl = _impl(mode)
+  rows = tokens * heads
+  x, scale, bias, dy = _inputs(("heads", heads, head_dim), rows, head_dim,
+                               BF16, scale_shape=(heads, head_dim),
+                               scale_dtype=F32, bias_dtype=F32)
+  norm = base.Norm(eps=1e-6, out_dtype=BF16)
+  y, _, dx, dscale, dbias = _check_against_xla(impl, x, scale, None, dy, norm)
+  assert dscale.shape == (heads, head_dim)
+  y64, dx64, ds64, _ = _reference64(x, scale, None, dy, 1e-6)
+  assert_close(y, y64, tol(BF16), "y")
+  assert_close(dscale, ds64, tol(BF16), "dscale")
+  assert _identical_fraction(y, reference.emulate(
+      np.asarray(x), np.asarray(scale), eps=1e-6)) >= 0.999
+  # With a bias and llama's cast order too.
+  llama = base.Norm(eps=1e-6, cast_mode="llama", out_dtype=F32)
+  _check_against_xla(impl, x, scale, bias, dy.astype(F32), llama)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_head_tilings(mode):
+  # Persistent walks over several ragged row blocks per (program, head),
+  # and the chunked tiling, with the fused residual ops.
+  rows, heads, head_dim = 4 * 11, 4, 96
+  x, scale, _, dy = _inputs(("heads_tiling",), rows, head_dim, F16,
+                            scale_shape=(heads, head_dim), scale_dtype=F16)
+  res = random(_rng("heads_res"), (rows, head_dim), F16, mean=0.5)
+  norm = base.Norm(eps=1e-6, out_dtype=F16)
+  for config in (dict(block_rows=2, num_sms=3, persistent=True),
+                 dict(block_cols=32, block_rows=4)):
+    impl = _impl(mode, **config)
+    _check_against_xla(impl, x, scale, None, dy, norm)
+    y, h, rstd = jax.jit(functools.partial(impl.residual_forward, norm=norm))(
+        x, res, scale, None)
+    y_x, h_x, _ = base.Xla().residual_forward(x, res, scale, None, norm=norm)
+    assert_close(y, y_x, _xla_tol(F16), "y vs xla")
+    got = jax.jit(functools.partial(impl.residual_backward, norm=norm))(
+        h, scale, None, rstd, dy, dy)
+    want = base.Xla().residual_backward(h, scale, None, rstd, dy, dy,
+                                        norm=norm)
+    assert_close(got[0], want[0], _xla_tol(F16), "dh vs xla",
+                 magnitude=float(np.linalg.norm(_f64(dy)) * 2))
+    assert_close(got[1], want[1], _xla_tol(F16), "dscale vs xla")
+
+
+# ------------------------------------------------------------- quantized --
+
+def _half_step(q, q_scale, dtype):
+  """Half a quantization step at each element of q (float64)."""
+  q_scale = _f64(q_scale)
+  if dtype == np.dtype(jnp.int8):
+    return 0.5 * q_scale * np.ones(q.shape)
+  info = ml_dtypes.finfo(dtype)
+  v = np.abs(np.asarray(q, np.float64))
+  exp = np.floor(np.log2(np.maximum(v, float(info.smallest_normal))))
+  return 0.5 * q_scale * 2.0 ** (exp - info.nmant)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("qdt", QUANT_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("with_residual", [False, True],
+                         ids=["plain", "residual"])
+def test_quantized_forward(mode, qdt, static, with_residual):
+  impl = _impl(mode)
+  rows, hidden = 21, 160
+  x, scale, bias, _ = _inputs(("quant", qdt.name, static, with_residual),
+                              rows, hidden, BF16, scale_shape=(hidden,),
+                              scale_dtype=BF16, bias_dtype=F32)
+  if not with_residual:
+    # An all-zero row (without a bias, y is zero there): dynamic scale 1.
+    x, bias = x.at[3].set(0), None
+  res = random(_rng("quant_r", qdt.name), (rows, hidden), F32,
+               mean=0.5) if with_residual else None
+  quant_scale = jnp.float32(0.02) if static else None
+  norm = base.Norm(eps=1e-6, quant_dtype=qdt)
+  q, q_scale, h = jax.jit(functools.partial(impl.quantized_forward,
+                                            norm=norm))(
+      x, res, scale, bias, quant_scale)
+  assert q.dtype == qdt and q.shape == (rows, hidden)
+  assert q_scale.dtype == F32 and q_scale.shape == (rows, 1)
+  h_x = None
+  if with_residual:
+    h_x = base.Xla().quantized_forward(x, res, scale, bias, quant_scale,
+                                       norm=norm)[2]
+    assert h.dtype == res.dtype
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_x))
+  else:
+    assert h is None
+  # The same kernel's float32 y, quantized by the rule.
+  normed = x if res is None else h
+  y, _ = jax.jit(functools.partial(impl.forward, norm=base.Norm(
+      eps=1e-6, out_dtype=F32)))(normed, scale, bias)
+  q_want, s_want = base.quantize(y, qdt, quant_scale)
+  np.testing.assert_array_equal(np.asarray(q_scale), np.asarray(s_want))
+  np.testing.assert_array_equal(np.asarray(q).view(np.uint8),
+                                np.asarray(q_want).view(np.uint8))
+  if static:
+    assert np.all(np.asarray(q_scale) == np.float32(0.02))
+  elif not with_residual:
+    assert float(q_scale[3, 0]) == 1.0 and not np.any(np.asarray(
+        q[3], np.float32))
+  # Dequantized: within half a step of the float64 value (saturated where
+  # a static scale clips), plus y's float32 error.
+  y64 = _reference64(normed, scale, bias, np.zeros_like(normed), 1e-6)[0]
+  qmax = base.QUANT_MAX[qdt]
+  y64c = np.clip(y64, -qmax * _f64(q_scale), qmax * _f64(q_scale))
+  deq = np.asarray(q, np.float64) * _f64(q_scale)
+  err = np.abs(deq - y64c)
+  bound = _half_step(q, q_scale, qdt) + 1e-5 * np.abs(y64) + 1e-6
+  assert np.all(err <= bound), float(np.max(err - bound))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("config", [dict(block_cols=64),
+                                    dict(block_rows=2, num_sms=2,
+                                         persistent=True)],
+                         ids=["chunked", "persistent"])
+def test_quantized_tilings_and_per_head(mode, config):
+  impl = _impl(mode, **config)
+  heads, head_dim, tokens = 4, 100, 5
+  rows = heads * tokens
+  x, scale, _, _ = _inputs(("quant_tiling", config), rows, head_dim, F16,
+                           scale_shape=(heads, head_dim), scale_dtype=F32)
+  res = random(_rng("quant_tiling_r"), (rows, head_dim), F16, mean=0.5)
+  for qdt in QUANT_DTYPES:
+    for r in (None, res):
+      norm = base.Norm(eps=1e-6, cast_mode="llama", quant_dtype=qdt)
+      q, q_scale, h = jax.jit(functools.partial(impl.quantized_forward,
+                                                norm=norm))(
+          x, r, scale, None, None)
+      normed = x if r is None else h
+      y, _ = jax.jit(functools.partial(impl.forward, norm=dataclasses_replace(
+          norm, out_dtype=F32, quant_dtype=None)))(normed, scale, None)
+      q_want, s_want = base.quantize(y, qdt)
+      np.testing.assert_array_equal(np.asarray(q_scale), np.asarray(s_want))
+      np.testing.assert_array_equal(np.asarray(q).view(np.uint8),
+                                    np.asarray(q_want).view(np.uint8))
+
+
+def dataclasses_replace(obj, **kw):
+  import dataclasses
+  return dataclasses.replace(obj, **kw)
+
+
+# ------------------------------------------------------------ determinism --
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_is_deterministic(mode):
+  # Partial sums per program and a fixed reduction, no atomics: repeated
+  # calls give the same bits (several programs, several steps each).
+  config = dict(block_rows=2, num_sms=2) if mode == "interpret" else {}
+  impl = _impl(mode, **config)
+  rows, hidden = (40, 96) if mode == "interpret" else (8192, 4096)
+  x, scale, bias, dy = _inputs(("determinism", mode), rows, hidden, BF16,
+                               scale_shape=(hidden,), scale_dtype=F32,
+                               bias_dtype=F32)
+  norm = base.Norm(eps=1e-6, out_dtype=BF16)
+  _, rstd = impl.forward(x, scale, bias, norm=norm)
+  bwd = jax.jit(functools.partial(impl.backward, norm=norm))
+  first = [np.asarray(a).tobytes() for a in bwd(x, scale, bias, rstd, dy)]
+  for _ in range(3):
+    again = [np.asarray(a).tobytes() for a in bwd(x, scale, bias, rstd, dy)]
+    assert again == first
+
+
+# --------------------------------------------------------------- lowering --
+
+_LOWER_CASES = {
+    "forward": ("forward", {}),
+    "forward_bias_llama": ("forward", dict(bias=True, cast_mode="llama")),
+    "forward_per_head": ("forward", dict(heads=8, bias=True)),
+    "forward_chunked": ("forward", dict(hidden=40000, bias=True,
+                                        cast_mode="llama")),
+    "backward_bias_llama": ("backward", dict(bias=True, cast_mode="llama")),
+    "backward_per_head": ("backward", dict(heads=8, bias=True)),
+    "backward_chunked": ("backward", dict(hidden=40000, bias=True)),
+    "residual_forward": ("residual_forward", dict(bias=True)),
+    "residual_backward": ("residual_backward", dict(heads=4)),
+    "quantized_int8": ("quantized_forward", dict(quant=jnp.int8)),
+    "quantized_e4m3_static": ("quantized_forward",
+                              dict(quant=jnp.float8_e4m3fn, static=True)),
+    "quantized_e5m2_residual": ("quantized_forward",
+                                dict(quant=jnp.float8_e5m2, residual=True,
+                                     heads=8)),
+    "quantized_chunked": ("quantized_forward",
+                          dict(quant=jnp.int8, hidden=40000)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LOWER_CASES))
+def test_lowers_to_triton(case):
+  # The Triton lowering (what jax hands to XLA's Triton compiler) runs on
+  # any machine: this catches an operation Pallas cannot lower to Triton
+  # before a GPU sees the kernel.
+  op, kw = _LOWER_CASES[case]
+  hidden, heads = kw.get("hidden", 128), kw.get("heads", 1)
+  rows = 256 * heads if hidden < 16384 else 4
+  impl = PallasGpu(config=gpu_tiling.Config(num_sms=132))
+  norm = base.Norm(eps=1e-6, cast_mode=kw.get("cast_mode", "float32"),
+                   out_dtype=BF16, quant_dtype=kw.get("quant"))
+  sds = jax.ShapeDtypeStruct
+  x = sds((rows, hidden), BF16)
+  scale = sds((hidden,) if heads == 1 else (heads, hidden), BF16)
+  bias = sds((hidden,), F32) if kw.get("bias") else None
+  rstd = sds((rows,), F32)
+  if op == "forward":
+    f, args = (lambda x, s, b: impl.forward(x, s, b, norm=norm)), (
+        x, scale, bias)
+  elif op == "backward":
+    f, args = (lambda x, s, b, r, d: impl.backward(x, s, b, r, d, norm=norm)
+               ), (x, scale, bias, rstd, x)
+  elif op == "residual_forward":
+    f, args = (lambda x, r, s, b: impl.residual_forward(x, r, s, b, norm=norm)
+               ), (x, x, scale, bias)
+  elif op == "residual_backward":
+    f, args = (lambda h, s, b, r, d, dh: impl.residual_backward(
+        h, s, b, r, d, dh, norm=norm)), (x, scale, bias, rstd, x, x)
+  else:
+    res = x if kw.get("residual") else None
+    qs = sds((), F32) if kw.get("static") else None
+    f, args = (lambda x, r, s, b, q: impl.quantized_forward(
+        x, r, s, b, q, norm=norm)), (x, res, scale, bias, qs)
+  exported = jax.export.export(
+      jax.jit(f), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+          "__gpu$xla.gpu.triton")])(*args)
+  text = exported.mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") >= 1
