@@ -48,6 +48,7 @@ from rmsnorm_jax import kernels
 from rmsnorm_jax import reference
 from rmsnorm_jax import shapes
 from rmsnorm_jax import tpu_aot
+from rmsnorm_jax import dispatch
 from rmsnorm_jax.kernels import tpu_config as cfg
 from rmsnorm_jax.kernels import tpu_kernels as tk
 from rmsnorm_jax.kernels.tpu import PallasTpu
@@ -69,6 +70,11 @@ def vs_xla(*dtypes):
   return max(VS_XLA[np.dtype(d)] for d in dtypes)
 
 
+def _norm(offset=0.0, out_dtype=F32, **kw):
+  return base.Norm(eps=EPS, scale_offset=offset,
+                   out_dtype=np.dtype(out_dtype), **kw)
+
+
 def _finite(*arrays):
   for a in arrays:
     if a is not None and np.dtype(a.dtype) != np.dtype(F16):
@@ -80,9 +86,10 @@ def _finite(*arrays):
 def _fwd_bwd_fn(impl, offset):
   """One jitted program: forward, then backward from its rstd."""
   def f(x, scale, dy):
-    y, rstd = impl.forward(x, scale, eps=EPS, scale_offset=offset,
-                           out_dtype=np.dtype(x.dtype))
-    dx, dscale = impl.backward(x, scale, rstd, dy, scale_offset=offset)
+    norm = _norm(offset, x.dtype)
+    y, rstd = impl.forward(x, scale, None, norm=norm)
+    dx, dscale, dbias = impl.backward(x, scale, None, rstd, dy, norm=norm)
+    assert dbias is None
     return y, rstd, dx, dscale
   return jax.jit(f)
 
@@ -209,9 +216,9 @@ def test_wide_rows(shape, dtype):
   impl = PallasTpu(**TPU_INTERP)
   chip = cfg.detect_chip()
   assert not chip.known
-  assert impl.blocking("fwd", *shape, [dtype] * 2, chip=chip
+  assert impl.blocking("forward", *shape, [dtype] * 2, chip=chip
                        ).hidden_block is None
-  blk = impl.blocking("bwd", *shape, [dtype] * 3, chip=chip)
+  blk = impl.blocking("backward", *shape, [dtype] * 3, chip=chip)
   assert blk.hidden_block is not None and blk.hidden_block < shape[1], blk
   rng = _rng("wide", shape, np.dtype(dtype).name)
   x = random(rng, shape, dtype)
@@ -223,11 +230,11 @@ def test_wide_rows(shape, dtype):
 @functools.lru_cache(maxsize=None)
 def _residual_fn(impl):
   def f(x, res, scale, dy, dh):
-    y, h, rstd = impl.residual_forward(x, res, scale, eps=EPS,
-                                       scale_offset=0.0,
-                                       out_dtype=np.dtype(res.dtype))
-    g, dscale = impl.residual_backward(h, scale, rstd, dy, dh,
-                                       scale_offset=0.0)
+    norm = _norm(out_dtype=res.dtype)
+    y, h, rstd = impl.residual_forward(x, res, scale, None, norm=norm)
+    g, dscale, dbias = impl.residual_backward(h, scale, None, rstd, dy, dh,
+                                              norm=norm)
+    assert dbias is None
     return y, h, rstd, g, dscale
   return jax.jit(f)
 
@@ -299,7 +306,7 @@ def test_residual_wide_two_pass_auto():
   # pass, forward or backward.
   impl = PallasTpu(**TPU_INTERP)
   chip = cfg.detect_chip()
-  for op in ("res_fwd", "res_bwd"):
+  for op in ("residual_forward", "residual_backward"):
     assert impl.blocking(op, 3, 65536, [F32] * 4,
                          chip=chip).hidden_block is not None, op
   _residual_case(impl, (3, 65536), F32, F32)
@@ -311,7 +318,7 @@ def test_nonfinite_rows_stay_local():
   x[3, 7] = np.nan
   scale = random(_rng("nan-s"), (256,), F32)
   y, _ = PallasTpu(**TPU_INTERP, block_rows=8).forward(
-      jnp.asarray(x), scale, eps=EPS, scale_offset=0.0, out_dtype=F32)
+      jnp.asarray(x), scale, None, norm=_norm())
   y = np.asarray(y)
   np.testing.assert_array_equal(y[1], 0.0)
   assert np.all(np.isnan(y[3]))
@@ -372,18 +379,21 @@ def test_public_api_residual_grad():
 
 def test_float64_is_rejected_and_not_preferred():
   impl = PallasTpu(interpret=True)
-  assert not impl.preferred_for(4096, 4096, jnp.float64)
-  assert impl.preferred_for(4096, 4096, jnp.bfloat16)
+  call = base.Call("forward", 4096, 4096, np.dtype(jnp.float64), (4096,))
+  assert "not float64" in impl.cannot_serve(call)
+  assert impl.cannot_serve(base.Call("forward", 4096, 4096,
+                                     np.dtype(BF16), (4096,))) is None
   with jax.enable_x64(True):
     x = jnp.ones((4, 8), jnp.float64) * 0.5
-    with pytest.raises(TypeError, match=r"pallas_tpu supports x .*got x of "
-                       r"shape \(4, 8\) and dtype float64"):
+    with pytest.raises(ValueError, match=r"backend='pallas_tpu' cannot serve "
+                       r"this call: pallas_tpu supports .*not float64"):
       rj.rms_norm(x, backend=impl)
-    with pytest.raises(TypeError, match=r"residual.*float64"):
+    with pytest.raises(ValueError, match=r"cannot serve.*float64"):
       rj.rms_norm_residual(x.astype(F32), x, backend=impl)
-    # "auto" keeps float64 on XLA even where the TPU kernel is registered.
-    plan = rj.dispatch.resolve("auto", rows=4, hidden=8, dtype=jnp.float64)
-    assert isinstance(dict(plan.per_platform)["tpu"], base.Xla)
+  # "auto" keeps float64 on XLA even where the TPU kernel is registered.
+  route = dispatch.route("auto", call)
+  assert isinstance(route.impl("tpu"), base.Xla)
+  assert "not float64" in route.describe("tpu")
 
 
 def test_registry():
@@ -431,48 +441,50 @@ V6E = cfg.Chip("v6e", 128 * cfg.MIB, 1640e9, True)
 
 
 def test_block_choice_rules():
-  b = PallasTpu().blocking("fwd", 8192, 4096, [BF16, BF16], chip=V6E)
+  b = PallasTpu().blocking("forward", 8192, 4096, [BF16, BF16], chip=V6E)
   assert b.block_rows % 16 == 0 and b.hidden_block is None
   assert b.footprint_bytes <= 0.75 * V6E.vmem_bytes
   assert b.vmem_limit_bytes <= V6E.vmem_bytes
   # At least MIN_PIPELINE_STEPS steps when each still moves MIN_STEP_BYTES.
   assert cfg.num_blocks(8192, b.block_rows) >= cfg.MIN_PIPELINE_STEPS
   # Fewer rows than a block: one block of all rows (legal for any count).
-  assert PallasTpu().blocking("fwd", 7, 100, [F32, F32],
+  assert PallasTpu().blocking("forward", 7, 100, [F32, F32],
                               chip=V4).block_rows == 7
   # The unknown chip is treated as the smallest (v4).
   assert cfg.detect_chip().vmem_bytes == cfg.FALLBACK_VMEM_BYTES
   # More VMEM, larger blocks (or equal when the step-size target binds).
-  for op, n in (("fwd", 2), ("bwd", 3), ("res_fwd", 4), ("res_bwd", 4)):
+  for op, n in (("forward", 2), ("backward", 3), ("residual_forward", 4),
+                ("residual_backward", 4)):
     small = PallasTpu().blocking(op, 8192, 16384, [F32] * n, chip=V4)
     large = PallasTpu().blocking(op, 8192, 16384, [F32] * n, chip=V6E)
     assert small.footprint_bytes <= 0.75 * V4.vmem_bytes, (op, small)
     assert small.block_rows <= large.block_rows, op
   # Rows too wide for v4 VMEM in one pass: two passes, lane-aligned chunks.
-  wide = PallasTpu().blocking("res_bwd", 64, 65536, [F32] * 4, chip=V4)
+  wide = PallasTpu().blocking("residual_backward", 64, 65536, [F32] * 4,
+                              chip=V4)
   assert wide.hidden_block % 128 == 0 and wide.hidden_block < 65536
   assert wide.footprint_bytes <= 0.75 * V4.vmem_bytes
-  assert PallasTpu().blocking("res_bwd", 64, 65536, [F32] * 4,
+  assert PallasTpu().blocking("residual_backward", 64, 65536, [F32] * 4,
                               chip=V6E).hidden_block is None
 
 
 def test_block_rows_override():
   # Rounded up to the sublane tile: 16 rows for bfloat16, 8 for float32.
   assert PallasTpu(block_rows=20).blocking(
-      "bwd", 1000, 512, [BF16] * 3, chip=V4).block_rows == 32
+      "backward", 1000, 512, [BF16] * 3, chip=V4).block_rows == 32
   assert PallasTpu(block_rows=20).blocking(
-      "bwd", 1000, 512, [F32] * 3, chip=V4).block_rows == 24
+      "backward", 1000, 512, [F32] * 3, chip=V4).block_rows == 24
   # More than the rows: one block of all rows.
   assert PallasTpu(block_rows=4096).blocking(
-      "fwd", 100, 512, [F32] * 2, chip=V4).block_rows == 100
+      "forward", 100, 512, [F32] * 2, chip=V4).block_rows == 100
   # And the kernels use it: 40 rows in blocks of 16 is a grid of 3 steps,
   # split over the backward's two slices as (2, 2).
   impl = PallasTpu(interpret=True, block_rows=16)
   x, s = jnp.ones((40, 256), F32), jnp.ones((256,), F32)
 
   def f(x, s):
-    y, r = impl.forward(x, s, eps=EPS, scale_offset=0.0, out_dtype=F32)
-    return impl.backward(x, s, r, y, scale_offset=0.0)
+    y, r = impl.forward(x, s, None, norm=_norm())
+    return impl.backward(x, s, None, r, y, norm=_norm())
 
   calls = [e.params["grid_mapping"] for e in jax.make_jaxpr(f)(x, s).eqns
            if e.primitive.name == "pallas_call"]
@@ -504,20 +516,18 @@ def test_bad_block_rows_through_public_api():
   x = jnp.ones((4, 128), F32)
   with pytest.raises(ValueError, match=r"block_rows=\.\.\.\) must be an int"):
     rj.rms_norm(x, backend=PallasTpu(interpret=True, block_rows=0))
-  # The config layer checks too, for callers of tpu_config.choose.
-  with pytest.raises(ValueError, match="block_rows must be a positive int; "
-                     "got 0"):
-    cfg.choose(rows=8, hidden=512, streams=(4, 4), row_stats=1,
-               hidden_accumulators=1, block_rows=0, chip=V4)
-  with pytest.raises(ValueError, match="hidden_block must be a positive "
-                     "multiple of 128; got 100"):
-    cfg.choose(rows=8, hidden=512, streams=(4, 4), row_stats=1,
-               hidden_accumulators=1, hidden_block=100, chip=V4)
+  # The config that tpu_config.choose takes checks too, when made.
+  with pytest.raises(ValueError, match=r"Config\(block_rows=\.\.\.\) must be "
+                     r"an int >= 1 \(rows per grid step\); got 0"):
+    cfg.Config(block_rows=0)
+  with pytest.raises(ValueError, match=r"Config\(hidden_block=\.\.\.\) must be "
+                     "a positive multiple of 128 .*got 100"):
+    cfg.Config(hidden_block=100)
   # A block that cannot fit the target chip's VMEM names the argument.
   with pytest.raises(ValueError, match=r"block_rows=4096 needs \d+\.\d MiB of "
                      r"VMEM per grid step \(4096 x 4096 blocks of 3 operands"
                      r".*more than v4's 16 MiB"):
-    PallasTpu(block_rows=4096).blocking("bwd", 8192, 4096, [F32] * 3,
+    PallasTpu(block_rows=4096).blocking("backward", 8192, 4096, [F32] * 3,
                                         chip=V4)
 
 
@@ -558,20 +568,19 @@ def test_lowering_for_tpu(config, shape, dtype):
   a32 = jax.ShapeDtypeStruct(shape, F32)
   s = jax.ShapeDtypeStruct((hidden,), dtype)
   r = jax.ShapeDtypeStruct((rows,), F32)
-  _export_tpu(lambda x, s: impl.forward(x, s, eps=EPS, scale_offset=0.0,
-                                        out_dtype=x.dtype), a, s)
-  _export_tpu(lambda x: impl.forward(x, None, eps=EPS, scale_offset=0.0,
-                                     out_dtype=F32), a)
-  _export_tpu(lambda x, s, r, dy: impl.backward(x, s, r, dy, scale_offset=1.0),
-              a, s, r, a)
-  _export_tpu(lambda x, r, dy: impl.backward(x, None, r, dy, scale_offset=0.0),
-              a, r, a)
+  _export_tpu(lambda x, s: impl.forward(x, s, None,
+                                        norm=_norm(out_dtype=x.dtype)), a, s)
+  _export_tpu(lambda x: impl.forward(x, None, None, norm=_norm()), a)
+  _export_tpu(lambda x, s, r, dy: impl.backward(x, s, None, r, dy,
+                                                norm=_norm(1.0)), a, s, r, a)
+  _export_tpu(lambda x, r, dy: impl.backward(x, None, None, r, dy,
+                                             norm=_norm()), a, r, a)
   _export_tpu(lambda x, res, s: impl.residual_forward(
-      x, res, s, eps=EPS, scale_offset=0.0, out_dtype=res.dtype), a, a32, s)
+      x, res, s, None, norm=_norm(out_dtype=res.dtype)), a, a32, s)
   _export_tpu(lambda h, r, dy, dh: impl.residual_backward(
-      h, None, r, dy, dh, scale_offset=0.0), a, r, a, a)
+      h, None, None, r, dy, dh, norm=_norm()), a, r, a, a)
   _export_tpu(lambda h, s, r, dy, dh: impl.residual_backward(
-      h, s, r, dy, dh, scale_offset=0.0), a, s, r, a, a)
+      h, s, None, r, dy, dh, norm=_norm()), a, s, r, a, a)
 
 
 def test_auto_export_picks_kernel_for_tpu_only():
@@ -618,7 +627,7 @@ def test_hbm_bytes_counts_hbm_operands_and_results_once():
   # (8*128*4) and VMEM operands (0) and writes 8*128*4. Instructions of
   # other computations do not count.
   assert tpu_aot.hbm_bytes(_HLO) == 16 * 128 * 2 + 3 * 8 * 128 * 4
-  assert tpu_aot.min_bytes("fwd", 10, 128, BF16) == (
+  assert shapes.min_bytes("fwd", 10, 128, BF16) == (
       2 * 10 * 128 * 2 + 4 * 10 + 128 * 2)
-  assert tpu_aot.min_bytes("res_bwd", 10, 128, F32) == (
+  assert shapes.min_bytes("res_bwd", 10, 128, F32) == (
       4 * 10 * 128 * 4 + 4 * 10 + 128 * 4 + 128 * 4)

@@ -1,19 +1,25 @@
 """``PallasTpu``: the Pallas (Mosaic) implementation for TPUs.
 
-One kernel per primitive, each a single pass over HBM when a block of full
-rows fits VMEM (every shape in ``shapes.TPU_AOT`` on v5e and later):
+One kernel per op, each a single pass over HBM when a block of full rows
+fits VMEM (every shape in ``shapes.TPU_AOT`` on v5e and later):
 
-* forward: reads x (and scale), writes y and the float32 rstd (2N bytes);
+* forward: reads x (and scale, bias), writes y and the float32 rstd (2N
+  bytes);
 * backward: reads x, dy, rstd (and scale), writes dx and one float32
-  partial dscale per grid slice, summed by a tiny XLA reduction (3N);
+  partial dscale (and dbias) per grid slice, summed by a tiny XLA reduction
+  (3N);
 * fused residual forward: reads x and residual, writes y, h and rstd (4N);
 * fused residual backward: reads h, dy, dh and rstd, writes the gradient of
-  h (dx + dh) and the dscale partials (4N).
+  h (dx + dh) and the partial sums (4N);
+* quantized forward: reads x (and residual), writes q (int8 or float8), the
+  per-row float32 scale (and h); y never reaches HBM.
 
-Rows too wide for VMEM use two passes over hidden chunks (see
-``tpu_config``). Kernel bodies are in ``tpu_kernels.py``, the block-size rule
-in ``tpu_config.py``; ``python -m rmsnorm_jax.tpu_aot`` compiles them for
-every TPU generation without a TPU (docs/tpu_aot.md).
+Every op takes both cast modes, a bias, and a per-head scale ``(heads,
+hidden)``. Rows too wide for VMEM use two passes over hidden chunks (see
+``tpu_config``); the quantized forward needs whole rows and declines those.
+Kernel bodies are in ``tpu_kernels.py``, the block-size rule in
+``tpu_config.py``; the TPU AOT tool compiles them for every TPU generation
+without a TPU (docs/tpu_aot.md).
 """
 
 from __future__ import annotations
@@ -28,32 +34,17 @@ from rmsnorm_jax import base
 from rmsnorm_jax.kernels import tpu_config as cfg
 from rmsnorm_jax.kernels import tpu_kernels as tk
 
-ALL_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-
-
-def _check_config_int(name: str, value, *, minimum: int, multiple: int = 1,
-                      what: str):
-  """``PallasTpu(name=value)`` must be None or an int >= minimum."""
-  if value is None:
-    return
-  # bool is an int subclass; True as a block size is a mistake, not 1.
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(
-        f"PallasTpu({name}=...) must be an int ({what}) or None; got "
-        f"{value!r} of type {type(value).__name__}.")
-  if value < minimum or value % multiple:
-    kind = (f"a positive multiple of {multiple}" if multiple > 1
-            else f"an int >= {minimum}")
-    raise ValueError(
-        f"PallasTpu({name}=...) must be {kind} ({what}); got {value}.")
-
-
-def _check_dtype(name: str, a):
-  if np.dtype(a.dtype) not in tk.KERNEL_DTYPES:
-    raise TypeError(
-        f"pallas_tpu supports {name} of dtype float32, bfloat16 or float16; "
-        f"got {name} of shape {tuple(a.shape)} and dtype {a.dtype}. Use "
-        f"backend='xla' (or 'auto', which does) for other dtypes.")
+# Streamed (rows, hidden) operands of each op, inputs then outputs, as the
+# dtype roles they take: "x", "res" (the residual stream), "dy", "dh",
+# "out" (y's dtype) and "q" (the quantized dtype).
+_STREAMS = {
+    "forward": ("x", "out"),
+    "backward": ("x", "dy", "x"),
+    "residual_forward": ("x", "res", "res", "out"),
+    "residual_backward": ("x", "dy", "dh", "x"),
+    "quantized_forward": ("x", "res", "res", "q"),  # "res": with residual
+}
+_BACKWARD_OPS = ("backward", "residual_backward")
 
 
 def _kernel_dtype(dtype):
@@ -69,33 +60,29 @@ def _as_kernel_operand(a):
   return a.astype(jnp.float32)
 
 
-def _weights(scale, scale_offset, hidden):
-  """``(1, hidden)`` float32 ``scale + offset``; None without scale (O(D))."""
-  if scale is None:
-    return None
-  w = scale.astype(jnp.float32)
-  if scale_offset:
-    w = w + jnp.float32(scale_offset)
-  return w.reshape(1, hidden)
+def _stream_roles(op, has_res):
+  roles = _STREAMS[op]
+  if op == "quantized_forward" and not has_res:
+    return ("x", "q")
+  return roles
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasTpu(base.Implementation):
+class PallasTpu(cfg.Config, base.Implementation):
   """Pallas kernels lowered through Mosaic, for TPUs (v4 and later).
 
   Inputs: x (and residual) 2-D ``(rows, hidden)`` of dtype float32, bfloat16
-  or float16, any rows and hidden; scale ``None`` or ``(hidden,)`` in any
-  float dtype (applied in float32). float64 x/residual raise TypeError naming
-  the argument; ``preferred_for`` is False for them, so "auto" uses XLA.
+  or float16, any rows and hidden; scale ``None``, ``(hidden,)`` or per-head
+  ``(heads, hidden)`` and bias ``None`` or ``(hidden,)`` in any float dtype;
+  both cast modes; quantized output int8, float8_e4m3fn or float8_e5m2 (the
+  TPU compiler takes all three for every generation from v2 to tpu7x).
+  ``cannot_serve`` names what it does not take (float64 x, symbolic row
+  counts, quantizing rows too wide for VMEM), so "auto" uses XLA there.
 
-  Attributes (all optional; None means the rule in ``tpu_config``; a value
-  of the wrong type or range raises when the config is made):
-    block_rows: rows per grid step; rounded up to the sublane tile (8 rows,
-      16 for 16-bit data) unless it covers all rows. Blocks that do not fit
-      the target TPU's VMEM raise ValueError when traced for it.
-    hidden_block: lane width (a multiple of 128) of the two-pass path; set, it
-      forces that path (tests use it to cover wide rows on small shapes).
-    vmem_limit_bytes: Mosaic's scoped VMEM limit for the kernels.
+  Attributes: the :class:`tpu_config.Config` knobs ``block_rows``,
+  ``hidden_block`` and ``vmem_limit_bytes`` (None: the rule in
+  ``tpu_config``; a value of the wrong type or range raises when the
+  config is made), and
     interpret: run the kernels with a Pallas interpreter instead of Mosaic;
       then every platform, CPU included, may lower it, which is how CI checks
       the numerics without a TPU.
@@ -104,44 +91,39 @@ class PallasTpu(base.Implementation):
       NaN so unwritten elements show, out-of-bounds reads raise) rather than
       the generic one (the kernel discharged to plain XLA ops). The TPU
       interpreter synchronizes through ordered host callbacks, which
-      ``custom_partitioning`` cannot lower, and ``rms_norm`` wraps
-      implementations in it for inputs of rank >= 2 (see sharding.py); so it
-      is for calling the methods directly (as tests/test_tpu_kernels.py
-      does), and the default generic interpreter is what works through the
-      public API.
+      ``custom_partitioning`` cannot lower; it is for calling the methods
+      directly (as the kernel tests do), and the default generic interpreter
+      is what works through the public API.
   """
 
   name: ClassVar[str] = "pallas_tpu"
   platforms: ClassVar[tuple[str, ...]] = ("tpu",)
 
-  block_rows: int | None = None
-  hidden_block: int | None = None
-  vmem_limit_bytes: int | None = None
   interpret: bool = False
   tpu_interpreter: bool = False
 
-  def __post_init__(self):
-    """Rejects bad overrides when the config is made, not when traced.
-
-    Raises:
-      TypeError: block_rows, hidden_block or vmem_limit_bytes not an int.
-      ValueError: block_rows < 1, hidden_block not a positive multiple of
-        128, vmem_limit_bytes < 1 MiB.
-    """
-    _check_config_int("block_rows", self.block_rows, minimum=1,
-                      what="rows per grid step")
-    _check_config_int("hidden_block", self.hidden_block, minimum=cfg.LANES,
-                      multiple=cfg.LANES, what="lanes per two-pass block")
-    _check_config_int("vmem_limit_bytes", self.vmem_limit_bytes,
-                      minimum=cfg.MIB, what="Mosaic's scoped VMEM limit")
-
   def lowering_platforms(self) -> tuple[str, ...]:
-    return ALL_PLATFORMS if self.interpret else self.platforms
+    return base.PLATFORMS if self.interpret else self.platforms
 
-  def preferred_for(self, rows: int, hidden: int, dtype) -> bool:
-    """False for dtypes the kernels reject (float64); True otherwise."""
-    del rows, hidden
-    return np.dtype(dtype) in tk.KERNEL_DTYPES
+  def cannot_serve(self, call: base.Call) -> str | None:
+    """Why the kernels cannot compute ``call`` (None when they can)."""
+    dt = np.dtype(call.dtype)
+    if dt not in tk.KERNEL_DTYPES:
+      return (f"{self.name} supports "
+              f"{', '.join(d.name for d in tk.KERNEL_DTYPES)}, not {dt.name}")
+    if not call.static_rows:
+      return (f"{self.name} needs a static row count; got the symbolic "
+              f"dimension {call.rows}")
+    if call.op == "quantized_forward":
+      heads = call.scale_shape[0] if len(call.scale_shape) == 2 else 0
+      # A residual may come with it: count its streams, to be safe.
+      blk = self.blocking("quantized_forward", call.rows, call.hidden,
+                          [dt] * 3 + [call.norm.quant_dtype], heads=heads,
+                          has_bias=call.has_bias)
+      if blk.hidden_block is not None:
+        return (f"{self.name} quantizes whole rows in VMEM; rows of "
+                f"{call.hidden} do not fit {blk.chip}'s")
+    return None
 
   # ------------------------------------------------------------- plumbing --
 
@@ -151,82 +133,145 @@ class PallasTpu(base.Implementation):
     return "tpu" if self.tpu_interpreter else True
 
   def blocking(self, op: str, rows: int, hidden: int, dtypes,
-               chip: cfg.Chip | None = None) -> cfg.Blocking:
-    """The schedule for ``op`` ("fwd", "bwd", "res_fwd", "res_bwd").
+               chip: cfg.Chip | None = None, *, heads: int = 0,
+               has_bias: bool = False) -> cfg.Blocking:
+    """This config resolved for ``op`` (one of ``ops.SIGNATURES``).
 
-    ``dtypes`` are the streamed operands' dtypes, inputs then outputs, in
-    the order the kernel streams them; ``chip`` overrides detection.
+    ``dtypes`` are the streamed ``(rows, hidden)`` operands' dtypes, inputs
+    then outputs, in the order the kernel streams them; ``heads`` the rows
+    of a per-head scale (0 for none); ``chip`` overrides detection.
     """
-    row_stats = {"fwd": 1, "res_fwd": 1, "bwd": 1, "res_bwd": 1}[op]
-    hidden_acc = 2 if op in ("bwd", "res_bwd") else 1
+    backward = op in _BACKWARD_OPS
     return cfg.choose(
-        rows=rows, hidden=hidden,
+        self, rows=rows, hidden=hidden,
         streams=tuple(cfg.itemsize(d) for d in dtypes),
-        row_stats=row_stats, hidden_accumulators=hidden_acc,
-        block_rows=self.block_rows, hidden_block=self.hidden_block,
-        vmem_limit_bytes=self.vmem_limit_bytes, chip=chip)
+        # The scale (and its partial sums backward) and the bias (its sums).
+        vectors=(2 if backward else 1) + bool(has_bias),
+        accumulators=(1 + bool(has_bias)) if backward else 0,
+        heads=max(heads, 1), chip=chip)
 
-  def _forward(self, x, residual, scale, eps, scale_offset, out_dtype):
+  def _schedule(self, op, x, roles, scale, bias, has_res):
+    """(Blocking, heads, scale tile rows) for ``op`` on ``x``; ``roles``
+    maps the stream roles of ``_STREAMS`` to dtypes."""
     rows, hidden = x.shape
-    kdt = _kernel_dtype(out_dtype)
-    dtypes = [x.dtype] + ([residual.dtype] * 2 if residual is not None
-                          else []) + [kdt]
-    op = "fwd" if residual is None else "res_fwd"
-    blocking = self.blocking(op, rows, hidden, dtypes)
-    fn = tk.forward if blocking.hidden_block is None else tk.wide_forward
-    out = fn(x, residual, _weights(scale, scale_offset, hidden), eps=eps,
-             out_dtype=kdt, blocking=blocking,
-             interpret=self._interpret_mode())
-    return (out[0].astype(out_dtype),) + tuple(out[1:])
+    # One head is a plain scale: row r uses scale[0].
+    heads = scale.shape[0] if scale is not None and scale.ndim == 2 else 0
+    heads = heads if heads > 1 else 0
+    dtypes = [roles[r] for r in _stream_roles(op, has_res)]
+    blk = self.blocking(op, rows, hidden, dtypes, heads=heads,
+                        has_bias=bias is not None)
+    tile = cfg.row_tile([cfg.itemsize(d) for d in dtypes], max(heads, 1))
+    return blk, heads, tile
 
-  def _backward(self, x, scale, rstd, dy, dh, scale_offset):
-    rows, hidden = x.shape
+  def _operands(self, src_dtype, scale, bias, norm, heads, tile):
+    """(Affine, w, b): the scale and bias as the kernels take them (O(D)).
+
+    Both hold product-dtype values in float32: ``w = scale + offset``
+    computed in that dtype (as the XLA implementation does), a per-head
+    scale tiled to ``tile`` rows.
+    """
+    pdt = np.dtype(norm.product_dtype(
+        src_dtype, None if scale is None else scale.dtype))
+    kpdt = _kernel_dtype(pdt)  # float64 products are computed in float32.
+    w = b = None
+    w_rows = 0
+    if scale is not None:
+      w = base.weights(scale, norm.scale_offset, kpdt).astype(jnp.float32)
+      if heads:
+        w = jnp.tile(w, (tile // heads, 1))
+        w_rows = tile
+      else:
+        w = w.reshape(1, -1)
+        w_rows = 1
+    if bias is not None:
+      b = bias.astype(kpdt).astype(jnp.float32).reshape(1, -1)
+    aff = tk.Affine(llama=norm.cast_mode == "llama", pdt=kpdt, w_rows=w_rows,
+                    has_b=bias is not None)
+    return aff, w, b
+
+  def _forward(self, x, res, scale, bias, norm, quant_scale=None):
+    """(y or q, h or None, rstd or q_scale or None) from the kernels."""
+    quantized = norm.quant_dtype is not None
+    op = ("quantized_forward" if quantized else
+          "residual_forward" if res is not None else "forward")
+    src_dt = np.dtype(res.dtype if res is not None else x.dtype)
+    out_dt = _kernel_dtype(norm.out_dtype)
+    roles = dict(x=x.dtype, res=src_dt, out=out_dt, q=norm.quant_dtype)
+    blk, heads, tile = self._schedule(op, x, roles, scale, bias,
+                                      res is not None)
+    aff, w, b = self._operands(src_dt, scale, bias, norm, heads, tile)
+    if blk.hidden_block is not None:
+      out = tk.wide_forward(x, res, w, b, eps=norm.eps, aff=aff,
+                            out_dtype=tk.F32 if quantized else out_dt,
+                            blocking=blk, interpret=self._interpret_mode())
+      if quantized:
+        # cannot_serve declines these rows; called anyway, XLA quantizes.
+        q, q_scale = base.quantize(out[0], norm.quant_dtype, quant_scale)
+        return q, out[1], q_scale[:, 0]
+    else:
+      quant = None
+      if quantized:
+        qdt = np.dtype(norm.quant_dtype)
+        quant = tk.Quant(qdt, base.QUANT_MAX[qdt], quant_scale is not None)
+      out = tk.forward(x, res, w, b, eps=norm.eps, aff=aff, out_dtype=out_dt,
+                       quant=quant, quant_scale=quant_scale, blocking=blk,
+                       interpret=self._interpret_mode())
+    if not quantized:
+      return (out[0].astype(norm.out_dtype),) + out[1:]
+    return out
+
+  def _backward(self, x, scale, bias, rstd, dy, dh, norm):
     dy, dh = _as_kernel_operand(dy), _as_kernel_operand(dh)
-    dtypes = [x.dtype, dy.dtype] + ([dh.dtype] if dh is not None else []) + [
-        x.dtype]
-    op = "bwd" if dh is None else "res_bwd"
-    blocking = self.blocking(op, rows, hidden, dtypes)
-    fn = tk.backward if blocking.hidden_block is None else tk.wide_backward
-    return fn(x, _weights(scale, scale_offset, hidden),
-              rstd.astype(jnp.float32), dy, dh, blocking=blocking,
-              interpret=self._interpret_mode())
+    op = "backward" if dh is None else "residual_backward"
+    roles = dict(x=x.dtype, dy=dy.dtype, dh=None if dh is None else dh.dtype)
+    blk, heads, tile = self._schedule(op, x, roles, scale, bias, False)
+    aff, w, _ = self._operands(x.dtype, scale, bias, norm, heads, tile)
+    fn = tk.backward if blk.hidden_block is None else tk.wide_backward
+    dx, dscale, dbias = fn(x, w, rstd.astype(jnp.float32), dy, dh, aff=aff,
+                           heads=heads, blocking=blk,
+                           interpret=self._interpret_mode())
+    if dscale is not None:
+      dscale = dscale.reshape(scale.shape)
+    return dx, dscale, dbias
 
   # ------------------------------------------------------------ interface --
 
-  def forward(self, x, scale, *, eps, scale_offset, out_dtype):
-    """x (rows, hidden) -> (y in out_dtype, rstd float32 (rows,)).
+  def forward(self, x, scale, bias, *, norm):
+    """x (rows, hidden) -> (y in norm.out_dtype, rstd float32 (rows,))."""
+    y, _, rstd = self._forward(x, None, scale, bias, norm)
+    return y, rstd
 
-    Raises:
-      TypeError: x not float32/bfloat16/float16.
+  def backward(self, x, scale, bias, rstd, dy, *, norm):
+    """-> (dx in x.dtype, dscale float32 of scale's shape or None, dbias
+    float32 (hidden,) or None)."""
+    return self._backward(x, scale, bias, rstd, dy, None, norm)
+
+  def residual_forward(self, x, residual, scale, bias, *, norm):
+    """-> (y in norm.out_dtype, h = x + residual in residual.dtype, rstd)."""
+    return self._forward(x, residual, scale, bias, norm)
+
+  def residual_backward(self, h, scale, bias, rstd, dy, dh, *, norm):
+    """-> (gradient of h = dx + dh in h.dtype, dscale or None, dbias or
+    None)."""
+    return self._backward(h, scale, bias, rstd, dy, dh, norm)
+
+  def quantized_forward(self, x, residual, scale, bias, quant_scale, *,
+                        norm):
+    """-> (q in norm.quant_dtype (rows, hidden), q_scale float32 (rows, 1),
+    h in residual.dtype or None), in one pass over HBM.
+
+    ``quant_scale``: None (per-row dynamic scale) or a float32 scalar.
+    Rows too wide for one VMEM block (``cannot_serve`` declines them) are
+    normalized by the two-pass kernels and quantized by XLA.
     """
-    _check_dtype("x", x)
-    return self._forward(x, None, scale, eps, scale_offset, out_dtype)
-
-  def backward(self, x, scale, rstd, dy, *, scale_offset):
-    """-> (dx in x.dtype, dscale float32 (hidden,) or None).
-
-    Raises:
-      TypeError: x not float32/bfloat16/float16.
-    """
-    _check_dtype("x", x)
-    return self._backward(x, scale, rstd, dy, None, scale_offset)
-
-  def residual_forward(self, x, residual, scale, *, eps, scale_offset,
-                       out_dtype):
-    """-> (y in out_dtype, h = x + residual in residual.dtype, rstd).
-
-    Raises:
-      TypeError: x or residual not float32/bfloat16/float16.
-    """
-    _check_dtype("x", x)
-    _check_dtype("residual", residual)
-    return self._forward(x, residual, scale, eps, scale_offset, out_dtype)
-
-  def residual_backward(self, h, scale, rstd, dy, dh, *, scale_offset):
-    """-> (gradient of h = dx + dh in h.dtype, dscale float32 or None).
-
-    Raises:
-      TypeError: h not float32/bfloat16/float16.
-    """
-    _check_dtype("h", h)
-    return self._backward(h, scale, rstd, dy, dh, scale_offset)
+    rows = x.shape[0]
+    if norm.quant_dtype is None:
+      raise ValueError("quantized_forward needs norm.quant_dtype (int8, "
+                       "float8_e4m3fn or float8_e5m2); got None.")
+    q, h, qs = self._forward(x, residual, scale, bias, norm, quant_scale)
+    if quant_scale is not None:
+      qs = jnp.broadcast_to(jnp.asarray(quant_scale, jnp.float32
+                                        ).reshape(1, 1), (rows, 1))
+    else:
+      qs = qs.reshape(rows, 1)
+    return q, qs, h

@@ -25,8 +25,9 @@ The rule, applied when a kernel is traced:
    least ``MIN_PIPELINE_STEPS`` steps, so DMA overlaps compute and megacore
    chips (v4, v5p) have row blocks to split, as long as a step still moves at
    least ``MIN_STEP_BYTES``. The row block is a multiple of the sublane tile
-   (8 rows for 32-bit, 16 for 16-bit data, :data:`ROW_ALIGN`) or all rows.
-4. **Wide rows.** If even the smallest row block (``ROW_ALIGN`` rows, or all
+   (8 rows for 32-bit, 16 for 16-bit, 32 for 8-bit data, :func:`sublane_tile`,
+   and for a per-head scale a multiple of the head count too) or all rows.
+4. **Wide rows.** If even the smallest row block (one tile of rows, or all
    rows if fewer) of full rows does not fit the budget, the hidden axis is
    split into lane-aligned chunks and the kernels run in two passes over HBM
    (statistics, then the elementwise pass). That reads the inputs twice; it
@@ -38,10 +39,11 @@ Inside a block the kernels work on row groups of at most
 :data:`CHUNK_ELEMENTS` float32 elements (several lane chunks for wide rows),
 so temporaries stay a few dozen vector registers whatever the block size.
 
-A user's ``block_rows`` replaces step 3 (it is rounded to the sublane tile);
-``hidden_block`` forces the two-pass path with that chunk width (a multiple
-of 128), which the tests use to cover it on small shapes; ``vmem_limit_bytes``
-replaces the computed limit.
+A user's :class:`Config` (``PallasTpu`` is one) overrides: ``block_rows``
+replaces step 3 (it is rounded to the sublane tile); ``hidden_block`` forces
+the two-pass path with that chunk width (a multiple of 128), which the tests
+use to cover it on small shapes; ``vmem_limit_bytes`` replaces the computed
+limit. :func:`choose` returns the Config resolved, a :class:`Blocking`.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ import math
 import numpy as np
 
 LANES = 128
-# Row blocks and row groups are multiples of this when any streamed operand is
-# 16-bit: a packed (16, 128) tile must not be split across groups.
+# Row blocks and row groups are multiples of the native tile's rows of the
+# narrowest streamed operand: a packed (16, 128) or (32, 128) tile must not
+# be split across groups.
+ROW_ALIGN_8BIT = 32
 ROW_ALIGN_16BIT = 16
 ROW_ALIGN_32BIT = 8
 F32_BYTES = 4
@@ -103,28 +107,74 @@ def detect_chip() -> Chip:
               float(info.mem_bw_bytes_per_second), True)
 
 
+def _check_int(owner: str, name: str, value, *, minimum: int,
+               multiple: int = 1, what: str):
+  """``owner(name=value)`` must be None or an int >= minimum."""
+  if value is None:
+    return
+  # bool is an int subclass; True as a block size is a mistake, not 1.
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(
+        f"{owner}({name}=...) must be an int ({what}) or None; got "
+        f"{value!r} of type {type(value).__name__}.")
+  if value < minimum or value % multiple:
+    kind = (f"a positive multiple of {multiple}" if multiple > 1
+            else f"an int >= {minimum}")
+    raise ValueError(
+        f"{owner}({name}=...) must be {kind} ({what}); got {value}.")
+
+
 @dataclasses.dataclass(frozen=True)
-class Blocking:
-  """The static schedule of one kernel call.
+class Config:
+  """The knobs of the TPU kernels; None leaves one to :func:`choose`.
+
+  ``PallasTpu`` is a Config (a user sets the knobs on it), and
+  :func:`choose` returns a :class:`Blocking`, the Config with every knob
+  resolved for one call plus what follows from them.
 
   Attributes:
-    block_rows: rows per grid step (a multiple of ``row_align`` or all rows).
-    row_align: the sublane tile the row block and row groups respect.
+    block_rows: rows per grid step; rounded up to the sublane tile (8 rows
+      for 32-bit, 16 for 16-bit, 32 for 8-bit streams, and a multiple of the
+      head count for a per-head scale) unless it covers all rows. Blocks that
+      do not fit the target TPU's VMEM raise ValueError when traced for it.
+    hidden_block: lane width (a multiple of 128) of the two-pass path; set, it
+      forces that path (tests use it to cover wide rows on small shapes).
+      Resolved: None for the one-pass kernels.
+    vmem_limit_bytes: Mosaic's scoped VMEM limit for the kernels.
+
+  Raises (when made):
+    TypeError: a knob that is not an int.
+    ValueError: block_rows < 1, hidden_block not a positive multiple of 128,
+      vmem_limit_bytes < 1 MiB.
+  """
+
+  block_rows: int | None = None
+  hidden_block: int | None = None
+  vmem_limit_bytes: int | None = None
+
+  def __post_init__(self):
+    owner = type(self).__name__
+    _check_int(owner, "block_rows", self.block_rows, minimum=1,
+               what="rows per grid step")
+    _check_int(owner, "hidden_block", self.hidden_block, minimum=LANES,
+               multiple=LANES, what="lanes per two-pass block")
+    _check_int(owner, "vmem_limit_bytes", self.vmem_limit_bytes,
+               minimum=MIB, what="Mosaic's scoped VMEM limit")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Blocking(Config):
+  """A :class:`Config` resolved for one kernel call, and its consequences.
+
+  Attributes (besides the resolved knobs):
     group_rows: rows processed together inside a block.
     lane_chunk: lanes processed together inside a row group.
-    hidden_block: ``None`` for the one-pass kernels (a step holds full rows);
-      else the lane width of a block in the two-pass kernels.
-    vmem_limit_bytes: passed to Mosaic.
     footprint_bytes: modelled VMEM use of the pipelined blocks and scratch.
     chip: the chip the choice was made for.
   """
 
-  block_rows: int
-  row_align: int
   group_rows: int
   lane_chunk: int
-  hidden_block: int | None
-  vmem_limit_bytes: int
   footprint_bytes: int
   chip: str
 
@@ -139,12 +189,25 @@ def round_up(a: int, b: int) -> int:
   return -(-a // b) * b
 
 
-def row_align(itemsizes) -> int:
-  return ROW_ALIGN_16BIT if min(itemsizes) < F32_BYTES else ROW_ALIGN_32BIT
+def sublane_tile(itemsizes) -> int:
+  """Rows of one native tile of the narrowest streamed dtype."""
+  return {1: ROW_ALIGN_8BIT, 2: ROW_ALIGN_16BIT}.get(min(itemsizes),
+                                                     ROW_ALIGN_32BIT)
+
+
+def row_tile(itemsizes, heads: int = 1) -> int:
+  """Rows the row block and row groups are multiples of.
+
+  The native tile of the narrowest stream; with a per-head scale (``heads``
+  > 1) also a multiple of the head count, so that each group starts at head
+  0 and the kernels take the scale as one tile of this many rows.
+  """
+  return math.lcm(sublane_tile(itemsizes), heads)
 
 
 def footprint(block_rows: int, width: int, streams, *, align: int,
-              row_stats: int, hidden_accumulators: int) -> int:
+              vectors: int, vector_rows: int = 1,
+              accumulators: int = 0) -> int:
   """Modelled VMEM bytes of one grid step.
 
   Args:
@@ -152,21 +215,23 @@ def footprint(block_rows: int, width: int, streams, *, align: int,
     streams: itemsizes of the operands streamed in ``(block_rows, width)``
       blocks, inputs and outputs; each is double-buffered.
     align: sublane tile of the blocks.
-    row_stats: per-row float32 ``(1, block_rows)`` blocks (rstd in or out),
-      double-buffered, plus one ``(block_rows, 1)`` column scratch each,
-      which pads to 128 lanes.
-    hidden_accumulators: ``(1, width)`` float32 blocks (scale, dscale out),
-      double-buffered; a backward (2 of them) also has the ``(8, width)``
-      float32 dscale accumulator.
+    vectors: float32 ``(vector_rows, width)`` blocks (scale, bias, dscale
+      and dbias partials), double-buffered.
+    vector_rows: 1, or the rows of a per-head scale tiled to ``align``.
+    accumulators: ``(max(8, vector_rows), width)`` float32 VMEM scratch
+      accumulators (dscale, dbias in the backward).
+
+  One per-row float32 stream (rstd or the quantization scale) is always
+  counted: its ``(1, block_rows)`` block double-buffered plus a
+  ``(block_rows, 1)`` column scratch, which pads to 128 lanes.
   """
   r = round_up(max(block_rows, 1), align)
   w = round_up(width, LANES)
   data = 2 * sum(streams) * r * w
-  stats = row_stats * (2 * round_up(r, LANES) + r * LANES) * F32_BYTES
-  acc = hidden_accumulators * 2 * w * F32_BYTES
-  if hidden_accumulators > 1:
-    acc += 8 * w * F32_BYTES
-  return data + stats + acc
+  stats = (2 * round_up(r, LANES) + r * LANES) * F32_BYTES
+  vec = vectors * 2 * vector_rows * w * F32_BYTES
+  acc = accumulators * max(8, round_up(vector_rows, 8)) * w * F32_BYTES
+  return data + stats + vec + acc
 
 
 def vmem_limit(chip: Chip, fp: int) -> int:
@@ -186,22 +251,21 @@ def _groups(block_rows: int, width: int, align: int) -> tuple[int, int]:
   return rows, min(lanes, w)
 
 
-def choose(*, rows: int, hidden: int, streams, row_stats: int,
-           hidden_accumulators: int, block_rows: int | None = None,
-           hidden_block: int | None = None,
-           vmem_limit_bytes: int | None = None,
+def choose(config: Config, *, rows: int, hidden: int, streams, vectors: int,
+           accumulators: int = 0, heads: int = 1,
            chip: Chip | None = None) -> Blocking:
-  """Picks the schedule for one kernel call (see the module docstring).
+  """Resolves ``config`` for one kernel call (see the module docstring).
 
   Args:
+    config: the user's knobs (None ones are chosen here).
     rows, hidden: the 2-D problem.
     streams: itemsizes of the operands streamed per element (inputs and
       outputs, e.g. ``(2, 2)`` for a bfloat16 forward).
-    row_stats, hidden_accumulators: see :func:`footprint`.
-    block_rows: user override of the rows per step (rounded up to the
-      sublane tile unless it covers all rows).
-    hidden_block: forces the two-pass path with this lane width.
-    vmem_limit_bytes: user override of the Mosaic VMEM limit.
+    vectors, accumulators: see :func:`footprint`.
+    heads: rows of a per-head scale (row r uses scale[r % heads]); the row
+      block and row groups are then multiples of ``lcm(tile, heads)``, so
+      every group starts at head 0, and rows past the end of the array fill
+      the last block rather than a block of exactly ``rows``.
     chip: the target; default :func:`detect_chip`.
 
   Returns:
@@ -209,68 +273,64 @@ def choose(*, rows: int, hidden: int, streams, row_stats: int,
     into lane chunks (two passes over HBM).
 
   Raises:
-    ValueError: ``block_rows`` < 1, ``hidden_block`` not a positive multiple
-      of 128, or (on a known chip) a ``block_rows`` whose blocks exceed VMEM.
+    ValueError: (on a known chip) a ``block_rows`` whose blocks exceed VMEM.
   """
   chip = chip or detect_chip()
-  align = row_align(streams)
+  align = row_tile(streams, heads)
+  vector_rows = align if heads > 1 else 1
   budget = int(chip.vmem_bytes * VMEM_BUDGET_FRACTION)
-  if block_rows is not None and block_rows < 1:
-    raise ValueError(f"block_rows must be a positive int; got {block_rows}.")
-  if hidden_block is not None and (hidden_block < LANES
-                                   or hidden_block % LANES):
-    raise ValueError(
-        f"hidden_block must be a positive multiple of {LANES}; got "
-        f"{hidden_block}.")
 
-  def fits(r, w):
-    return footprint(r, w, streams, align=align, row_stats=row_stats,
-                     hidden_accumulators=hidden_accumulators) <= budget
+  def fp_of(r, w):
+    return footprint(r, w, streams, align=align, vectors=vectors,
+                     vector_rows=vector_rows, accumulators=accumulators)
 
   def fix_rows(r):
     r = max(1, int(r))
-    return rows if r >= rows else min(rows, round_up(r, align))
+    if heads == 1:
+      # A block of all rows is legal for any count.
+      return rows if r >= rows else min(rows, round_up(r, align))
+    return round_up(min(r, rows), align)
 
-  min_rows = min(rows, align)
+  min_rows = fix_rows(align)
+  hidden_block = config.hidden_block
   two_pass = hidden_block is not None or (
-      hidden > LANES and not fits(min_rows, hidden))
+      hidden > LANES and fp_of(min_rows, hidden) > budget)
   width = hidden
   if two_pass:
     if hidden_block is None:
       # Widest lane-aligned chunk whose minimal row block fits.
       lanes = round_up(hidden, LANES) // LANES
-      while lanes > 1 and not fits(min_rows, lanes * LANES):
+      while lanes > 1 and fp_of(min_rows, lanes * LANES) > budget:
         lanes = -(-lanes // 2)
       hidden_block = lanes * LANES
     width = min(hidden_block, round_up(hidden, LANES))
 
   bytes_per_row = sum(streams) * width
-  if block_rows is not None:
-    br = fix_rows(block_rows)
+  if config.block_rows is not None:
+    br = fix_rows(config.block_rows)
   else:
     target = chip.hbm_bytes_per_s * STEP_SECONDS
     total = bytes_per_row * rows
     step = max(MIN_STEP_BYTES, min(target, total / MIN_PIPELINE_STEPS))
     br = fix_rows(step // bytes_per_row)
-    while br > min_rows and not fits(br, width):
+    while br > min_rows and fp_of(br, width) > budget:
       br = fix_rows(br // 2) if br // 2 >= align else min_rows
-  fp = footprint(br, width, streams, align=align, row_stats=row_stats,
-                 hidden_accumulators=hidden_accumulators)
-  if block_rows is not None and chip.known and fp > chip.vmem_bytes:
+  fp = fp_of(br, width)
+  if config.block_rows is not None and chip.known and fp > chip.vmem_bytes:
     # Mosaic would fail later with a VMEM allocation error that does not
     # say which setting caused it.
     raise ValueError(
-        f"block_rows={block_rows} needs {fp / MIB:.1f} MiB of VMEM per grid "
-        f"step ({br} x {width} blocks of {len(streams)} operands, double-"
-        f"buffered), more than {chip.name}'s {chip.vmem_bytes / MIB:.0f} MiB;"
-        " use a smaller block_rows or leave it None.")
-  limit = vmem_limit_bytes or vmem_limit(chip, fp)
+        f"block_rows={config.block_rows} needs {fp / MIB:.1f} MiB of VMEM "
+        f"per grid step ({br} x {width} blocks of {len(streams)} operands, "
+        f"double-buffered), more than {chip.name}'s "
+        f"{chip.vmem_bytes / MIB:.0f} MiB; use a smaller block_rows or leave "
+        "it None.")
   group_rows, lane_chunk = _groups(br, width, align)
-  return Blocking(block_rows=br, row_align=align, group_rows=group_rows,
-                  lane_chunk=lane_chunk,
-                  hidden_block=hidden_block if two_pass else None,
-                  vmem_limit_bytes=int(limit), footprint_bytes=int(fp),
-                  chip=chip.name)
+  return Blocking(
+      block_rows=br, hidden_block=hidden_block if two_pass else None,
+      vmem_limit_bytes=int(config.vmem_limit_bytes or vmem_limit(chip, fp)),
+      group_rows=group_rows, lane_chunk=lane_chunk, footprint_bytes=int(fp),
+      chip=chip.name)
 
 
 def num_blocks(n: int, block: int) -> int:
