@@ -7,7 +7,7 @@ an element never written shows) where blocks are ragged or a path is
 special, the faster generic interpreter elsewhere. Each case is compared with
 
 * ``reference.emulate`` (NumPy, the reference library's exact order of
-  float32 operations and roundings): 16-bit outputs must be identical in at
+  float32 operations and roundings): 16-bit outputs must be identical in
   at least 99.9% of elements (``MIN_IDENTICAL``; a one-ulp flip happens where
   the float32 sum of squares, summed in another order, or rsqrt against
   1 / sqrt, moves rstd by an ulp and a value across a rounding boundary:
