@@ -55,34 +55,6 @@ html_title = f"rmsnorm_jax {release}"
 # which would collide with the dataclass fields autodoc also finds).
 napoleon_use_ivar = True
 
-# The layer classes list their extra fields and arguments under free-form
-# headings, which docutils parses as broken definition lists (a -W error).
-# Until those docstrings use plain Google sections, these exact headings are
-# read as a sentence and the section they mean; every other docstring passes
-# through unchanged.
-_HEADINGS = {
-    "Extra fields (after flax's, all defaulted):":
-        ("Extra fields, after flax's, all defaulted.", "Attributes:"),
-    "Args (beyond flax's, keyword-only):":
-        ("Keyword-only arguments beyond flax's.", "Args:"),
-}
-
-
-def _layer_headings_as_sections(app, what, name, obj, options, lines):
-  del app, what, obj, options
-  if not name.startswith(("rmsnorm_jax.linen.", "rmsnorm_jax.nnx.")):
-    return
-  out = []
-  for line in lines:
-    heading = _HEADINGS.get(line.strip())
-    if heading is None:
-      out.append(line)
-    else:
-      indent = line[:len(line) - len(line.lstrip())]
-      out += [indent + heading[0], "", indent + heading[1]]
-  lines[:] = out
-
-
 def _skip_field_defaults(app, what, name, obj, skip, options):
   # A flax field whose default is a function (``bias_init = zeros``) looks
   # like a method to autodoc, which would document jax's initializer under
@@ -97,7 +69,4 @@ def _skip_field_defaults(app, what, name, obj, skip, options):
 
 
 def setup(app):
-  # Before napoleon (priority 500) turns the sections into fields.
-  app.connect("autodoc-process-docstring", _layer_headings_as_sections,
-              priority=400)
   app.connect("autodoc-skip-member", _skip_field_defaults)

@@ -202,7 +202,8 @@ def rms_norm_residual(x, residual, scale=None, bias=None, *,
     (x's in x's dtype).
 
   Raises:
-    As ``rms_norm``, plus ValueError when residual's shape differs from x's.
+    TypeError: as ``rms_norm``.
+    ValueError: as ``rms_norm``, and when residual's shape differs from x's.
   """
   x = v.floating_array("x", x)
   residual = v.same_shape("residual", residual, x)
@@ -275,8 +276,9 @@ def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
     so that ``q * q_scale`` approximates y.
 
   Raises:
-    As ``rms_norm``; ValueError for an unsupported quant_dtype or a
-    quant_scale that is not a scalar; TypeError when differentiated.
+    TypeError: as ``rms_norm``, and when differentiated (forward only).
+    ValueError: as ``rms_norm``, and for an unsupported quant_dtype or a
+      quant_scale that is not a floating scalar.
   """
   x = v.floating_array("x", x)
   stream = x

@@ -20,7 +20,9 @@ from rmsnorm_jax import layer_math
 class RMSNorm(nn.RMSNorm):
   """Drop-in for ``flax.linen.RMSNorm``.
 
-  Extra fields (after flax's, all defaulted):
+  The fields after flax's are all defaulted.
+
+  Attributes:
     scale_offset: added to scale before use; 1.0 gives Gemma's ``(1 + scale)``
       form (then use ``scale_init=nn.initializers.zeros``).
     cast_mode: ``"float32"`` (flax's order) or ``"llama"`` (Hugging Face's

@@ -20,7 +20,9 @@ from rmsnorm_jax import layer_math
 class RMSNorm(nnx.RMSNorm):
   """Drop-in for ``flax.nnx.RMSNorm``.
 
-  Args (beyond flax's, keyword-only):
+  The keyword-only arguments beyond flax's:
+
+  Args:
     scale_offset: added to scale before use (Gemma: 1.0 with zeros init).
     cast_mode: ``"float32"`` or ``"llama"``, as in ``rmsnorm_jax.rms_norm``.
     use_bias: add a ``bias`` Param of shape ``(num_features,)`` after
@@ -77,9 +79,17 @@ class RMSNormResidual(nnx.Module):
 
   Args:
     num_features: hidden size; ``scale`` is a Param of shape (num_features,).
-    epsilon, dtype, param_dtype, use_scale, scale_init, rngs: as flax's
-      RMSNorm. scale_offset, cast_mode, use_bias, bias_init, backend: as
-      ``RMSNorm`` here.
+    epsilon: as flax's RMSNorm.
+    dtype: as flax's RMSNorm.
+    param_dtype: as flax's RMSNorm.
+    use_scale: as flax's RMSNorm.
+    scale_init: as flax's RMSNorm.
+    scale_offset: as ``RMSNorm`` here.
+    cast_mode: as ``RMSNorm`` here.
+    use_bias: as ``RMSNorm`` here.
+    bias_init: as ``RMSNorm`` here.
+    backend: as ``RMSNorm`` here.
+    rngs: as flax's RMSNorm.
 
   Call: ``layer(x, residual)`` -> ``(normed, h)``; h in residual's dtype,
   normed in ``dtype`` or residual's dtype promoted with param_dtype.
