@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsnorm_jax import base
+from rmsnorm_jax.kernels import common
 from rmsnorm_jax.kernels import tpu_config as cfg
 from rmsnorm_jax.kernels import tpu_kernels as tk
 
@@ -107,14 +108,12 @@ class PallasTpu(cfg.Config, base.Implementation):
 
   def cannot_serve(self, call: base.Call) -> str | None:
     """Why the kernels cannot compute ``call`` (None when they can)."""
-    dt = np.dtype(call.dtype)
-    if dt not in tk.KERNEL_DTYPES:
-      return (f"{self.name} supports "
-              f"{', '.join(d.name for d in tk.KERNEL_DTYPES)}, not {dt.name}")
-    if not call.static_rows:
-      return (f"{self.name} needs a static row count; got the symbolic "
-              f"dimension {call.rows}")
+    reason = common.not_implemented(self.name, call, tk.KERNEL_DTYPES,
+                                    implemented=common.FEATURES)
+    if reason is not None:
+      return reason
     if call.op == "quantized_forward":
+      dt = np.dtype(call.dtype)
       heads = call.scale_shape[0] if len(call.scale_shape) == 2 else 0
       # A residual may come with it: count its streams, to be safe.
       blk = self.blocking("quantized_forward", call.rows, call.hidden,
