@@ -185,27 +185,32 @@ class _Math:
     g = self.round(g, self.xdt)
     return dyp, g, xhat, self.round(xhat, self.xdt)
 
-  def divide(self, a, b):
-    """Correctly rounded float32 ``a / b`` (b broadcast to a's shape).
+  def reciprocal(self, a):
+    """Correctly rounded float32 ``1 / a``.
 
-    Triton lowers ``/`` to an approximate division (``div.full.f32``); the
-    quantization rule divides exactly, as XLA does.
+    Triton lowers ``/`` to an approximate division (``div.full.f32``); XLA
+    divides exactly.
     """
-    b = jnp.broadcast_to(b, a.shape)
     if self.interpret:
-      return a / b
+      return _F32(1.0) / a
     return pltriton.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+        "div.rn.f32 $0, $1, $2;", args=[jnp.full(a.shape, 1.0, _F32), a],
+        constraints="=f,f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, _F32)])[0]
+
+  # The quantization rule's divisions are computed as XLA compiles
+  # base.quantize: XLA rewrites ``a / qmax`` (a constant) into a product
+  # with the float32 reciprocal, and ``y / broadcast(q_scale)`` into a
+  # product with the row's reciprocal, so that is what q must match.
 
   def quant_scale(self, amax):
     """Dynamic per-row scale: ``amax / qmax``, 1 for an all-zero row."""
-    s = self.divide(amax, jnp.full(amax.shape, self.qmax, _F32))
+    s = amax * _F32(np.float32(1.0) / np.float32(self.qmax))
     return jnp.where(amax > 0, s, _F32(1.0))
 
   def quantize(self, y, qs):
     """Values of q (float32) for y and per-row scales qs."""
-    v = self.divide(y, qs[:, None])
+    v = y * self.reciprocal(qs)[:, None]
     v = jnp.minimum(jnp.maximum(v, _F32(-self.qmax)), _F32(self.qmax))
     if self.q_int:
       v = self.round_half_even(v)
@@ -218,7 +223,7 @@ class _Math:
     # The Triton lowering has no rounding primitive; PTX's cvt.rni is
     # round to nearest integer, ties to even.
     return pltriton.elementwise_inline_asm(
-        "cvt.rni.f32.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
+        "cvt.rni.f32.f32 $0, $1;", args=[v], constraints="=f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, _F32)])[0]
 
 
