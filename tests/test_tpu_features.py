@@ -132,8 +132,11 @@ FWD_BWD_CASES = [
           config=dict(block_rows=16)),
     _case("bias-no_scale-f16", (20, 129), F16, scale=None, bias=F16,
           config=dict(block_rows=16)),
-    _case("llama-bf16-bf16scale-bias-ragged", (33, 256), BF16, scale="vec",
-          bias=BF16, mode="llama", config=dict(TPU_INTERP, block_rows=16)),
+    # Gemma's offset and a float32 bias, both rounded to bfloat16 (the
+    # product dtype) before use.
+    _case("llama-bf16-bf16scale-offset-f32bias-ragged", (33, 256), BF16,
+          scale="vec", bias=F32, mode="llama", offset=1.0,
+          config=dict(TPU_INTERP, block_rows=16)),
     _case("llama-f16-f16scale", (24, 200), F16, scale="vec", mode="llama"),
     _case("llama-f32-offset", (16, 128), F32, scale="vec", mode="llama",
           offset=1.0),

@@ -167,7 +167,9 @@ class PallasTpu(cfg.Config, base.Implementation):
 
     Both hold product-dtype values in float32: ``w = scale + offset``
     computed in that dtype (as the XLA implementation does), a per-head
-    scale tiled to ``tile`` rows.
+    scale tiled to ``tile`` rows. The roundings to that dtype are explicit
+    integer arithmetic (``tk.round_to``): as a pair of conversions feeding
+    float32, XLA may drop them as excess precision.
     """
     pdt = np.dtype(norm.product_dtype(
         src_dtype, None if scale is None else scale.dtype))
@@ -175,7 +177,11 @@ class PallasTpu(cfg.Config, base.Implementation):
     w = b = None
     w_rows = 0
     if scale is not None:
-      w = base.weights(scale, norm.scale_offset, kpdt).astype(jnp.float32)
+      # Exact: scale is never wider than pdt (float64 apart, see kpdt).
+      w = scale.astype(jnp.float32)
+      if norm.scale_offset:
+        w = tk.round_to(w + jnp.asarray(norm.scale_offset, kpdt).astype(
+            jnp.float32), kpdt)
       if heads:
         w = jnp.tile(w, (tile // heads, 1))
         w_rows = tile
@@ -183,7 +189,7 @@ class PallasTpu(cfg.Config, base.Implementation):
         w = w.reshape(1, -1)
         w_rows = 1
     if bias is not None:
-      b = bias.astype(kpdt).astype(jnp.float32).reshape(1, -1)
+      b = tk.round_to(bias.astype(jnp.float32), kpdt).reshape(1, -1)
     aff = tk.Affine(llama=norm.cast_mode == "llama", pdt=kpdt, w_rows=w_rows,
                     has_b=bias is not None)
     return aff, w, b

@@ -35,7 +35,7 @@ heads by the wrapper.
 
 The "llama" cast mode rounds x_hat to the input's dtype and each product
 and sum to the product dtype (``Affine``), with integer arithmetic
-(``_round_to``); the backward applies the same roundings to the cotangent.
+(``round_to``); the backward applies the same roundings to the cotangent.
 
 The quantized forward computes a row's y twice from VMEM (once for its
 maximum, once to quantize it) rather than storing it: HBM sees x (and
@@ -156,7 +156,7 @@ def _encode(value_f32, dtype):
   return value_f32.astype(dtype)
 
 
-def _round_to(v, dtype):
+def round_to(v, dtype):
   """float32 values rounded to ``dtype`` (nearest even), still float32.
 
   With integer arithmetic rather than a pair of conversions: XLA may drop
@@ -276,11 +276,11 @@ def _lane_mask(cw, c0, valid):
 
 def _y(xhat, src_dt, aff, w_ref, b_ref, ls):
   """y's float32 value from x_hat = x * rstd (float32) for lanes ``ls``."""
-  y = _round_to(xhat, src_dt) if aff.llama else xhat
+  y = round_to(xhat, src_dt) if aff.llama else xhat
   if aff.has_w:
-    y = _round_to(_times_w(y, w_ref, ls, aff.w_rows), aff.pdt)
+    y = round_to(_times_w(y, w_ref, ls, aff.w_rows), aff.pdt)
   if aff.has_b:
-    y = _round_to(y + b_ref[:, ls], aff.pdt)
+    y = round_to(y + b_ref[:, ls], aff.pdt)
   return y
 
 
@@ -292,12 +292,12 @@ def _dy_and_g(dy_raw, dy_dt, x_dt, aff, w_ref, ls):
   """
   dyp = _load(dy_raw, dy_dt)
   if aff.llama:
-    dyp = _round_to(dyp, aff.pdt)
+    dyp = round_to(dyp, aff.pdt)
   g = dyp
   if aff.has_w:
-    g = _round_to(_times_w(dyp, w_ref, ls, aff.w_rows), aff.pdt)
+    g = round_to(_times_w(dyp, w_ref, ls, aff.w_rows), aff.pdt)
   if aff.llama:
-    g = _round_to(g, x_dt)
+    g = round_to(g, x_dt)
   return dyp, g
 
 
@@ -534,7 +534,7 @@ def _write_dx(rs, r, c, keep, chunks, in_refs, out_refs, dtypes, aff):
       dx = dx + _load(dh_ref[rs, ls], dh_dt)
     dx_ref[rs, ls] = _encode(dx, x_dt)
     for acc_ref, contrib in (
-        (accw_ref, lambda: dyp * (_round_to(xhat, x_dt) if aff.llama
+        (accw_ref, lambda: dyp * (round_to(xhat, x_dt) if aff.llama
                                   else xhat)),
         (accb_ref, lambda: dyp)):
       if acc_ref is None:
