@@ -40,6 +40,7 @@ import pytest
 
 from rmsnorm_jax import base
 from rmsnorm_jax import reference
+from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
@@ -375,6 +376,24 @@ def test_per_head_tilings(mode):
   assert_close(got[0], want[0], _xla_tol(F16), "dh vs xla",
                magnitude=float(np.linalg.norm(_f64(dy)) * 2))
   assert_close(got[1], want[1], _xla_tol(F16), "dscale vs xla")
+
+
+@pytest.mark.parametrize("op", ["forward", "backward", "residual_backward"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_per_head_tiles_like_narrow_rows(op, head_dim):
+  # The per-head kernels are the narrow-row kernels on a second grid axis:
+  # the same tile, warps and total programs (so the same speed is
+  # expected; the H100 figures of the narrow rows are in gpu_tiling.py).
+  rows, heads = 32768 * 128 // head_dim, 8
+  plain = gpu_tiling.resolve(gpu_tiling.Config(num_sms=132), op, rows,
+                             head_dim)
+  split = gpu_tiling.resolve(gpu_tiling.Config(num_sms=132), op, rows,
+                             head_dim, heads=heads)
+  assert split == plain
+  g_plain = gpu_kernels.Geometry(plain, rows, head_dim)
+  g_split = gpu_kernels.Geometry(split, rows // heads, head_dim, heads)
+  assert g_split.steps == g_plain.steps
+  assert abs(g_split.grid * heads - g_plain.grid) <= heads
 
 
 # ------------------------------------------------------------- quantized --

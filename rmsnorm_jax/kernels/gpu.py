@@ -123,21 +123,25 @@ class PallasGpu(base.Implementation):
 
   # ------------------------------------------------------------- plumbing --
 
-  def resolved_config(self, op: str, rows: int, hidden: int,
-                      dtype) -> gpu_tiling.Config:
-    """The full configuration ``op`` runs with on ``(rows, hidden)``."""
+  def resolved_config(self, op: str, rows: int, hidden: int, dtype,
+                      heads: int = 1) -> gpu_tiling.Config:
+    """The full configuration ``op`` runs with on ``(rows, hidden)``.
+
+    ``heads``: scale rows of a per-head scale (1 otherwise).
+    """
     config = self.config
     if config.num_sms is None:
       config = dataclasses.replace(
           config, num_sms=INTERPRET_NUM_SMS if self.interpret
           else gpu_tiling.num_sms())
     return gpu_tiling.resolve(config, op, rows, hidden,
-                              itemsize=np.dtype(dtype).itemsize)
+                              itemsize=np.dtype(dtype).itemsize, heads=heads)
 
-  def _kw(self, op, x, dtype=None):
+  def _kw(self, op, x, scale, dtype=None):
     rows, hidden = x.shape
+    heads = 1 if scale is None or scale.ndim == 1 else scale.shape[0]
     return dict(config=self.resolved_config(op, rows, hidden,
-                                            dtype or x.dtype),
+                                            dtype or x.dtype, heads),
                 interpret=self.interpret, poison=self.poison_outputs)
 
   @staticmethod
@@ -153,14 +157,14 @@ class PallasGpu(base.Implementation):
     y, rstd = gpu_kernels.forward(
         x, None, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
         out_dtype=self._kernel_out_dtype(norm.out_dtype),
-        **self._kw("forward", x))
+        **self._kw("forward", x, scale))
     return y.astype(norm.out_dtype), rstd
 
   def backward(self, x, scale, bias, rstd, dy, *, norm):
     """-> (dx in x.dtype, dscale float32 scale-shaped or None, dbias)."""
     return gpu_kernels.backward(
         x, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy), None,
-        norm=norm, **self._kw("backward", x))
+        norm=norm, **self._kw("backward", x, scale))
 
   def residual_forward(self, x, residual, scale, bias, *, norm):
     """-> (y in out_dtype, h = x + residual in residual.dtype, rstd)."""
@@ -168,14 +172,15 @@ class PallasGpu(base.Implementation):
     y, h, rstd = gpu_kernels.forward(
         x, residual, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
         out_dtype=self._kernel_out_dtype(norm.out_dtype),
-        **self._kw("residual_forward", x, np.dtype(f"f{wider}")))
+        **self._kw("residual_forward", x, scale, np.dtype(f"f{wider}")))
     return y.astype(norm.out_dtype), h, rstd
 
   def residual_backward(self, h, scale, bias, rstd, dy, dh, *, norm):
     """-> (gradient of h in h.dtype, dscale float32 or None, dbias)."""
     return gpu_kernels.backward(
         h, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy),
-        _f32_if_wide(dh), norm=norm, **self._kw("residual_backward", h))
+        _f32_if_wide(dh), norm=norm,
+        **self._kw("residual_backward", h, scale))
 
   def quantized_forward(self, x, residual, scale, bias, quant_scale, *,
                         norm):
@@ -188,7 +193,7 @@ class PallasGpu(base.Implementation):
     outs = gpu_kernels.forward(
         x, residual, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
         out_dtype=None, quant_scale=quant_scale,
-        **self._kw("quantized_forward", x, np.dtype(f"f{wider}")))
+        **self._kw("quantized_forward", x, scale, np.dtype(f"f{wider}")))
     if residual is None:
       return outs[0], outs[1], None
     return outs

@@ -178,7 +178,7 @@ def _pick(value, default):
 
 
 def resolve(config: Config, op: str, rows: int, hidden: int, *,
-            itemsize: int = 2) -> Config:
+            itemsize: int = 2, heads: int = 1) -> Config:
   """``config`` with every None field chosen for one kernel call.
 
   Args:
@@ -188,6 +188,8 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
     rows: rows of the call (with a per-head scale: all heads' rows).
     hidden: normalized width (with a per-head scale: head_dim).
     itemsize: bytes per element of the main input (2 or 4).
+    heads: scale rows of a per-head scale (each head's rows are tiled
+      apart, so a row block holds at most ``rows // heads`` rows).
 
   Returns:
     A ``Config`` with no None field; block sizes are powers of two.
@@ -236,7 +238,7 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
   if resident:
     br = next_pow2(c.block_rows) if c.block_rows else _shrink_for_grid(
         br, rows, sms)
-  br = min(br, next_pow2(rows))
+  br = min(br, next_pow2(max(1, rows // heads)))
   cache_max = FWD_CACHE_SCALE_MAX_COLS if fwd else CACHE_SCALE_MAX_COLS
   if op == "backward" and isz == 2 and max_warps == BWD_WIDE16_WARPS:
     cache_max = MAX_RESIDENT_COLS
