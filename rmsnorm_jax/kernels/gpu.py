@@ -52,7 +52,8 @@ AUTO_WIDE_MIN_ROWS = 8
 # Element offsets past 2**31 would need 64-bit pointer arithmetic in every
 # tile; such inputs (8 GiB of float32) stay on XLA under "auto".
 AUTO_MAX_ELEMENTS = 2**31 - 1
-# The features of issue 11 the kernels serve (kernels/common.py FEATURES).
+# The features beyond the plain norm the kernels serve (kernels/common.py
+# FEATURES); cannot_serve declines a call needing any other.
 IMPLEMENTED = frozenset(("bias", "llama", "per_head", "quantized"))
 # Interpret mode on CPU: a few "SMs" so that tests exercise the persistent
 # backward loop (several row blocks per program) on small shapes.
