@@ -196,6 +196,29 @@ def test_cast_modes_differ_exactly_where_they_should(backend_id):
 
 
 @backends
+def test_llama_out_dtype_overrides_the_result_type(backend_id):
+  backend = fu.make_backend(backend_id)
+  rng = fu.rng_for("llama_out_dtype")
+  x = random(rng, SHAPE, BF16)
+  scale = random(rng, SHAPE[-1:], F32, mean=1.0, scale=0.3)
+  run = lambda: rj.rms_norm(x, scale, eps=EPS, cast_mode="llama",
+                            out_dtype=jnp.bfloat16, backend=backend)
+  reason = fu.unserved(backend, "rms_norm", SHAPE, BF16,
+                       scale_shape=SHAPE[-1:], scale_dtype=F32,
+                       cast_mode="llama", out_dtype=BF16)
+  if reason is not None:
+    fu.assert_unserved_error(backend, reason, run)
+    return
+  y = run()
+  # The float32 product of the llama order, rounded once more to bfloat16.
+  want = reference.emulate(np.asarray(x).reshape(-1, SHAPE[-1]),
+                           np.asarray(scale), eps=EPS, cast_mode="llama",
+                           out_dtype=jnp.bfloat16)
+  _assert_matches_emulation(np.asarray(y).reshape(want.shape), want, "y",
+                            BF16, "llama")
+
+
+@backends
 def test_llama_residual_default_dtype_and_values(backend_id):
   backend = fu.make_backend(backend_id)
   rng = fu.rng_for("llama_residual")
