@@ -14,10 +14,8 @@ import numpy as np
 from rmsnorm_jax import base
 from rmsnorm_jax import shapes
 
-# Deviceless topologies, oldest first. v2 and v3 are the TPUs Colab offers;
-# each of their chips holds two TensorCores that are separate devices.
-GENERATIONS = ("v2:2x2", "v3:2x2", "v4:2x2x1", "v5e:2x2", "v5p:2x2x1",
-               "v6e:2x2", "tpu7x:2x2x1")
+# Deviceless topologies, oldest first (v2 and v3 are the TPUs Colab offers).
+GENERATIONS = shapes.TPU_GENERATIONS
 
 # HBM bandwidth per chip, bytes/s: the Cloud TPU documentation's page of
 # each generation. That page gives no figure for v2; its entry is twice the
