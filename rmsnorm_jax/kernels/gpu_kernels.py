@@ -137,6 +137,7 @@ class _Math:
   has_scale: bool = False
   has_bias: bool = False
   qmax: float | None = None
+  inverse_qmax: float | None = None
   q_int: bool = False
   q_static: bool = False
   interpret: bool = False
@@ -198,18 +199,16 @@ class _Math:
         constraints="=f,f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, _F32)])[0]
 
-  # The quantization rule's divisions are computed as XLA compiles
-  # base.quantize: XLA rewrites ``a / qmax`` (a constant) into a product
-  # with the float32 reciprocal, and ``y / broadcast(q_scale)`` into a
-  # product with the row's reciprocal, so that is what q must match.
+  # base.quantize's rule: products with float32 reciprocals (of qmax, and
+  # one per row of q_scale), as XLA compiles the divisions.
 
   def quant_scale(self, amax):
-    """Dynamic per-row scale: ``amax / qmax``, 1 for an all-zero row."""
-    s = amax * _F32(np.float32(1.0) / np.float32(self.qmax))
+    """Dynamic per-row scale: ``amax * (1 / qmax)``, 1 for a zero row."""
+    s = amax * _F32(self.inverse_qmax)
     return jnp.where(amax > 0, s, _F32(1.0))
 
   def quantize(self, y, qs):
-    """Values of q (float32) for y and per-row scales qs."""
+    """Values of q (float32): ``y * (1 / qs)``, saturated (and rounded)."""
     v = y * self.reciprocal(qs)[:, None]
     v = jnp.minimum(jnp.maximum(v, _F32(-self.qmax)), _F32(self.qmax))
     if self.q_int:
@@ -487,7 +486,9 @@ def _math(norm: base.Norm, x_dtype, scale, bias, interpret, quant_scale=None):
   kw = {}
   if norm.quant_dtype is not None:
     qdt = np.dtype(norm.quant_dtype)
-    kw = dict(qmax=base.QUANT_MAX[qdt], q_int=qdt == np.dtype(jnp.int8),
+    kw = dict(qmax=base.QUANT_MAX[qdt],
+              inverse_qmax=float(base.inverse_qmax(qdt)),
+              q_int=qdt == np.dtype(jnp.int8),
               q_static=quant_scale is not None)
   return _Math(eps=float(norm.eps), offset=offset, llama=llama,
                xdt=np.dtype(x_dtype), pdt=pdt, has_scale=scale is not None,
