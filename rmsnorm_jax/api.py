@@ -256,8 +256,11 @@ def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
   """RMSNorm with its output quantized in the same pass (inference, fp8).
 
   ``y`` is the float32 value of ``rms_norm(x (+ residual), scale, bias,
-  ...)``; then ``q = saturate(round_half_even(y / q_scale))`` for int8, or
-  the saturating float8 cast of ``y / q_scale``.
+  ...)``; then ``q = saturate(round_half_even(y * (1 / q_scale)))`` for
+  int8, or the saturating float8 cast of ``y * (1 / q_scale)``, with the
+  row's reciprocal rounded to float32 (the product XLA compiles a division
+  by a per-row scale to; within one float32 ulp of ``y / q_scale``, and the
+  same bits on every backend).
 
   Args:
     x: array of shape ``(..., hidden)``, float32/bfloat16/float16.
@@ -265,8 +268,8 @@ def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
     quant_dtype: ``jnp.int8`` (qmax 127), ``jnp.float8_e4m3fn`` (448) or
       ``jnp.float8_e5m2`` (57344).
     quant_scale: ``None`` for dynamic per-row scaling, ``q_scale =
-      max|y_row| / qmax`` (1 for an all-zero row); or a float32 scalar for
-      static scaling.
+      max|y_row| * float32(1 / qmax)`` (1 for an all-zero row); or a
+      float32 scalar for static scaling.
     residual: optional array of x's shape: the input is then
       ``h = x + residual`` (rounded to residual's dtype), also returned.
 

@@ -154,6 +154,22 @@ def fold_rows(a, scale_shape):
   return jnp.sum(a.reshape(-1, heads, hidden), axis=0)
 
 
+def rounded(a, dtype):
+  """``a`` rounded to ``dtype``'s precision, kept in a's (wider) dtype.
+
+  The same values as ``a.astype(dtype).astype(a.dtype)``, but XLA keeps a
+  ``reduce_precision`` where it may drop such a conversion pair as excess
+  precision (it does under jit on CPU and GPU), and the roundings are what
+  the reference formulas define.
+  """
+  dt = np.dtype(dtype)
+  if dt.itemsize >= np.dtype(a.dtype).itemsize:
+    return a
+  info = jnp.finfo(dt)
+  return jax.lax.reduce_precision(a, exponent_bits=info.nexp,
+                                  mantissa_bits=info.nmant)
+
+
 def weights(scale, scale_offset: float, dtype):
   """``scale + scale_offset`` in dtype; None without scale."""
   if scale is None:
@@ -226,12 +242,12 @@ class Implementation:
     a float32 scalar (static). The default quantizes ``forward``'s float32
     output with XLA.
     """
-    h = None
-    if residual is not None:
-      h = (upcast(x) + upcast(residual)).astype(residual.dtype)
-      x = h
-    y, _ = self.forward(x, scale, bias,
-                        norm=dataclasses.replace(norm, out_dtype=F32))
+    f32_norm = dataclasses.replace(norm, out_dtype=F32)
+    if residual is None:
+      h = None
+      y, _ = self.forward(x, scale, bias, norm=f32_norm)
+    else:
+      y, h, _ = self.residual_forward(x, residual, scale, bias, norm=f32_norm)
     q, q_scale = quantize(y, norm.quant_dtype, quant_scale,
                           getattr(self, "axis_names", ()))
     return q, q_scale, h
@@ -240,10 +256,13 @@ class Implementation:
 def quantize(y, quant_dtype, quant_scale=None, axis_names=()):
   """``(q, q_scale)`` from float32 ``y`` of shape ``(rows, hidden)``.
 
-  Dynamic (quant_scale None): ``q_scale = max|y_row| / qmax`` per row, 1 for
-  an all-zero row. Static: ``q_scale`` is the given float32 scalar. ``q`` is
-  ``y / q_scale`` rounded half to even and saturated for int8, or cast with
-  saturation for float8. ``axis_names``: mesh axes the row is split over
+  Dynamic (quant_scale None): ``q_scale = max|y_row| * (1 / qmax)`` per row,
+  1 for an all-zero row. Static: ``q_scale`` is the given float32 scalar.
+  ``q`` is ``y * (1 / q_scale)`` rounded half to even and saturated for
+  int8, or cast with saturation for float8. Each reciprocal is a float32
+  value (of the constant, and once per row): the division written as the
+  product XLA itself compiles it to, so every backend rounds alike; it is
+  within one float32 ulp of the true quotient. ``axis_names``: mesh axes the row is split over
   (its max is all-reduced over them).
   """
   dt = np.dtype(quant_dtype)
@@ -252,14 +271,19 @@ def quantize(y, quant_dtype, quant_scale=None, axis_names=()):
     amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
     if axis_names:
       amax = jax.lax.pmax(amax, axis_names)
-    q_scale = jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
+    q_scale = jnp.where(amax > 0, amax * inverse_qmax(dt), jnp.float32(1.0))
   else:
     q_scale = jnp.broadcast_to(
         jnp.asarray(quant_scale, jnp.float32).reshape(1, 1), (y.shape[0], 1))
-  v = jnp.clip(y / q_scale, -qmax, qmax)
+  v = jnp.clip(y * (jnp.float32(1.0) / q_scale), -qmax, qmax)
   if dt == np.dtype(jnp.int8):
     v = jnp.round(v)  # half to even
   return v.astype(dt), q_scale
+
+
+def inverse_qmax(quant_dtype) -> np.float32:
+  """``1 / qmax`` rounded to float32: the dynamic scale's multiplier."""
+  return np.float32(1.0) / np.float32(QUANT_MAX[np.dtype(quant_dtype)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,20 +311,38 @@ class Xla(Implementation):
     return self._row_sum(a) / jnp.asarray(n, a.dtype)
 
   def forward(self, x, scale, bias, *, norm):
-    xf = upcast(x)
+    return self._forward(upcast(x), x.dtype, scale, bias, norm)
+
+  def residual_forward(self, x, residual, scale, bias, *, norm):
+    hf = rounded(upcast(x) + upcast(residual), residual.dtype)
+    y, rstd = self._forward(hf, residual.dtype, scale, bias, norm)
+    return y, hf.astype(residual.dtype), rstd
+
+  def _forward(self, xf, x_dtype, scale, bias, norm):
+    """The norm of ``xf`` (x's values, upcast) with x_dtype's roundings."""
     rstd = jax.lax.rsqrt(self._row_mean(xf * xf)
                          + jnp.asarray(norm.eps, xf.dtype))
-    xhat = xf * rstd
-    pdt = norm.product_dtype(x.dtype, None if scale is None else scale.dtype)
+    y = xf * rstd
+    pdt = norm.product_dtype(x_dtype, None if scale is None else scale.dtype)
     if norm.cast_mode == "llama":
-      xhat = xhat.astype(x.dtype)
-    y = xhat.astype(pdt)
-    w = weights(scale, norm.scale_offset, pdt)
+      y = rounded(y, x_dtype)
+    y = rounded(y, pdt)
+    w = self._weights(scale, norm, pdt, xf.dtype)
     if w is not None:
-      y = y * scale_rows(w, x.shape[0])
+      y = rounded(y * scale_rows(w, xf.shape[0]), pdt)
     if bias is not None:
-      y = y + bias.astype(pdt)[None, :]
+      y = rounded(y + rounded(upcast(bias), pdt)[None, :], pdt)
     return y.astype(norm.out_dtype), rstd[:, 0]
+
+  @staticmethod
+  def _weights(scale, norm, pdt, cdt):
+    """``scale + offset`` computed in pdt, held in cdt (None without scale)."""
+    if scale is None:
+      return None
+    w = rounded(scale.astype(cdt), pdt)
+    if norm.scale_offset:
+      w = rounded(w + jnp.asarray(norm.scale_offset, cdt), pdt)
+    return w
 
   def backward(self, x, scale, bias, rstd, dy, *, norm):
     dx, dscale, dbias = self.backward_f32(x, scale, bias, rstd, dy, norm=norm)
@@ -312,26 +354,21 @@ class Xla(Implementation):
     r = rstd.astype(xf.dtype)[:, None]
     xhat = xf * r
     pdt = norm.product_dtype(x.dtype, None if scale is None else scale.dtype)
-    dyp = dy.astype(pdt)
+    dyp = rounded(dy.astype(xf.dtype), pdt)
     llama = norm.cast_mode == "llama"
-    if llama:
-      xhat_used = xhat.astype(x.dtype).astype(pdt)
-    else:
-      xhat_used = xhat
-    w = weights(scale, norm.scale_offset, pdt)
-    g = dyp if w is None else dyp * scale_rows(w, x.shape[0])
+    xhat_used = rounded(xhat, x.dtype) if llama else xhat
+    w = self._weights(scale, norm, pdt, xf.dtype)
+    g = dyp if w is None else rounded(dyp * scale_rows(w, x.shape[0]), pdt)
     if llama:
       # The cotangent passes back through x_hat's rounding to x's dtype.
-      g = g.astype(x.dtype)
-    g = g.astype(xf.dtype)
+      g = rounded(g, x.dtype)
     # mean(g * xhat) couples the row: it is the projection the norm removes.
     c = self._row_mean(g * xhat)
     dx = r * (g - xhat * c)
-    acc = jnp.promote_types(pdt, jnp.float32)
     dscale = None
     if scale is not None:
-      dscale = fold_rows(dyp.astype(acc) * xhat_used.astype(acc), scale.shape)
-    dbias = None if bias is None else jnp.sum(dyp.astype(acc), axis=0)
+      dscale = fold_rows(dyp * rounded(xhat_used, pdt), scale.shape)
+    dbias = None if bias is None else jnp.sum(dyp, axis=0)
     return dx, dscale, dbias
 
   def residual_backward(self, h, scale, bias, rstd, dy, dh, *, norm):

@@ -100,19 +100,23 @@ def emulate(x, scale=None, bias=None, *, eps=1e-6, scale_offset=0.0,
 def emulate_quantize(y, quant_dtype, quant_scale=None):
   """``(q, q_scale)`` of float32 ``y`` (rows, hidden), as documented.
 
-  Dynamic: per row ``max|y| / qmax`` (1 for an all-zero row); static: the
-  given scalar. ``q = y / q_scale`` saturated to +-qmax, rounded half to even
-  for int8, cast (round to nearest even) for float8.
+  Dynamic: per row ``max|y| * (1 / qmax)`` (1 for an all-zero row); static:
+  the given scalar. ``q = y * (1 / q_scale)`` saturated to +-qmax, rounded
+  half to even for int8, cast (round to nearest even) for float8; each
+  reciprocal rounded to float32.
   """
   qmax = {"int8": 127.0, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}[
       _np_dtype(quant_dtype).name]
   y = np.asarray(y, np.float32)
   if quant_scale is None:
     amax = np.max(np.abs(y), axis=-1, keepdims=True)
-    q_scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0))
+    inv_qmax = np.float32(1.0) / np.float32(qmax)
+    q_scale = np.where(amax > 0, (amax * inv_qmax).astype(np.float32),
+                       np.float32(1.0))
   else:
     q_scale = np.full((y.shape[0], 1), quant_scale, np.float32)
-  v = np.clip(y / q_scale.astype(np.float32), -qmax, qmax).astype(np.float32)
+  inv = (np.float32(1.0) / q_scale.astype(np.float32)).astype(np.float32)
+  v = np.clip((y * inv).astype(np.float32), -qmax, qmax).astype(np.float32)
   if _np_dtype(quant_dtype) == np.dtype(np.int8):
     v = np.round(v)  # NumPy rounds half to even
   return v.astype(_np_dtype(quant_dtype)), q_scale.astype(np.float32)

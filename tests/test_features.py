@@ -513,11 +513,12 @@ def test_quantized(qdt, backend_id):
                                   err_msg=what)
     s2 = np.asarray(q_scale).reshape(-1, 1)
     np.testing.assert_array_equal(s2, np.asarray(s_want), err_msg=what)
-    # And q is the true division y / q_scale (ties to even, saturating) with
-    # the returned scale, as NumPy computes it. The dynamic scale is within
-    # one float32 ulp of max|y| / qmax computed by true division (see
-    # test_dynamic_scale_is_true_division for the exact claim).
-    q_np, _ = reference.emulate_quantize(y_own / s2, qdt, 1.0)
+    # And q is y times the row's float32 reciprocal of q_scale (ties to
+    # even, saturating) with the returned scale, as NumPy computes it. The
+    # dynamic scale is max|y| times the float32 reciprocal of qmax (see
+    # test_dynamic_scale_is_the_documented_product).
+    inv = (np.float32(1.0) / s2).astype(np.float32)
+    q_np, _ = reference.emulate_quantize(y_own * inv, qdt, 1.0)
     np.testing.assert_array_equal(q2.view(np.uint8), q_np.view(np.uint8),
                                   err_msg=what)
     _, s_np = reference.emulate_quantize(y_own, qdt, None if qs is None
@@ -547,17 +548,17 @@ def test_quantized(qdt, backend_id):
   assert np.all(np.abs(q_sat) <= qmax)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "base.quantize computes max|y| / qmax with a constant qmax, which XLA "
-    "compiles to a multiplication by the rounded reciprocal 1/qmax: one "
-    "float32 ulp off the documented true division in a few % of rows"))
-def test_dynamic_scale_is_true_division():
+def test_dynamic_scale_is_the_documented_product():
+  # max|y| * float32(1 / qmax), bit for bit, and within one float32 ulp of
+  # the true quotient.
   rng = fu.rng_for("true_division")
   x = random(rng, (256, 128), F32)
   y = rj.rms_norm(x, backend="xla")
   _, q_scale = rj.rms_norm_quantized(x, backend="xla")
   _, want = reference.emulate_quantize(np.asarray(y), I8)
   np.testing.assert_array_equal(np.asarray(q_scale), want)
+  amax = np.max(np.abs(np.asarray(y, np.float32)), axis=-1, keepdims=True)
+  assert fu.ulp_distance_f32(np.asarray(q_scale), amax / np.float32(127)) <= 1
 
 
 @backends

@@ -54,6 +54,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from rmsnorm_jax import base
 from rmsnorm_jax.kernels import common
 from rmsnorm_jax.kernels import tpu_config as cfg
 
@@ -447,11 +448,14 @@ def _forward_kernel(*refs, hidden, eps, has_res, aff, quant, dtypes,
       for c0, cw in chunks:
         amax = jnp.maximum(amax, jnp.max(jnp.abs(y_of(pl.ds(c0, cw))),
                                          axis=1, keepdims=True))
-      qs = jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
+      # base.quantize's rounding: products with float32 reciprocals.
+      qs = jnp.where(amax > 0, amax * jnp.float32(base.inverse_qmax(
+          quant.dtype)), jnp.float32(1.0))
       col_ref[rs, :] = qs
+    inv = jnp.float32(1.0) / qs
     for c0, cw in chunks:
       ls = pl.ds(c0, cw)
-      v = jnp.clip(y_of(ls) / qs, -qmax, qmax)
+      v = jnp.clip(y_of(ls) * inv, -qmax, qmax)
       if quant.dtype == np.dtype(jnp.int8):
         v = jnp.round(v)  # half to even
       y_ref[rs, ls] = v.astype(quant.dtype)
