@@ -166,8 +166,18 @@ def rounded(a, dtype):
   if dt.itemsize >= np.dtype(a.dtype).itemsize:
     return a
   info = jnp.finfo(dt)
-  return jax.lax.reduce_precision(a, exponent_bits=info.nexp,
-                                  mantissa_bits=info.nmant)
+  r = jax.lax.reduce_precision(a, exponent_bits=info.nexp,
+                               mantissa_bits=info.nmant)
+  if info.nexp >= jnp.finfo(a.dtype).nexp:
+    return r  # Subnormals of dt are subnormals of a's dtype too.
+  # reduce_precision flushes dt's subnormals to zero; a conversion rounds
+  # them to the subnormal grid (multiples of 2**(minexp - nmant)), exactly
+  # what scaling by a power of two and rounding half to even gives.
+  step = float(2.0 ** (int(info.minexp) - int(info.nmant)))
+  sub = jnp.round(a * jnp.asarray(1.0 / step, a.dtype)) * jnp.asarray(
+      step, a.dtype)
+  return jnp.where(jnp.abs(a) < jnp.asarray(float(info.smallest_normal),
+                                            a.dtype), sub, r)
 
 
 def weights(scale, scale_offset: float, dtype):

@@ -444,10 +444,14 @@ def test_quantized_forward(mode, qdt, static, with_residual):
   normed = x if res is None else h
   y, _ = jax.jit(functools.partial(impl.forward, norm=base.Norm(
       eps=1e-6, out_dtype=F32)))(normed, scale, bias)
-  q_want, s_want = base.quantize(y, qdt, quant_scale)
-  np.testing.assert_array_equal(np.asarray(q_scale), np.asarray(s_want))
+  # The rule as NumPy computes it (IEEE float32 products, ml_dtypes' direct
+  # round-to-nearest-even float8 conversion): XLA's own GPU conversion of
+  # float32 to float8 was seen one float8 ulp off in 1 of 3360 elements.
+  q_want, s_want = reference.emulate_quantize(
+      np.asarray(y), qdt, None if quant_scale is None else float(quant_scale))
+  np.testing.assert_array_equal(np.asarray(q_scale), s_want)
   np.testing.assert_array_equal(np.asarray(q).view(np.uint8),
-                                np.asarray(q_want).view(np.uint8))
+                                q_want.view(np.uint8))
   if static:
     assert np.all(np.asarray(q_scale) == np.float32(0.02))
   elif not with_residual:

@@ -52,6 +52,12 @@ AUTO_WIDE_MIN_ROWS = 8
 # Element offsets past 2**31 would need 64-bit pointer arithmetic in every
 # tile; such inputs (8 GiB of float32) stay on XLA under "auto".
 AUTO_MAX_ELEMENTS = 2**31 - 1
+# Rows wider than the resident tiling (walked in chunks): on an H200 XLA's
+# backward and fused forward were faster than the chunked kernels, the plain
+# forward was not (bfloat16, docs/bench_h200.md): backward 2048x32768 183 us
+# (XLA) against 277, 1024x65536 186 against 228; fused forward 194 against
+# 205 and 193 against 212; forward 121 against 112 and 121 against 113.
+AUTO_CHUNKED_XLA_OPS = ("backward", "residual_backward", "residual_forward")
 # The features beyond the plain norm the kernels serve (kernels/common.py
 # FEATURES); cannot_serve declines a call needing any other.
 IMPLEMENTED = frozenset(("bias", "llama", "per_head", "quantized"))
@@ -120,6 +126,10 @@ class PallasGpu(base.Implementation):
         and rows < AUTO_WIDE_MIN_ROWS):
       return (f"XLA measured faster for fewer than {AUTO_WIDE_MIN_ROWS} rows "
               f"of {AUTO_WIDE_COLS} or more columns")
+    if (call.op in AUTO_CHUNKED_XLA_OPS
+        and gpu_tiling.next_pow2(hidden) > gpu_tiling.MAX_RESIDENT_COLS):
+      return (f"XLA measured faster for {call.op} on rows wider than "
+              f"{gpu_tiling.MAX_RESIDENT_COLS} columns (chunked tiling)")
     return None
 
   # ------------------------------------------------------------- plumbing --
