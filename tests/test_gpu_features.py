@@ -441,9 +441,16 @@ def test_quantized_forward(mode, qdt, static, with_residual):
   else:
     assert h is None
   # The same kernel's float32 y, quantized by the rule.
+  # (With a residual, the fused forward: the same tiling and the same float32
+  # sums as the quantized call, so the same y bit for bit.)
   normed = x if res is None else h
-  y, _ = jax.jit(functools.partial(impl.forward, norm=base.Norm(
-      eps=1e-6, out_dtype=F32)))(normed, scale, bias)
+  f32_norm = base.Norm(eps=1e-6, out_dtype=F32)
+  if res is None:
+    y, _ = jax.jit(functools.partial(impl.forward, norm=f32_norm))(
+        normed, scale, bias)
+  else:
+    y = jax.jit(functools.partial(impl.residual_forward, norm=f32_norm))(
+        x, res, scale, bias)[0]
   # The rule as NumPy computes it (IEEE float32 products, ml_dtypes' direct
   # round-to-nearest-even float8 conversion): XLA's own GPU conversion of
   # float32 to float8 was seen one float8 ulp off in 1 of 3360 elements.
