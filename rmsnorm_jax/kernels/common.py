@@ -1,5 +1,5 @@
-"""Helpers shared by the kernel modules: what they serve, compiler
-parameters, pallas_call types inside shard_map.
+"""Helpers shared by the kernel modules: what they serve, pallas_call types
+inside shard_map.
 
 Inside ``shard_map`` with checked types (``check_vma=True``, the default) every
 value carries the set of manual mesh axes it varies over. A pallas_call must
@@ -12,13 +12,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from rmsnorm_jax import ops
+
 
 def _varying(a) -> frozenset:
-  aval = jax.typeof(a)
-  mat = getattr(aval, "manual_axis_type", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", None) or ())
+  return ops.varying_axes(jax.typeof(a))
 
 
 def match_varying(inputs):
@@ -48,17 +46,6 @@ def vary_like(out_shapes, inputs):
     return jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat)
 
   return jax.tree.map(one, out_shapes)
-
-
-def compiler_params(module, legacy_name: str, **kwargs):
-  """``module.CompilerParams(**kwargs)`` for a Pallas backend module.
-
-  JAX renamed each backend's class (``TritonCompilerParams``,
-  ``TPUCompilerParams``) to ``CompilerParams``; ``legacy_name`` is the old
-  spelling, used where the new one is missing.
-  """
-  cls = getattr(module, "CompilerParams", None) or getattr(module, legacy_name)
-  return cls(**kwargs)
 
 
 FEATURES = ("bias", "llama", "per_head", "quantized")

@@ -108,7 +108,7 @@ class PallasGpu(base.Implementation):
 
   def lowering_platforms(self) -> tuple[str, ...]:
     if self.interpret:
-      return ("cpu", "cuda", "rocm", "tpu")
+      return base.PLATFORMS
     return self.platforms
 
   def cannot_serve(self, call: base.Call) -> str | None:

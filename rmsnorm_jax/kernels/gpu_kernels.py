@@ -760,9 +760,8 @@ def _call(kernel, inputs, out_shapes, g: Geometry, poison: bool,
       out_shape=common.vary_like(tuple(out_shapes), inputs),
       grid=grid,
       input_output_aliases=aliases,
-      compiler_params=common.compiler_params(
-          pltriton, "TritonCompilerParams", num_warps=g.config.num_warps,
-          num_stages=g.config.num_stages),
+      compiler_params=pltriton.CompilerParams(
+          num_warps=g.config.num_warps, num_stages=g.config.num_stages),
       interpret=interpret,
       name=name,
   )

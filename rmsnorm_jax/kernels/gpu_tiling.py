@@ -20,6 +20,8 @@ import dataclasses
 
 import jax
 
+from rmsnorm_jax import ops
+
 # Widest padded row kept whole in registers; wider rows are walked in chunks.
 MAX_RESIDENT_COLS = 16384
 
@@ -85,8 +87,7 @@ MIN_WAVES = 1
 DEFAULT_NUM_SMS = 132  # H100 SXM
 
 
-OPS = ("forward", "backward", "residual_forward", "residual_backward",
-       "quantized_forward")
+OPS = tuple(ops.SIGNATURES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -332,8 +332,8 @@ def _call(kernel, ins, out_shape, *, grid, in_specs, out_specs, scratch,
   return pl.pallas_call(
       kernel, out_shape=common.vary_like(out_shape, ins), grid=grid,
       in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
-      compiler_params=common.compiler_params(
-          pltpu, "TPUCompilerParams", dimension_semantics=semantics,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=semantics,
           vmem_limit_bytes=blocking.vmem_limit_bytes),
       cost_estimate=_cost(math.prod(ins[0].shape), rsqrts, *ins, *outs),
       interpret=_interpret(interpret), name=name)(*common.match_varying(ins))
