@@ -70,8 +70,9 @@ def _stream_roles(op, has_res):
 
 @dataclasses.dataclass(frozen=True)
 class PallasTpu(cfg.Config, base.Implementation):
-  """Pallas kernels lowered through Mosaic, for TPUs (v2 and later; compiled without a TPU
-  for v2, v3, v4, v5e, v5p, v6e and tpu7x).
+  """Pallas kernels lowered through Mosaic, for TPUs (v2 and later).
+
+  Compiled without a TPU for v2, v3, v4, v5e, v5p, v6e and tpu7x.
 
   Inputs: x (and residual) 2-D ``(rows, hidden)`` of dtype float32, bfloat16
   or float16, any rows and hidden; scale ``None``, ``(hidden,)`` or per-head
