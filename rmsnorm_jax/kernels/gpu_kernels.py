@@ -235,7 +235,10 @@ class _Tile:
 
   def __init__(self, g: Geometry, r0, c0, head, mask_rows: bool = False):
     self.g = g
-    self.r0, self.c0, self.head = r0, c0, head
+    # int32 offsets throughout: under x64 a Python int would become int64
+    # beside program_id's int32, which indexing rejects.
+    self.r0, self.c0, self.head = (jnp.asarray(v, jnp.int32)
+                                   for v in (r0, c0, head))
     br, bc = g.block_rows, g.block_cols
     self.rmask = ((r0 + jnp.arange(br)) < g.rows
                   if g.rows_ragged or mask_rows else None)
