@@ -37,8 +37,9 @@ def fused_path_serves(x, reduction_axes, feature_axes, axis_index_groups,
   which a per-row pmean is meaningful). Index groups are not.
   """
   last = (x.ndim - 1,)
+  # x's dtype is not looked at here: the function validates it (once) and
+  # names the argument in its error.
   return (x.ndim >= 1
-          and jnp.issubdtype(x.dtype, jnp.floating)
           and canonical_axes(x.ndim, reduction_axes) == last
           and canonical_axes(x.ndim, feature_axes) == last
           and axis_index_groups is None and mask is None
