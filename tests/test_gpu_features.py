@@ -44,30 +44,15 @@ from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
+from gpu_test_util import MODES, XLA_TOL
 from numerics_util import assert_close, random, tol
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(
     jnp.float16)
-XLA_TOL = {F32: 1e-5, BF16: 2.0**-7, F16: 2.0**-10}
 QUANT_DTYPES = [np.dtype(jnp.int8), np.dtype(jnp.float8_e4m3fn),
                 np.dtype(jnp.float8_e5m2)]
 
 
-def _has_cuda() -> bool:
-  try:
-    return bool(jax.devices("gpu"))
-  except RuntimeError:
-    return False
-
-
-MODES = [
-    pytest.param("interpret", id="interpret"),
-    pytest.param("compiled", id="compiled", marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(not _has_cuda(),
-                           reason="compiled Pallas GPU kernels need a CUDA "
-                                  "GPU; the interpret variant covers CPU")]),
-]
 
 
 def _rng(*key):

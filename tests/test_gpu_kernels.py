@@ -43,31 +43,12 @@ from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
+from gpu_test_util import MODES, XLA_TOL
 from numerics_util import assert_close, assert_residual_matches_reference
 from numerics_util import dx_magnitude, random, residual_inputs, tol
 
-XLA_TOL = {
-    np.dtype(jnp.float32): 1e-5,
-    np.dtype(jnp.bfloat16): 2.0**-7,
-    np.dtype(jnp.float16): 2.0**-10,
-}
 
 
-def _has_cuda() -> bool:
-  try:
-    return bool(jax.devices("gpu"))
-  except RuntimeError:
-    return False
-
-
-MODES = [
-    pytest.param("interpret", id="interpret"),
-    pytest.param("compiled", id="compiled", marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(not _has_cuda(),
-                           reason="compiled Pallas GPU kernels need a CUDA "
-                                  "GPU; the interpret variant covers CPU")]),
-]
 DTYPES = [pytest.param(d, id=np.dtype(d).name) for d in shapes.DTYPES]
 SHAPES = [pytest.param(s, id="x".join(map(str, s)))
           for s in shapes.CORRECTNESS + shapes.WIDE]

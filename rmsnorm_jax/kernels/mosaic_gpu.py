@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsnorm_jax import base
+from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels import common
 from rmsnorm_jax.kernels import mosaic_gpu_kernels as mk
 
@@ -54,14 +55,7 @@ DEFAULT_NUM_SMS = 132
 
 
 def _num_sms() -> int:
-  try:
-    dev = jax.devices("gpu")[0]
-    count = getattr(dev, "core_count", None)
-    if count:
-      return int(count)
-  except RuntimeError:
-    pass
-  return DEFAULT_NUM_SMS
+  return gpu_tiling.num_sms()
 
 
 def _visible_compute_capability() -> str | None:
