@@ -15,7 +15,9 @@ repo=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python -c "import build" 2>/dev/null || python -m pip install -q build
+# (pip show, not an import: the docs build's output folder build/ would
+# import as an empty namespace package from the repository root.)
+python -m pip show -q build >/dev/null 2>&1 || python -m pip install -q build
 python -m build --outdir "$work/dist" . >"$work/build.log" 2>&1 || {
   tail -n 60 "$work/build.log"; exit 1; }
 # setuptools' deprecation blocks (license classifiers, license tables, ...)
