@@ -203,8 +203,8 @@ def call(rte: Route, op: str, norm: base.Norm, operands, *,
 
 
 def _abstract_eval(*avals, route, op, norm, present, partitioned, nvmap):
-  del route, partitioned
-  return ops.result_avals(op, norm, present, avals, nvmap)
+  del route, partitioned, nvmap
+  return ops.result_avals(op, norm, present, avals)
 
 
 def _impl(*args, **params):

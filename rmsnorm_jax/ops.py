@@ -113,14 +113,14 @@ def result_dtypes(op: str, norm, operands: dict) -> dict:
   raise ValueError(f"unknown op {op!r}")
 
 
-def result_avals(op: str, norm, present, avals, nvmap: int = 0):
+def result_avals(op: str, norm, present, avals):
   """Abstract results of ``op`` from the present operands' avals.
 
   Shapes follow the kinds (a result of kind ``scale`` has the scale
   operand's shape, ``row`` is x's without its last dim); each result varies
-  over the mesh axes its operands vary over inside shard_map.
+  over the mesh axes its operands vary over inside shard_map. Batch dims of
+  a per-element vmap lead every operand, so the shapes carry them.
   """
-  del nvmap  # Batch dims lead every operand, so the shapes carry them.
   names = [n for (n, _), p in zip(SIGNATURES[op][0], present) if p]
   by_name = dict(zip(names, avals))
   x = by_name.get("x", by_name.get("h"))

@@ -125,10 +125,6 @@ def _explicit_sharding(x):
   return mesh, sharding.spec
 
 
-def _varying_axes(a) -> frozenset:
-  return ops.varying_axes(jax.typeof(a))
-
-
 def sum_like(grad, primal):
   """Sums ``grad`` over the mesh axes where it varies but ``primal`` does not.
 
@@ -136,5 +132,6 @@ def sum_like(grad, primal):
   implicitly broadcast to every shard of x; its gradient is the sum of the
   shards' contributions, which the custom_vjp must return itself.
   """
-  extra = _varying_axes(grad) - _varying_axes(primal)
+  extra = (ops.varying_axes(jax.typeof(grad))
+           - ops.varying_axes(jax.typeof(primal)))
   return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad

@@ -30,7 +30,6 @@ References and tolerances:
 
 import dataclasses
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +43,7 @@ from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
-from gpu_test_util import MODES, XLA_TOL
+from gpu_test_util import MODES, impl_for, rng_for, xla_tol
 from numerics_util import assert_close, random, tol
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(
@@ -53,19 +52,6 @@ QUANT_DTYPES = [np.dtype(jnp.int8), np.dtype(jnp.float8_e4m3fn),
                 np.dtype(jnp.float8_e5m2)]
 
 
-
-
-def _rng(*key):
-  return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _impl(mode, **config):
-  return PallasGpu(config=gpu_tiling.Config(**config),
-                   interpret=(mode == "interpret"), poison_outputs=True)
-
-
-def _xla_tol(*dtypes):
-  return max(XLA_TOL[np.dtype(d)] for d in dtypes)
 
 
 def _f64(a):
@@ -97,7 +83,7 @@ def _reference64(x, scale, bias, dy, eps, offset=0.0):
 
 def _inputs(key, rows, hidden, dtype, *, scale_shape, scale_dtype,
             bias_dtype=None, out_dtype=None):
-  rng = _rng(*key)
+  rng = rng_for(*key)
   x = random(rng, (rows, hidden), dtype, mean=0.3)
   scale = None if scale_shape is None else random(
       rng, scale_shape, scale_dtype, mean=1.0, scale=0.5)
@@ -130,17 +116,17 @@ def _check_against_xla(impl, x, scale, bias, dy, norm):
   want = _run(base.Xla(), x, scale, bias, dy, norm)
   y, _, dx, dscale, dbias = got
   assert y.dtype == np.dtype(norm.out_dtype) and dx.dtype == x.dtype
-  assert_close(y, want[0], _xla_tol(y.dtype), "y vs xla")
+  assert_close(y, want[0], xla_tol(y.dtype), "y vs xla")
   # dx is a difference of terms of size ||rstd * dy * w||, so its error is
   # judged against that size (it cancels for tiny rows).
-  assert_close(dx, want[2], _xla_tol(x.dtype, dy.dtype), "dx vs xla",
+  assert_close(dx, want[2], xla_tol(x.dtype, dy.dtype), "dx vs xla",
                magnitude=float(np.linalg.norm(_f64(dy)) * 2))
   for name, a, b in (("dscale", dscale, want[3]), ("dbias", dbias, want[4])):
     if b is None:
       assert a is None, name
       continue
     assert a.dtype == F32 and a.shape == b.shape, name
-    assert_close(a, b, _xla_tol(x.dtype, dy.dtype), f"{name} vs xla")
+    assert_close(a, b, xla_tol(x.dtype, dy.dtype), f"{name} vs xla")
   return got
 
 
@@ -169,7 +155,7 @@ def test_serves_every_feature(op):
     (F16, dict(block_cols=64)),
 ], ids=["bf16_persistent_uncached", "f16_chunked"])
 def test_bias(mode, dtype, config):
-  impl = _impl(mode, **config)
+  impl = impl_for(mode, **config)
   rows, hidden = 45, 200
   x, scale, bias, dy = _inputs(("bias", dtype.name, config), rows, hidden,
                                dtype, scale_shape=(hidden,), scale_dtype=F32,
@@ -189,13 +175,13 @@ def test_bias(mode, dtype, config):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bias_with_residual(mode):
-  impl = _impl(mode)
+  impl = impl_for(mode)
   rows, hidden = 19, 257
   x, scale, bias, dy = _inputs(("bias_res",), rows, hidden, BF16,
                                scale_shape=(hidden,), scale_dtype=F32,
                                bias_dtype=F32)
-  res = random(_rng("bias_res_r"), (rows, hidden), BF16, mean=0.5)
-  dh = random(_rng("bias_res_dh"), (rows, hidden), BF16)
+  res = random(rng_for("bias_res_r"), (rows, hidden), BF16, mean=0.5)
+  dh = random(rng_for("bias_res_dh"), (rows, hidden), BF16)
   norm = base.Norm(eps=1e-6, out_dtype=BF16)
 
   def run(impl):
@@ -208,8 +194,8 @@ def test_bias_with_residual(mode):
   y_x, h_x, dres_x, ds_x, db_x = run(base.Xla())
   np.testing.assert_array_equal(np.asarray(h, np.float32),
                                 np.asarray(h_x, np.float32))
-  assert_close(y, y_x, _xla_tol(BF16), "y vs xla")
-  assert_close(dres, dres_x, _xla_tol(BF16), "dresidual vs xla")
+  assert_close(y, y_x, xla_tol(BF16), "y vs xla")
+  assert_close(dres, dres_x, xla_tol(BF16), "dresidual vs xla")
   assert_close(dscale, ds_x, 1e-5, "dscale vs xla")
   assert_close(dbias, db_x, 1e-5, "dbias vs xla")
   y64, _, _, db64 = _reference64(h, scale, bias, dy, 1e-6)
@@ -226,7 +212,7 @@ LLAMA_CASES = [(BF16, BF16), (BF16, F32), (F16, F16), (F16, F32), (F32, F32)]
 @pytest.mark.parametrize("x_dtype,scale_dtype", LLAMA_CASES,
                          ids=[f"{a.name}-{b.name}" for a, b in LLAMA_CASES])
 def test_llama_cast_mode(mode, x_dtype, scale_dtype):
-  impl = _impl(mode)
+  impl = impl_for(mode)
   rows, hidden = 64, 384
   x, scale, bias, dy = _inputs(("llama", x_dtype.name, scale_dtype.name),
                                rows, hidden, x_dtype, scale_shape=(hidden,),
@@ -267,7 +253,7 @@ def norm_pdt(x_dtype, scale_dtype):
 def test_llama_and_float32_modes_differ(mode):
   # bf16 x with a bf16 scale: llama rounds x_hat to bf16 before the product,
   # float32 rounds once at the end; some outputs must differ.
-  impl = _impl(mode)
+  impl = impl_for(mode)
   x, scale, _, _ = _inputs(("modes",), 32, 256, BF16, scale_shape=(256,),
                            scale_dtype=BF16)
   y = {m: jax.jit(functools.partial(impl.forward, norm=base.Norm(
@@ -281,7 +267,7 @@ def test_llama_and_float32_modes_differ(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_llama_chunked_and_residual(mode):
-  impl = _impl(mode, block_cols=64)
+  impl = impl_for(mode, block_cols=64)
   rows, hidden = 12, 300
   x, scale, bias, dy = _inputs(("llama_chunk",), rows, hidden, BF16,
                                scale_shape=(hidden,), scale_dtype=BF16,
@@ -289,7 +275,7 @@ def test_llama_chunked_and_residual(mode):
   norm = base.Norm(eps=1e-6, scale_offset=1.0, cast_mode="llama",
                    out_dtype=BF16)
   _check_against_xla(impl, x, scale, bias, dy, norm)
-  res = random(_rng("llama_chunk_r"), (rows, hidden), BF16, mean=0.5)
+  res = random(rng_for("llama_chunk_r"), (rows, hidden), BF16, mean=0.5)
   y, h, rstd = jax.jit(functools.partial(impl.residual_forward, norm=norm))(
       x, res, scale, bias)
   y_x, h_x, _ = base.Xla().residual_forward(x, res, scale, bias, norm=norm)
@@ -301,7 +287,7 @@ def test_llama_chunked_and_residual(mode):
   want = base.Xla().residual_backward(h, scale, bias, rstd, dy, dy,
                                       norm=norm)
   for name, a, b in zip(("dh", "dscale", "dbias"), got, want):
-    assert_close(a, b, _xla_tol(BF16), f"{name} vs xla",
+    assert_close(a, b, xla_tol(BF16), f"{name} vs xla",
                  magnitude=float(np.linalg.norm(_f64(dy)) * 2))
 
 
@@ -311,7 +297,7 @@ def test_llama_chunked_and_residual(mode):
 @pytest.mark.parametrize("heads,head_dim,tokens", [
     (1, 64, 7), (4, 128, 5), (8, 256, 3), (8, 64, 9)])
 def test_per_head_scale(mode, heads, head_dim, tokens):
-  impl = _impl(mode)
+  impl = impl_for(mode)
   rows = tokens * heads
   x, scale, bias, dy = _inputs(("heads", heads, head_dim), rows, head_dim,
                                BF16, scale_shape=(heads, head_dim),
@@ -342,25 +328,25 @@ def test_per_head_tilings(mode):
   rows, heads, head_dim = 4 * 11, 4, 96
   x, scale, _, dy = _inputs(("heads_tiling",), rows, head_dim, F16,
                             scale_shape=(heads, head_dim), scale_dtype=F16)
-  res = random(_rng("heads_res"), (rows, head_dim), F16, mean=0.5)
+  res = random(rng_for("heads_res"), (rows, head_dim), F16, mean=0.5)
   norm = base.Norm(eps=1e-6, out_dtype=F16)
   # The persistent tiling with the plain ops, the chunked one with the
   # fused residual ops.
-  _check_against_xla(_impl(mode, block_rows=2, num_sms=3, persistent=True),
+  _check_against_xla(impl_for(mode, block_rows=2, num_sms=3, persistent=True),
                      x, scale, None, dy, norm)
-  impl = _impl(mode, block_cols=32, block_rows=4)
+  impl = impl_for(mode, block_cols=32, block_rows=4)
   y, h, rstd = jax.jit(functools.partial(impl.residual_forward, norm=norm))(
       x, res, scale, None)
   y_x, h_x, _ = base.Xla().residual_forward(x, res, scale, None, norm=norm)
   np.testing.assert_array_equal(np.asarray(h), np.asarray(h_x))
-  assert_close(y, y_x, _xla_tol(F16), "y vs xla")
+  assert_close(y, y_x, xla_tol(F16), "y vs xla")
   got = jax.jit(functools.partial(impl.residual_backward, norm=norm))(
       h, scale, None, rstd, dy, dy)
   want = base.Xla().residual_backward(h, scale, None, rstd, dy, dy,
                                       norm=norm)
-  assert_close(got[0], want[0], _xla_tol(F16), "dh vs xla",
+  assert_close(got[0], want[0], xla_tol(F16), "dh vs xla",
                magnitude=float(np.linalg.norm(_f64(dy)) * 2))
-  assert_close(got[1], want[1], _xla_tol(F16), "dscale vs xla")
+  assert_close(got[1], want[1], xla_tol(F16), "dscale vs xla")
 
 
 @pytest.mark.parametrize("op", ["forward", "backward", "residual_backward"])
@@ -400,7 +386,7 @@ def _half_step(q, q_scale, dtype):
 @pytest.mark.parametrize("with_residual", [False, True],
                          ids=["plain", "residual"])
 def test_quantized_forward(mode, qdt, static, with_residual):
-  impl = _impl(mode)
+  impl = impl_for(mode)
   rows, hidden = 21, 160
   x, scale, bias, _ = _inputs(("quant", qdt.name, static, with_residual),
                               rows, hidden, BF16, scale_shape=(hidden,),
@@ -408,7 +394,7 @@ def test_quantized_forward(mode, qdt, static, with_residual):
   if not with_residual:
     # An all-zero row (without a bias, y is zero there): dynamic scale 1.
     x, bias = x.at[3].set(0), None
-  res = random(_rng("quant_r", qdt.name), (rows, hidden), F32,
+  res = random(rng_for("quant_r", qdt.name), (rows, hidden), F32,
                mean=0.5) if with_residual else None
   quant_scale = jnp.float32(0.02) if static else None
   norm = base.Norm(eps=1e-6, quant_dtype=qdt)
@@ -466,12 +452,12 @@ def test_quantized_forward(mode, qdt, static, with_residual):
                                          persistent=True)],
                          ids=["chunked", "persistent"])
 def test_quantized_tilings_and_per_head(mode, config):
-  impl = _impl(mode, **config)
+  impl = impl_for(mode, **config)
   heads, head_dim, tokens = 4, 100, 5
   rows = heads * tokens
   x, scale, _, _ = _inputs(("quant_tiling", config), rows, head_dim, F16,
                            scale_shape=(heads, head_dim), scale_dtype=F32)
-  res = random(_rng("quant_tiling_r"), (rows, head_dim), F16, mean=0.5)
+  res = random(rng_for("quant_tiling_r"), (rows, head_dim), F16, mean=0.5)
   # Each tiling with two of the quantized dtypes, one with a residual.
   combos = [(QUANT_DTYPES[0], None), (QUANT_DTYPES[2], res)]
   if "block_cols" not in config:
@@ -497,7 +483,7 @@ def test_backward_is_deterministic(mode):
   # Partial sums per program and a fixed reduction, no atomics: repeated
   # calls give the same bits (several programs, several steps each).
   config = dict(block_rows=2, num_sms=2) if mode == "interpret" else {}
-  impl = _impl(mode, **config)
+  impl = impl_for(mode, **config)
   rows, hidden = (40, 96) if mode == "interpret" else (8192, 4096)
   x, scale, bias, dy = _inputs(("determinism", mode), rows, hidden, BF16,
                                scale_shape=(hidden,), scale_dtype=F32,

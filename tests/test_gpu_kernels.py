@@ -29,7 +29,6 @@ Tolerances are on ``||got - want|| / ||want||``:
 """
 
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,7 @@ from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
-from gpu_test_util import MODES, XLA_TOL
+from gpu_test_util import MODES, impl_for, rng_for, xla_tol
 from numerics_util import assert_close, assert_residual_matches_reference
 from numerics_util import dx_magnitude, random, residual_inputs, tol
 
@@ -58,19 +57,6 @@ GPU_SHAPES = [pytest.param(s, id="x".join(map(str, s)))
               for s in ((4099, 1024), (300, 16384), (5, 32771), (2, 65536))]
 
 
-def _rng(*key):
-  return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _impl(mode, **config):
-  return PallasGpu(config=gpu_tiling.Config(**config),
-                   interpret=(mode == "interpret"), poison_outputs=True)
-
-
-def _xla_tol(*dtypes):
-  return max(XLA_TOL[np.dtype(d)] for d in dtypes)
-
-
 def _rows_view(shape):
   # The methods take 2-D row views: leading dims flattened, as api.py does.
   return (int(np.prod(shape[:-1])), shape[-1])
@@ -79,7 +65,7 @@ def _rows_view(shape):
 def _check_norm(impl, shape, dtype, scale_dtype, *, scale_offset=0.0,
                 eps=1e-5, out_dtype=None, key=()):
   """Forward and both gradients vs float64 and vs XLA."""
-  rng = _rng("norm", shape, np.dtype(dtype).name, key)
+  rng = rng_for("norm", shape, np.dtype(dtype).name, key)
   shape = _rows_view(shape)
   hidden = shape[-1]
   x = random(rng, shape, dtype, mean=0.3)
@@ -108,20 +94,20 @@ def _check_norm(impl, shape, dtype, scale_dtype, *, scale_offset=0.0,
   assert_close(dx, dx_ref, tol(dtype, y_dtype), "dx",
                dx_magnitude(x, scale, dy, eps=eps, scale_offset=scale_offset))
   y_x, dx_x, ds_x = run(base.Xla())
-  assert_close(y, y_x, _xla_tol(y_dtype), "y vs xla")
-  assert_close(dx, dx_x, _xla_tol(dtype, y_dtype), "dx vs xla",
+  assert_close(y, y_x, xla_tol(y_dtype), "y vs xla")
+  assert_close(dx, dx_x, xla_tol(dtype, y_dtype), "dx vs xla",
                dx_magnitude(x, scale, dy, eps=eps, scale_offset=scale_offset))
   if scale is None:
     assert dscale is None
   else:
     assert dscale.dtype == jnp.float32 and dscale.shape == scale.shape
     assert_close(dscale, ds_ref, tol(scale.dtype, y_dtype), "dscale")
-    assert_close(dscale, ds_x, _xla_tol(scale.dtype), "dscale vs xla")
+    assert_close(dscale, ds_x, xla_tol(scale.dtype), "dscale vs xla")
 
 
 def _check_residual(impl, shape, x_dtype, res_dtype, key=()):
   """Fused residual forward and backward vs float64 and vs XLA."""
-  rng = _rng("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name,
+  rng = rng_for("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name,
              key)
   shape = _rows_view(shape)
   inputs = residual_inputs(rng, shape, x_dtype, res_dtype)
@@ -144,13 +130,13 @@ def _check_residual(impl, shape, x_dtype, res_dtype, key=()):
   y_x, h_x, dx_x, dres_x, ds_x = run(base.Xla())
   np.testing.assert_array_equal(np.asarray(h, np.float32),
                                 np.asarray(h_x, np.float32))
-  assert_close(y, y_x, _xla_tol(res_dtype), "y vs xla")
+  assert_close(y, y_x, xla_tol(res_dtype), "y vs xla")
   # The norm's part of the gradient cancels almost exactly for tiny hidden,
   # so it is judged against the size of its terms (plus dh's).
   mag = dx_magnitude(h, scale, dy) + float(
       np.linalg.norm(np.asarray(dh, np.float64).ravel()))
-  assert_close(dres, dres_x, _xla_tol(res_dtype), "dresidual vs xla", mag)
-  assert_close(dscale, ds_x, _xla_tol(jnp.float32, res_dtype),
+  assert_close(dres, dres_x, xla_tol(res_dtype), "dresidual vs xla", mag)
+  assert_close(dscale, ds_x, xla_tol(jnp.float32, res_dtype),
                "dscale vs xla")
 
 
@@ -160,7 +146,7 @@ def _check_residual(impl, shape, x_dtype, res_dtype, key=()):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_norm_and_residual(mode, shape, dtype):
-  impl = _impl(mode)
+  impl = impl_for(mode)
   _check_norm(impl, shape, dtype, dtype)
   _check_residual(impl, shape, dtype, dtype)
 
@@ -171,7 +157,7 @@ def test_norm_and_residual(mode, shape, dtype):
 def test_large_shapes(mode, shape, dtype):
   if mode == "interpret":
     pytest.skip("large shapes are only run compiled (interpret is slow)")
-  impl = _impl(mode)
+  impl = impl_for(mode)
   _check_norm(impl, shape, dtype, dtype)
   _check_residual(impl, shape, dtype, dtype)
 
@@ -181,7 +167,7 @@ def test_large_shapes(mode, shape, dtype):
 @pytest.mark.parametrize("variant", ["f32_scale_offset", "no_scale",
                                      "f32_out"])
 def test_scale_and_output_variants(mode, dtype, variant):
-  impl = _impl(mode)
+  impl = impl_for(mode)
   if variant == "f32_scale_offset":
     _check_norm(impl, (37, 300), dtype, jnp.float32, scale_offset=1.0)
   elif variant == "no_scale":
@@ -210,14 +196,14 @@ def test_scale_and_output_variants(mode, dtype, variant):
         "no_prefetch_no_cache", "persistent_fwd", "persistent_fwd_plain",
         "reload", "reload_prefetch_cached"])
 def test_tiling_overrides(mode, config):
-  impl = _impl(mode, **config)
+  impl = impl_for(mode, **config)
   _check_norm(impl, (45, 200), jnp.bfloat16, jnp.float32, key=config)
   _check_residual(impl, (45, 200), jnp.bfloat16, jnp.float32, key=config)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mixed_residual_dtypes(mode):
-  _check_residual(_impl(mode), (19, 257), jnp.bfloat16, jnp.float32)
+  _check_residual(impl_for(mode), (19, 257), jnp.bfloat16, jnp.float32)
 
 
 def _call(op, rows, hidden, dtype, **kw):
