@@ -16,7 +16,10 @@ warning turned into an error except a fixed list. The ported modules
 those modules only and the rest of the suite runs as configured.
 """
 
+import warnings
+
 import jax
+import jax.numpy as jnp
 import pytest
 
 # Same entries, same order as flax's ini list: "error" first, so that each
@@ -71,3 +74,12 @@ def flax_rank_promotion():
   """
   with jax.numpy_rank_promotion("raise"):
     yield
+
+
+def check_flax_settings():
+  """A ported module's tests see flax's settings, else they prove less."""
+  assert jax.config.jax_numpy_rank_promotion == "raise"
+  with pytest.raises(ValueError, match="jax_numpy_rank_promotion=.raise."):
+    jnp.ones((2, 3)) + jnp.ones((3,))
+  with pytest.raises(UserWarning):
+    warnings.warn("any warning not in flax's ignore list", UserWarning)

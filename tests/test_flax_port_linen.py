@@ -13,7 +13,6 @@
 # is added here to show they are in force.
 """flax.linen's RMSNorm tests, run against rmsnorm_jax.linen.RMSNorm."""
 
-import warnings
 
 from absl.testing import absltest, parameterized
 import jax
@@ -24,6 +23,7 @@ import pytest
 
 from rmsnorm_jax import linen as rj_linen
 
+import flax_port_util
 from flax_port_util import FLAX_WARNING_FILTERS
 from flax_port_util import flax_rank_promotion  # noqa: F401 (autouse)
 
@@ -72,11 +72,7 @@ class NormalizationTest(parameterized.TestCase):
 
 def test_runs_under_flax_settings():
   """The ported tests above see flax's settings, else they prove less."""
-  assert jax.config.jax_numpy_rank_promotion == "raise"
-  with pytest.raises(ValueError, match="jax_numpy_rank_promotion=.raise."):
-    jnp.ones((2, 3)) + jnp.ones((3,))
-  with pytest.raises(UserWarning):
-    warnings.warn("any warning not in flax's ignore list", UserWarning)
+  flax_port_util.check_flax_settings()
 
 
 if __name__ == '__main__':

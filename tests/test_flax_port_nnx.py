@@ -20,7 +20,6 @@
 """flax.nnx's RMSNorm tests, run against rmsnorm_jax.nnx.RMSNorm."""
 
 import typing as tp
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,7 @@ from flax.typing import Dtype
 from rmsnorm_jax import linen as rj_linen
 from rmsnorm_jax import nnx as rj_nnx
 
+import flax_port_util
 from flax_port_util import FLAX_WARNING_FILTERS
 from flax_port_util import flax_rank_promotion  # noqa: F401 (autouse)
 
@@ -195,11 +195,7 @@ class TestLayersParamsMetadata(parameterized.TestCase):
 
 def test_runs_under_flax_settings():
   """The ported tests above see flax's settings, else they prove less."""
-  assert jax.config.jax_numpy_rank_promotion == "raise"
-  with pytest.raises(ValueError, match="jax_numpy_rank_promotion=.raise."):
-    jnp.ones((2, 3)) + jnp.ones((3,))
-  with pytest.raises(UserWarning):
-    warnings.warn("any warning not in flax's ignore list", UserWarning)
+  flax_port_util.check_flax_settings()
 
 
 if __name__ == '__main__':
