@@ -187,3 +187,45 @@ def test_flax_layers_export_like_flax_does():
   s = params["params"]["scale"]
   assert_close(exp_ours.call(x, s), exp_theirs.call(x, s), tol(jnp.float32),
                "ours vs flax, exported")
+
+
+def _feature_calls(backend, x, res, scale):
+  """bias, per-head scale, the llama order and the quantized output."""
+  bias = scale * 0.5 - 0.25
+  heads = jnp.broadcast_to(scale, (x.shape[-2], x.shape[-1])) * 1.5
+  return {
+      "bias_llama": rj.rms_norm(x, scale, bias, cast_mode="llama",
+                                backend=backend),
+      "per_head": rj.rms_norm(x, heads, backend=backend),
+      "per_head_grad": jax.grad(lambda s: rj.rms_norm(
+          x, s, backend=backend).astype(jnp.float32).sum())(heads),
+      "bias_grad": jax.grad(lambda b: rj.rms_norm_residual(
+          x, res, scale, b, backend=backend)[0].astype(jnp.float32).sum())(
+              bias),
+      "quantized": rj.rms_norm_quantized(x, scale, residual=res,
+                                         quant_dtype=jnp.int8,
+                                         backend=backend),
+  }
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_features_under_promotion_raise_strict_and_x64(make):
+  x, res, scale = _inputs(5)
+  want = _feature_calls(make(), x, res, scale)
+  with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
+    _assert_same(_feature_calls(make(), x, res, scale), want,
+                 "features under rank 'raise' / strict promotion")
+  with jax.enable_x64(True):
+    _assert_same(_feature_calls(make(), x, res, scale), want,
+                 "features under x64")
+
+
+def test_quantized_output_exports_with_symbolic_dims():
+  hidden = 96
+  fn = lambda x, s: rj.rms_norm_quantized(x, s, quant_dtype=jnp.int8)
+  exp = _poly_export(fn, "b, s", hidden)
+  for shape in [(2, 3), (5, 7)]:
+    rng = np.random.default_rng(sum(shape))
+    x = random(rng, (*shape, hidden), jnp.float32)
+    s = jnp.linspace(0.5, 1.5, hidden)
+    _assert_same(exp.call(x, s), jax.jit(fn)(x, s), f"quantized at {shape}")
