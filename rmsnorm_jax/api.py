@@ -49,7 +49,8 @@ def _routes(backend, axis_name, ops_pair, x, scale, bias, norm, dtype):
     return tuple(route for _ in ops_pair)
   return tuple(dispatch.route(backend, base.Call(
       op, _rows(x.shape), x.shape[-1], np.dtype(dtype),
-      () if scale is None else tuple(scale.shape), bias is not None, norm))
+      () if scale is None else tuple(scale.shape), bias is not None, norm,
+      None if scale is None else np.dtype(scale.dtype)))
                for op in ops_pair)
 
 

@@ -112,6 +112,8 @@ class Call:
     scale_shape: ``()`` without scale, ``(hidden,)``, or ``(heads, hidden)``.
     has_bias: whether a bias is added.
     norm: the static arguments.
+    scale_dtype: the scale's dtype (None without scale, or when it does not
+      matter); with ``cast_mode="llama"`` it sets the product dtype.
   """
 
   op: str
@@ -121,6 +123,12 @@ class Call:
   scale_shape: tuple = ()
   has_bias: bool = False
   norm: Norm = Norm(eps=1e-6)
+  scale_dtype: np.dtype | None = None
+
+  @property
+  def product_dtype(self) -> np.dtype:
+    """The dtype ``x_hat * w + bias`` is computed in (``Norm.product_dtype``)."""
+    return self.norm.product_dtype(self.dtype, self.scale_dtype)
 
   @property
   def static_rows(self) -> bool:

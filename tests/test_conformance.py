@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import rmsnorm_jax as rj
+from rmsnorm_jax import base
 from rmsnorm_jax import reference
 
 from implementations import IMPLEMENTATIONS
@@ -90,6 +91,27 @@ def test_x64_keeps_results_and_serves_float64(make):
     assert y.dtype == jnp.float64
     assert_close(y, reference.rms_norm(x64, scale)[0], tol(jnp.float64),
                  "float64")
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_x64_llama_with_float64_scale_multiplies_in_float64(make):
+  # The llama order multiplies in result_type(scale, x): float64 for a
+  # float64 scale. Kernels multiply in float32, so they must decline the
+  # call (an explicit kernel names why) rather than return float32 products
+  # widened to float64.
+  backend = make()
+  x, _, scale = _inputs(4)
+  with jax.enable_x64(True):
+    s64 = jnp.asarray(scale, jnp.float64) + 1e-9  # not a float32 value
+    want = rj.rms_norm(x, s64, cast_mode="llama", backend="xla")
+    assert want.dtype == jnp.float64
+    if isinstance(backend, base.Xla):
+      got = rj.rms_norm(x, s64, cast_mode="llama", backend=backend)
+    else:
+      with pytest.raises(ValueError, match="float64 products"):
+        rj.rms_norm(x, s64, cast_mode="llama", backend=backend)
+      got = rj.rms_norm(x, s64, cast_mode="llama")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("make", BACKENDS)

@@ -67,6 +67,11 @@ def not_implemented(name: str, call, dtypes,
             f"not {np.dtype(call.dtype).name}")
   if call.norm.cast_mode != "float32" and "llama" not in implemented:
     return f"{name} implements cast_mode='float32' only"
+  if np.dtype(call.product_dtype) == np.dtype(np.float64):
+    # The kernels multiply in float32 at most; the llama order with a
+    # float64 scale (x64 mode) asks for float64 products.
+    return (f"{name} computes in float32; cast_mode='llama' with a float64 "
+            "scale needs float64 products")
   if call.has_bias and "bias" not in implemented:
     return f"{name} does not add a bias"
   if len(call.scale_shape) == 2 and "per_head" not in implemented:
