@@ -12,7 +12,15 @@ dtypes) and tags saying who uses it:
 * ``wide``: rows of 16384 columns or more (on TPU, ``correctness`` + ``wide``
   exceeds one VMEM block and takes the two-pass path);
 * ``narrow``: rows of 128 columns or fewer;
-* ``launch_bound``: under 1 MB per array, where launch latency dominates.
+* ``launch_bound``: under 1 MB per array, where launch latency dominates;
+* ``bench_features``: the benchmark's shapes for the feature ops (bias,
+  per-head scale, quantized output; ``--cases tag:bench_features``), every
+  one 8 MB or more per array and a multiple of :data:`HEAD_DIM` wide.
+
+A per-head case keeps the two numbers of every case: ``rows`` tokens of
+``hidden = heads * HEAD_DIM`` columns, normalized as ``(rows, heads,
+HEAD_DIM)`` with a ``(heads, HEAD_DIM)`` scale (:func:`heads_shape`);
+8192x4096 is the QK-norm case 8192x32x128.
 
 The names used before the specs existed (:data:`BENCHMARK`, :data:`TPU_AOT`,
 :data:`CORRECTNESS`, :data:`WIDE`) are selections from :data:`SPECS` in
@@ -30,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 TAGS = frozenset({"bench", "smoke", "tpu_aot", "correctness", "wide",
-                  "narrow", "launch_bound"})
+                  "narrow", "launch_bound", "bench_features"})
+# The per-head ops' head size: attention heads of 128 (LLaMA, Qwen, Mistral).
+HEAD_DIM = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +120,25 @@ SPECS: tuple[Spec, ...] = (
     # shapes the targets are about: LLaMA/Qwen-sized rows, wide rows (issue
     # tables up to 65536 columns), QK-norm (128 columns), single-token
     # decode.
-    _spec(8192, 4096, _BF16, ["bench"]),
+    _spec(8192, 4096, _BF16, ["bench", "bench_features"]),
     _spec(4096, 16384, _BF16, ["bench", "wide"]),
     _spec(2048, 32768, _BF16, ["bench", "wide"]),
     _spec(1024, 65536, _BF16, ["bench", "wide"]),
     _spec(32768, 128, _BF16, ["bench", "narrow"]),
     _spec(8192, 4096, _F16, ["bench"]),
-    _spec(2048, 8192, _F16, ["bench"]),
+    _spec(2048, 8192, _F16, ["bench", "bench_features"]),
     _spec(2048, 4096, _F16, ["bench"]),
     _spec(1024, 4096, _F32, ["bench"]),
     _spec(64, 4096, _F32, ["bench"]),
     _spec(64, 768, _F32, ["bench", "launch_bound"]),
     _spec(1, 4096, _F32, ["bench", "launch_bound"]),
     _spec(1, 768, _F32, ["bench", "launch_bound"]),
+    # The feature ops' other shapes (with the two above): 16384x4096 and
+    # 4096x8192 (128 and 64 MB a bfloat16 array); 16384x2048 is the per-head
+    # case 16384x16x128.
+    _spec(16384, 4096, _BF16, ["bench_features"]),
+    _spec(4096, 8192, _BF16, ["bench_features"]),
+    _spec(16384, 2048, _BF16, ["bench_features"]),
     # CPU smoke run of the benchmark: one tiny case, seconds not minutes
     # (the layer ops run it in bfloat16, the others in float32).
     _spec(8, 256, _F32, ["smoke", "launch_bound"]),
@@ -203,17 +219,38 @@ DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # The ops whose traffic min_bytes counts; "res_fwd" and "res_bwd" are other
 # names of the fused (residual) ops.
 _OP_ALIASES = {"res_fwd": "fused_fwd", "res_bwd": "fused_bwd"}
+# The feature ops: a bias, a per-head scale, the quantized output (int8, or
+# float8_e4m3fn for "quant_fp8_fwd"; "quant_fused_fwd" adds a residual).
+FEATURE_OPS = ("quant_fwd", "quant_fp8_fwd", "quant_fused_fwd", "bias_fwd",
+               "bias_bwd", "head_fwd", "head_bwd")
 MIN_BYTES_OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd", "res_fwd", "res_bwd",
                  "linen_fwd", "linen_fwd_mixed", "linen_fwd_default",
-                 "linen_bwd")
+                 "linen_bwd") + FEATURE_OPS
+# Bytes an element of the quantized output takes (int8 and float8 alike).
+QUANT_ITEMSIZE = 1
+
+
+def heads_shape(rows: int, hidden: int) -> tuple[int, int, int]:
+  """x's shape in a per-head case: ``(rows, hidden // HEAD_DIM, HEAD_DIM)``.
+
+  The scale is ``(hidden // HEAD_DIM, HEAD_DIM)``.
+
+  Raises:
+    ValueError: ``hidden`` is not a positive multiple of :data:`HEAD_DIM`.
+  """
+  if hidden < HEAD_DIM or hidden % HEAD_DIM:
+    raise ValueError(f"a per-head case needs hidden to be a positive "
+                     f"multiple of HEAD_DIM={HEAD_DIM} (heads x head_dim), "
+                     f"got hidden={hidden}")
+  return rows, hidden // HEAD_DIM, HEAD_DIM
 
 
 def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
   """Fewest bytes ``op`` must move through device memory.
 
-  N = rows * hidden elements of ``dtype`` (itemsize s); the scale and its
-  gradient are in ``dtype``, the per-row rstd saved by the forward is
-  float32 (4 bytes a row).
+  N = rows * hidden elements of ``dtype`` (itemsize s); the scale, bias and
+  their gradients are in ``dtype``, the per-row rstd saved by the forward
+  is float32 (4 bytes a row; a row of each head in the head ops).
 
   * fwd: read x, write y (2N), write rstd, read scale.
   * bwd: read x and dy, write dx (3N), read rstd and scale, write dscale.
@@ -227,17 +264,28 @@ def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
   * linen_fwd_mixed: the same with a float32 scale.
   * linen_fwd_default: flax's defaults on bfloat16 x: float32 y and scale.
   * linen_bwd: bfloat16 x, dy, dx, rstd, a bfloat16 scale and dscale.
+  * quant_fwd, quant_fp8_fwd: read x (N), write q (one byte an element)
+    and its float32 scale per row, read scale; no rstd (forward only).
+  * quant_fused_fwd: read x and residual, write h (3N), q and the per-row
+    float32 scales, read scale.
+  * bias_fwd: fwd and a read of bias.
+  * bias_bwd: bwd and a write of dbias (bias itself is not needed).
+  * head_fwd, head_bwd: fwd and bwd on ``(rows, heads, HEAD_DIM)`` with a
+    ``(heads, HEAD_DIM)`` scale, ``heads = hidden // HEAD_DIM``: the
+    scale is hidden elements as in fwd, rstd is ``rows * heads`` floats.
 
   Args:
     op: one of :data:`MIN_BYTES_OPS`.
-    rows, hidden: the flattened input's size (ints >= 0).
+    rows, hidden: the flattened input's size (ints >= 0); for the head
+      ops, tokens and ``heads * HEAD_DIM``.
     dtype: the activations' dtype (anything ``np.dtype`` accepts).
 
   Returns:
     The byte count, an int.
 
   Raises:
-    ValueError: unknown ``op``.
+    ValueError: unknown ``op``; a head op whose hidden is not a multiple of
+      :data:`HEAD_DIM`.
   """
   if op not in MIN_BYTES_OPS:
     raise ValueError(f"min_bytes: op must be one of {MIN_BYTES_OPS}, got "
@@ -245,6 +293,11 @@ def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
   op = _OP_ALIASES.get(op, op)
   n, s = rows * hidden, np.dtype(dtype).itemsize
   stat, vec = rows * 4, hidden * s
+  if op in ("head_fwd", "head_bwd"):
+    _, heads, _ = heads_shape(rows, hidden)
+    stat = rows * heads * 4
+    op = op[len("head_"):]
+  q = n * QUANT_ITEMSIZE
   return {
       "fwd": 2 * n * s + stat + vec,
       "bwd": 3 * n * s + stat + 2 * vec,
@@ -254,4 +307,9 @@ def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
       "linen_fwd_mixed": n * 4 + stat + hidden * 4,
       "linen_fwd_default": n * 6 + stat + hidden * 4,
       "linen_bwd": 6 * n + stat + hidden * 4,
+      "quant_fwd": n * s + q + stat + vec,
+      "quant_fp8_fwd": n * s + q + stat + vec,
+      "quant_fused_fwd": 3 * n * s + q + stat + vec,
+      "bias_fwd": 2 * n * s + stat + 2 * vec,
+      "bias_bwd": 3 * n * s + stat + 3 * vec,
   }[op]
