@@ -12,11 +12,22 @@ even when the row count is small. The constants are the winners of tiling
 sweeps on an H100 (``benchmarks/gpu_sweep.py``; numbers in
 docs/gpu_perf_notes.md); other GPUs get the same shapes, with grids scaled by
 their SM count.
+
+A device kind that was tuned (``python -m rmsnorm_jax.tune``) has a data file
+``kernels/tuning/<slug>.json`` holding the chosen knobs per op and shape class
+with the measurements behind them; ``resolve`` takes its knobs before the
+heuristic's (see docs/tuning.md). The file is read once per process, on the
+first call that needs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
+import os
+import re
 
 import jax
 
@@ -152,16 +163,27 @@ def _floor_pow2(n: int) -> int:
   return 1 << (max(1, int(n)).bit_length() - 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _first_gpu():
+  # Cached: resolve runs at every trace of every kernel call.
+  try:
+    return jax.devices("gpu")[0]
+  except RuntimeError:
+    return None
+
+
 def num_sms() -> int:
   """Streaming multiprocessors of the first GPU, or the H100's 132."""
-  try:
-    dev = jax.devices("gpu")[0]
-    count = getattr(dev, "core_count", None)
-    if count:
-      return int(count)
-  except RuntimeError:
-    pass
-  return DEFAULT_NUM_SMS
+  count = getattr(_first_gpu(), "core_count", None)
+  return int(count) if count else DEFAULT_NUM_SMS
+
+
+def gpu_kind() -> str | None:
+  """``device_kind`` of the first GPU (e.g. ``"NVIDIA H200"``), or None
+  where JAX has no GPU. The kernels run on that GPU kind: JAX picks one
+  device kind per process in practice, and a trace cannot see its device."""
+  dev = _first_gpu()
+  return None if dev is None else str(dev.device_kind)
 
 
 def _warps_for(elements: int, per_thread: int) -> int:
@@ -178,25 +200,251 @@ def _pick(value, default):
   return default if value is None else value
 
 
+# ------------------------------------------------------------ tuned data --
+
+TUNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "tuning")
+# Searched before TUNING_DIR, so that a GPU tuned after installation needs
+# no write into the installed package.
+TUNING_DIR_ENV = "RMSNORM_JAX_TUNING_DIR"
+SCHEMA = 1
+# The knobs a tuning file sets. block_cols follows from the shape (files
+# cover whole-row tiles only) and num_sms from the device.
+TUNED_KNOBS = ("block_rows", "num_warps", "programs_per_sm", "persistent",
+               "prefetch", "cache_scale", "reload", "num_stages")
+_INT_KNOBS = frozenset(("block_rows", "num_warps", "programs_per_sm",
+                        "num_stages"))
+DECISIONS = ("tuned", "heuristic")
+# resolve's device_kind default: the kind of the GPU the kernels run on.
+AUTO = "auto"
+
+
+class TuningFileError(ValueError):
+  """A tuning file that cannot be read as the schema says (names the file
+  and the key)."""
+
+
+def device_slug(kind: str) -> str:
+  """File stem of a device kind: ``"NVIDIA H200"`` -> ``"nvidia_h200"``.
+
+  Raises:
+    ValueError: ``kind`` has no letter or digit.
+  """
+  slug = re.sub(r"[^a-z0-9]+", "_", str(kind).lower()).strip("_")
+  if not slug:
+    raise ValueError(f"device kind must contain a letter or digit; got "
+                     f"{kind!r}.")
+  return slug
+
+
+def tuning_file(kind: str) -> str | None:
+  """Path of the tuning file of device ``kind`` (``$RMSNORM_JAX_TUNING_DIR``
+  first, then the package's), or None when neither has one."""
+  name = device_slug(kind) + ".json"
+  dirs = [os.environ.get(TUNING_DIR_ENV), TUNING_DIR]
+  for d in dirs:
+    if d and os.path.isfile(os.path.join(d, name)):
+      return os.path.join(d, name)
+  return None
+
+
+def _bad(path, key, expected, got):
+  return TuningFileError(f"tuning file {path}: {key}: expected {expected}; "
+                         f"got {got!r}.")
+
+
+def _check_int(path, key, v, pow2=False):
+  if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (
+      pow2 and v & (v - 1)):
+    raise _bad(path, key, "a positive int" + (" power of two" if pow2
+                                              else ""), v)
+
+
+def validate_knobs(knobs, path: str = "<config>", key: str = "chosen"
+                   ) -> dict:
+  """Checks a ``{knob: value}`` dict of a tuning file entry.
+
+  Args:
+    knobs: names from ``TUNED_KNOBS``; ints >= 1 (block_rows a power of
+      two) or bools as ``Config`` types them.
+    path, key: named in the error.
+
+  Returns:
+    ``knobs`` (a dict).
+
+  Raises:
+    TuningFileError: not a dict, an unknown knob or a value of the wrong
+      type, naming ``path`` and the knob's key.
+  """
+  if not isinstance(knobs, dict):
+    raise _bad(path, key, "an object of knobs", knobs)
+  for name, v in knobs.items():
+    if name not in TUNED_KNOBS:
+      raise _bad(path, f"{key}.{name}", "one of " + ", ".join(TUNED_KNOBS),
+                 name)
+    if name in _INT_KNOBS:
+      _check_int(path, f"{key}.{name}", v, pow2=name == "block_rows")
+    elif not isinstance(v, bool):
+      raise _bad(path, f"{key}.{name}", "true or false", v)
+  return knobs
+
+
+def validate_table(data, path: str = "<tuning data>") -> dict:
+  """Checks a parsed tuning file and indexes what ``resolve`` reads.
+
+  Args:
+    data: the file's JSON: ``{"schema": 1, "device_kind": str, "runs":
+      [...], "entries": [{"op", "itemsize", "cols", "rows", "decision",
+      "chosen", "candidates", ...}, ...]}`` (docs/tuning.md).
+    path: named in errors.
+
+  Returns:
+    ``{(op, itemsize, cols): [(rows, knobs), ...]}`` sorted by rows; knobs
+    is ``{}`` where the heuristic was kept (``decision == "heuristic"``).
+
+  Raises:
+    TuningFileError: any field missing or of the wrong type or value,
+      naming ``path`` and the field's key (e.g. ``entries[3].chosen``).
+  """
+  if not isinstance(data, dict):
+    raise _bad(path, "top level", "an object", type(data).__name__)
+  if data.get("schema") != SCHEMA:
+    raise _bad(path, "schema", SCHEMA, data.get("schema"))
+  if not isinstance(data.get("device_kind"), str):
+    raise _bad(path, "device_kind", "a string", data.get("device_kind"))
+  entries = data.get("entries")
+  if not isinstance(entries, list):
+    raise _bad(path, "entries", "a list", entries)
+  index = {}
+  for i, e in enumerate(entries):
+    key = f"entries[{i}]"
+    if not isinstance(e, dict):
+      raise _bad(path, key, "an object", e)
+    if e.get("op") not in OPS:
+      raise _bad(path, f"{key}.op", "one of " + ", ".join(OPS), e.get("op"))
+    if e.get("itemsize") not in (2, 4) or isinstance(e.get("itemsize"),
+                                                     bool):
+      raise _bad(path, f"{key}.itemsize", "2 or 4", e.get("itemsize"))
+    _check_int(path, f"{key}.cols", e.get("cols"), pow2=True)
+    if e["cols"] > MAX_RESIDENT_COLS:
+      raise _bad(path, f"{key}.cols", f"at most {MAX_RESIDENT_COLS} (whole-"
+                 "row tiles)", e["cols"])
+    _check_int(path, f"{key}.rows", e.get("rows"))
+    if e.get("decision") not in DECISIONS:
+      raise _bad(path, f"{key}.decision", " or ".join(DECISIONS),
+                 e.get("decision"))
+    chosen = validate_knobs(e.get("chosen"), path, f"{key}.chosen")
+    cands = e.get("candidates", [])
+    if not isinstance(cands, list):
+      raise _bad(path, f"{key}.candidates", "a list", cands)
+    for j, cand in enumerate(cands):
+      ck = f"{key}.candidates[{j}]"
+      if not isinstance(cand, dict):
+        raise _bad(path, ck, "an object", cand)
+      validate_knobs(cand.get("config"), path, f"{ck}.config")
+      us = cand.get("us")
+      if us is not None and (isinstance(us, bool)
+                             or not isinstance(us, (int, float))):
+        raise _bad(path, f"{ck}.us", "a number or null", us)
+    slot = index.setdefault((e["op"], e["itemsize"], e["cols"]), [])
+    if any(r == e["rows"] for r, _ in slot):
+      raise _bad(path, key, "one entry per (op, itemsize, cols, rows)",
+                 (e["op"], e["itemsize"], e["cols"], e["rows"]))
+    slot.append((e["rows"], dict(chosen) if e["decision"] == "tuned"
+                 else {}))
+  for slot in index.values():
+    slot.sort()
+  return index
+
+
+@functools.lru_cache(maxsize=None)
+def _table(kind: str):
+  path = tuning_file(kind)
+  if path is None:
+    return None
+  try:
+    with open(path, encoding="utf-8") as fp:
+      data = json.load(fp)
+  except (OSError, ValueError) as e:
+    raise TuningFileError(f"tuning file {path}: not readable as JSON: "
+                          f"{e}") from e
+  index = validate_table(data, path)
+  if data["device_kind"] != kind:
+    raise _bad(path, "device_kind", repr(kind), data["device_kind"])
+  return index
+
+
+def clear_cache() -> None:
+  """Forgets the GPU found and the tuning files read (after writing one)."""
+  _table.cache_clear()
+  _first_gpu.cache_clear()
+
+
+def tuned_knobs(kind: str | None, op: str, rows: int, cols: int,
+                itemsize: int) -> dict:
+  """The knobs the tuning file of ``kind`` chose for this call.
+
+  Matching: the same op, itemsize class (2 or 4 bytes) and padded width
+  ``cols``; of those entries, the one whose row count is nearest in log2
+  (ties: the larger). Rows are only matched loosely because the row block
+  is still shrunk for the grid (see ``resolve``).
+
+  Args:
+    kind: a device kind (None: no device, so no knobs).
+    op: one of ``OPS``.
+    rows, cols: the call's rows and padded width (a power of two).
+    itemsize: 2 or 4.
+
+  Returns:
+    ``{knob: value}`` (empty: no file, no entry for the key, or the
+    heuristic kept there).
+
+  Raises:
+    TuningFileError: the device's file is malformed.
+  """
+  if kind is None:
+    return {}
+  table = _table(kind)
+  if not table:
+    return {}
+  slot = table.get((op, itemsize, cols))
+  if not slot:
+    return {}
+  target = math.log2(max(1, rows))
+  _, knobs = min(slot, key=lambda rk: (abs(math.log2(rk[0]) - target),
+                                       -rk[0]))
+  return knobs
+
+
 def resolve(config: Config, op: str, rows: int, hidden: int, *,
-            itemsize: int = 2, heads: int = 1) -> Config:
+            itemsize: int = 2, heads: int = 1,
+            device_kind: str | None = AUTO) -> Config:
   """``config`` with every None field chosen for one kernel call.
+
+  Each knob comes from, in order: ``config``; the device's tuning file
+  (``tuned_knobs``; whole-row tiles only); the heuristic. A tuned
+  ``block_rows`` is shrunk like the heuristic's when the rows leave SMs
+  idle, and a tuned ``num_warps`` shrinks with it (same values per thread).
 
   Args:
     config: the user's partial configuration (None fields are chosen here;
       ``num_sms`` None means the device's).
-    op: one of ``OPS``; the forward ops share one tiling.
+    op: one of ``OPS``; the forward ops share one heuristic tiling.
     rows: rows of the call (with a per-head scale: all heads' rows).
     hidden: normalized width (with a per-head scale: head_dim).
     itemsize: bytes per element of the main input (2 or 4).
     heads: scale rows of a per-head scale (each head's rows are tiled
       apart, so a row block holds at most ``rows // heads`` rows).
+    device_kind: whose tuning file to read: ``"auto"`` (the GPU JAX runs
+      on, ``gpu_kind()``), a kind such as ``"NVIDIA H200"``, or None
+      for the heuristic alone.
 
   Returns:
     A ``Config`` with no None field; block sizes are powers of two.
 
   Raises:
     ValueError: unknown ``op``.
+    TuningFileError: the device's tuning file is malformed.
   """
   if op not in OPS:
     raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}.")
@@ -208,6 +456,10 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
   want_cols = next_pow2(c.block_cols) if c.block_cols else None
   resident = padded <= MAX_RESIDENT_COLS and (
       want_cols is None or want_cols >= padded)
+  tuned = {}
+  if resident:
+    kind = gpu_kind() if device_kind == AUTO else device_kind
+    tuned = tuned_knobs(kind, op, rows, padded, isz)
   per_sm = None
   max_warps = MAX_WARPS
   if not resident:
@@ -220,7 +472,8 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
     bc = padded
     br = max(1, FWD_TILE[isz] // bc)
     per_thread = FWD_ELEMS_PER_THREAD[isz]
-    persistent = _pick(c.persistent, bc >= FWD_PERSISTENT_MIN_COLS)
+    persistent = _pick(c.persistent, tuned.get(
+        "persistent", bc >= FWD_PERSISTENT_MIN_COLS))
     per_sm = FWD_PROGRAMS_PER_SM
   else:
     bc = padded
@@ -238,19 +491,27 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
       per_sm = BWD_NARROW_PROGRAMS_PER_SM
   if resident:
     br = next_pow2(c.block_rows) if c.block_rows else _shrink_for_grid(
-        br, rows, sms)
+        tuned.get("block_rows", br), rows, sms)
   br = min(br, next_pow2(max(1, rows // heads)))
+  warps = c.num_warps
+  if warps is None and "num_warps" in tuned:
+    tuned_br = tuned.get("block_rows", br)
+    warps = max(1, tuned["num_warps"] * min(br, tuned_br) // tuned_br)
   cache_max = FWD_CACHE_SCALE_MAX_COLS if fwd else CACHE_SCALE_MAX_COLS
   if op == "backward" and isz == 2 and max_warps == BWD_WIDE16_WARPS:
     cache_max = MAX_RESIDENT_COLS
   prefetch_max = FWD_PREFETCH_MAX_COLS if fwd else PREFETCH_MAX_COLS
   return Config(
       block_rows=br, block_cols=bc,
-      num_warps=c.num_warps or min(max_warps, _warps_for(br * bc, per_thread)),
-      programs_per_sm=c.programs_per_sm or per_sm or FWD_PROGRAMS_PER_SM,
+      num_warps=warps or min(max_warps, _warps_for(br * bc, per_thread)),
+      programs_per_sm=(c.programs_per_sm or tuned.get("programs_per_sm")
+                       or per_sm or FWD_PROGRAMS_PER_SM),
       persistent=bool(persistent),
-      prefetch=bool(_pick(c.prefetch, bc <= prefetch_max)),
-      cache_scale=bool(_pick(c.cache_scale, bc <= cache_max)),
+      prefetch=bool(_pick(c.prefetch, tuned.get("prefetch",
+                                                bc <= prefetch_max))),
+      cache_scale=bool(_pick(c.cache_scale, tuned.get("cache_scale",
+                                                      bc <= cache_max))),
       reload=bool(not fwd and resident
-                  and _pick(c.reload, bc >= RELOAD_MIN_COLS)),
-      num_stages=c.num_stages or 1, num_sms=sms)
+                  and _pick(c.reload, tuned.get("reload",
+                                                bc >= RELOAD_MIN_COLS))),
+      num_stages=c.num_stages or tuned.get("num_stages") or 1, num_sms=sms)

@@ -1,0 +1,238 @@
+"""Per-device tuning files: lookup in gpu_tiling.resolve, the file format,
+and the tuning command's refusal without a GPU (CPU only, nothing timed)."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from rmsnorm_jax import tune
+from rmsnorm_jax.kernels import gpu_tiling
+
+KIND = "Test GPU X1"
+SLUG = "test_gpu_x1"
+HEURISTIC = gpu_tiling.Config(num_sms=132)
+
+
+def _heuristic(op, rows, hidden, itemsize=2):
+  return gpu_tiling.resolve(HEURISTIC, op, rows, hidden, itemsize=itemsize,
+                            device_kind=None)
+
+
+def _entry(op, rows, hidden, chosen, itemsize=2, decision="tuned"):
+  return dict(op=op, itemsize=itemsize, cols=gpu_tiling.next_pow2(hidden),
+              rows=rows, dtype="bfloat16", decision=decision, chosen=chosen,
+              candidates=[dict(label="heuristic", config=tune.knobs_of(
+                  _heuristic(op, rows, hidden, itemsize)), us=10.0)], run=1)
+
+
+def _table(*entries, kind=KIND):
+  return dict(schema=gpu_tiling.SCHEMA, device_kind=kind,
+              runs=[dict(run=1, date="2026-01-01 00:00 UTC", device_kind=kind,
+                         command="python -m rmsnorm_jax.tune")],
+              entries=list(entries))
+
+
+@pytest.fixture
+def tuning_dir(tmp_path, monkeypatch):
+  """A tuning folder searched before the package's; caches cleared."""
+  monkeypatch.setenv(gpu_tiling.TUNING_DIR_ENV, str(tmp_path))
+  gpu_tiling.clear_cache()
+  yield tmp_path
+  gpu_tiling.clear_cache()
+
+
+def _write(folder, data, slug=SLUG):
+  path = folder / f"{slug}.json"
+  path.write_text(tune.dumps(data))
+  return path
+
+
+def test_device_slug():
+  assert gpu_tiling.device_slug("NVIDIA H200") == "nvidia_h200"
+  assert gpu_tiling.device_slug("NVIDIA H100 80GB HBM3") == (
+      "nvidia_h100_80gb_hbm3")
+  with pytest.raises(ValueError, match="device kind"):
+    gpu_tiling.device_slug(" - ")
+
+
+def test_file_knobs_are_used(tuning_dir):
+  # Knobs that the heuristic would not choose, so that their source shows.
+  h = _heuristic("backward", 8192, 4096)
+  chosen = dict(tune.knobs_of(h), num_warps=h.num_warps // 2,
+                programs_per_sm=h.programs_per_sm + 1,
+                prefetch=not h.prefetch)
+  _write(tuning_dir, _table(_entry("backward", 8192, 4096, chosen)))
+  got = gpu_tiling.resolve(HEURISTIC, "backward", 8192, 4096,
+                           device_kind=KIND)
+  assert tune.knobs_of(got) == chosen
+  # Nearest rows: an entry measured at 8192 rows serves 16384 rows too; an
+  # unseen width, another op or itemsize keeps the heuristic.
+  assert tune.knobs_of(gpu_tiling.resolve(
+      HEURISTIC, "backward", 16384, 3000, device_kind=KIND)) == chosen
+  for op, hidden, isz in [("backward", 8192, 2), ("forward", 4096, 2),
+                          ("backward", 4096, 4)]:
+    assert gpu_tiling.resolve(HEURISTIC, op, 8192, hidden, itemsize=isz,
+                              device_kind=KIND) == _heuristic(
+                                  op, 8192, hidden, isz)
+
+
+def test_tuned_row_block_still_shrinks_for_the_grid(tuning_dir):
+  # A tuned 8-row block of 16 warps at 8192 rows: at 132 rows the blocks
+  # would leave SMs idle, so block and warps shrink together.
+  h = _heuristic("forward", 8192, 1024)
+  chosen = dict(tune.knobs_of(h), block_rows=8, num_warps=16)
+  _write(tuning_dir, _table(_entry("forward", 8192, 1024, chosen)))
+  big = gpu_tiling.resolve(HEURISTIC, "forward", 8192, 1024,
+                           device_kind=KIND)
+  small = gpu_tiling.resolve(HEURISTIC, "forward", 132, 1024,
+                             device_kind=KIND)
+  assert (big.block_rows, big.num_warps) == (8, 16)
+  assert (small.block_rows, small.num_warps) == (1, 2)
+
+
+def test_kept_heuristic_and_unknown_device(tuning_dir):
+  h = _heuristic("forward", 8192, 4096)
+  other = dict(tune.knobs_of(h), num_warps=h.num_warps * 2)
+  _write(tuning_dir, _table(_entry("forward", 8192, 4096, other,
+                                   decision="heuristic")))
+  assert gpu_tiling.resolve(HEURISTIC, "forward", 8192, 4096,
+                            device_kind=KIND) == h
+  assert gpu_tiling.tuning_file("Never Seen GPU") is None
+  assert gpu_tiling.resolve(HEURISTIC, "forward", 8192, 4096,
+                            device_kind="Never Seen GPU") == h
+  # On this CPU-only machine "auto" finds no GPU: the heuristic.
+  assert jax.default_backend() != "gpu"
+  assert gpu_tiling.gpu_kind() is None
+  assert gpu_tiling.resolve(HEURISTIC, "forward", 8192, 4096) == h
+
+
+def test_user_config_wins_knob_by_knob(tuning_dir):
+  h = _heuristic("backward", 8192, 4096)
+  chosen = dict(tune.knobs_of(h), num_warps=h.num_warps // 2,
+                programs_per_sm=h.programs_per_sm + 1)
+  _write(tuning_dir, _table(_entry("backward", 8192, 4096, chosen)))
+  user = gpu_tiling.Config(num_sms=132, num_warps=h.num_warps * 2)
+  got = gpu_tiling.resolve(user, "backward", 8192, 4096, device_kind=KIND)
+  assert got.num_warps == h.num_warps * 2
+  assert got.programs_per_sm == h.programs_per_sm + 1
+  # A user block_cols forcing the chunked tiling: the file (whole-row
+  # tiles) does not apply.
+  chunked = gpu_tiling.Config(num_sms=132, block_cols=1024)
+  assert gpu_tiling.resolve(chunked, "backward", 8192, 4096,
+                            device_kind=KIND) == gpu_tiling.resolve(
+                                chunked, "backward", 8192, 4096,
+                                device_kind=None)
+
+
+@pytest.mark.parametrize("change,key", [
+    (lambda d: d["entries"][0]["chosen"].update(num_warps="8"),
+     r"entries\[0\]\.chosen\.num_warps"),
+    (lambda d: d["entries"][0]["chosen"].update(block_rows=3),
+     r"entries\[0\]\.chosen\.block_rows"),
+    (lambda d: d["entries"][0]["chosen"].update(warps=8),
+     r"entries\[0\]\.chosen\.warps"),
+    (lambda d: d["entries"][0].update(op="fwd"), r"entries\[0\]\.op"),
+    (lambda d: d["entries"][0].update(cols=65536), r"entries\[0\]\.cols"),
+    (lambda d: d["entries"][0].pop("decision"), r"entries\[0\]\.decision"),
+    (lambda d: d["entries"].append(dict(d["entries"][0])), r"entries\[1\]"),
+    (lambda d: d.update(schema=2), "schema"),
+    (lambda d: d.update(device_kind="Other GPU"), "device_kind"),
+])
+def test_malformed_file_names_file_and_key(tuning_dir, change, key):
+  data = _table(_entry("forward", 8192, 4096,
+                       tune.knobs_of(_heuristic("forward", 8192, 4096))))
+  change(data)
+  path = _write(tuning_dir, data)
+  with pytest.raises(gpu_tiling.TuningFileError) as err:
+    gpu_tiling.resolve(HEURISTIC, "forward", 8192, 4096, device_kind=KIND)
+  assert str(path) in str(err.value)
+  assert err.match(key)
+
+
+def test_unreadable_json_names_file(tuning_dir):
+  path = tuning_dir / f"{SLUG}.json"
+  path.write_text('{"schema": 1,')
+  with pytest.raises(gpu_tiling.TuningFileError, match="not readable"):
+    gpu_tiling.resolve(HEURISTIC, "forward", 8, 128, device_kind=KIND)
+
+
+def test_file_round_trips_and_merges(tmp_path):
+  h = _heuristic("forward", 8192, 4096)
+  first = _table(_entry("forward", 8192, 4096, tune.knobs_of(h)),
+                 _entry("backward", 8192, 4096, tune.knobs_of(
+                     _heuristic("backward", 8192, 4096))))
+  text = tune.dumps(first)
+  assert json.loads(text) == first
+  # One line per candidate: a re-tune diffs line by line.
+  assert text.count('"label"') == text.count("\n      {")
+  path = str(tmp_path / "t.json")
+  tune.write(path, first)
+  with open(path) as fp:
+    assert json.load(fp) == first
+  # A second run replaces the entry it re-measured and keeps the other.
+  newer = dict(_entry("forward", 8192, 4096, dict(tune.knobs_of(h),
+                                                  num_warps=4)), run=2)
+  second = dict(_table(newer), runs=[dict(first["runs"][0], run=2)])
+  merged = tune.merge(first, second)
+  assert [(e["op"], e["run"]) for e in merged["entries"]] == [
+      ("forward", 2), ("backward", 1)]
+  assert [r["run"] for r in merged["runs"]] == [1, 2]
+  with pytest.raises(ValueError, match="device_kind"):
+    tune.merge(first, _table(newer, kind="Other GPU"))
+  with pytest.raises(gpu_tiling.TuningFileError):
+    tune.write(path, dict(first, schema=0))
+
+
+def test_candidates_around_the_heuristic():
+  for op in gpu_tiling.OPS:
+    cands = tune.candidates(op, 8192, 4096, 2, 132)
+    labels, configs = zip(*cands)
+    assert labels[0] == "heuristic"
+    assert configs[0] == _heuristic(op, 8192, 4096)
+    assert len(set(configs)) == len(configs) <= 7
+    assert all(c.resolved and c.block_cols == 4096 for c in configs)
+  with pytest.raises(ValueError, match="hidden must be at most"):
+    tune.candidates("forward", 8, 32768, 2, 132)
+
+
+def test_decide_needs_more_than_noise():
+  # 2% under the better heuristic time and beyond the two timings' spread.
+  assert tune.decide([100.0, 101.0], [(2, 97.0), (3, 99.0)]) == 2
+  assert tune.decide([100.0, 101.0], [(2, 98.5)]) is None
+  assert tune.decide([100.0, 104.0], [(2, 97.0)]) is None
+  assert tune.decide([None, None], [(2, 50.0)]) is None
+
+
+def test_cli_refuses_without_gpu(tmp_path, capsys):
+  out = tmp_path / "x.json"
+  assert tune.main(["--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "no GPU" in err and "Nothing was written" in err
+  assert not out.exists()
+
+
+def test_cli_help_and_bad_arguments(capsys):
+  with pytest.raises(SystemExit) as done:
+    tune.main(["--help"])
+  assert done.value.code == 0
+  text = capsys.readouterr().out
+  assert "--budget-s" in text and "minutes" in text
+  with pytest.raises(SystemExit):
+    tune.main(["--ops", "fwd"])
+  assert "--ops: expected names from forward" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    tune.main(["--cases", "8x32768:bfloat16"])
+  assert "hidden must be at most" in capsys.readouterr().err
+
+
+def test_shipped_files_pass_the_schema():
+  names = [n for n in os.listdir(gpu_tiling.TUNING_DIR)
+           if n.endswith(".json")]
+  for name in names:
+    path = os.path.join(gpu_tiling.TUNING_DIR, name)
+    with open(path) as fp:
+      data = json.load(fp)
+    assert gpu_tiling.validate_table(data, path)
+    assert gpu_tiling.device_slug(data["device_kind"]) + ".json" == name
