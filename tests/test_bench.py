@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from rmsnorm_jax import bench
+from rmsnorm_jax import reference
 
 KEYS = {"op", "impl", "rows", "hidden", "dtype", "bytes", "time_us",
         "time_min", "time_max", "gbps", "timing", "ratio_to_roofline",
@@ -296,3 +297,143 @@ def test_peer_and_copy_columns_end_to_end_with_a_stand_in_torch(
   assert "| roofline | copy | xla | torch |" in text
   assert by[("linen_fwd", "copy")]["dtype"] == "bfloat16"
   assert "1.50x copy" in text and "speedup noise" in text
+
+
+# ------------------------------------------------------------ feature ops --
+
+def _public_call(op, backend, d):
+  """The public API call each feature op stands for, written out here
+  independently of the benchmark's own table (bwd: the vjp with dy)."""
+  import rmsnorm_jax as rj
+  eps = bench.EPS
+  if op == "quant_fwd":
+    return rj.rms_norm_quantized(d["x"], d["s"], eps=eps, backend=backend)
+  if op == "quant_fp8_fwd":
+    return rj.rms_norm_quantized(d["x"], d["s"], eps=eps, backend=backend,
+                                 quant_dtype=jnp.float8_e4m3fn)
+  if op == "quant_fused_fwd":
+    return rj.rms_norm_quantized(d["x"], d["s"], eps=eps, backend=backend,
+                                 residual=d["r"])
+  if op == "bias_fwd":
+    return rj.rms_norm(d["x"], d["s"], d["b"], eps=eps, backend=backend)
+  if op == "head_fwd":
+    return rj.rms_norm(d["x"], d["s"], eps=eps, backend=backend)
+  args = (d["x"], d["s"], d["b"]) if op == "bias_bwd" else (d["x"], d["s"])
+  _, vjp = jax.vjp(lambda *a: rj.rms_norm(*a, eps=eps, backend=backend),
+                   *args)
+  return vjp(d["dy"])
+
+
+def _reference(op, d):
+  """Float64 NumPy results of a feature op (quantized ops: the
+  dequantized y)."""
+  import numpy as np
+
+  f64 = {k: np.asarray(v, np.float64) for k, v in d.items()}
+  x, s = f64["x"], f64["s"]
+  h = x + f64["r"] if op == "quant_fused_fwd" else x
+  y, rstd = reference.rms_norm(h, s, eps=bench.EPS)
+  if op == "bias_fwd":
+    return (y + f64["b"],)
+  if op.endswith("_fwd"):
+    return (y,) if op == "head_fwd" else (y, h)
+  dy, r = f64["dy"], rstd[..., None]
+  dx, _ = reference.rms_norm_grad(x, s, dy, eps=bench.EPS)
+  # A per-head scale's gradient sums over tokens only, one row per head.
+  dscale = np.sum(dy * x * r, axis=0)
+  return (dx, dscale) + ((np.sum(dy, axis=0),) if op == "bias_bwd" else ())
+
+
+@pytest.mark.parametrize("op", bench.FEATURE_OPS)
+def test_feature_candidates_compute_the_public_call(op):
+  import numpy as np
+
+  from rmsnorm_jax.bench import cases
+  rows, hidden = 4, 256
+  cands = bench.build_candidates(op, ["xla", "rmsnorm_jax"], rows, hidden,
+                                 jnp.float32, 1)
+  assert [c.impl for c in cands] == ["xla", "rmsnorm_jax"], cands
+  d = cands[0].inputs[0]
+  if op.startswith("head_"):
+    assert d["x"].shape == (rows, 2, 128) and d["s"].shape == (2, 128)
+  for c in cands:
+    backend = "xla" if c.impl == "xla" else cases.kernel_backend()[0]
+    got = jax.tree.leaves(c.fn(*c.arg_sets[0]))
+    want = jax.tree.leaves(jax.jit(
+        lambda d, backend=backend: _public_call(op, backend, d))(d))
+    assert len(got) == len(want), (c.impl, len(got), len(want))
+    for g, w in zip(got, want):
+      assert g.shape == w.shape and g.dtype == w.dtype, (c.impl, g, w)
+      if op.endswith("_fwd"):
+        # The same jitted program: the same bits.
+        np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                      np.asarray(w, np.float32))
+      else:
+        # The vjp of a forward done beforehand against forward and
+        # backward in one program: float32 sums compiled apart may round
+        # differently in the last bits.
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # What each candidate computes, against float64 NumPy: float32 inputs
+    # and arithmetic (2e-5, as the numerics tests); a quantized y is off by
+    # at most half a step of its row scale (int8: max|y| / 127 / 2 per
+    # element, about 1/250 of the row in norm; e4m3: 3 mantissa bits,
+    # 2**-4 relative), so its norm error stays under 2e-2 and 7e-2.
+    ref = _reference(op, d)
+    if op.startswith("quant_"):
+      q, q_scale = (np.asarray(a, np.float64) for a in got[:2])
+      assert q_scale.shape == (rows, 1)
+      deq = q * q_scale
+      numerics_tol = 7e-2 if op == "quant_fp8_fwd" else 2e-2
+      assert reference.rel_error(deq, ref[0]) <= numerics_tol, (c.impl, op)
+      if op == "quant_fused_fwd":
+        assert reference.rel_error(got[2], ref[1]) <= 2e-5
+      continue
+    for g, w in zip(got, ref):
+      assert reference.rel_error(g, w) <= 2e-5, (c.impl, op)
+
+
+def test_feature_ops_records_bytes_and_head_shapes():
+  import numpy as np
+  notes = []
+  records = bench.run_benchmark(
+      [((8, 256), jnp.bfloat16)], ops=bench.FEATURE_OPS, impls=["xla"],
+      reps=1, notes=notes, log=None)
+  records += bench.run_benchmark(
+      [((8, 100), jnp.bfloat16)], ops=["head_fwd", "head_bwd", "bias_fwd"],
+      impls=["xla"], reps=1, notes=notes, log=None)
+  by = {(r["op"], r["impl"], r["hidden"]): r for r in records}
+  for op in bench.FEATURE_OPS:
+    assert not by[(op, "xla", 256)].get("error"), by[(op, "xla", 256)]
+    assert by[(op, "xla", 256)]["bytes"] == bench.min_bytes(
+        op, 8, 256, "bfloat16")
+    assert by[(op, "roofline", 256)]["bytes"] == bench.roofline_bytes(
+        op, 8, 256, "bfloat16")
+  # The roofline op moves the large arrays: x and q (one byte an element)
+  # for the quantized forward, x, r, h and q with a residual.
+  n = 8 * 256
+  assert bench.roofline_bytes("quant_fwd", 8, 256, "bfloat16") == 3 * n
+  assert bench.roofline_bytes("quant_fused_fwd", 8, 256, "bfloat16") == 7 * n
+  # hidden=100 is no multiple of 128: the head ops skip it with a note, the
+  # others run.
+  assert ("head_fwd", "xla", 100) not in by and ("bias_fwd", "xla", 100) in by
+  assert any("head_bwd 8x100: skipped" in n for n in notes), notes
+  text = bench.table(records, notes)
+  assert "### quant_fp8_fwd" in text and "| 8x2x128 | bfloat16 |" in text
+  assert np.dtype(by[("quant_fwd", "xla", 256)]["dtype"]) == jnp.bfloat16
+
+
+def test_cli_takes_the_feature_ops_and_keeps_the_default_set(tmp_path):
+  from rmsnorm_jax.bench import cli
+  args = cli.parse_args([])
+  default = cli._list_arg(args.ops, bench.OPS, "--ops", cli.OP_GROUPS)
+  assert default == list(bench.DEFAULT_OPS)
+  assert not set(default) & set(bench.FEATURE_OPS)
+  assert cli._list_arg("features,fwd", bench.OPS, "--ops",
+                       cli.OP_GROUPS) == list(bench.FEATURE_OPS) + ["fwd"]
+  path = tmp_path / "b.json"
+  records = bench.main(["--small", "--ops", "bias_bwd,head_fwd",
+                        "--impls", "xla", "--json", str(path)])
+  assert {r["op"] for r in records} == {"bias_bwd", "head_fwd"}
+  assert json.loads(path.read_text())["records"]
+  with pytest.raises(SystemExit, match="features"):
+    bench.main(["--small", "--ops", "quant"])

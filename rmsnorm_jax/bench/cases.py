@@ -16,10 +16,24 @@ import rmsnorm_jax as rj
 from rmsnorm_jax import shapes
 from rmsnorm_jax.kernels.gpu import PallasGpu
 # The one count of an op's least traffic, shared with the TPU report.
-from rmsnorm_jax.shapes import min_bytes
+from rmsnorm_jax.shapes import FEATURE_OPS, heads_shape, min_bytes
 
-OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd", "linen_fwd",
-       "linen_fwd_mixed", "linen_fwd_default", "linen_bwd")
+# The default set (a run without --ops): the plain norm, the fused residual
+# forms and the layers.
+DEFAULT_OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd", "linen_fwd",
+               "linen_fwd_mixed", "linen_fwd_default", "linen_bwd")
+# Every op; the feature ops (bias, per-head scale, quantized output) are
+# timed when asked for, on shapes of their own (tag "bench_features").
+OPS = DEFAULT_OPS + FEATURE_OPS
+# The quantized ops' output dtype: int8 (every backend), float8_e4m3fn (the
+# GPU's fp8 matrix input).
+QUANT_OPS = {"quant_fwd": jnp.int8, "quant_fp8_fwd": jnp.float8_e4m3fn,
+             "quant_fused_fwd": jnp.int8}
+# x of shape shapes.heads_shape(rows, hidden), scale (heads, HEAD_DIM).
+HEAD_OPS = ("head_fwd", "head_bwd")
+# The implementations with the feature ops: flax's layer and JAX's Pallas
+# example have no per-head scale or quantized output.
+FEATURE_IMPLS = ("xla", "rmsnorm_jax", "rmsnorm_jax_auto")
 LINEN_OPS = ("linen_fwd", "linen_fwd_mixed", "linen_fwd_default",
              "linen_bwd")
 # Layer ops: (param dtype, layer dtype); the input is bfloat16 throughout.
@@ -55,10 +69,14 @@ def roofline_bytes(op: str, rows: int, hidden: int, dtype) -> int:
     KeyError: ``op`` not in :data:`OPS`.
   """
   n, s = rows * hidden, np.dtype(dtype).itemsize
+  q = n * shapes.QUANT_ITEMSIZE
   return {"fwd": 2 * n * s, "bwd": 3 * n * s, "fused_fwd": 4 * n * s,
           "fused_bwd": 4 * n * s, "linen_fwd": 4 * n,
           "linen_fwd_mixed": 4 * n, "linen_fwd_default": 6 * n,
-          "linen_bwd": 6 * n}[op]
+          "linen_bwd": 6 * n, "quant_fwd": n * s + q,
+          "quant_fp8_fwd": n * s + q, "quant_fused_fwd": 3 * n * s + q,
+          "bias_fwd": 2 * n * s, "bias_bwd": 3 * n * s,
+          "head_fwd": 2 * n * s, "head_bwd": 3 * n * s}[op]
 
 
 def n_sets(op: str, rows: int, hidden: int, dtype) -> int:
@@ -79,7 +97,9 @@ def op_dtype(op: str, dtype):
 class Candidate:
   """One (op, impl) on one shape: a jitted fn and its rotated argument sets.
 
-  ``backend`` names what runs (e.g. ``"pallas_gpu (interpret)"``).
+  ``backend`` names what runs (e.g. ``"pallas_gpu (interpret)"``);
+  ``inputs`` holds the random arrays of each set by name (x, s and as the
+  op needs r, b, dy, dh), from which its arguments were made.
   """
 
   op: str
@@ -87,6 +107,7 @@ class Candidate:
   fn: Callable
   arg_sets: list
   backend: str
+  inputs: list = dataclasses.field(default_factory=list)
 
 
 def _flax_norm(x, scale):
@@ -160,6 +181,10 @@ def _with_h(h):
   return h * 2, h
 
 
+def _with_q(h):
+  return (h * 2).astype(jnp.int8), h
+
+
 # Elementwise XLA ops reading and writing exactly the roofline bytes, and the
 # input names they take.
 _ROOFLINE = {
@@ -174,6 +199,14 @@ _ROOFLINE = {
     "linen_fwd_mixed": (lambda x, s: x * 2, ("x", "s")),
     "linen_fwd_default": (lambda x, s: x.astype(jnp.float32) * 2, ("x", "s")),
     "linen_bwd": (lambda x, s, dy: x + dy, ("x", "s", "dy")),
+    "quant_fwd": (lambda x, s: (x * 2).astype(jnp.int8), ("x", "s")),
+    "quant_fp8_fwd": (lambda x, s: (x * 2).astype(jnp.float8_e4m3fn),
+                      ("x", "s")),
+    "quant_fused_fwd": (lambda x, r, s: _with_q(x + r), ("x", "r", "s")),
+    "bias_fwd": (lambda x, s: x * 2, ("x", "s")),
+    "bias_bwd": (lambda x, s, dy: x + dy, ("x", "s", "dy")),
+    "head_fwd": (lambda x, s: x * 2, ("x", "s")),
+    "head_bwd": (lambda x, s, dy: x + dy, ("x", "s", "dy")),
 }
 
 
@@ -208,14 +241,31 @@ def _call_vjp_residual(vjp_fn, cot):
 
 
 def make_inputs(key, op, rows, hidden, dtype) -> dict:
-  """Random inputs of ``op`` (never zeros): x, s and as the op needs r, dy,
-  dh, drawn on the device (host-side generation of the large sets took
-  longer than timing them)."""
+  """Random inputs of ``op`` (never zeros): x, s and as the op needs r, b,
+  dy, dh, drawn on the device (host-side generation of the large sets took
+  longer than timing them). The head ops' x and dy are
+  ``shapes.heads_shape(rows, hidden)``, their s ``(heads, HEAD_DIM)``.
+
+  Raises:
+    ValueError: a head op whose hidden is not a multiple of HEAD_DIM.
+  """
   keys = iter(jax.random.split(key, 6))
 
   def rand(shape, dt, mean=0.0, scale=1.0):
     v = jax.random.normal(next(keys), shape, jnp.float32) * scale + mean
     return v.astype(dt)
+  if op in FEATURE_OPS:
+    shape = heads_shape(rows, hidden) if op in HEAD_OPS else (rows, hidden)
+    d = dict(x=rand(shape, dtype, 0.3),
+             s=rand(shape[1:] if op in HEAD_OPS else (hidden,), dtype, 1.0,
+                    0.5))
+    if op.startswith("bias_"):
+      d["b"] = rand((hidden,), dtype, 0.0, 0.5)
+    if op == "quant_fused_fwd":
+      d["r"] = rand(shape, dtype, 0.5)
+    if op.endswith("_bwd"):
+      d["dy"] = rand(shape, dtype)
+    return d
   x = rand((rows, hidden), dtype, 0.3)
   if op in LINEN_OPS:
     sdt = LAYER_DTYPES[op][0]
@@ -262,6 +312,8 @@ def build_candidates(op, impls, rows, hidden, dtype, n_sets, seed=0,
     name = f"rb{uid:03d}{i:02d}_{re.sub(r'[^A-Za-z0-9]', '_', op + '_' + label)}"
     try:
       cand = _candidate(op, impl, label, inputs, name)
+      if cand is not None:
+        cand.inputs = inputs
     except Exception as e:  # pylint: disable=broad-except
       cand = e
     if cand is not None:
@@ -289,11 +341,60 @@ def _layer_fn(impl, param_dtype, dtype):
   return f
 
 
+def _feature_backend(impl):
+  """(backend argument of the public call, label) of ``impl`` for the
+  feature ops; None where the impl has none of them."""
+  if (custom := _custom(impl)) is not None:
+    return custom[1], custom[1].name
+  kernel, kname = kernel_backend()
+  return {"xla": ("xla", "xla"), "rmsnorm_jax": (kernel, kname),
+          "rmsnorm_jax_auto": ("auto", "auto")}.get(impl)
+
+
+def feature_call(op, backend):
+  """``(f, names)``: the public call a feature op times, as a function of
+  the inputs called ``names`` (see :func:`make_inputs`); a backward op is
+  the vjp of ``f`` with cotangent dy.
+
+  Raises:
+    KeyError: ``op`` is not a feature op.
+  """
+  if op in QUANT_OPS:
+    qdt = QUANT_OPS[op]
+    if op == "quant_fused_fwd":
+      return (lambda x, r, s: rj.rms_norm_quantized(
+          x, s, eps=EPS, quant_dtype=qdt, residual=r, backend=backend),
+              ("x", "r", "s"))
+    return (lambda x, s: rj.rms_norm_quantized(
+        x, s, eps=EPS, quant_dtype=qdt, backend=backend), ("x", "s"))
+  if op in ("bias_fwd", "bias_bwd"):
+    return (lambda x, s, b: rj.rms_norm(x, s, b, eps=EPS, backend=backend),
+            ("x", "s", "b"))
+  if op in HEAD_OPS:
+    return (lambda x, s: rj.rms_norm(x, s, eps=EPS, backend=backend),
+            ("x", "s"))
+  raise KeyError(f"feature_call: {op!r} is not one of {FEATURE_OPS}")
+
+
 def _candidate(op, impl, label, inputs, name):
   if impl == "roofline":
     f, keys = _ROOFLINE[op]
     return Candidate(op, label, _named_jit(f, name),
                      [tuple(d[k] for k in keys) for d in inputs], "xla")
+  if op in FEATURE_OPS:
+    entry = _feature_backend(impl)
+    if entry is None:
+      return None
+    backend, backend_label = entry
+    f, keys = feature_call(op, backend)
+    if op.endswith("_fwd"):
+      return Candidate(op, label, _named_jit(f, name),
+                       [tuple(d[k] for k in keys) for d in inputs],
+                       backend_label)
+    sets = [_vjp_runner(f, tuple(d[k] for k in keys), d["dy"])
+            for d in inputs]
+    return Candidate(op, label, _named_jit(_call_vjp, name), sets,
+                     backend_label)
   if op in LINEN_OPS:
     param_dtype, layer_dtype = LAYER_DTYPES[op]
     f = _layer_fn(impl, param_dtype, layer_dtype)

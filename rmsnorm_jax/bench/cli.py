@@ -11,7 +11,8 @@ import time
 import jax
 
 from rmsnorm_jax.bench import report
-from rmsnorm_jax.bench.cases import IMPLS, OPS, on_gpu, parse_cases
+from rmsnorm_jax.bench.cases import (DEFAULT_OPS, FEATURE_OPS, IMPLS, OPS,
+                                     on_gpu, parse_cases)
 from rmsnorm_jax.bench.peers import PEERS
 from rmsnorm_jax.bench.runner import run_benchmark
 
@@ -30,23 +31,40 @@ residuals each implementation's own forward saved), fused_fwd (y and
 h = x + residual), fused_bwd (gradients of residual and scale), linen_fwd,
 linen_fwd_mixed (float32 params), linen_fwd_default (flax's defaults:
 float32 params and output), linen_bwd (the layers, bfloat16 input).
+Feature ops, timed when named (the group "features" names them all;
+"default" the ops above, "all" both): quant_fwd (rms_norm_quantized,
+dynamic per-row int8: q and its float32 row scales), quant_fp8_fwd (the
+same in float8_e4m3fn), quant_fused_fwd (int8 with a residual: q, scales
+and h), bias_fwd and bias_bwd (rms_norm with a bias), head_fwd and
+head_bwd (per-head scale: a case ROWSxHIDDEN is x of ROWS x HIDDEN/128 x
+128 with a (HIDDEN/128, 128) scale; 8192x4096 is 8192x32x128). Their
+shapes: --cases tag:bench_features. Implementations with them: xla,
+rmsnorm_jax, rmsnorm_jax_auto (and roofline); no peer has them.
 impls: roofline (an XLA elementwise op moving the op's minimum bytes), xla,
 flax_linen, jax_pallas_example (GPU only), rmsnorm_jax (the Pallas GPU
 kernel named explicitly; interpreted off-GPU), rmsnorm_jax_auto, and the
 layers rmsnorm_jax_linen, flax_nnx, rmsnorm_jax_nnx.
-example: python -m rmsnorm_jax.bench --cases 8192x4096:bfloat16,tag:wide \\
-  --ops fwd,bwd --json bench.json --markdown bench.md --plot bench.png"""
+examples: python -m rmsnorm_jax.bench --cases 8192x4096:bfloat16,tag:wide \\
+  --ops fwd,bwd --json bench.json --markdown bench.md --plot bench.png
+  python -m rmsnorm_jax.bench --cases tag:bench_features --ops features \\
+  --impls xla,rmsnorm_jax"""
+
+# Names --ops takes for several ops at once.
+OP_GROUPS = {"default": DEFAULT_OPS, "features": FEATURE_OPS, "all": OPS}
 
 
-def _list_arg(text, allowed, what):
+def _list_arg(text, allowed, what, groups=None):
   items = [t.strip() for t in text.split(",") if t.strip()]
   if items == ["none"]:
     return []
-  bad = [t for t in items if t not in allowed]
+  groups = groups or {}
+  bad = [t for t in items if t not in allowed and t not in groups]
   if bad:
+    names = ",".join(tuple(allowed) + tuple(groups))
     raise SystemExit(f"{what}: unknown {bad}; expected a comma-separated "
-                     f"subset of {','.join(allowed)}")
-  return items
+                     f"subset of {names}")
+  expanded = [i for t in items for i in groups.get(t, (t,))]
+  return list(dict.fromkeys(expanded))
 
 
 def parse_args(argv):
@@ -64,10 +82,11 @@ def parse_args(argv):
                       "with that tag in rmsnorm_jax/shapes.py (e.g. "
                       "tag:wide) (default: the benchmark set, the shapes "
                       "tagged 'bench', largest first)")
-  p.add_argument("--ops", default=",".join(OPS),
+  p.add_argument("--ops", default="default",
                  metavar="LIST",
-                 help="comma-separated ops to time (default: all of those "
-                      "listed below)")
+                 help="comma-separated ops to time, or the groups default, "
+                      "features, all (default: 'default', the ops listed "
+                      "below before the feature ops)")
   p.add_argument("--impls", default=",".join(IMPLS),
                  metavar="LIST",
                  help="comma-separated implementations to time; roofline "
@@ -100,7 +119,7 @@ def main(argv=None):
   """Runs the benchmark from the command line; prints the tables."""
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  ops = _list_arg(args.ops, OPS, "--ops")
+  ops = _list_arg(args.ops, OPS, "--ops", OP_GROUPS)
   impls = _list_arg(args.impls, IMPLS, "--impls")
   peers = (None if args.peers is None
            else _list_arg(args.peers, PEERS, "--peers"))

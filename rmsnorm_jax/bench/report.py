@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import jax
 
-from rmsnorm_jax.bench.cases import IMPLS, LINEN_OPS, OPS
+from rmsnorm_jax import shapes
+from rmsnorm_jax.bench.cases import HEAD_OPS, IMPLS, LINEN_OPS, OPS
 from rmsnorm_jax.bench.peers import PEERS
 
 RATIOS = ("ratio_to_roofline", "ratio_to_copy", "speedup_vs_xla")
@@ -85,6 +86,14 @@ def column_label(impl: str, recs: list[dict]) -> str:
   return impl
 
 
+def shape_label(op: str, rows: int, hidden: int) -> str:
+  """A case's shape as the op sees it: ``8192x32x128`` for a head op on
+  8192x4096 (x of ``shapes.heads_shape``), else ``ROWSxHIDDEN``."""
+  if op in HEAD_OPS and hidden % shapes.HEAD_DIM == 0:
+    return "x".join(str(d) for d in shapes.heads_shape(rows, hidden))
+  return f"{rows}x{hidden}"
+
+
 def _cell(r, impl, ref_name):
   if r is None:
     return ""
@@ -152,7 +161,8 @@ def table(records: list[dict], notes: list[str] | None = None) -> str:
       mb = next((r["bytes"] for i, r in row.items()
                  if r.get("bytes") and i != "roofline"), 0) / 1e6
       cells = [_cell(row.get(i), i, ref_name) for i in order]
-      lines.append(f"| {case[0]}x{case[1]} | {case[2]} | {mb:.2f} | "
+      lines.append(f"| {shape_label(op, case[0], case[1])} | {case[2]} | "
+                   f"{mb:.2f} | "
                    + " | ".join(cells) + " |")
   timing = sorted({r["timing"] for r in records if r.get("timing")})
   device = sorted({r["device"] for r in records if r.get("device")})

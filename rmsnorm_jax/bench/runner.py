@@ -12,7 +12,8 @@ from rmsnorm_jax.bench import cases as case_lib
 from rmsnorm_jax.bench import peers as peer_lib
 from rmsnorm_jax.bench import report
 from rmsnorm_jax.bench import timing
-from rmsnorm_jax.bench.cases import (EPS, IMPLS, LINEN_OPS, OPS, SMALL,
+from rmsnorm_jax.bench.cases import (DEFAULT_OPS, EPS, FEATURE_OPS,
+                                     HEAD_OPS, IMPLS, LINEN_OPS, OPS, SMALL,
                                      Candidate, build_candidates, min_bytes,
                                      n_sets, on_gpu, op_dtype, roofline_bytes)
 from rmsnorm_jax import shapes
@@ -53,7 +54,7 @@ def _cupy_copy_records(rows, hidden, dt_name, ops, reps, device, notes):
   return out
 
 
-def run_benchmark(cases=None, *, ops: Iterable[str] = OPS,
+def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
                   impls: Iterable = IMPLS, reps: int = 5, small: bool = False,
                   profiler: bool | None = None,
                   peers: Sequence[str] = (),
@@ -68,7 +69,9 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = OPS,
     cases: sequence of ``((rows, hidden), dtype)``; default the specs tagged
       "bench" in :mod:`rmsnorm_jax.shapes` (``small``: those tagged
       "smoke").
-    ops: subset of ``OPS``.
+    ops: subset of ``OPS`` (default ``DEFAULT_OPS``; the feature ops are
+      timed when named). A head op skips a case whose hidden is not a
+      multiple of ``shapes.HEAD_DIM``, with a note.
     impls: names from ``IMPLS``, or ``(label, Implementation)`` pairs (e.g. a
       ``PallasGpu`` with explicit tiling, for sweeps). The roofline op is
       always added.
@@ -76,7 +79,8 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = OPS,
     profiler: device time from the profiler trace (default: on GPU only).
     peers: names from ``peers.PEERS`` timed through PyTorch in a worker
       process (the command line's default: all of them on a GPU); a peer
-      that is not installed adds a line to ``notes``.
+      that is not installed adds a line to ``notes``, and so do feature
+      ops, which no peer has.
     copy: time a device-to-device copy of each op's minimum bytes (torch,
       else CuPy; the command line's default: on a GPU).
     notes: a list the run appends its notes to (missing peers, no copy).
@@ -109,6 +113,12 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = OPS,
   notes = [] if notes is None else notes
   gpu = on_gpu()
   peers = list(peers)
+  no_peer = [op for op in ops if op in FEATURE_OPS]
+  if peers and no_peer:
+    notes.append(f"{', '.join(no_peer)}: no peer column "
+                 "(torch.nn.functional.rms_norm and Liger's RMSNorm have no "
+                 "bias, per-head scale or quantized output; quack is timed "
+                 "on the plain and fused ops only)")
   worker = None
   if peers or copy:
     worker = peer_lib.PeerWorker(peers, log=log)
@@ -130,6 +140,10 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = OPS,
       groups = []
       for op in ops:
         dt = op_dtype(op, dtype)
+        if op in HEAD_OPS and hidden % shapes.HEAD_DIM:
+          notes.append(f"{op} {rows}x{hidden}: skipped, the per-head case "
+                       f"needs hidden = heads x {shapes.HEAD_DIM}")
+          continue
         if op in LINEN_OPS and (rows, hidden, dt.name) in {
             (r["rows"], r["hidden"], r["dtype"]) for r in records
             if r["op"] == op}:
