@@ -8,6 +8,11 @@ ranked per (op, shape). The winners feed the constants in
 ``rmsnorm_jax/kernels/gpu_tiling.py`` (see docs/gpu_perf_notes.md). The
 (op, shape) pairs run in order of how much they decide the targets, and the
 JSON is rewritten after each, so a run cut short keeps what it measured.
+
+The explicit configs are taken around the heuristic itself (no tuning file);
+"default" is what ``PallasGpu()`` runs on this device, its tuning file
+included (``python -m rmsnorm_jax.tune`` writes those; docs/tuning.md), and
+where that differs from the heuristic, "heuristic" is timed too.
 """
 
 import argparse
@@ -118,9 +123,10 @@ def configs(op, rows, hidden, dtype):
   """The default heuristic plus explicit tiling picks around it."""
   kind = {"fwd": "forward", "fused_fwd": "residual_forward",
           "bwd": "backward", "fused_bwd": "residual_backward"}[op]
-  d = gpu_kernels.Geometry(
-      gpu_tiling.resolve(gpu_tiling.Config(), kind, rows, hidden,
-                         itemsize=jnp.dtype(dtype).itemsize), rows, hidden)
+  isz = jnp.dtype(dtype).itemsize
+  heuristic = gpu_tiling.resolve(gpu_tiling.Config(), kind, rows, hidden,
+                                 itemsize=isz, device_kind=None)
+  d = gpu_kernels.Geometry(heuristic, rows, hidden)
   br, w = d.block_rows, d.config.num_warps
   grid = []
   if br > 1:
@@ -141,7 +147,15 @@ def configs(op, rows, hidden, dtype):
                   else 1)]
     if not d.config.cache_scale:
       grid.append(dict(cache_scale=True))
-  return [("default", PallasGpu())] + [(_label(c), _impl(c)) for c in grid]
+  out = [("default", PallasGpu())]
+  if gpu_tiling.resolve(gpu_tiling.Config(), kind, rows, hidden,
+                        itemsize=isz) != heuristic:
+    out.append(("heuristic", PallasGpu(config=heuristic)))
+  # Resolved in full here: left to PallasGpu, the knobs not named would come
+  # from the device's tuning file rather than the heuristic.
+  return out + [(_label(c), PallasGpu(config=gpu_tiling.resolve(
+      gpu_tiling.Config(**c), kind, rows, hidden, itemsize=isz,
+      device_kind=None))) for c in grid]
 
 
 def _impl(cfg):
