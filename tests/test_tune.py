@@ -218,7 +218,7 @@ def test_cli_help_and_bad_arguments(capsys):
     tune.main(["--help"])
   assert done.value.code == 0
   text = capsys.readouterr().out
-  assert "--budget-s" in text and "minutes" in text
+  assert "--budget-s" in text and "minute per run" in text
   with pytest.raises(SystemExit):
     tune.main(["--ops", "fwd"])
   assert "--ops: expected names from forward" in capsys.readouterr().err
