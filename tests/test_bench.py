@@ -290,6 +290,13 @@ def test_peer_and_copy_columns_end_to_end_with_a_stand_in_torch(
                                            "speedup_vs_xla"]
   # The notes name what timed the peers, and the device.
   assert any("torch 0.0+stand-in on Stand-in: torch" in n for n in notes)
+  # With no peer asked for, the note names the copy alone.
+  worker = bench.PeerWorker([], log=None)
+  try:
+    assert worker.notes == ["copy timed through torch 0.0+stand-in on "
+                            "Stand-in (no peer)"], worker.notes
+  finally:
+    worker.close()
   # liger is not importable next to the stand-in: a note, not an error.
   assert any("liger" in n for n in notes), notes
   assert not any(r.get("error") for r in records)

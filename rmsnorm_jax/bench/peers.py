@@ -67,11 +67,12 @@ class PeerWorker:
                         "no CUDA device")
     if self.usable:
       versions = self.hello.get("versions", {})
+      where = f"torch {self.hello['torch']} on {self.hello.get('device')}"
+      timed = [f"{p} {versions.get(p, '')}".strip() for p in self.peers
+               if p in self.hello.get("peers", [])]
       self.notes.append(
-          f"peers and copy timed through torch {self.hello['torch']} on "
-          f"{self.hello.get('device')}: " + ", ".join(
-              f"{p} {versions.get(p, '')}".strip() for p in self.peers
-              if p in self.hello.get("peers", [])))
+          f"peers and copy timed through {where}: {', '.join(timed)}"
+          if timed else f"copy timed through {where} (no peer)")
     for p in self.peers:
       why = self.hello.get("missing", {}).get(p)
       if why and self.hello.get("torch"):
