@@ -31,8 +31,9 @@ QUANT_OPS = {"quant_fwd": jnp.int8, "quant_fp8_fwd": jnp.float8_e4m3fn,
              "quant_fused_fwd": jnp.int8}
 # x of shape shapes.heads_shape(rows, hidden), scale (heads, HEAD_DIM).
 HEAD_OPS = ("head_fwd", "head_bwd")
-# The implementations with the feature ops: flax's layer and JAX's Pallas
-# example have no per-head scale or quantized output.
+# The implementations with the feature ops: flax's layer has no bias, and
+# neither it nor JAX's Pallas example has a per-head scale or a quantized
+# output.
 FEATURE_IMPLS = ("xla", "rmsnorm_jax", "rmsnorm_jax_auto")
 LINEN_OPS = ("linen_fwd", "linen_fwd_mixed", "linen_fwd_default",
              "linen_bwd")
@@ -346,9 +347,11 @@ def _feature_backend(impl):
   feature ops; None where the impl has none of them."""
   if (custom := _custom(impl)) is not None:
     return custom[1], custom[1].name
+  if impl not in FEATURE_IMPLS:
+    return None
   kernel, kname = kernel_backend()
   return {"xla": ("xla", "xla"), "rmsnorm_jax": (kernel, kname),
-          "rmsnorm_jax_auto": ("auto", "auto")}.get(impl)
+          "rmsnorm_jax_auto": ("auto", "auto")}[impl]
 
 
 def feature_call(op, backend):
