@@ -7,6 +7,9 @@ through shared memory with TMA (``plgpu.emit_pipeline``), compute in float32
 registers and store back with TMA. Kernel bodies and the layouts are in
 ``mosaic_gpu_kernels.py``; measurements in docs/mosaic_gpu.md.
 
+Checked on an H200 with jax 0.11.2 against XLA on every op, dtype and
+layout (``benchmarks/mosaic_gpu_timing.py --check``).
+
 Served shapes (``cannot_serve`` / ``shape_reason`` name the reason
 otherwise): Hopper only (a visible GPU of another compute capability is
 declined); hidden a multiple of 8 whose rows are whole 128-byte pieces
@@ -106,16 +109,20 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
         "the copy engine.")
   isz = max(max(in_sizes), max(out_sizes))
   vec = 16 // isz
+  lanes = 32
   if hidden % (128 * vec) == 0:
-    layout, lanes = "wide", 32
+    layout = "wide"
   else:
     layout = "narrow"
-    lanes = 32
-    while lanes > 4 and hidden % (lanes * vec):
-      lanes //= 2
+    # A row spread over fewer than 32 lanes (two or more rows per warp
+    # tile) fails Mosaic's layout inference in jax 0.11 (seen on an H200),
+    # so rows that are not whole multiples of 32 vectors take narrower
+    # vectors instead: every row is 32 lanes wide.
+    while vec > 1 and hidden % (lanes * vec):
+      vec //= 2
     if hidden % (lanes * vec):
       raise ValueError(f"hidden={hidden} has no register layout.")
-  tile_rows = 1 if layout == "wide" else 4 * (32 // lanes)
+  tile_rows = 1 if layout == "wide" else 4
   row_bytes_in = hidden * sum(in_sizes)
   row_bytes_out = hidden * sum(out_sizes)
   if block_rows is None:
@@ -155,6 +162,12 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
 
   while block_rows is None and br > group and fit(br) < MIN_STAGES:
     br //= 2
+  if (block_rows is None and kind == "bwd" and has_scale and br == 1
+      and rows >= 2 and fit(2) >= MIN_STAGES):
+    # Two-row groups where two stages of them fit: the one-row group takes
+    # the backward's two-dimensional scale and dscale path (mk.backward),
+    # and two rows a step move more bytes per barrier.
+    br = group = 2
   if kind == "fwd" and layout == "wide" and br < 2:
     # A one-row group would need a scalar statistic, which the layouts here
     # do not lower.
@@ -246,16 +259,30 @@ class MosaicGpu(base.Implementation):
                              _OPS[call.op])
 
   def auto_declines(self, call: base.Call) -> str | None:
-    """Where another kernel measured faster or nothing was measured.
+    """Where the Triton kernels (``PallasGpu``) measured faster.
 
-    One H200 run (docs/mosaic_gpu.md): at 8192x4096 bfloat16 the forward
-    took 69.2 us against Triton's 65.7 and the backward 83.3 against 86.6;
-    the fused ops were not timed.
+    One H200 run, jax 0.11.2, profiler device time in us, MosaicGpu against
+    PallasGpu (docs/mosaic_gpu.md): the backward of wide rows of up to 4096
+    columns was faster or as fast (8192x4096 bfloat16 54.3 against 56.9,
+    1024x4096 float32 16.1 against 16.4); at 8192 columns it was slower
+    (4096x8192 bfloat16 64.6 against 57.5, 2048x8192 float16 34.8 against
+    31.1), and on narrow rows too (32768x128 bfloat16 11.2 against 9.8).
+    The forward and the fused forward were slower at every shape but
+    1024x4096 float32 (8.8 against 8.9), and the fused backward within 5%
+    either way, so both stay with Triton.
     """
-    if call.op == "backward":
+    if call.op != "backward":
+      return (f"{call.op}: the Triton kernel measured as fast or faster "
+              "(docs/mosaic_gpu.md)")
+    try:
+      hidden = int(call.hidden)
+    except TypeError:
+      return "backward: hidden is not static"
+    vec = 16 // np.dtype(call.dtype).itemsize
+    if hidden <= 4096 and hidden % (128 * vec) == 0:
       return None
-    return (f"{call.op}: the Triton kernel measured faster or the op was not "
-            "measured (docs/mosaic_gpu.md)")
+    return (f"backward: on rows of {hidden} columns the Triton kernel "
+            "measured faster (docs/mosaic_gpu.md)")
 
   def shape_reason(self, rows: int, hidden: int, dtype,
                    op: str = "all") -> str | None:

@@ -13,9 +13,10 @@ chunks of a ``TiledLayout`` with 16-byte (or narrower) vectors per lane:
 * ``wide``: the four warps split a chunk's columns (``128 * vec`` per tile
   row); a row sum needs a cross-warp reduction (Mosaic's, through a small
   shared-memory scratch), a column sum (dscale) is per thread.
-* ``narrow``: the warps split rows and ``lanes`` lanes share a row (rows of
-  128 columns: 16 lanes of 8 bf16); a row sum is a few shuffles, and the
-  dscale accumulator keeps one row per tile row, summed by XLA afterwards.
+* ``narrow``: the warps split rows and the 32 lanes of a warp share a row
+  (rows of 128 bf16 columns: 4-element vectors); a row sum is a few
+  shuffles, and the dscale accumulator keeps one row per warp, summed by XLA
+  afterwards.
 
 Everything is computed in float32 and rounded once on store. Rows are read
 twice from shared memory (the statistic, then the outputs), which keeps the
@@ -51,7 +52,7 @@ class Plan:
     chunk: columns held in registers at a time (divides hidden).
     vec: elements per lane access.
     kind: "wide" or "narrow" register layout (module docstring).
-    lanes: lanes per row for the narrow layout (power of two, <= 32).
+    lanes: lanes per row (32: a row is never split over fewer lanes).
     stages: pipeline depth (row blocks in shared memory at once).
     grid: CTAs; steps: row blocks per CTA (``steps * block_rows`` is a
       multiple of 4: each CTA's rstd moves as one piece of 16-byte units).
@@ -87,7 +88,15 @@ class Plan:
   @property
   def tile_rows(self) -> int:
     """Rows of one layout tile (the dscale partial rows per CTA)."""
-    return 1 if self.kind == "wide" else 4 * (32 // self.lanes)
+    return 1 if self.kind == "wide" else 4
+
+  @property
+  def row_scale(self) -> bool:
+    """Whether a one-row group reads the scale and accumulates dscale as
+    ``(1, hidden)`` arrays in the full layout: broadcasting a column vector
+    to one row, or summing one row over axis 0, fails Mosaic's layout
+    inference in jax 0.11 (seen on an H200)."""
+    return self.group_rows == 1
 
   def layout(self):
     v = self.vec
@@ -95,14 +104,9 @@ class Plan:
       return plgpu.Layout.TILED(
           plgpu.Tiling(((1, 128 * v), (32 * v,), (v,))),
           warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1)
-    rl, lc = 32 // self.lanes, self.lanes
-    if rl == 1:
-      return plgpu.Layout.TILED(
-          plgpu.Tiling(((4, 32 * v), (v,))),
-          warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1)
     return plgpu.Layout.TILED(
-        plgpu.Tiling(((4 * rl, lc * v), (rl, lc * v), (v,))),
-        warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
+        plgpu.Tiling(((4, 32 * v), (v,))),
+        warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1)
 
 
 def _view3(a, k):
@@ -148,9 +152,14 @@ def _load_scale(w_g, w_s, bar, has_scale):
     plgpu.barrier_wait(bar)
 
 
-def _scale_chunk(cast, w_s, cols, offset, shape):
+def _scale_chunk(cast, w_s, cols, offset, shape, row_scale=False):
   if w_s is None:
     return None
+  if row_scale:
+    # w_s is (1, hidden): read straight into the full layout of one row.
+    w = plgpu.load(w_s, (slice(None), cols), layout=cast.full,
+                   optimized=False).astype(_F32)
+    return w + offset if offset else w
   # A float32 scale beside 16-bit rows makes 32-byte vectors, which only
   # the unoptimized transfer path takes.
   w = plgpu.load(w_s, (cols,), layout=cast.col, optimized=False).astype(_F32)
@@ -296,8 +305,12 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
   n_blk = len(blocks_in)
   inputs = blocks_in + [rstd]
   n_in = len(inputs)
-  acc_shape = (tr, hidden) if plan.kind == "narrow" else (hidden,)
-  scratch = [plgpu.SMEM((hidden,) if has_scale else (128,),
+  # dscale accumulates per column (wide) or per element of a (tr, hidden)
+  # tile (narrow, and one-row groups: Plan.row_scale).
+  acc2d = plan.kind == "narrow" or plan.row_scale
+  acc_shape = (tr, hidden) if acc2d else (hidden,)
+  w_shape = (1, hidden) if plan.row_scale else (hidden,)
+  scratch = [plgpu.SMEM(w_shape if has_scale else (128,),
                         scale.dtype if has_scale else _F32),
              plgpu.Barrier(),
              plgpu.SMEM(acc_shape if has_scale else (128,), _F32),
@@ -310,7 +323,7 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
     raise ValueError("narrow backward plans hold one layout tile of rows.")
 
   def load_acc(cast, acc_s, cols):
-    if plan.kind == "wide":
+    if not acc2d:
       return plgpu.load(acc_s, (cols,), layout=cast.col, optimized=False)
     return plgpu.load(acc_s, (slice(None), cols), layout=cast.full,
                       optimized=False)
@@ -333,7 +346,7 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
       # Each thread zeroes exactly the elements it accumulates into later.
       for c in range(nch):
         cols = pl.ds(c * C, C)
-        if plan.kind == "wide":
+        if not acc2d:
           acc_s[cols] = plgpu.layout_cast(jnp.zeros((C,), _F32), cast.col)
         else:
           acc_s[:, cols] = plgpu.layout_cast(jnp.zeros((tr, C), _F32),
@@ -368,7 +381,7 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
           cols = pl.ds(c * C, C)
           gc = cast.load(dy2, rows_, cols)
           w = _scale_chunk(cast, w_s if has_scale else None, cols, offset,
-                           shape)
+                           shape, plan.row_scale)
           if w is not None:
             gc = gc * w
           t = gc * cast.load(x2, rows_, cols)
@@ -380,7 +393,7 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
           dyc = cast.load(dy2, rows_, cols)
           xhat = cast.load(x2, rows_, cols) * rb
           w = _scale_chunk(cast, w_s if has_scale else None, cols, offset,
-                           shape)
+                           shape, plan.row_scale)
           gc = dyc if w is None else dyc * w
           dx = rb * (gc - xhat * proj)
           if has_dh:
@@ -388,7 +401,7 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
           dx2[rows_, cols] = dx.astype(dx2.dtype)
           if has_scale:
             p = dyc * xhat
-            if plan.kind == "wide":
+            if not acc2d:
               acc_s[cols] = load_acc(cast, acc_s, cols) + jnp.sum(p, axis=0)
             else:
               acc_s[:, cols] = load_acc(cast, acc_s, cols) + p
@@ -399,13 +412,13 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
                         max_concurrent_steps=plan.stages)(*in_g, dx_g)
     if has_scale:
       plgpu.commit_smem()
-      if plan.kind == "wide":
+      if not acc2d:
         plgpu.copy_smem_to_gmem(acc_s, part_g.at[cta])
       else:
         plgpu.copy_smem_to_gmem(acc_s, part_g.at[pl.ds(cta * tr, tr)])
       plgpu.wait_smem_to_gmem(0)
 
-  args = inputs + ([scale] if has_scale else [])
+  args = inputs + ([scale.reshape(w_shape)] if has_scale else [])
   outs = plgpu.kernel(
       kernel, out_type=tuple(out_types), scratch_types=scratch,
       grid=(plan.grid,), grid_names=("cta",),
