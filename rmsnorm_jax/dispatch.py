@@ -134,24 +134,43 @@ def route(backend: Backend, call: base.Call) -> Route:
     return Route(backend, tuple((p, impl) for p in impl.lowering_platforms()))
   per_platform, notes = [], []
   for platform in base.PLATFORMS:
-    cls = kernels.BY_PLATFORM.get(platform)
-    if cls is None:
+    classes = kernels.BY_PLATFORM.get(platform, ())
+    if not classes:
       if backend == "auto":
         per_platform.append((platform, xla))
       continue
+    chosen, serving, reasons = _first_kernel(classes, call)
+    if backend == "pallas":
+      # The kernel regardless of XLA's speed: the first one not declined,
+      # else the first that serves.
+      chosen = chosen or serving
+      if chosen is None:
+        raise ValueError(
+            f"backend='pallas' on {platform} has no kernel that can serve "
+            f"this call: {'; '.join(reasons)}.")
+    if chosen is None:
+      per_platform.append((platform, xla))
+    else:
+      per_platform.append((platform, chosen))
+    if reasons and (chosen is None or backend == "auto"):
+      notes.append((platform, "; ".join(reasons)))
+  return Route(backend, tuple(per_platform), tuple(notes))
+
+
+def _first_kernel(classes, call):
+  """(first kernel serving and not declining, first serving, reasons of
+  the kernels passed over before the chosen one)."""
+  serving, reasons = None, []
+  for cls in classes:
     kernel = cls()
     reason = kernel.cannot_serve(call)
-    if backend == "pallas" and reason is not None:
-      raise ValueError(f"backend='pallas' on {platform} is {kernel.name}, "
-                       f"which cannot serve this call: {reason}.")
-    if reason is None and backend == "auto":
+    if reason is None:
+      serving = serving or kernel
       reason = kernel.auto_declines(call)
-    if reason is None or backend == "pallas":
-      per_platform.append((platform, kernel))
-    else:
-      per_platform.append((platform, xla))
-      notes.append((platform, f"{kernel.name}: {reason}"))
-  return Route(backend, tuple(per_platform), tuple(notes))
+      if reason is None:
+        return kernel, serving, reasons
+    reasons.append(f"{kernel.name}: {reason}")
+  return None, serving, reasons
 
 
 def _serves_or_raise(impl: base.Implementation, call: base.Call):

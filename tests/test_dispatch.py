@@ -105,17 +105,43 @@ def test_auto_follows_each_kernels_own_size_rule(rows, hidden):
   route, call = _route("auto", rows, hidden, jnp.bfloat16)
   plan = dict(route.per_platform)
   assert type(plan["cpu"]).__name__ == "Xla"
-  for platform, cls in kernels.BY_PLATFORM.items():
-    declined = cls().auto_declines(call)
-    assert isinstance(plan[platform], cls) == (declined is None)
-    # The reason "auto" passed the kernel over is kept and reported.
-    if declined is not None:
-      assert declined in route.describe(platform)
+  for platform, classes in kernels.BY_PLATFORM.items():
+    # The first kernel in order of preference that serves the call and does
+    # not decline it; XLA when none is left.
+    willing = [c for c in classes if c().cannot_serve(call) is None
+               and c().auto_declines(call) is None]
+    want = willing[0] if willing else base.Xla
+    assert type(plan[platform]) is want, (platform, plan[platform])
+    # The reason "auto" passed each kernel before it over is reported.
+    for cls in classes[:classes.index(want) if willing else len(classes)]:
+      reason = cls().cannot_serve(call) or cls().auto_declines(call)
+      assert reason in route.describe(platform)
   # float64 never goes to a kernel, and each kernel says why.
   route64, _ = _route("auto", rows, hidden, jnp.float64)
   assert all(type(i).__name__ == "Xla" for _, i in route64.per_platform)
-  for platform, cls in kernels.BY_PLATFORM.items():
+  for platform, classes in kernels.BY_PLATFORM.items():
+    for cls in classes:
+      assert f"{cls.name}: " in route64.describe(platform)
     assert "float64" in route64.describe(platform)
+
+
+def test_auto_takes_the_second_kernel_where_the_first_declines():
+  # cuda: Mosaic GPU first, which declines the forward (Triton measured
+  # faster) and takes the backward of 4096-wide rows (measured faster).
+  fwd, _ = _route("auto", 8192, 4096, jnp.bfloat16)
+  assert fwd.impl("cuda").name == "pallas_gpu"
+  assert "mosaic_gpu: forward" in fwd.describe("cuda")
+  bwd = dispatch.route("auto", base.Call(
+      "backward", 8192, 4096, np.dtype(jnp.bfloat16), (4096,), False,
+      base.Norm(eps=1e-6, out_dtype=np.dtype(jnp.bfloat16))))
+  assert bwd.impl("cuda").name == "mosaic_gpu"
+  # "pallas" ignores XLA's speed but keeps the kernels' order of preference.
+  assert _route("pallas", 8192, 4096, jnp.bfloat16)[0].impl(
+      "cuda").name == "pallas_gpu"
+  # A feature Mosaic GPU does not serve goes to Triton, with the reason.
+  llama, _ = _route("auto", 8192, 4096, jnp.bfloat16, cast_mode="llama")
+  assert llama.impl("cuda").name == "pallas_gpu"
+  assert "mosaic_gpu: " in llama.describe("cuda")
 
 
 def test_implementation_instances_are_accepted_as_backend():

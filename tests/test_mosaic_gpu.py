@@ -143,9 +143,11 @@ def test_cannot_serve_calls():
 
 def test_auto_keeps_triton_where_it_measured_faster():
   impl = MosaicGpu()
-  call = lambda op, hidden, dtype=jnp.bfloat16: base.Call(
+  call = lambda op, hidden, dtype=jnp.bfloat16, **kw: base.Call(
       op=op, rows=8192, hidden=hidden, dtype=np.dtype(dtype),
-      scale_shape=(hidden,))
+      scale_shape=(hidden,), norm=base.Norm(
+          eps=1e-6, out_dtype=np.dtype(kw.get("out", dtype))),
+      scale_dtype=np.dtype(kw.get("scale", dtype)))
   # Measured on an H200 (docs/mosaic_gpu.md): the backward of wide rows up
   # to 4096 columns as fast or faster; rows of 8192 or 128 columns, the
   # forward and the fused ops slower or no faster.
@@ -155,6 +157,38 @@ def test_auto_keeps_triton_where_it_measured_faster():
   assert "128 columns" in impl.auto_declines(call("backward", 128))
   for op in ("forward", "residual_forward", "residual_backward"):
     assert op in impl.auto_declines(call(op, 4096))
+  # Mixed dtypes were not timed: Triton keeps them.
+  assert "dtype" in impl.auto_declines(call("backward", 4096,
+                                            scale=jnp.float32))
+  assert "dtype" in impl.auto_declines(call("backward", 4096,
+                                            out=jnp.float32))
+
+
+@hopper
+@pytest.mark.parametrize("x_dtype,scale_dtype,out_dtype", [
+    (jnp.bfloat16, jnp.float32, jnp.bfloat16),
+    (jnp.bfloat16, jnp.float32, jnp.float32),
+    (jnp.float16, jnp.float16, jnp.float32)], ids=["bf16-f32", "bf16-f32-out32",
+                                                   "f16-out32"])
+def test_mixed_dtypes_match_float64(x_dtype, scale_dtype, out_dtype):
+  # A float32 scale (flax's default parameter dtype) beside 16-bit rows,
+  # and a float32 output (so a float32 dy), forward and backward.
+  impl = MosaicGpu()
+  rng = _rng("mixed", np.dtype(x_dtype).name, np.dtype(scale_dtype).name,
+             np.dtype(out_dtype).name)
+  x = random(rng, (1000, 4096), x_dtype, mean=0.3)
+  scale = random(rng, (4096,), scale_dtype, mean=1.0, scale=0.5)
+  dy = random(rng, x.shape, out_dtype)
+  f = lambda x, s: rj.rms_norm(x, s, out_dtype=out_dtype, backend=impl)
+  y, vjp = jax.vjp(jax.jit(f), x, scale)
+  dx, dscale = vjp(dy)
+  assert y.dtype == out_dtype and dx.dtype == x_dtype
+  y_ref, _ = reference.rms_norm(x, scale)
+  dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy)
+  assert_close(y, y_ref, tol(out_dtype), "y")
+  assert_close(dx, dx_ref, tol(x_dtype, out_dtype), "dx",
+               dx_magnitude(x, scale, dy))
+  assert_close(dscale, ds_ref, tol(scale_dtype, out_dtype), "dscale")
 
 
 def test_plan_covers_rows_and_limits():

@@ -274,6 +274,13 @@ class MosaicGpu(base.Implementation):
     if call.op != "backward":
       return (f"{call.op}: the Triton kernel measured as fast or faster "
               "(docs/mosaic_gpu.md)")
+    x_dt = np.dtype(call.dtype)
+    if (np.dtype(call.scale_dtype or x_dt) != x_dt
+        or np.dtype(call.norm.out_dtype) != x_dt):
+      # Timed (and, in the first device runs, checked) with every array in
+      # x's dtype only.
+      return ("backward: a scale or output dtype other than x's was not "
+              "timed against the Triton kernel")
     try:
       hidden = int(call.hidden)
     except TypeError:
