@@ -145,8 +145,12 @@ class PallasGpu(base.Implementation):
       config = dataclasses.replace(
           config, num_sms=INTERPRET_NUM_SMS if self.interpret
           else gpu_tiling.num_sms())
+    # Interpret mode runs on the host: a GPU's tuning file says nothing
+    # about it, and tests stay reproducible across machines.
     return gpu_tiling.resolve(config, op, rows, hidden,
-                              itemsize=np.dtype(dtype).itemsize, heads=heads)
+                              itemsize=np.dtype(dtype).itemsize, heads=heads,
+                              device_kind=None if self.interpret
+                              else gpu_tiling.AUTO)
 
   def _kw(self, op, x, scale, dtype=None):
     rows, hidden = x.shape
