@@ -127,7 +127,7 @@ class Call:
 
   @property
   def product_dtype(self) -> np.dtype:
-    """The dtype ``x_hat * w + bias`` is computed in (``Norm.product_dtype``)."""
+    """The dtype ``x_hat * w + bias`` is computed in (see ``Norm``)."""
     return self.norm.product_dtype(self.dtype, self.scale_dtype)
 
   @property

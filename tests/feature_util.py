@@ -7,8 +7,6 @@ ValueError with that reason when the kernel is requested explicitly.
 will route, so a test either runs its real check or asserts that error.
 """
 
-import zlib
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,11 +42,6 @@ def backend_param():
 
 def make_backend(backend_id):
   return BACKENDS[backend_id]()
-
-
-def rng_for(*key) -> np.random.Generator:
-  """A generator seeded from the test's parameters (reproducible, distinct)."""
-  return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
 def default_out_dtype(dtype, scale_dtype, cast_mode):
@@ -93,22 +86,6 @@ def assert_unserved_error(backend, reason, run):
     run()
   msg = str(e.value)
   assert backend.name in msg and reason in msg, msg
-
-
-def identical_fraction(got, want) -> float:
-  """Share of elements with exactly the same value (compared as float32)."""
-  g = np.asarray(got).astype(np.float32)
-  w = np.asarray(want).astype(np.float32)
-  assert g.shape == w.shape
-  return float(np.mean(g == w))
-
-
-def ulp_distance_f32(got, want) -> int:
-  """Largest distance in float32 units in the last place between arrays."""
-  def ordered(a):
-    i = np.asarray(a, np.float32).view(np.int32).astype(np.int64)
-    return np.where(i < 0, -(i & 0x7FFFFFFF), i)
-  return int(np.max(np.abs(ordered(got) - ordered(want))))
 
 
 def float8_ulp(q) -> np.ndarray:

@@ -1,37 +1,11 @@
-"""What the GPU kernel test modules share: run modes, seeds, the XLA tolerance.
-
-``XLA_TOL``: kernel against the XLA implementation on ``||got - want|| /
-||want||``. Both compute the same float32 expressions; a 16-bit result may
-round the other way where the float32 value sits near a rounding boundary,
-so the bound is one ulp relative of the output dtype; float32 results differ
-by summation order only.
-"""
-
-import zlib
+"""What the GPU kernel test modules share: run modes and the implementation
+under test (seeds and tolerances are numerics_util's)."""
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
-
-XLA_TOL = {
-    np.dtype(jnp.float32): 1e-5,
-    np.dtype(jnp.bfloat16): 2.0**-7,
-    np.dtype(jnp.float16): 2.0**-10,
-}
-
-
-def xla_tol(*dtypes) -> float:
-  """The loosest ``XLA_TOL`` among the dtypes a result passed through."""
-  return max(XLA_TOL[np.dtype(d)] for d in dtypes)
-
-
-def rng_for(*key):
-  """A generator seeded from ``key``: fresh inputs per case, reproducible."""
-  return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
 def impl_for(mode, **config):

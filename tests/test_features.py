@@ -11,23 +11,23 @@ References and tolerances:
 
 * ``reference.emulate``: the reference library's exact order of float32
   operations and 16-bit roundings. 16-bit outputs must be identical in at
-  least ``MIN_IDENTICAL`` of elements: the only allowed differences are
-  one-ulp flips where another order of the float32 sum of squares moves rstd
-  by an ulp across a rounding boundary (observed on all three backends:
+  least 99.9% of elements (``numerics_util.TOLERANCE``): the only allowed
+  differences are one-ulp flips where another order of the float32 sum of
+  squares moves rstd by an ulp across a rounding boundary (observed on all three backends:
   bfloat16 results 100% identical; float16 99.992% in float32 mode and
   99.977% in llama mode with a float32 scale, whose float32 result carries
-  x_hat's float16 rounding). float32 outputs within ``F32_ULPS`` ulps (rsqrt
+  x_hat's float16 rounding). float32 outputs within 4 ulps (rsqrt
   against 1/sqrt, summation order).
 * Gradients per cast mode: ``jax.vjp`` of the same formula written in
   jax.numpy (``_formula``), products of 16-bit operands computed in float32
   and rounded to the product dtype as PyTorch does. Both compute the same
   float32 expressions in different summation orders, so float32 results
   agree to ~1e-6 relative; 16-bit results differ at most by one-ulp flips of
-  a few elements. Bound: ``numerics_util.TOL`` of the result's dtype
+  a few elements. Bound: ``numerics_util.TOLERANCE`` of the result's dtype
   (relative error in norm), which allows one rounding of every element.
 * Bias and per-head scale: the float64 NumPy reference computed from the
-  same (already rounded) inputs, with ``numerics_util.TOL`` of each output's
-  dtype.
+  same (already rounded) inputs, with ``numerics_util.TOLERANCE`` of each
+  output's dtype.
 * Quantized output: ``q`` bit for bit equal to ``base.quantize`` of the same
   backend's own float32 ``y``; ``q * q_scale`` within half a quantization
   step of the float64 reference, per element: int8 ``q_scale / 2``, float8
@@ -54,11 +54,11 @@ from rmsnorm_jax import reference
 
 import feature_util as fu
 from feature_util import BF16, E4M3, E5M2, F16, F32, I8
-from numerics_util import assert_close, random, tol
+from numerics_util import assert_close, assert_matches_emulation
+from numerics_util import identical_fraction, random, rng_for, tol
+from numerics_util import ulps_apart
 
 EPS = 1e-6
-MIN_IDENTICAL = 0.999
-F32_ULPS = 4
 SHAPE = (4, 13, 256)  # 52 rows: ragged for every block size the kernels use
 backends = fu.backend_param()
 
@@ -83,21 +83,12 @@ def _formula(x, scale, bias, *, scale_offset, cast_mode, out_dtype):
 
 
 def _assert_matches_emulation(y, want, what, x_dtype, cast_mode):
-  """y against ``reference.emulate``'s ``want`` (see the module doc).
-
-  Only a float32 result with no 16-bit rounding inside is held to ulps; the
-  llama order rounds x_hat to a 16-bit x's dtype even when the result is
-  float32, and a flip of that rounding is one 16-bit ulp, not a few float32
-  ones.
-  """
-  assert y.dtype == want.dtype, (what, y.dtype, want.dtype)
-  if np.dtype(y.dtype) == F32 and (cast_mode == "float32"
-                                   or np.dtype(x_dtype) == F32):
-    ulps = fu.ulp_distance_f32(y, want)
-    assert ulps <= F32_ULPS, f"{what}: {ulps} ulps from the emulation"
-  else:
-    frac = fu.identical_fraction(y, want)
-    assert frac >= MIN_IDENTICAL, f"{what}: {frac:.5f} identical"
+  """y against ``reference.emulate``'s ``want``: the llama order rounds
+  x_hat to x's dtype even when the result is float32, and a flip of that
+  rounding is one ulp of x's dtype, not a few float32 ones."""
+  assert_matches_emulation(np.asarray(y).reshape(want.shape), want, what,
+                           rounded_inside=x_dtype if cast_mode == "llama"
+                           else None)
 
 
 # ------------------------------------------------------------ 1. cast modes --
@@ -122,7 +113,7 @@ def test_cast_mode_forward_and_gradients(dtypes, cast_mode, scale_offset,
                                          backend_id):
   x_dt, s_dt = dtypes
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("cast", dtypes, cast_mode, scale_offset)
+  rng = rng_for("cast", dtypes, cast_mode, scale_offset)
   x = random(rng, SHAPE, x_dt, mean=0.1)
   # Gemma's zeros-initialized scale trains around 0, (1 + scale) around 1.
   scale = random(rng, SHAPE[-1:], s_dt, mean=0.0 if scale_offset else 1.0,
@@ -147,7 +138,7 @@ def test_cast_mode_forward_and_gradients(dtypes, cast_mode, scale_offset,
   want = reference.emulate(np.asarray(x).reshape(-1, SHAPE[-1]),
                            np.asarray(scale), eps=EPS,
                            scale_offset=scale_offset, cast_mode=cast_mode)
-  _assert_matches_emulation(np.asarray(y).reshape(want.shape), want,
+  _assert_matches_emulation(y, want,
                             f"y {cast_mode}", x_dt, cast_mode)
 
   _, vjp = jax.vjp(lambda x, s: _formula(
@@ -163,7 +154,7 @@ def test_cast_mode_forward_and_gradients(dtypes, cast_mode, scale_offset,
 @backends
 def test_cast_modes_differ_exactly_where_they_should(backend_id):
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("differ")
+  rng = rng_for("differ")
   outs = {}
   for dt in (BF16, F32):
     x = random(rng, SHAPE, dt, mean=0.1)
@@ -182,14 +173,14 @@ def test_cast_modes_differ_exactly_where_they_should(backend_id):
   # again; float32 rounds once. A measurable share of elements must differ,
   # and each mode must match its own emulation, not the other's.
   x, scale, (y32, yll) = outs[BF16]
-  differ = 1.0 - fu.identical_fraction(y32, yll)
+  differ = 1.0 - identical_fraction(y32, yll)
   assert differ > 0.05, f"only {differ:.4f} of elements differ"
   x2, s2 = np.asarray(x).reshape(-1, SHAPE[-1]), np.asarray(scale)
   want_ll = reference.emulate(x2, s2, eps=EPS, cast_mode="llama")
   want_32 = reference.emulate(x2, s2, eps=EPS, cast_mode="float32")
   yll2 = np.asarray(yll).reshape(want_ll.shape)
-  assert fu.identical_fraction(yll2, want_ll) >= MIN_IDENTICAL
-  assert fu.identical_fraction(yll2, want_32) < 0.95
+  assert_matches_emulation(yll2, want_ll, "llama")
+  assert identical_fraction(yll2, want_32) < 0.95
   # float32 x and scale: no rounding differs, so the modes agree bit for bit.
   _, _, (y32, yll) = outs[F32]
   np.testing.assert_array_equal(np.asarray(y32), np.asarray(yll))
@@ -198,7 +189,7 @@ def test_cast_modes_differ_exactly_where_they_should(backend_id):
 @backends
 def test_llama_out_dtype_overrides_the_result_type(backend_id):
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("llama_out_dtype")
+  rng = rng_for("llama_out_dtype")
   x = random(rng, SHAPE, BF16)
   scale = random(rng, SHAPE[-1:], F32, mean=1.0, scale=0.3)
   run = lambda: rj.rms_norm(x, scale, eps=EPS, cast_mode="llama",
@@ -214,14 +205,14 @@ def test_llama_out_dtype_overrides_the_result_type(backend_id):
   want = reference.emulate(np.asarray(x).reshape(-1, SHAPE[-1]),
                            np.asarray(scale), eps=EPS, cast_mode="llama",
                            out_dtype=jnp.bfloat16)
-  _assert_matches_emulation(np.asarray(y).reshape(want.shape), want, "y",
+  _assert_matches_emulation(y, want, "y",
                             BF16, "llama")
 
 
 @backends
 def test_llama_residual_default_dtype_and_values(backend_id):
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("llama_residual")
+  rng = rng_for("llama_residual")
   x = random(rng, SHAPE, BF16)
   res = random(rng, SHAPE, BF16, mean=0.3)
   scale = random(rng, SHAPE[-1:], F32, mean=1.0, scale=0.3)
@@ -241,7 +232,7 @@ def test_llama_residual_default_dtype_and_values(backend_id):
   assert y.dtype == F32 and h.dtype == BF16
   want = reference.emulate(h_want.reshape(-1, SHAPE[-1]), np.asarray(scale),
                            eps=EPS, cast_mode="llama")
-  _assert_matches_emulation(np.asarray(y).reshape(want.shape), want, "y",
+  _assert_matches_emulation(y, want, "y",
                             BF16, "llama")
 
 
@@ -253,7 +244,7 @@ def test_llama_residual_default_dtype_and_values(backend_id):
                          ids=["bfloat16-rms_norm", "float32-rms_norm_residual"])
 def test_bias_values_gradients_and_determinism(x_dt, fn, backend_id):
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("bias", x_dt, fn)
+  rng = rng_for("bias", x_dt, fn)
   x = random(rng, SHAPE, x_dt)
   res = random(rng, SHAPE, x_dt, mean=0.3)
   scale = random(rng, SHAPE[-1:], F32, mean=1.0, scale=0.3)
@@ -300,7 +291,7 @@ def test_bias_values_gradients_and_determinism(x_dt, fn, backend_id):
 @backends
 def test_bias_with_llama_matches_emulation(backend_id):
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("bias_llama")
+  rng = rng_for("bias_llama")
   x = random(rng, SHAPE, BF16)
   scale = random(rng, SHAPE[-1:], BF16, mean=1.0, scale=0.3)
   bias = random(rng, SHAPE[-1:], BF16, scale=0.5)
@@ -316,7 +307,7 @@ def test_bias_with_llama_matches_emulation(backend_id):
   want = reference.emulate(np.asarray(x).reshape(-1, SHAPE[-1]),
                            np.asarray(scale), np.asarray(bias), eps=EPS,
                            cast_mode="llama")
-  _assert_matches_emulation(np.asarray(y).reshape(want.shape), want, "y",
+  _assert_matches_emulation(y, want, "y",
                             BF16, "llama")
 
 
@@ -324,7 +315,7 @@ def test_bias_with_llama_matches_emulation(backend_id):
 def test_layers_use_bias(backend_id):
   x_dt = BF16  # flax promotes it with the float32 params
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("layers")
+  rng = rng_for("layers")
   hidden = SHAPE[-1]
   x = random(rng, SHAPE, x_dt)
   res = random(rng, SHAPE, x_dt, mean=0.3)
@@ -392,7 +383,7 @@ def test_layers_use_bias(backend_id):
     ids=lambda v: str(v))
 def test_per_head_scale(heads, head_dim, lead, backend_id):
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("per_head", heads, head_dim, lead)
+  rng = rng_for("per_head", heads, head_dim, lead)
   shape = lead + (heads, head_dim)
   x_dt = BF16 if heads != 8 or head_dim != 128 else F32
   x = random(rng, shape, x_dt, mean=0.1)
@@ -419,7 +410,7 @@ def test_per_head_scale(heads, head_dim, lead, backend_id):
 
 
 def test_per_head_wrong_shapes_name_the_argument():
-  rng = fu.rng_for("per_head_errors")
+  rng = rng_for("per_head_errors")
   x = random(rng, (3, 4, 64), F32)
   for bad in [(5, 64), (64, 4), (4, 32), (3, 4, 64)]:
     with pytest.raises(ValueError, match=r"scale must have shape") as e:
@@ -445,7 +436,7 @@ def _dequant_bound(q, q_scale, qdt):
 @pytest.mark.parametrize("qdt", [I8, E4M3, E5M2], ids=lambda d: d.name)
 def test_quantized(qdt, backend_id):
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("quant", qdt)
+  rng = rng_for("quant", qdt)
   qmax = float(jnp.finfo(qdt).max) if qdt != I8 else 127.0
   x = random(rng, SHAPE, BF16, scale=2.0)
   res = random(rng, SHAPE, BF16, mean=0.3)
@@ -523,7 +514,7 @@ def test_quantized(qdt, backend_id):
                                   err_msg=what)
     _, s_np = reference.emulate_quantize(y_own, qdt, None if qs is None
                                          else float(qs))
-    assert fu.ulp_distance_f32(s2, s_np) <= 1, what
+    assert ulps_apart(s2, s_np) <= 1, what
     # Dequantized within half a step of the float64 reference, plus the
     # float32 computation of y itself (a few float32 ulps, 1e-6 relative).
     deq = q2.astype(np.float64) * np.asarray(q_scale, np.float64).reshape(
@@ -551,21 +542,21 @@ def test_quantized(qdt, backend_id):
 def test_dynamic_scale_is_the_documented_product():
   # max|y| * float32(1 / qmax), bit for bit, and within one float32 ulp of
   # the true quotient.
-  rng = fu.rng_for("true_division")
+  rng = rng_for("true_division")
   x = random(rng, (256, 128), F32)
   y = rj.rms_norm(x, backend="xla")
   _, q_scale = rj.rms_norm_quantized(x, backend="xla")
   _, want = reference.emulate_quantize(np.asarray(y), I8)
   np.testing.assert_array_equal(np.asarray(q_scale), want)
   amax = np.max(np.abs(np.asarray(y, np.float32)), axis=-1, keepdims=True)
-  assert fu.ulp_distance_f32(np.asarray(q_scale), amax / np.float32(127)) <= 1
+  assert ulps_apart(np.asarray(q_scale), amax / np.float32(127)) <= 1
 
 
 @backends
 def test_static_scale_constant(backend_id):
   """A Python float quant_scale: q is still y / quant_scale, rounded."""
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("static_constant")
+  rng = rng_for("static_constant")
   x = random(rng, (16, 128), F32)
   scale = random(rng, (128,), F32, mean=1.0, scale=0.3)
   qs = 0.0371  # not a power of two: its reciprocal is inexact
@@ -585,7 +576,7 @@ def test_static_scale_constant(backend_id):
 @backends
 def test_quantized_is_not_differentiable(backend_id):
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("quant_grad")
+  rng = rng_for("quant_grad")
   x = random(rng, (8, 128), F32)
   scale = random(rng, (128,), F32, mean=1.0)
   f = lambda x, s: rj.rms_norm_quantized(x, s, backend=backend)[1].sum()
@@ -599,7 +590,7 @@ def test_quantized_is_not_differentiable(backend_id):
 
 
 def test_quantized_bad_arguments_name_them():
-  rng = fu.rng_for("quant_errors")
+  rng = rng_for("quant_errors")
   x = random(rng, (4, 64), F32)
   for bad in (jnp.int16, jnp.float16, jnp.uint8, "int4"):
     with pytest.raises(ValueError, match="quant_dtype"):
@@ -627,7 +618,7 @@ def _saved(f, *args):
 @pytest.mark.parametrize("fn", ["rms_norm", "rms_norm_residual"])
 def test_named_residuals_under_checkpoint_policies(fn, backend_id):
   backend = fu.make_backend(backend_id)
-  rng = fu.rng_for("names", fn)
+  rng = rng_for("names", fn)
   shape = (6, 128)
   x = random(rng, shape, BF16)
   res = random(rng, shape, BF16)

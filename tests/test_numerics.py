@@ -4,20 +4,20 @@ Parameterized over tests/implementations.py, so each kernel (in interpret mode
 on CPU) passes the same checks as the XLA path.
 """
 
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import rmsnorm_jax as rj
+from rmsnorm_jax import base
 from rmsnorm_jax import reference
 from rmsnorm_jax import shapes
 
 from implementations import IMPLEMENTATIONS
 from numerics_util import assert_close, assert_residual_matches_reference
-from numerics_util import dx_magnitude, random, residual_inputs, tol
+from numerics_util import dx_magnitude, random, residual_inputs, rng_for, tol
+from numerics_util import xla_tol
 
 IMPL_PARAMS = [pytest.param(f, id=name) for name, f in IMPLEMENTATIONS]
 DTYPES = [pytest.param(d, id=np.dtype(d).name) for d in shapes.DTYPES]
@@ -25,16 +25,11 @@ SHAPES = [pytest.param(s, id="x".join(map(str, s)))
           for s in shapes.CORRECTNESS]
 
 
-def _rng(*key):
-  # A distinct, reproducible stream per test case.
-  return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
 @pytest.mark.parametrize("make_impl", IMPL_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_grads_match_reference(make_impl, dtype, shape):
-  rng = _rng("fwd", shape, np.dtype(dtype).name)
+  rng = rng_for("fwd", shape, np.dtype(dtype).name)
   hidden = shape[-1]
   x = random(rng, shape, dtype, mean=0.3)
   scale = random(rng, (hidden,), dtype, mean=1.0, scale=0.5)
@@ -49,17 +44,26 @@ def test_forward_and_grads_match_reference(make_impl, dtype, shape):
   y_ref, _ = reference.rms_norm(x, scale, eps=1e-5)
   dx_ref, dscale_ref = reference.rms_norm_grad(x, scale, dy, eps=1e-5)
   assert y.dtype == dtype and dx.dtype == dtype and dscale.dtype == dtype
+  mag = dx_magnitude(x, scale, dy, eps=1e-5)
   assert_close(y, y_ref, tol(dtype), "y")
-  assert_close(dx, dx_ref, tol(dtype), "dx",
-               dx_magnitude(x, scale, dy, eps=1e-5))
+  assert_close(dx, dx_ref, tol(dtype), "dx", mag)
   assert_close(dscale, dscale_ref, tol(dtype), "dscale")
+  if isinstance(impl, base.Xla):
+    return
+  # The same float32 formula as XLA's, up to summation order.
+  y_x, vjp_x = jax.vjp(lambda x, s: rj.rms_norm(x, s, eps=1e-5,
+                                                backend="xla"), x, scale)
+  dx_x, dscale_x = vjp_x(dy)
+  assert_close(y, y_x, xla_tol(dtype), "y vs xla")
+  assert_close(dx, dx_x, xla_tol(dtype), "dx vs xla", mag)
+  assert_close(dscale, dscale_x, xla_tol(dtype), "dscale vs xla")
 
 
 @pytest.mark.parametrize("make_impl", IMPL_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 100), (2, 9, 256)])
 def test_float32_scale_and_gemma_offset(make_impl, dtype, shape):
-  rng = _rng("offset", shape, np.dtype(dtype).name)
+  rng = rng_for("offset", shape, np.dtype(dtype).name)
   hidden = shape[-1]
   x = random(rng, shape, dtype)
   scale = random(rng, (hidden,), jnp.float32, scale=0.1)
@@ -84,18 +88,35 @@ def test_float32_scale_and_gemma_offset(make_impl, dtype, shape):
     (jnp.float16, jnp.float16), (jnp.bfloat16, jnp.float32)])
 @pytest.mark.parametrize("shape", [(1, 8), (37, 129), (3, 5, 384)])
 def test_residual_matches_reference(make_impl, x_dtype, res_dtype, shape):
-  rng = _rng("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name)
+  rng = rng_for("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name)
   inputs = residual_inputs(rng, shape, x_dtype, res_dtype)
   x, res, scale, dy, dh = inputs
   impl = make_impl()
   f = lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=impl)
   (y, h), vjp = jax.vjp(f, x, res, scale)
-  assert_residual_matches_reference(inputs, (y, h, *vjp((dy, dh))))
+  outs = (y, h, *vjp((dy, dh)))
+  assert_residual_matches_reference(inputs, outs)
+  if isinstance(impl, base.Xla):
+    return
+  # The same float32 formula as XLA's, up to summation order; h = x + res
+  # is one rounding, identical.
+  (y_x, h_x), vjp_x = jax.vjp(
+      lambda x, r, s: rj.rms_norm_residual(x, r, s, backend="xla"),
+      x, res, scale)
+  want = (y_x, h_x, *vjp_x((dy, dh)))
+  np.testing.assert_array_equal(np.asarray(h, np.float32),
+                                np.asarray(h_x, np.float32))
+  mag = dx_magnitude(h, scale, dy) + float(
+      np.linalg.norm(np.asarray(dh, np.float64).ravel()))
+  for name, got, exp, dt in zip(
+      ("y", "dx", "dresidual", "dscale"), outs[:1] + outs[2:], want[:1]
+      + want[2:], (res_dtype, x_dtype, res_dtype, jnp.float32)):
+    assert_close(got, exp, xla_tol(dt, res_dtype), f"{name} vs xla", mag)
 
 
 @pytest.mark.parametrize("make_impl", IMPL_PARAMS)
 def test_no_scale(make_impl):
-  rng = _rng("noscale")
+  rng = rng_for("noscale")
   x = random(rng, (6, 200), jnp.bfloat16)
   dy = random(rng, (6, 200), jnp.bfloat16)
   impl = make_impl()
@@ -108,7 +129,7 @@ def test_no_scale(make_impl):
 
 @pytest.mark.parametrize("make_impl", IMPL_PARAMS)
 def test_float16_large_values_do_not_overflow(make_impl):
-  rng = _rng("f16big")
+  rng = rng_for("f16big")
   x = jnp.asarray(rng.uniform(-60000, 60000, (8, 256)), jnp.float16)
   y = rj.rms_norm(x, backend=make_impl())
   assert bool(jnp.all(jnp.isfinite(y)))
@@ -117,7 +138,7 @@ def test_float16_large_values_do_not_overflow(make_impl):
 
 @pytest.mark.parametrize("make_impl", IMPL_PARAMS)
 def test_zero_row_and_nan_row_stay_local(make_impl):
-  rng = _rng("rows")
+  rng = rng_for("rows")
   x = np.array(random(rng, (5, 64), jnp.float32))
   x[1] = 0.0
   x[3, 7] = np.nan

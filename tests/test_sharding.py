@@ -23,7 +23,7 @@ from rmsnorm_jax import base
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
 from implementations import IMPLEMENTATIONS
-from numerics_util import TOL, assert_close, random
+from numerics_util import assert_close, random, tol, xla_tol
 
 N = jax.device_count()
 pytestmark = pytest.mark.skipif(
@@ -111,9 +111,15 @@ def test_sharded_equals_unsharded(make_impl, mesh_shape, kind, op,
   ss = jax.device_put(scale, NamedSharding(mesh, P(spec[-1])))
   step = _loss_and_grads(fn, xs, rs, ss, proj)
   got = step(xs, rs, ss)
-  assert_close(got[0], want[0], 1e-5, "loss")
+  # The loss sums 8192 products of either sign: float32 summation in
+  # another order (per shard, then across) differs by ~1e-7 of the terms'
+  # total, which can exceed 1e-5 of the cancelled result.
+  terms = sum(float(jnp.sum(jnp.abs(o.astype(jnp.float32) * proj)))
+              for o in fn(x, r, scale))
+  assert_close(got[0], want[0], xla_tol(jnp.float32), "loss",
+               magnitude=terms)
   for g, w, name in zip(got[1], want[1], ("dx", "dres", "dscale")):
-    assert_close(g, w, 1e-5, name)
+    assert_close(g, w, xla_tol(jnp.float32), name)
   assert got[1][0].sharding.spec == spec or got[1][0].sharding.is_equivalent_to(
       NamedSharding(mesh, spec), 3)
 
@@ -169,8 +175,8 @@ def test_explicit_axis_name_inside_shard_map():
   y, h = rj.rms_norm_residual(x, r, scale)
   terms = float(jnp.sum(jnp.abs(y.astype(jnp.float32) * dy))
                 + jnp.sum(jnp.abs(h.astype(jnp.float32))))
-  assert_close(lv, lw, TOL[np.dtype(jnp.bfloat16)], "loss", magnitude=terms)
-  assert_close(g, gw, TOL[np.dtype(jnp.bfloat16)], "dscale")
+  assert_close(lv, lw, tol(jnp.bfloat16), "loss", magnitude=terms)
+  assert_close(g, gw, tol(jnp.bfloat16), "dscale")
 
 
 def test_axis_name_rejects_a_kernel_backend():
@@ -197,7 +203,7 @@ def test_vmap_of_partitioned_call(make_impl):
                (0, None))(x, scale)
   want = jnp.stack([jax.grad(lambda s: jnp.sum(f(x[i], s) * x[i]))(scale)
                     for i in range(3)])
-  assert_close(g, want, 1e-5, "per-example dscale")
+  assert_close(g, want, xla_tol(jnp.float32), "per-example dscale")
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
@@ -261,8 +267,9 @@ def test_kernel_inside_users_shard_map(make_impl):
   loss = _shard_map_loss(impl, mesh, proj, check_vma)
   got = jax.jit(jax.value_and_grad(loss), static_argnums=2)(scale, x, True)
   want = jax.value_and_grad(loss)(scale, x, False)
-  assert_close(got[0], want[0], 1e-5, "loss")
-  assert_close(got[1], want[1], 1e-5, "dscale summed over shards")
+  assert_close(got[0], want[0], xla_tol(jnp.float32), "loss")
+  assert_close(got[1], want[1], xla_tol(jnp.float32),
+               "dscale summed over shards")
 
 
 @pytest.mark.parametrize("name,platform", [("pallas_tpu", "tpu"),
@@ -326,7 +333,7 @@ def test_features_sharded_equal_unsharded(feature, axis_type):
       assert np.max(np.abs(np.asarray(g, np.int32)
                            - np.asarray(w, np.int32))) <= 1
     else:
-      assert_close(g, w, 1e-5, feature)
+      assert_close(g, w, xla_tol(jnp.float32), feature)
   hlo = jax.jit(fn).lower(*args).compile().as_text()
   assert "all-gather" not in hlo and "all-to-all" not in hlo, \
       "x was gathered"

@@ -8,22 +8,22 @@ special, the faster generic interpreter elsewhere. Each case is compared with
 
 * ``reference.emulate`` (NumPy, the reference library's exact order of
   float32 operations and roundings): 16-bit outputs must be identical in
-  at least 99.9% of elements (``MIN_IDENTICAL``; a one-ulp flip happens where
+  at least 99.9% of elements (a one-ulp flip happens where
   the float32 sum of squares, summed in another order, or rsqrt against
   1 / sqrt, moves rstd by an ulp and a value across a rounding boundary:
   observed with these cases 99.976% to 100% identical per case, 99.993% of
-  all 55016 16-bit outputs); float32 outputs within ``F32_ULPS`` ulps;
+  all 55016 16-bit outputs); float32 outputs within 4 ulps;
 * ``base.Xla``, the reference semantics of every feature, for forward
-  outputs and gradients: ``VS_XLA`` relative error in norm (float32
+  outputs and gradients: one ulp relative error in norm (float32
   computations of one formula in a different summation order, so float32
   results agree to ~1e-6; 16-bit results differ by one ulp where a value
   straddles a rounding boundary);
 * the float64 NumPy reference (float32 mode only; the llama mode's extra
-  roundings are what ``emulate`` checks): ``numerics_util.TOL``.
+  roundings are what ``emulate`` checks).
+All bounds are ``numerics_util.TOLERANCE``'s.
 """
 
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -35,51 +35,27 @@ from rmsnorm_jax import reference
 from rmsnorm_jax.kernels import tpu_config as cfg
 from rmsnorm_jax.kernels.tpu import PallasTpu
 
-from numerics_util import assert_close, random, tol
+from numerics_util import assert_close, assert_matches_emulation
+from numerics_util import identical_fraction, random, rng_for, tol, xla_tol
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(
     jnp.float16)
 I8, E4M3, E5M2 = (np.dtype(jnp.int8), np.dtype(jnp.float8_e4m3fn),
                   np.dtype(jnp.float8_e5m2))
 EPS = 1e-5
-VS_XLA = {F32: 1e-5, BF16: 8e-3, F16: 1e-3}
-MIN_IDENTICAL = 0.999
-# rsqrt against 1/sqrt and a different order of the float32 sum: a few ulps.
-F32_ULPS = 4
 TPU_INTERP = dict(interpret=True, tpu_interpreter=True)
 GENERIC = dict(interpret=True)
 
 
-def _rng(*key):
-  return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _identical_fraction(got, want):
-  g = np.asarray(got).astype(np.float32)
-  w = np.asarray(want).astype(np.float32)
-  return float(np.mean((g == w) | (np.isnan(g) & np.isnan(w))))
-
-
 def _assert_matches_emulation(got, want, what, bias=None):
-  """16-bit: >= MIN_IDENTICAL identical; float32: within F32_ULPS ulps.
-
-  With a bias, ulps are those of |y| + |bias| (about the larger term): y =
-  a + bias may cancel to far below the terms, whose rounding is what
-  differs.
-  """
-  assert np.dtype(got.dtype) == np.dtype(want.dtype), (got.dtype, want.dtype)
-  if np.dtype(got.dtype) == F32:
-    g, w = np.asarray(got), np.asarray(want)
-    mag = np.abs(w)
-    if bias is not None:
-      mag = mag + np.abs(np.asarray(bias, np.float32))
-    ulp = np.spacing(mag.astype(np.float32))
-    worst = float(np.max(np.abs(g - w) / ulp))
-    assert worst <= F32_ULPS, f"{what}: {worst} ulps from the emulation"
-  else:
-    frac = _identical_fraction(got, want)
-    assert frac >= MIN_IDENTICAL, (
-        f"{what}: only {frac:.4%} identical to the emulation")
+  """``numerics_util.assert_matches_emulation``, float32 ulps taken about
+  |y| + |bias|: y = a + bias may cancel to far below the terms, whose
+  rounding is what differs."""
+  mag = None
+  if bias is not None:
+    mag = np.abs(np.asarray(want, np.float32)) + np.abs(
+        np.asarray(bias, np.float32))
+  assert_matches_emulation(got, want, what, magnitude=mag)
 
 
 def _finite(*arrays):
@@ -163,7 +139,7 @@ FWD_BWD_CASES = [
 
 @pytest.mark.parametrize("c", FWD_BWD_CASES)
 def test_forward_backward_features(c):
-  rng = _rng("fb", repr(c))
+  rng = rng_for("fb", repr(c))
   rows, hidden = c["shape"]
   x = random(rng, (rows, hidden), c["x_dtype"], mean=0.2)
   res = (random(rng, (rows, hidden), c["residual"], mean=-0.3)
@@ -205,15 +181,15 @@ def test_forward_backward_features(c):
   if residual:
     np.testing.assert_array_equal(np.asarray(h, np.float32),
                                   np.asarray(xh, np.float32))
-  assert_close(y, xy, VS_XLA[out_dt], "y vs xla")
-  assert_close(rstd, xr, VS_XLA[F32], "rstd vs xla")
-  assert_close(dx, xdx, VS_XLA[src_dt], "dx vs xla")
+  assert_close(y, xy, xla_tol(out_dt), "y vs xla")
+  assert_close(rstd, xr, xla_tol(F32), "rstd vs xla")
+  assert_close(dx, xdx, xla_tol(src_dt), "dx vs xla")
   if scale is not None:
     assert dscale.dtype == F32 and dscale.shape == scale.shape
-    assert_close(dscale, xds, VS_XLA[F32], "dscale vs xla")
+    assert_close(dscale, xds, xla_tol(F32), "dscale vs xla")
   if bias is not None:
     assert dbias.dtype == F32 and dbias.shape == (hidden,)
-    assert_close(dbias, xdb, VS_XLA[F32], "dbias vs xla")
+    assert_close(dbias, xdb, xla_tol(F32), "dbias vs xla")
 
   # float64: dbias is the column sum of the cotangent as the product dtype
   # sees it; in float32 mode the rest is the plain formula.
@@ -242,7 +218,7 @@ def test_llama_and_float32_modes_differ():
   # bfloat16 x and scale: llama rounds x_hat to bfloat16 before the product
   # (two roundings), float32 mode rounds once; each matches its emulation
   # and they disagree on some elements.
-  rng = _rng("modes")
+  rng = rng_for("modes")
   x = random(rng, (16, 512), BF16)
   scale = random(rng, (512,), BF16, mean=1.0, scale=0.5)
   outs = {}
@@ -253,7 +229,7 @@ def test_llama_and_float32_modes_differ():
     _assert_matches_emulation(
         outs[mode], reference.emulate(x, scale, eps=EPS, cast_mode=mode,
                                       out_dtype=BF16), mode)
-  assert _identical_fraction(outs["float32"], outs["llama"]) < 0.99
+  assert identical_fraction(outs["float32"], outs["llama"]) < 0.99
 
 
 # ------------------------------------------------------------- quantized --
@@ -283,7 +259,7 @@ STATIC_SCALE = {I8: 0.015, E4M3: 0.004, E5M2: 4e-5}
 @pytest.mark.parametrize("qdt", [I8, E4M3, E5M2],
                          ids=["int8", "e4m3fn", "e5m2"])
 def test_quantized_forward(qdt, static, residual):
-  rng = _rng("q", qdt.name, static, residual)
+  rng = rng_for("q", qdt.name, static, residual)
   rows, hidden = 40, 256
   x = np.array(random(rng, (rows, hidden), BF16))
   if not residual:
@@ -359,7 +335,7 @@ def _f8_spacing(v, qdt):
 def test_sums_are_bitwise_deterministic():
   # Per-head dscale, dbias and dx (fixed-order partials, a fixed reduction,
   # no atomics) over repeated calls and compilations.
-  rng = _rng("det")
+  rng = rng_for("det")
   x = random(rng, (40, 128), BF16)
   scale = random(rng, (4, 128), F32, mean=1.0)
   bias = random(rng, (128,), F32)
@@ -404,7 +380,7 @@ def test_cannot_serve_names_what_is_missing():
 
 def test_quantized_wide_rows_fall_back_to_two_pass_and_xla_quantize():
   # Called directly anyway, a too-wide row still gives the right answer.
-  rng = _rng("qwide")
+  rng = rng_for("qwide")
   x = random(rng, (3, 300), F32)
   impl = PallasTpu(**GENERIC, hidden_block=128)
   norm = base.Norm(eps=EPS, quant_dtype=I8)
