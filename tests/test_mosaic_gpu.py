@@ -44,7 +44,14 @@ def _hopper_reason():
 
 
 _REASON = _hopper_reason()
-hopper = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+_SKIP_UNLESS_HOPPER = pytest.mark.skipif(_REASON is not None,
+                                         reason=_REASON or "")
+
+
+def hopper(test):
+  """Marks a device test: selected by ``-m gpu``, skipped off Hopper."""
+  return pytest.mark.gpu(_SKIP_UNLESS_HOPPER(test))
+
 
 DTYPES = [pytest.param(d, id=np.dtype(d).name)
           for d in (jnp.float32, jnp.bfloat16, jnp.float16)]
