@@ -33,9 +33,13 @@ echo "built $(basename "$wheel") and $(basename "$sdist") (${SECONDS}s)"
 name=$(basename "$sdist" .tar.gz)
 listing=$(tar tzf "$sdist")
 for f in LICENSE README.md CHANGELOG.md setup.cfg pyproject.toml \
-    rmsnorm_jax/py.typed; do
+    rmsnorm_jax/py.typed rmsnorm_jax/kernels/tuning/nvidia_h200.json; do
   grep -qx "$name/$f" <<<"$listing" || { echo "sdist lacks $f"; exit 1; }
 done
+# The wheel carries the package data the kernels read at run time.
+wheel_listing=$(python -m zipfile -l "$wheel")
+grep -q "rmsnorm_jax/kernels/tuning/nvidia_h200.json" <<<"$wheel_listing" \
+  || { echo "wheel lacks the GPU tuning data"; exit 1; }
 
 deps_site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 for artifact in "$wheel" "$sdist"; do
