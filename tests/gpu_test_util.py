@@ -30,3 +30,7 @@ MODES = [
                            reason="compiled Pallas GPU kernels need a CUDA "
                                   "GPU; the interpret variant covers CPU")]),
 ]
+# Compiled only: checks whose interpret-mode run would repeat, for the
+# default configuration, what the public-API tests (tests/test_numerics.py,
+# tests/test_features.py) already run on PallasGpu(interpret=True).
+COMPILED = [m for m in MODES if m.id == "compiled"]

@@ -43,7 +43,7 @@ from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
-from gpu_test_util import MODES, impl_for
+from gpu_test_util import COMPILED, MODES, impl_for
 from numerics_util import assert_close, assert_matches_emulation
 from numerics_util import identical_fraction, random, rng_for
 from numerics_util import TOLERANCE, tol, xla_tol
@@ -201,7 +201,9 @@ def test_bias_with_residual(mode):
 LLAMA_CASES = [(BF16, BF16), (BF16, F32), (F16, F16), (F16, F32), (F32, F32)]
 
 
-@pytest.mark.parametrize("mode", MODES)
+# Interpret mode: tests/test_features.py (each dtype pair, with and without
+# a bias, through the public API).
+@pytest.mark.parametrize("mode", COMPILED)
 @pytest.mark.parametrize("x_dtype,scale_dtype", LLAMA_CASES,
                          ids=[f"{a.name}-{b.name}" for a, b in LLAMA_CASES])
 def test_llama_cast_mode(mode, x_dtype, scale_dtype):
@@ -364,7 +366,9 @@ def _half_step(q, q_scale, dtype):
   return 0.5 * q_scale * 2.0 ** (exp - info.nmant)
 
 
-@pytest.mark.parametrize("mode", MODES)
+# Interpret mode: tests/test_features.py (each dtype, dynamic and static,
+# with and without residual, through the public API); the tilings below.
+@pytest.mark.parametrize("mode", COMPILED)
 @pytest.mark.parametrize("qdt", QUANT_DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("with_residual", [False, True],

@@ -42,7 +42,7 @@ from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
-from gpu_test_util import MODES, impl_for
+from gpu_test_util import COMPILED, MODES, impl_for
 from numerics_util import assert_close, assert_residual_matches_reference
 from numerics_util import dx_magnitude, random, residual_inputs, rng_for
 from numerics_util import tol, xla_tol
@@ -53,7 +53,6 @@ DTYPES = [pytest.param(d, id=np.dtype(d).name) for d in shapes.DTYPES]
 # Compiled only: interpret mode runs these through tests/test_numerics.py.
 SHAPES = [pytest.param(s, id="x".join(map(str, s)))
           for s in shapes.CORRECTNESS]
-COMPILED = [m for m in MODES if m.id == "compiled"]
 # Only compiled: sizes that need a real SM count to exercise multi-step
 # persistent programs, and rows wider than the resident limit.
 GPU_SHAPES = [pytest.param(s, id="x".join(map(str, s)))
