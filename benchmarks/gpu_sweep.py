@@ -109,13 +109,35 @@ WIDE32 = [
                           ("fused_bwd", (4096, 16384), BF16),
                           ("bwd", (2048, 16384), F16),
                           ("fused_bwd", (2048, 16384), F32)]]
-ROUNDS = {2: FOCUSED, 3: CHECK, 4: WIDE, 5: WIDE32}
+# Sixth round: rows wider than 16384 columns. The chunked tiling against
+# one-row chunk blocks (fewer rows in flight, so the rows the second loop
+# re-reads stay in L2) and against whole rows held in registers (one read:
+# 32 values per thread at 32768 columns, 64 at 65536).
+WIDER = [
+    ("fwd", (2048, 32768), BF16, [dict(block_rows=1),
+                                  dict(block_rows=1, num_stages=3),
+                                  dict(block_cols=32768),
+                                  dict(block_cols=32768, programs_per_sm=1),
+                                  dict(block_cols=32768, programs_per_sm=1,
+                                       prefetch=True),
+                                  dict(block_cols=32768, persistent=False)]),
+    ("bwd", (2048, 32768), BF16, [dict(block_cols=32768),
+                                  dict(block_cols=32768, cache_scale=True)]),
+    ("fwd", (1024, 65536), BF16, [dict(block_rows=1),
+                                  dict(block_cols=65536, programs_per_sm=1),
+                                  dict(block_cols=65536, persistent=False)]),
+    ("bwd", (1024, 65536), BF16, [dict(block_cols=65536)]),
+    ("fused_fwd", (2048, 32768), BF16, [dict(block_cols=32768,
+                                             programs_per_sm=1)]),
+    ("fused_bwd", (2048, 32768), BF16, [dict(block_cols=32768)]),
+]
+ROUNDS = {2: FOCUSED, 3: CHECK, 4: WIDE, 5: WIDE32, 6: WIDER}
 
 
 def _label(cfg):
-  short = dict(block_rows="br", num_warps="w", programs_per_sm="p",
-               prefetch="pf", cache_scale="cs", num_stages="st",
-               persistent="ps", reload="rl")
+  short = dict(block_rows="br", block_cols="bc", num_warps="w",
+               programs_per_sm="p", prefetch="pf", cache_scale="cs",
+               num_stages="st", persistent="ps", reload="rl")
   return "_".join(f"{short[k]}{int(v)}" for k, v in cfg.items()) or "default"
 
 
@@ -162,15 +184,55 @@ def _impl(cfg):
   return PallasGpu(config=gpu_tiling.Config(**cfg))
 
 
+def check(op, rows, hidden, dtype, impl, seed=0):
+  """Relative errors of ``impl`` against float64 NumPy (plain ops only).
+
+  Returns ``{"y": err}`` for "fwd", ``{"dx": err, "dscale": err}`` for
+  "bwd", ``{}`` otherwise; the kernels' float32 arithmetic on bf16 data
+  lands near bf16's rounding (~4e-3) on y and dx.
+  """
+  if op not in ("fwd", "bwd"):
+    return {}
+  import jax
+  import numpy as np
+  import rmsnorm_jax as rj
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k1, (rows, hidden), jnp.float32).astype(dtype)
+  s = (1.0 + 0.5 * jax.random.normal(k2, (hidden,))).astype(dtype)
+  dy = jax.random.normal(k3, (rows, hidden), jnp.float32).astype(dtype)
+  xn, sn, dyn = (np.asarray(a, np.float64) for a in (x, s, dy))
+  rstd = 1.0 / np.sqrt(np.mean(xn * xn, axis=1, keepdims=True) + 1e-6)
+  xhat = xn * rstd
+
+  def rel(a, ref):
+    a = np.asarray(a, np.float64)
+    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+
+  fwd = jax.jit(lambda x, s: rj.rms_norm(x, s, eps=1e-6, backend=impl))
+  if op == "fwd":
+    return {"y": rel(fwd(x, s), xhat * sn)}
+  _, vjp = jax.vjp(fwd, x, s)
+  dx, ds = jax.jit(lambda v, d: v(d))(vjp, dy)
+  g = dyn * sn
+  dx_ref = rstd * (g - xhat * np.mean(g * xhat, axis=1, keepdims=True))
+  return {"dx": rel(dx, dx_ref), "dscale": rel(ds, np.sum(dyn * xhat, 0))}
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--json")
   p.add_argument("--limit", type=int, default=len(CASES),
                  help="run only the first N (op, shape) cases")
-  p.add_argument("--round", type=int, default=1, choices=tuple(range(1, 6)),
+  p.add_argument("--round", type=int, default=1, choices=tuple(range(1, 7)),
                  help="1: configs around the default (CASES); 2: FOCUSED; "
-                      "3: CHECK; 4: WIDE; 5: WIDE32")
+                      "3: CHECK; 4: WIDE; 5: WIDE32; 6: WIDER")
+  p.add_argument("--check", action="store_true",
+                 help="first compare each config's fwd/bwd with a float64 "
+                      "reference (fresh random inputs)")
+  p.add_argument("--run-once", action="store_true",
+                 help="only run each config's kernels twice (for Nsight "
+                      "Compute: the second launch is the one to read)")
   args = p.parse_args()
   if args.round > 1:
     cases = [(op, shape, dt, [("default", PallasGpu())] + [
@@ -181,6 +243,14 @@ def main():
              for op, shape, dt in CASES]
   records = []
   for op, (rows, hidden), dtype, cfgs in cases[:args.limit]:
+    if args.check or args.run_once:
+      for label, impl in cfgs:
+        errs = check(op, rows, hidden, dtype, impl)
+        if args.check:
+          print(f"check {op} ({rows},{hidden}) {label}: " + ", ".join(
+              f"{k}={v:.2e}" for k, v in errs.items()), flush=True)
+      if args.run_once:
+        continue
     impls = ["xla"] + cfgs
     recs = bench.run_benchmark([((rows, hidden), dtype)], ops=[op],
                                impls=impls, reps=args.reps, log=None)

@@ -33,8 +33,13 @@ import jax
 
 from rmsnorm_jax import ops
 
-# Widest padded row kept whole in registers; wider rows are walked in chunks.
+# Widest padded row of a tuning file entry, and the width past which
+# kernels/gpu.py counts a row as chunked for backend="auto".
 MAX_RESIDENT_COLS = 16384
+# Widest padded row the heuristic keeps whole in registers; wider rows are
+# walked in chunks. A user block_cols >= the padded row asks for whole-row
+# tiles at any width.
+HEURISTIC_RESIDENT_MAX_COLS = MAX_RESIDENT_COLS
 
 # Forward: elements per tile and per thread, by input itemsize. 16-bit rows:
 # 8192-element tiles of 16 warps (8192x4096 bf16: 46.4 us; 4096-element
@@ -109,7 +114,9 @@ class Config:
     block_rows: rows per tile (a power of two; others are rounded up).
     block_cols: columns per tile (a power of two; others are rounded up).
       Below the padded row width it forces the chunked (two-loop) tiling,
-      where each row block is walked in ``block_cols``-wide chunks.
+      where each row block is walked in ``block_cols``-wide chunks; at or
+      above it, whole-row tiles, also for rows wider than the heuristic
+      keeps whole (``HEURISTIC_RESIDENT_MAX_COLS``).
     num_warps: warps per program.
     programs_per_sm: programs per SM of a persistent grid.
     persistent: the forward runs on a persistent grid (programs walk row
@@ -454,8 +461,10 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
   isz = 4 if itemsize >= 4 else 2
   padded = next_pow2(hidden)
   want_cols = next_pow2(c.block_cols) if c.block_cols else None
-  resident = padded <= MAX_RESIDENT_COLS and (
-      want_cols is None or want_cols >= padded)
+  if want_cols is None:
+    resident = padded <= HEURISTIC_RESIDENT_MAX_COLS
+  else:
+    resident = want_cols >= padded
   tuned = {}
   if resident:
     kind = gpu_kind() if device_kind == AUTO else device_kind
