@@ -131,7 +131,21 @@ WIDER = [
                                              programs_per_sm=1)]),
     ("fused_bwd", (2048, 32768), BF16, [dict(block_cols=32768)]),
 ]
-ROUNDS = {2: FOCUSED, 3: CHECK, 4: WIDE, 5: WIDE32, 6: WIDER}
+# Seventh round: 65536-wide rows, where whole rows spill, walked in chunks
+# of one row with fewer, wider programs (so fewer rows are in flight and the
+# second loop finds them in L2); and the 32768-wide quantized forward, now
+# on whole rows, against the chunked tiling it had.
+WIDEST = [
+    ("fwd", (1024, 65536), BF16, [dict(block_rows=1),
+                                  dict(block_rows=1, block_cols=16384),
+                                  dict(block_rows=1, block_cols=32768),
+                                  dict(block_rows=2, block_cols=8192)]),
+    ("fused_fwd", (1024, 65536), BF16, [dict(block_rows=1, block_cols=16384),
+                                        dict(block_rows=1,
+                                             block_cols=32768)]),
+    ("quant_fwd", (2048, 32768), BF16, [dict(block_rows=8, block_cols=1024)]),
+]
+ROUNDS = {2: FOCUSED, 3: CHECK, 4: WIDE, 5: WIDE32, 6: WIDER, 7: WIDEST}
 
 
 def _label(cfg):
@@ -224,9 +238,9 @@ def main():
   p.add_argument("--json")
   p.add_argument("--limit", type=int, default=len(CASES),
                  help="run only the first N (op, shape) cases")
-  p.add_argument("--round", type=int, default=1, choices=tuple(range(1, 7)),
+  p.add_argument("--round", type=int, default=1, choices=tuple(range(1, 8)),
                  help="1: configs around the default (CASES); 2: FOCUSED; "
-                      "3: CHECK; 4: WIDE; 5: WIDE32; 6: WIDER")
+                      "3: CHECK; 4: WIDE; 5: WIDE32; 6: WIDER; 7: WIDEST")
   p.add_argument("--check", action="store_true",
                  help="first compare each config's fwd/bwd with a float64 "
                       "reference (fresh random inputs)")

@@ -40,6 +40,16 @@ MAX_RESIDENT_COLS = 16384
 # walked in chunks. A user block_cols >= the padded row asks for whole-row
 # tiles at any width.
 HEURISTIC_RESIDENT_MAX_COLS = MAX_RESIDENT_COLS
+# 16-bit rows stay whole up to 32768 padded columns: one 32-warp program per
+# SM holds 32 values per thread in its 64 registers (sweep round 6, H200,
+# 2048x32768 bf16, us: forward 83.4 against 110.8 chunked, fused forward
+# 146.6 against 205.1, backward 220.6 against 276.1, fused backward 275.9
+# against 311.1). The chunked forward's second loop re-read x from DRAM:
+# all 256 programs of 8 rows are in flight at once, 128 MB of rows against
+# a 60 MB L2 (Nsight Compute: 257 MB of DRAM reads for 134 MB of x, 37% L2
+# hits; whole rows: 134 MB). At 65536 columns whole rows spill (64 values
+# per thread: forward 156.1, backward 519.7) and stay chunked.
+HEURISTIC_RESIDENT16_MAX_COLS = 32768
 
 # Forward: elements per tile and per thread, by input itemsize. 16-bit rows:
 # 8192-element tiles of 16 warps (8192x4096 bf16: 46.4 us; 4096-element
@@ -54,6 +64,9 @@ FWD_ELEMS_PER_THREAD = {2: 16, 4: 32}
 # as well with one block per program.
 FWD_PERSISTENT_MIN_COLS = 16384
 FWD_PROGRAMS_PER_SM = 2
+# Past 16384 padded columns a 32-warp program takes the SM's registers: one
+# per SM (2048x32768 bf16: 83.4 us, 83.8 asking for two).
+FWD_WIDE_PROGRAMS_PER_SM = 1
 
 # Backward, rows of >= 1024 padded columns: 16 warps, 32 bytes of each input
 # per thread, one program per SM walking row blocks (8192x4096 bf16: 72 us;
@@ -462,7 +475,8 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
   padded = next_pow2(hidden)
   want_cols = next_pow2(c.block_cols) if c.block_cols else None
   if want_cols is None:
-    resident = padded <= HEURISTIC_RESIDENT_MAX_COLS
+    resident = padded <= (HEURISTIC_RESIDENT16_MAX_COLS if isz == 2
+                          else HEURISTIC_RESIDENT_MAX_COLS)
   else:
     resident = want_cols >= padded
   tuned = {}
@@ -483,7 +497,8 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
     per_thread = FWD_ELEMS_PER_THREAD[isz]
     persistent = _pick(c.persistent, tuned.get(
         "persistent", bc >= FWD_PERSISTENT_MIN_COLS))
-    per_sm = FWD_PROGRAMS_PER_SM
+    per_sm = (FWD_PROGRAMS_PER_SM if bc <= MAX_RESIDENT_COLS
+              else FWD_WIDE_PROGRAMS_PER_SM)
   else:
     bc = padded
     persistent = True
