@@ -102,6 +102,10 @@ RELOAD_MIN_COLS = 16384
 # one, which also reads dh, does not (223.1). float32 rows keep 16 warps
 # (fused 2048x16384 f32: 273.1 against 221.7). Sweep rounds 4 and 5.
 BWD_WIDE16_WARPS = 32
+# Whole-row backward tiles wider than this (with reload) are walked in
+# static pieces of this width, one dscale accumulator per piece
+# (gpu_kernels._backward_pieces).
+BWD_PIECE_COLS = 16384
 # The forward holds no dscale accumulator, so it affords both up to 16384.
 FWD_PREFETCH_MAX_COLS = 16384
 FWD_CACHE_SCALE_MAX_COLS = 16384
@@ -111,6 +115,16 @@ CHUNK_TILE = 8192
 MAX_CHUNK_ROWS = 16
 ELEMS_PER_THREAD = 16
 MAX_WARPS = 32
+# The forward of 16-bit rows too wide to stay whole: one row per program in
+# 32768-wide chunks (32 warps, one program per SM), so that about 132 rows
+# (17 MB at 65536 columns) are in flight and the second loop finds them in
+# L2 (sweep round 7, H200, 1024x65536 bf16, us: forward 90.8 against 111.8
+# for 4-row blocks of 2048-wide chunks, 99.2 with 16384-wide chunks, 106.4
+# with one row of 8192; fused forward 190.0 against 210.0, 186.8 with
+# 16384-wide chunks). The backward keeps its row blocks: one-row programs
+# would each write a partial dscale row (grid x hidden floats).
+FWD_CHUNK16_ROWS = 1
+FWD_CHUNK16_COLS = 32768
 # Fewer programs than this many per SM leave SMs idle: shrink the row block.
 MIN_WAVES = 1
 DEFAULT_NUM_SMS = 132  # H100 SXM
@@ -486,9 +500,21 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
   per_sm = None
   max_warps = MAX_WARPS
   if not resident:
-    br = next_pow2(c.block_rows) if c.block_rows else _shrink_for_grid(
-        MAX_CHUNK_ROWS, rows, sms)
-    bc = want_cols or max(256, min(padded, CHUNK_TILE // br))
+    # Only where the width alone chose chunks: a user block_cols keeps the
+    # general shape.
+    wide16_fwd = fwd and isz == 2 and want_cols is None
+    if c.block_rows:
+      br = next_pow2(c.block_rows)
+    elif wide16_fwd:
+      br = FWD_CHUNK16_ROWS
+    else:
+      br = _shrink_for_grid(MAX_CHUNK_ROWS, rows, sms)
+    if want_cols:
+      bc = want_cols
+    elif wide16_fwd:
+      bc = min(padded, FWD_CHUNK16_COLS)
+    else:
+      bc = max(256, min(padded, CHUNK_TILE // br))
     per_thread = ELEMS_PER_THREAD
     persistent = False
   elif fwd:
