@@ -145,7 +145,15 @@ WIDEST = [
                                              block_cols=32768)]),
     ("quant_fwd", (2048, 32768), BF16, [dict(block_rows=8, block_cols=1024)]),
 ]
-ROUNDS = {2: FOCUSED, 3: CHECK, 4: WIDE, 5: WIDE32, 6: WIDER, 7: WIDEST}
+# Eighth round: the whole-row backward of 32768-wide rows in 16384-wide
+# pieces (the default now) against XLA; 65536-wide whole rows in pieces.
+PIECES = [
+    ("bwd", (2048, 32768), BF16, []),
+    ("fused_bwd", (2048, 32768), BF16, []),
+    ("bwd", (1024, 65536), BF16, [dict(block_cols=65536)]),
+]
+ROUNDS = {2: FOCUSED, 3: CHECK, 4: WIDE, 5: WIDE32, 6: WIDER, 7: WIDEST,
+          8: PIECES}
 
 
 def _label(cfg):
@@ -238,9 +246,9 @@ def main():
   p.add_argument("--json")
   p.add_argument("--limit", type=int, default=len(CASES),
                  help="run only the first N (op, shape) cases")
-  p.add_argument("--round", type=int, default=1, choices=tuple(range(1, 8)),
+  p.add_argument("--round", type=int, default=1, choices=tuple(range(1, 9)),
                  help="1: configs around the default (CASES); 2: FOCUSED; "
-                      "3: CHECK; 4: WIDE; 5: WIDE32; 6: WIDER; 7: WIDEST")
+                      "3: CHECK; 4: WIDE; 5: WIDE32; 6: WIDER; 7: WIDEST; 8: PIECES")
   p.add_argument("--check", action="store_true",
                  help="first compare each config's fwd/bwd with a float64 "
                       "reference (fresh random inputs)")

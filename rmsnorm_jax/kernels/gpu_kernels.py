@@ -44,6 +44,7 @@ import numpy as np
 
 from rmsnorm_jax import base
 from rmsnorm_jax.kernels import common
+from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu_tiling import Config
 
 _F32 = jnp.float32
@@ -640,6 +641,13 @@ def _backward_kernel(*refs, g: Geometry, m: _Math, has_dh: bool,
     if m.has_bias:
       tile.store_cols(pb_ref, row, acc[1])
 
+  if g.resident and g.config.reload and (
+      g.block_cols > gpu_tiling.BWD_PIECE_COLS):
+    _backward_pieces(g, m, has_dh, pid, head, inv_n, x_ref, dy_ref,
+                     rstd_ref, dh_ref, weight, write_dx, accumulate,
+                     store_partials)
+    return
+
   if g.resident:
     w_cached = None
     if m.has_scale and g.config.cache_scale:
@@ -713,6 +721,55 @@ def _backward_kernel(*refs, g: Geometry, m: _Math, has_dh: bool,
     return carry
 
   lax.fori_loop(0, g.num_chunks, write, 0)
+
+
+def _backward_pieces(g: Geometry, m: _Math, has_dh, pid, head, inv_n, x_ref,
+                     dy_ref, rstd_ref, dh_ref, weight, write_dx, accumulate,
+                     store_partials):
+  """The persistent whole-row backward in static column pieces.
+
+  Rows wider than ``gpu_tiling.BWD_PIECE_COLS`` (with ``reload``): each
+  row block is read piece by piece for the row reduction and again, from
+  L2, for dx, and dscale (dbias) is one register accumulator per piece, so
+  only one piece of x and dy is live beside the accumulators (a whole
+  32768-wide row held 32 values of each per thread next to the accumulator
+  and spilled).
+  """
+  width = gpu_tiling.BWD_PIECE_COLS
+  pieces = g.block_cols // width
+  pg = dataclasses.replace(
+      g, config=dataclasses.replace(g.config, block_cols=width))
+  zeros = jnp.zeros((width,), _F32)
+
+  def piece(k, j):
+    return _Tile(pg, (pid + k * g.grid) * g.block_rows, j * width, head,
+                 mask_rows=g.rows_ragged)
+
+  def step(k, accs):
+    rstd = piece(k, 0).load_row_stat(rstd_ref)
+    c = jnp.zeros((g.block_rows,), _F32)
+    for j in range(pieces):
+      tile = piece(k, j)
+      _, grad, xhat, _ = m.grad_terms(tile.load(x_ref, "evict_last"),
+                                      tile.load(dy_ref, "evict_last"),
+                                      weight(tile), rstd)
+      c = c + jnp.sum(grad * xhat, axis=1)
+    c = c * inv_n
+    out = []
+    for j in range(pieces):
+      tile = piece(k, j)
+      dh = tile.load(dh_ref, "evict_first") if has_dh else None
+      dyp, grad, xhat, xhat_s = m.grad_terms(
+          tile.load(x_ref, "evict_first"), tile.load(dy_ref, "evict_first"),
+          weight(tile, "evict_last"), rstd)
+      write_dx(tile, xhat, grad, rstd, c, dh)
+      out.append(accumulate(accs[j], dyp, xhat_s))
+    return tuple(out)
+
+  accs = lax.fori_loop(0, g.steps, step,
+                       tuple((zeros, zeros) for _ in range(pieces)))
+  for j in range(pieces):
+    store_partials(piece(0, j), pid, accs[j])
 
 
 def backward(x, scale, bias, rstd, dy, dh, *, config: Config,
