@@ -21,7 +21,10 @@ The backward of the resident tiling runs on a persistent grid: each program
 walks the row blocks ``pid, pid + grid, ...`` and keeps its share of dscale
 (and dbias) in registers, so the partial sums written are ``grid x hidden``
 floats however many rows there are, and a small XLA reduction in a fixed
-order finishes them (no atomics: results are bitwise reproducible).
+order finishes them (no atomics: results are bitwise reproducible). Whole
+rows wider than ``gpu_tiling.BWD_PIECE_COLS`` are walked in static pieces
+of that width, each with its own dscale accumulator, so that one piece of
+x and dy is live at a time (``_backward_pieces``).
 
 A per-head scale ``(heads, head_dim)`` applies to rows ``(tokens, heads)``
 flattened. The kernels view x as ``(tokens, heads * head_dim)`` (a free

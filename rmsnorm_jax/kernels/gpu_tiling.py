@@ -44,7 +44,8 @@ HEURISTIC_RESIDENT_MAX_COLS = MAX_RESIDENT_COLS
 # SM holds 32 values per thread in its 64 registers (sweep round 6, H200,
 # 2048x32768 bf16, us: forward 83.4 against 110.8 chunked, fused forward
 # 146.6 against 205.1, backward 220.6 against 276.1, fused backward 275.9
-# against 311.1). The chunked forward's second loop re-read x from DRAM:
+# against 311.1; round 8, with the backward in 16384-wide pieces
+# (BWD_PIECE_COLS): 180.3 and 221.3). The chunked forward's second loop re-read x from DRAM:
 # all 256 programs of 8 rows are in flight at once, 128 MB of rows against
 # a 60 MB L2 (Nsight Compute: 257 MB of DRAM reads for 134 MB of x, 37% L2
 # hits; whole rows: 134 MB). At 65536 columns whole rows spill (64 values
