@@ -251,11 +251,15 @@ def test_auto_declines_crossover():
   assert not preferred(2, 65536, jnp.float32)
   assert preferred(4096, 16384, jnp.bfloat16)
   assert not preferred(2**20, 2**12, jnp.bfloat16)  # > 2**31 elems
-  # Chunked rows (wider than 16384): the forward stays on the kernel; the
-  # backward and the fused forward measured faster on XLA.
+  # Chunked rows (wider than 32768 16-bit or 16384 float32 columns): the
+  # forward stays on the kernel; the backward and the fused ops measured
+  # faster on XLA. 16-bit rows of 32768 are resident: the kernel.
   assert preferred(2048, 32768, jnp.bfloat16)
+  assert preferred(1024, 65536, jnp.bfloat16)
   for op in ("backward", "residual_backward", "residual_forward"):
-    assert impl.auto_declines(_call(op, 2048, 32768, jnp.bfloat16))
+    assert impl.auto_declines(_call(op, 1024, 65536, jnp.bfloat16))
+    assert impl.auto_declines(_call(op, 2048, 32768, jnp.float32))
+    assert impl.auto_declines(_call(op, 2048, 32768, jnp.bfloat16)) is None
     assert impl.auto_declines(_call(op, 4096, 16384, jnp.bfloat16)) is None
 
 

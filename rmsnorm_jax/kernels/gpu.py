@@ -53,10 +53,13 @@ AUTO_WIDE_MIN_ROWS = 8
 # tile; such inputs (8 GiB of float32) stay on XLA under "auto".
 AUTO_MAX_ELEMENTS = 2**31 - 1
 # Rows wider than the resident tiling (walked in chunks): on an H200 XLA's
-# backward and fused forward were faster than the chunked kernels, the plain
-# forward was not (bfloat16, docs/bench_h200.md): backward 2048x32768 183 us
-# (XLA) against 277, 1024x65536 186 against 228; fused forward 194 against
-# 205 and 193 against 212; forward 121 against 112 and 121 against 113.
+# backward and fused ops were faster than the chunked kernels, the plain
+# forward was not (bfloat16, us, XLA against the kernel): backward
+# 1024x65536 185.4 against 226.1; fused forward 193.2 against 190.0 (level);
+# forward 121 against 90.8 (docs/gpu_perf_notes.md). 16-bit rows of up to
+# 32768 columns are resident, and there the kernels are ahead or level
+# (2048x32768: fused forward 146.6 against 195.0, fused backward 221.3
+# against 233.0, backward 180.3 against 182.5).
 AUTO_CHUNKED_XLA_OPS = ("backward", "residual_backward", "residual_forward")
 # The features beyond the plain norm the kernels serve (kernels/common.py
 # FEATURES); cannot_serve declines a call needing any other.
@@ -126,10 +129,13 @@ class PallasGpu(base.Implementation):
         and rows < AUTO_WIDE_MIN_ROWS):
       return (f"XLA measured faster for fewer than {AUTO_WIDE_MIN_ROWS} rows "
               f"of {AUTO_WIDE_COLS} or more columns")
+    resident_cols = (gpu_tiling.HEURISTIC_RESIDENT16_MAX_COLS
+                     if np.dtype(call.dtype).itemsize == 2
+                     else gpu_tiling.HEURISTIC_RESIDENT_MAX_COLS)
     if (call.op in AUTO_CHUNKED_XLA_OPS
-        and gpu_tiling.next_pow2(hidden) > gpu_tiling.MAX_RESIDENT_COLS):
+        and gpu_tiling.next_pow2(hidden) > resident_cols):
       return (f"XLA measured faster for {call.op} on rows wider than "
-              f"{gpu_tiling.MAX_RESIDENT_COLS} columns (chunked tiling)")
+              f"{resident_cols} columns (chunked tiling)")
     return None
 
   # ------------------------------------------------------------- plumbing --
