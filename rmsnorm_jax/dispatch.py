@@ -87,8 +87,9 @@ class Route:
   Attributes:
     requested: the ``backend=`` argument as the user spelled it.
     per_platform: ``(platform, implementation)`` pairs.
-    notes: ``(platform, reason)`` for each platform where "auto" (or
-      "pallas") passed the platform's kernel over.
+    notes: ``(platform, reasons)`` for each platform where "auto" (or
+      "pallas") passed one of the platform's kernels over, each reason
+      prefixed with the kernel's name.
   """
 
   requested: str
