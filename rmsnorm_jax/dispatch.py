@@ -149,10 +149,7 @@ def route(backend: Backend, call: base.Call) -> Route:
         raise ValueError(
             f"backend='pallas' on {platform} has no kernel that can serve "
             f"this call: {'; '.join(reasons)}.")
-    if chosen is None:
-      per_platform.append((platform, xla))
-    else:
-      per_platform.append((platform, chosen))
+    per_platform.append((platform, chosen or xla))
     if reasons and (chosen is None or backend == "auto"):
       notes.append((platform, "; ".join(reasons)))
   return Route(backend, tuple(per_platform), tuple(notes))

@@ -129,9 +129,8 @@ class PallasGpu(base.Implementation):
         and rows < AUTO_WIDE_MIN_ROWS):
       return (f"XLA measured faster for fewer than {AUTO_WIDE_MIN_ROWS} rows "
               f"of {AUTO_WIDE_COLS} or more columns")
-    resident_cols = (gpu_tiling.HEURISTIC_RESIDENT16_MAX_COLS
-                     if np.dtype(call.dtype).itemsize == 2
-                     else gpu_tiling.HEURISTIC_RESIDENT_MAX_COLS)
+    resident_cols = gpu_tiling.heuristic_resident_cols(
+        np.dtype(call.dtype).itemsize)
     if (call.op in AUTO_CHUNKED_XLA_OPS
         and gpu_tiling.next_pow2(hidden) > resident_cols):
       return (f"XLA measured faster for {call.op} on rows wider than "

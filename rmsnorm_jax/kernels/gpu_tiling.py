@@ -52,6 +52,13 @@ HEURISTIC_RESIDENT_MAX_COLS = MAX_RESIDENT_COLS
 # per thread: forward 156.1, backward 519.7) and stay chunked.
 HEURISTIC_RESIDENT16_MAX_COLS = 32768
 
+
+def heuristic_resident_cols(itemsize: int) -> int:
+  """Widest padded row the heuristic keeps whole for inputs of ``itemsize``
+  bytes; wider rows are walked in chunks."""
+  return (HEURISTIC_RESIDENT_MAX_COLS if itemsize >= 4
+          else HEURISTIC_RESIDENT16_MAX_COLS)
+
 # Forward: elements per tile and per thread, by input itemsize. 16-bit rows:
 # 8192-element tiles of 16 warps (8192x4096 bf16: 46.4 us; 4096-element
 # tiles 45.7, 16384 47.8, 32 warps 51.5: within noise but the wider tiles
@@ -490,8 +497,7 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
   padded = next_pow2(hidden)
   want_cols = next_pow2(c.block_cols) if c.block_cols else None
   if want_cols is None:
-    resident = padded <= (HEURISTIC_RESIDENT16_MAX_COLS if isz == 2
-                          else HEURISTIC_RESIDENT_MAX_COLS)
+    resident = padded <= heuristic_resident_cols(isz)
   else:
     resident = want_cols >= padded
   tuned = {}
