@@ -308,8 +308,9 @@ def test_per_head_scale(mode, heads, head_dim, tokens):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_per_head_tilings(mode):
-  # Persistent walks over several ragged row blocks per (program, head),
-  # and the chunked tiling, with the fused residual ops.
+  # Persistent walks over several ragged blocks of folded tokens, each
+  # head's window apart, and the chunked tiling, with the fused residual
+  # ops.
   rows, heads, head_dim = 4 * 11, 4, 96
   x, scale, _, dy = _inputs(("heads_tiling",), rows, head_dim, F16,
                             scale_shape=(heads, head_dim), scale_dtype=F16)
@@ -319,6 +320,10 @@ def test_per_head_tilings(mode):
   # fused residual ops.
   _check_against_xla(impl_for(mode, block_rows=2, num_sms=3, persistent=True),
                      x, scale, None, dy, norm)
+  # Each head's window on a second grid axis (block_cols below the folded
+  # width of a token).
+  _check_against_xla(impl_for(mode, block_cols=128, block_rows=4), x, scale,
+                     None, dy, norm)
   impl = impl_for(mode, block_cols=32, block_rows=4)
   y, h, rstd = jax.jit(functools.partial(impl.residual_forward, norm=norm))(
       x, res, scale, None)
@@ -334,23 +339,48 @@ def test_per_head_tilings(mode):
   assert_close(got[1], want[1], xla_tol(F16), "dscale vs xla")
 
 
-@pytest.mark.parametrize("op", ["forward", "backward", "residual_backward"])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_per_head_tiles_like_narrow_rows(op, head_dim):
-  # The per-head kernels are the narrow-row kernels on a second grid axis:
-  # the same tile, warps and total programs (so the same speed is
-  # expected; the H100 figures of the narrow rows are in gpu_tiling.py).
-  rows, heads = 32768 * 128 // head_dim, 8
-  # The heuristic's tiling (device_kind=None: no tuning file applies).
-  plain = gpu_tiling.resolve(gpu_tiling.Config(num_sms=132), op, rows,
-                             head_dim, device_kind=None)
-  split = gpu_tiling.resolve(gpu_tiling.Config(num_sms=132), op, rows,
-                             head_dim, heads=heads, device_kind=None)
+@pytest.mark.parametrize("op", ["forward", "backward", "residual_backward",
+                                "quantized_forward"])
+@pytest.mark.parametrize("heads,head_dim", [(8, 64), (32, 128), (5, 256)])
+def test_per_head_tiles_like_whole_rows(op, heads, head_dim):
+  # A token's heads are one tile: the per-head kernels tile like the plain
+  # kernels on rows of next_pow2(heads) * head_dim columns (the same tile
+  # and grid; the same warps except the wide folded forward's, doubled),
+  # with no second grid axis.
+  tokens = 4096
+  split = gpu_tiling.resolve(gpu_tiling.Config(num_sms=132), op,
+                             tokens * heads, head_dim, heads=heads,
+                             device_kind=None)
+  cols = gpu_tiling.next_pow2(heads) * head_dim
+  plain = gpu_tiling.resolve(gpu_tiling.Config(num_sms=132), op, tokens,
+                             cols, device_kind=None)
+  if op == "forward" and cols >= gpu_tiling.FOLD_FWD_WIDE_COLS:
+    plain = dataclasses.replace(plain, num_warps=min(
+        gpu_tiling.MAX_WARPS, 2 * plain.num_warps))
   assert split == plain
-  g_plain = gpu_kernels.Geometry(plain, rows, head_dim)
-  g_split = gpu_kernels.Geometry(split, rows // heads, head_dim, heads)
-  assert g_split.steps == g_plain.steps
-  assert abs(g_split.grid * heads - g_plain.grid) <= heads
+  g_split = gpu_kernels.Geometry(split, tokens, head_dim, heads)
+  g_plain = gpu_kernels.Geometry(plain, tokens, cols)
+  assert g_split.fold and g_split.head_programs == 1
+  assert g_split.tile_shape == (plain.block_rows, cols // head_dim, head_dim)
+  assert (g_split.grid, g_split.steps) == (g_plain.grid, g_plain.steps)
+
+
+def test_per_head_wide_tokens_tile_each_head():
+  # Tokens wider than gpu_tiling.FOLD_MAX_COLS (and a user block_cols below
+  # the folded width) tile each head apart, on a second grid axis.
+  heads, head_dim, tokens = 64, 512, 64
+  assert gpu_tiling.fold_cols(head_dim, heads) > gpu_tiling.FOLD_MAX_COLS
+  for config, cols in ((gpu_tiling.Config(num_sms=132), head_dim),
+                       (gpu_tiling.Config(num_sms=132, block_cols=256), 256)):
+    c = gpu_tiling.resolve(config, "backward", tokens * heads, head_dim,
+                           heads=heads, device_kind=None)
+    g = gpu_kernels.Geometry(c, tokens, head_dim, heads)
+    assert not g.fold and g.head_programs == heads
+    assert g.tile_shape == (c.block_rows, cols)
+  narrow = gpu_tiling.resolve(gpu_tiling.Config(num_sms=132, block_cols=128),
+                              "forward", 4 * 64, 128, heads=4,
+                              device_kind=None)
+  assert not gpu_kernels.Geometry(narrow, 64, 128, 4).fold
 
 
 # ------------------------------------------------------------- quantized --

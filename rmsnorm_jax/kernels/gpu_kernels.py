@@ -27,10 +27,19 @@ of that width, each with its own dscale accumulator, so that one piece of
 x and dy is live at a time (``_backward_pieces``).
 
 A per-head scale ``(heads, head_dim)`` applies to rows ``(tokens, heads)``
-flattened. The kernels view x as ``(tokens, heads * head_dim)`` (a free
-reshape) and run a second grid axis over heads: program ``(p, h)`` handles
-head ``h``'s ``head_dim``-wide column window of its row blocks, so its scale
-row is one vector, loaded once, and its dscale partial belongs to one head.
+flattened. Where a token's heads fit one resident tile (``Geometry.fold``,
+the default), the kernels view x as ``(tokens, heads, head_dim)`` (a free
+reshape) and tile whole tokens: a ``(block_rows, heads, head_dim)`` tile
+reduces over its last axis, so a per-head norm reads and writes whole
+contiguous rows like the plain norm of ``heads * head_dim`` columns, and the
+dscale partial of a program is its ``(heads, head_dim)`` column sum. A
+second grid axis over heads, each program reading its head's
+``head_dim``-wide column window (256-byte pieces of every row), was slower
+(H200, bf16, us, backward with heads apart against folded: 8192x32x128
+60.2 against 56.3, the plain 8192x4096 backward taking 57.3; 16384x32x128
+116.5 against 107.1; forward 8192x32x128 36.2 against 35.6). Otherwise (a
+token too wide for one tile, or a user ``block_cols`` below it) program
+``(p, h)`` handles head ``h``'s column window of its row blocks.
 """
 
 from __future__ import annotations
@@ -61,7 +70,8 @@ class Geometry:
     config: the resolved configuration (``gpu_tiling.resolve``).
     rows: rows of one head (all rows without a per-head scale).
     hidden: normalized width (head_dim with a per-head scale).
-    heads: scale rows (1 without a per-head scale); the second grid axis.
+    heads: scale rows (1 without a per-head scale); the second grid axis
+      unless folded into the tile (``fold``).
   """
 
   config: Config
@@ -74,8 +84,44 @@ class Geometry:
     return self.config.block_rows
 
   @property
+  def heads_padded(self) -> int:
+    """Heads a folded tile spans (a power of two; 1 if not folded)."""
+    return gpu_tiling.next_pow2(self.heads) if self.fold else 1
+
+  @property
+  def fold(self) -> bool:
+    """Whole tokens (all heads) per tile; ``gpu_tiling.resolve`` asks for
+    it with ``block_cols`` covering every padded head."""
+    return self.heads > 1 and self.config.block_cols >= (
+        gpu_tiling.fold_cols(self.hidden, self.heads))
+
+  @property
+  def head_programs(self) -> int:
+    """Programs along the second grid axis (one per head unless folded)."""
+    return 1 if self.fold else self.heads
+
+  @property
   def block_cols(self) -> int:
+    """Columns of one head's window (of every head's, when folded)."""
+    if self.fold:
+      return self.config.block_cols // self.heads_padded
     return self.config.block_cols
+
+  @property
+  def tile_shape(self) -> tuple[int, ...]:
+    if self.fold:
+      return (self.block_rows, self.heads_padded, self.block_cols)
+    return (self.block_rows, self.block_cols)
+
+  @property
+  def vector_shape(self) -> tuple[int, ...]:
+    """A per-feature vector of the tile (per head when folded)."""
+    return self.tile_shape[1:]
+
+  @property
+  def stat_shape(self) -> tuple[int, ...]:
+    """The per-row statistics of a tile (per token and head when folded)."""
+    return self.tile_shape[:-1]
 
   @property
   def resident(self) -> bool:
@@ -88,7 +134,7 @@ class Geometry:
     if not (self.resident and self.config.persistent):
       return blocks, 1
     slots = self.config.num_sms * self.config.programs_per_sm
-    grid = max(1, min(blocks, slots // self.heads))
+    grid = max(1, min(blocks, slots // self.head_programs))
     steps = pl.cdiv(blocks, grid)
     # Same steps per program, no program left with only empty blocks.
     return pl.cdiv(blocks, steps), steps
@@ -163,29 +209,29 @@ class _Math:
 
   def output(self, h, rstd, w, b):
     """y (float32 values) from the normalized input h and its rstd."""
-    y = h * rstd[:, None]
+    y = h * rstd[..., None]
     if self.llama:
       y = self.round(y, self.xdt)
       if w is not None:
-        y = self.round(y * w[None, :], self.pdt)
+        y = self.round(y * w[None], self.pdt)
       if b is not None:
-        y = self.round(y + b[None, :], self.pdt)
+        y = self.round(y + b[None], self.pdt)
       return y
     if w is not None:
-      y = y * w[None, :]
+      y = y * w[None]
     if b is not None:
-      y = y + b[None, :]
+      y = y + b[None]
     return y
 
   def grad_terms(self, x, dy, w, rstd):
     """``(dy in the product dtype, g, x_hat, x_hat as dscale sees it)``."""
     x, dy = x.astype(_F32), dy.astype(_F32)
-    xhat = x * rstd[:, None]
+    xhat = x * rstd[..., None]
     if not self.llama:
-      g = dy * w[None, :] if w is not None else dy
+      g = dy * w[None] if w is not None else dy
       return dy, g, xhat, xhat
     dyp = self.round(dy, self.pdt)
-    g = self.round(dyp * w[None, :], self.pdt) if w is not None else dyp
+    g = self.round(dyp * w[None], self.pdt) if w is not None else dyp
     # The cotangent passes back through x_hat's rounding to x's dtype.
     g = self.round(g, self.xdt)
     return dyp, g, xhat, self.round(xhat, self.xdt)
@@ -220,7 +266,7 @@ class _Math:
     for sm_90, 30 instructions an element for int8 before these steps and
     the launch changes, 12 for the plain forward).
     """
-    v = y * self.reciprocal(qs)[:, None]
+    v = y * self.reciprocal(qs)[..., None]
     if self.q_int:
       return self.round_to_int8(v)
     if self.q_static:
@@ -250,11 +296,23 @@ class _Math:
     )[0].astype(jnp.int8)
 
 
-class _Tile:
-  """Masks and windows of one ``block_rows x block_cols`` tile.
+def _outer_mask(masks, shape):
+  """AND of per-axis masks (None: all true) broadcast to ``shape``, or None."""
+  out = None
+  for axis, mk in enumerate(masks):
+    if mk is None:
+      continue
+    mk = mk.reshape(tuple(-1 if i == axis else 1 for i in range(len(shape))))
+    out = mk if out is None else out & mk
+  return None if out is None else jnp.broadcast_to(out, shape)
 
-  ``r0`` is the first row (of one head), ``c0`` the first column within the
-  head's ``hidden``-wide window, ``head`` the head (0 without per-head).
+
+class _Tile:
+  """Masks and windows of one tile (``Geometry.tile_shape``).
+
+  ``r0`` is the first row (of one head; the first token when folded), ``c0``
+  the first column within the head's ``hidden``-wide window, ``head`` the
+  head (0 without per-head, and when folded).
   """
 
   def __init__(self, g: Geometry, r0, c0, head, mask_rows: bool = False):
@@ -263,78 +321,92 @@ class _Tile:
     # beside program_id's int32, which indexing rejects.
     self.r0, self.c0, self.head = (jnp.asarray(v, jnp.int32)
                                    for v in (r0, c0, head))
-    br, bc = g.block_rows, g.block_cols
+    self.zero = jnp.asarray(0, jnp.int32)
+    br, bc, hp = g.block_rows, g.block_cols, g.heads_padded
     self.rmask = ((r0 + jnp.arange(br)) < g.rows
                   if g.rows_ragged or mask_rows else None)
     self.cmask = ((c0 + jnp.arange(bc)) < g.hidden
                   if g.cols_ragged else None)
-    if self.rmask is None:
-      self.mask = None if self.cmask is None else jnp.broadcast_to(
-          self.cmask[None, :], (br, bc))
-    elif self.cmask is None:
-      self.mask = jnp.broadcast_to(self.rmask[:, None], (br, bc))
-    else:
-      self.mask = self.rmask[:, None] & self.cmask[None, :]
+    self.hmask = jnp.arange(hp) < g.heads if hp != g.heads and g.fold else None
+    axes = ((self.rmask, self.hmask, self.cmask) if g.fold
+            else (self.rmask, self.cmask))
+    self.mask = _outer_mask(axes, g.tile_shape)
+    self.vmask = _outer_mask(axes[1:], g.vector_shape)
+    self.smask = _outer_mask(axes[:-1], g.stat_shape)
 
   def _col(self, per_head=True):
-    if self.g.heads == 1 or not per_head:
+    if self.g.heads == 1 or self.g.fold or not per_head:
       return self.c0
     return self.head * self.g.hidden + self.c0
 
+  def _heads(self):
+    return pl.ds(self.zero, self.g.heads_padded)
+
   def _window(self, ref):
-    return ref.at[pl.ds(self.r0, self.g.block_rows),
-                  pl.ds(self._col(), self.g.block_cols)]
+    rows = pl.ds(self.r0, self.g.block_rows)
+    cols = pl.ds(self._col(), self.g.block_cols)
+    if self.g.fold:
+      return ref.at[rows, self._heads(), cols]
+    return ref.at[rows, cols]
+
+  @staticmethod
+  def _load(win, mask, policy=None):
+    kw = {} if policy is None else {"eviction_policy": policy}
+    if mask is None:
+      return pltriton.load(win, **kw)
+    return pltriton.load(win, mask=mask, other=0.0, **kw)
+
+  @staticmethod
+  def _store(win, value, mask):
+    value = value.astype(win.dtype)
+    if mask is None:
+      pltriton.store(win, value)
+    else:
+      pltriton.store(win, value, mask=mask)
 
   def load(self, ref, eviction_policy=None):
     """The tile of ``ref`` (input dtype); masked-off elements read 0."""
-    kw = {} if eviction_policy is None else {"eviction_policy": eviction_policy}
-    if self.mask is None:
-      return pltriton.load(self._window(ref), **kw)
-    return pltriton.load(self._window(ref), mask=self.mask, other=0.0, **kw)
+    return self._load(self._window(ref), self.mask, eviction_policy)
 
   def store(self, ref, value):
-    value = value.astype(ref.dtype)
-    if self.mask is None:
-      pltriton.store(self._window(ref), value)
-    else:
-      pltriton.store(self._window(ref), value, mask=self.mask)
+    self._store(self._window(ref), value, self.mask)
 
   def _row_window(self, ref):
-    return ref.at[pl.ds(self.r0, self.g.block_rows), self.head]
+    rows = pl.ds(self.r0, self.g.block_rows)
+    if self.g.fold:
+      return ref.at[rows, self._heads()]
+    return ref.at[rows, self.head]
 
   def load_row_stat(self, ref):
-    """Rows ``r0:r0+block_rows`` of a per-row ``(rows, heads)`` array."""
-    if self.rmask is None:
-      return pltriton.load(self._row_window(ref)).astype(_F32)
-    return pltriton.load(self._row_window(ref), mask=self.rmask,
-                         other=0.0).astype(_F32)
+    """The tile's rows of a per-row ``(rows, heads)`` array, float32."""
+    return self._load(self._row_window(ref), self.smask).astype(_F32)
 
   def store_row_stat(self, ref, value):
-    value = value.astype(ref.dtype)
-    if self.rmask is None:
-      pltriton.store(self._row_window(ref), value)
-    else:
-      pltriton.store(self._row_window(ref), value, mask=self.rmask)
+    self._store(self._row_window(ref), value, self.smask)
 
   def load_vector(self, ref, per_head=False, eviction_policy=None):
     """The tile's columns of a per-feature vector, float32 (0 if masked).
 
-    ``per_head``: ``ref`` holds ``heads`` rows of ``hidden`` flattened.
+    ``per_head``: ``ref`` holds ``heads`` rows of ``hidden``: 2-D when
+    folded (the tile's heads are loaded too), else flattened.
     """
-    win = ref.at[pl.ds(self._col(per_head), self.g.block_cols)]
-    kw = {} if eviction_policy is None else {"eviction_policy": eviction_policy}
-    if self.cmask is None:
-      return pltriton.load(win, **kw).astype(_F32)
-    return pltriton.load(win, mask=self.cmask, other=0.0, **kw).astype(_F32)
+    cols = pl.ds(self._col(per_head), self.g.block_cols)
+    if self.g.fold and per_head:
+      return self._load(ref.at[self._heads(), cols], self.vmask,
+                        eviction_policy).astype(_F32)
+    # A (hidden,) vector (the bias) broadcasts over a folded tile's heads.
+    return self._load(ref.at[cols], self.cmask,
+                      eviction_policy).astype(_F32)
 
   def store_cols(self, ref, row, value):
-    """Stores a ``(block_cols,)`` vector into row ``row`` of a 2-D ref."""
-    win = ref.at[pl.ds(row, 1), pl.ds(self._col(), self.g.block_cols)]
-    value = value[None, :].astype(ref.dtype)
-    if self.cmask is None:
-      pltriton.store(win, value)
-    else:
-      pltriton.store(win, value, mask=self.cmask[None, :])
+    """Stores a ``vector_shape`` value into row ``row`` of ``ref`` (2-D,
+    or 3-D ``(rows, heads, hidden)`` when folded)."""
+    cols = pl.ds(self._col(), self.g.block_cols)
+    one = pl.ds(row, 1)
+    win = (ref.at[one, self._heads(), cols] if self.g.fold
+           else ref.at[one, cols])
+    mask = None if self.vmask is None else self.vmask[None]
+    self._store(win, value[None], mask)
 
 
 def _multiple_of(x, n):
@@ -370,7 +442,7 @@ def _walk(g: Geometry, load_block, work, carry):
 
 def _head(g: Geometry):
   # An array, not a Python int: interpret mode indexes refs with arrays only.
-  return pl.program_id(1) if g.heads > 1 else jnp.int32(0)
+  return pl.program_id(1) if g.head_programs > 1 else jnp.int32(0)
 
 
 # ---------------------------------------------------------------- forward --
@@ -404,8 +476,8 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
   static_qs = None
   if m.q_static:
     static_qs = jnp.broadcast_to(
-        pltriton.load(qs_in_ref.at[pl.ds(0, 1)]).astype(_F32),
-        (g.block_rows,))
+        pltriton.load(qs_in_ref.at[pl.ds(0, 1)]).astype(_F32).reshape(
+            (1,) * len(g.stat_shape)), g.stat_shape)
 
   def emit(tile, y, rstd, qs=None):
     """Stores y (or q and its scales) and the row statistic."""
@@ -415,7 +487,7 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
       return
     if qs is None:
       qs = static_qs if m.q_static else m.quant_scale(
-          jnp.max(jnp.abs(y), axis=1))
+          jnp.max(jnp.abs(y), axis=-1))
     tile.store(y_ref, m.quantize(y, qs))
     tile.store_row_stat(qs_ref, qs)
 
@@ -451,7 +523,7 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
         h = (h + r.astype(_F32)).astype(h_ref.dtype)
         tile.store(h_ref, h)
         h = h.astype(_F32)
-      rstd = lax.rsqrt(jnp.sum(h * h, axis=1) * inv_n + _F32(m.eps))
+      rstd = lax.rsqrt(jnp.sum(h * h, axis=-1) * inv_n + _F32(m.eps))
       w, b = cached if cached is not None else operands(tile)
       emit(tile, m.output(h, rstd, w, b), rstd)
       return carry
@@ -522,12 +594,25 @@ def _math(norm: base.Norm, x_dtype, scale, bias, interpret, quant_scale=None):
                has_bias=bias is not None, interpret=interpret, **kw)
 
 
-def _rows_view(a, heads):
-  """(rows, hidden) as (rows // heads, heads * hidden): a free reshape."""
-  if a is None or heads == 1:
+def _rows_view(a, g: Geometry):
+  """(rows, hidden) as (tokens, heads * hidden), or (tokens, heads, hidden)
+  when folded: free reshapes."""
+  if a is None or g.heads == 1:
     return a
-  rows, hidden = a.shape
-  return a.reshape(rows // heads, heads * hidden)
+  return a.reshape(_token_shape(g))
+
+
+def _token_shape(g: Geometry, lead=None):
+  """Shape of ``lead`` (default: tokens) rows of every head."""
+  lead = g.rows if lead is None else lead
+  if g.fold:
+    return (lead, g.heads, g.hidden)
+  return (lead, g.heads * g.hidden)
+
+
+def _scale_view(scale, g: Geometry):
+  # Folded tiles load (heads, hidden) windows; others address it flat.
+  return scale if g.fold else scale.reshape(-1)
 
 
 def forward(x, residual, scale, bias, *, config: Config, norm: base.Norm,
@@ -563,7 +648,7 @@ def forward(x, residual, scale, bias, *, config: Config, norm: base.Norm,
   h_dtype = residual.dtype if has_res else x.dtype
   m = _math(norm, h_dtype, scale, bias, interpret, quant_scale)
   quant = m.qmax is not None
-  wide = (tokens, heads * hidden)
+  wide = _token_shape(g)
   out_shapes = [jax.ShapeDtypeStruct(
       wide, norm.quant_dtype if quant else out_dtype)]
   if quant:
@@ -572,11 +657,11 @@ def forward(x, residual, scale, bias, *, config: Config, norm: base.Norm,
     out_shapes.append(jax.ShapeDtypeStruct(wide, residual.dtype))
   if not quant:
     out_shapes.append(jax.ShapeDtypeStruct((tokens, heads), _F32))
-  inputs = [_rows_view(x, heads)]
+  inputs = [_rows_view(x, g)]
   if has_res:
-    inputs.append(_rows_view(residual, heads))
+    inputs.append(_rows_view(residual, g))
   if scale is not None:
-    inputs.append(scale.reshape(-1))
+    inputs.append(_scale_view(scale, g))
   if bias is not None:
     inputs.append(bias)
   if m.q_static:
@@ -616,7 +701,7 @@ def _backward_kernel(*refs, g: Geometry, m: _Math, has_dh: bool,
 
   pid, head = pl.program_id(0), _head(g)
   inv_n = _F32(1.0 / g.hidden)
-  zeros = jnp.zeros((g.block_cols,), _F32)
+  zeros = jnp.zeros(g.tile_shape, _F32)
 
   def weight(tile, policy=None):
     if not m.has_scale:
@@ -624,25 +709,30 @@ def _backward_kernel(*refs, g: Geometry, m: _Math, has_dh: bool,
     return m.weight(tile.load_vector(w_ref, g.heads > 1, policy))
 
   def write_dx(tile, xhat, grad, rstd, c, dh=None):
-    dx = rstd[:, None] * (grad - xhat * c[:, None])
+    dx = rstd[..., None] * (grad - xhat * c[..., None])
     if has_dh:
       dx = dx + dh.astype(_F32)
     tile.store(dx_ref, dx)
 
   def accumulate(acc, dyp, xhat_s):
-    # Rows past the end loaded zeros, so they add nothing here.
+    # Tile-shaped accumulators: the sum over the tile's rows, which crosses
+    # warps (through shared memory, with a barrier) once a tile has more
+    # than one row, is taken once per program in store_partials instead of
+    # once per row block (H200, 16384x2048 bf16, 4-row tiles, us: backward
+    # 64.0 -> 56.6, with a bias 76.2 -> 59.0, fused backward 81.9 -> 71.7).
+    # Rows past the end loaded zeros and add nothing.
     aw, ab = acc
     if m.has_scale:
-      aw = aw + jnp.sum(dyp * xhat_s, axis=0)
+      aw = aw + dyp * xhat_s
     if m.has_bias:
-      ab = ab + jnp.sum(dyp, axis=0)
+      ab = ab + dyp
     return aw, ab
 
   def store_partials(tile, row, acc):
     if m.has_scale:
-      tile.store_cols(pw_ref, row, acc[0])
+      tile.store_cols(pw_ref, row, jnp.sum(acc[0], axis=0))
     if m.has_bias:
-      tile.store_cols(pb_ref, row, acc[1])
+      tile.store_cols(pb_ref, row, jnp.sum(acc[1], axis=0))
 
   if g.resident and g.config.reload and (
       g.block_cols > gpu_tiling.BWD_PIECE_COLS):
@@ -682,7 +772,7 @@ def _backward_kernel(*refs, g: Geometry, m: _Math, has_dh: bool,
       tile = block_tile(k)
       x, dy, rstd, dh = block
       dyp, grad, xhat, xhat_s = m.grad_terms(x, dy, block_weight(tile), rstd)
-      c = jnp.sum(grad * xhat, axis=1) * inv_n
+      c = jnp.sum(grad * xhat, axis=-1) * inv_n
       if g.config.reload:
         dyp, grad, xhat, xhat_s = m.grad_terms(
             tile.load(x_ref, "evict_first"), tile.load(dy_ref, "evict_first"),
@@ -742,7 +832,7 @@ def _backward_pieces(g: Geometry, m: _Math, has_dh, pid, head, inv_n, x_ref,
   pieces = g.block_cols // width
   pg = dataclasses.replace(
       g, config=dataclasses.replace(g.config, block_cols=width))
-  zeros = jnp.zeros((width,), _F32)
+  zeros = jnp.zeros((g.block_rows, width), _F32)
 
   def piece(k, j):
     return _Tile(pg, (pid + k * g.grid) * g.block_rows, j * width, head,
@@ -798,23 +888,24 @@ def backward(x, scale, bias, rstd, dy, dh, *, config: Config,
   g = Geometry(config, tokens, hidden, heads)
   m = _math(norm, x.dtype, scale, bias, interpret)
   has_dh = dh is not None
-  out_shapes = [jax.ShapeDtypeStruct((tokens, heads * hidden), x.dtype)]
-  partial = jax.ShapeDtypeStruct((g.grid, heads * hidden), _F32)
+  out_shapes = [jax.ShapeDtypeStruct(_token_shape(g), x.dtype)]
+  partial = jax.ShapeDtypeStruct(_token_shape(g, g.grid), _F32)
   out_shapes += [partial] * (int(m.has_scale) + int(m.has_bias))
-  inputs = [_rows_view(x, heads)]
+  inputs = [_rows_view(x, g)]
   if scale is not None:
-    inputs.append(scale.reshape(-1))
-  inputs += [rstd.reshape(tokens, heads), _rows_view(dy, heads)]
+    inputs.append(_scale_view(scale, g))
+  inputs += [rstd.reshape(tokens, heads), _rows_view(dy, g)]
   if has_dh:
-    inputs.append(_rows_view(dh, heads))
+    inputs.append(_rows_view(dh, g))
   outs = _call(_backward_kernel, inputs, out_shapes, g, poison, interpret,
                name="rmsnorm_" + ("residual_backward" if has_dh
                                   else "backward"),
                m=m, has_dh=has_dh)
   dx = outs[0].reshape(rows, hidden)
   rest = list(outs[1:])
-  # The second step: column sums of (grid, heads * hidden) partials, in a
-  # fixed order, small next to the inputs.
+  # The second step: column sums of (grid, heads * hidden) partials (or
+  # (grid, heads, hidden) when folded), in a fixed order, small next to the
+  # inputs.
   dscale = dbias = None
   if m.has_scale:
     dscale = jnp.sum(rest.pop(0), axis=0).reshape(scale.shape)
@@ -837,7 +928,7 @@ def _call(kernel, inputs, out_shapes, g: Geometry, poison: bool,
     aliases = {len(inputs) + i: i for i in range(n_alias)}
     inputs = list(inputs) + poison_bufs
   body = functools.partial(kernel, g=g, n_alias=n_alias, **kernel_kwargs)
-  grid = (g.grid,) if g.heads == 1 else (g.grid, g.heads)
+  grid = (g.grid,) if g.head_programs == 1 else (g.grid, g.head_programs)
   call = pl.pallas_call(
       body,
       out_shape=common.vary_like(tuple(out_shapes), inputs),

@@ -133,6 +133,19 @@ MAX_WARPS = 32
 # would each write a partial dscale row (grid x hidden floats).
 FWD_CHUNK16_ROWS = 1
 FWD_CHUNK16_COLS = 32768
+# Per-head scales: a token's heads are one tile (gpu_kernels.Geometry.fold)
+# while their padded width, next_pow2(heads) * next_pow2(head_dim), is at
+# most this; the call is then tiled as rows of that width (and takes the
+# tuning file's entries of that width). Wider tokens tile each head apart.
+FOLD_MAX_COLS = MAX_RESIDENT_COLS
+# The folded forward of tokens this wide or wider runs twice the warps of
+# the plain rows' launch (tuned or heuristic): its tile holds a row
+# reduction per head. H200, bf16 unless named, us, per-head forward with
+# heads of 128 (folded with the plain launch; with twice its warps; heads
+# apart on a second grid axis): 8192x32: 36.7, 34.4, 35.8; 16384x32: 72.4,
+# 68.8, 72.0; 4096x64: 37.2, 34.7, 38.0; 2048x64 f16: 18.5, 17.5, 18.6. At
+# 16384x16 (2048 columns) twice the warps lost (35.3 against 40.5).
+FOLD_FWD_WIDE_COLS = 4096
 # Fewer programs than this many per SM leave SMs idle: shrink the row block.
 MIN_WAVES = 1
 DEFAULT_NUM_SMS = 132  # H100 SXM
@@ -458,6 +471,21 @@ def tuned_knobs(kind: str | None, op: str, rows: int, cols: int,
   return knobs
 
 
+def fold_cols(hidden: int, heads: int) -> int:
+  """Padded width of one token's heads in a folded tile."""
+  return next_pow2(heads) * next_pow2(hidden)
+
+
+def fold_heads(config: Config, hidden: int, heads: int) -> bool:
+  """Whether a per-head call tiles whole tokens (see ``FOLD_MAX_COLS``); a
+  user ``block_cols`` asks for it by covering ``fold_cols``."""
+  if heads <= 1:
+    return False
+  if config.block_cols:
+    return next_pow2(config.block_cols) >= fold_cols(hidden, heads)
+  return fold_cols(hidden, heads) <= FOLD_MAX_COLS
+
+
 def resolve(config: Config, op: str, rows: int, hidden: int, *,
             itemsize: int = 2, heads: int = 1,
             device_kind: str | None = AUTO) -> Config:
@@ -475,8 +503,11 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
     rows: rows of the call (with a per-head scale: all heads' rows).
     hidden: normalized width (with a per-head scale: head_dim).
     itemsize: bytes per element of the main input (2 or 4).
-    heads: scale rows of a per-head scale (each head's rows are tiled
-      apart, so a row block holds at most ``rows // heads`` rows).
+    heads: scale rows of a per-head scale. Whole tokens (every head) are
+      one tile when ``fold_heads`` says so: then the call is tiled as
+      ``rows // heads`` rows of ``fold_cols`` columns and ``block_cols`` is
+      that width. Else each head's rows are tiled apart, so a row block
+      holds at most ``rows // heads`` rows.
     device_kind: whose tuning file to read: ``"auto"`` (the GPU JAX runs
       on, ``gpu_kind()``), a kind such as ``"NVIDIA H200"``, or None
       for the heuristic alone.
@@ -491,6 +522,9 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
   if op not in OPS:
     raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}.")
   c = config
+  folded = fold_heads(c, hidden, heads)
+  if folded:
+    rows, hidden, heads = max(1, rows // heads), fold_cols(hidden, heads), 1
   sms = c.num_sms or num_sms()
   fwd = not op.endswith("backward")
   isz = 4 if itemsize >= 4 else 2
@@ -551,16 +585,21 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
         tuned.get("block_rows", br), rows, sms)
   br = min(br, next_pow2(max(1, rows // heads)))
   warps = c.num_warps
-  if warps is None and "num_warps" in tuned:
-    tuned_br = tuned.get("block_rows", br)
-    warps = max(1, tuned["num_warps"] * min(br, tuned_br) // tuned_br)
+  if warps is None:
+    if "num_warps" in tuned:
+      tuned_br = tuned.get("block_rows", br)
+      warps = max(1, tuned["num_warps"] * min(br, tuned_br) // tuned_br)
+    else:
+      warps = min(max_warps, _warps_for(br * bc, per_thread))
+    if folded and op == "forward" and bc >= FOLD_FWD_WIDE_COLS:
+      warps = min(MAX_WARPS, 2 * warps)
   cache_max = FWD_CACHE_SCALE_MAX_COLS if fwd else CACHE_SCALE_MAX_COLS
   if op == "backward" and isz == 2 and max_warps == BWD_WIDE16_WARPS:
     cache_max = MAX_RESIDENT_COLS
   prefetch_max = FWD_PREFETCH_MAX_COLS if fwd else PREFETCH_MAX_COLS
   return Config(
       block_rows=br, block_cols=bc,
-      num_warps=warps or min(max_warps, _warps_for(br * bc, per_thread)),
+      num_warps=warps,
       programs_per_sm=(c.programs_per_sm or tuned.get("programs_per_sm")
                        or per_sm or FWD_PROGRAMS_PER_SM),
       persistent=bool(persistent),
