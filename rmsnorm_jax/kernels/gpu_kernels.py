@@ -154,6 +154,16 @@ class Geometry:
     return self.config.prefetch and self.steps > 1
 
   @property
+  def cache_bias(self) -> bool:
+    """The forward keeps the bias in registers beside the scale
+    (``cache_scale``) while each thread holds at most
+    ``gpu_tiling.FWD_CACHE_BIAS_MAX_PER_THREAD`` of its columns; past that
+    it reloads it per row block (L1 hits)."""
+    per_thread = self.config.block_cols // (32 * self.config.num_warps)
+    return (self.config.cache_scale
+            and per_thread <= gpu_tiling.FWD_CACHE_BIAS_MAX_PER_THREAD)
+
+  @property
   def rows_ragged(self) -> bool:
     # Rows past the end can occur in some tile: the row mask is needed.
     return self.grid * self.steps * self.block_rows != self.rows
@@ -506,6 +516,8 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
     cached = None
     if g.config.cache_scale:
       cached = operands(_Tile(g, 0, 0, head))
+      if not g.cache_bias:
+        cached = cached[0], None
 
     def block_tile(k):
       return _Tile(g, (pid + k * g.grid) * g.block_rows, 0, head,
@@ -525,6 +537,8 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
         h = h.astype(_F32)
       rstd = lax.rsqrt(jnp.sum(h * h, axis=-1) * inv_n + _F32(m.eps))
       w, b = cached if cached is not None else operands(tile)
+      if b is None and m.has_bias:  # not kept (Geometry.cache_bias)
+        b = m.bias(tile.load_vector(b_ref))
       emit(tile, m.output(h, rstd, w, b), rstd)
       return carry
 

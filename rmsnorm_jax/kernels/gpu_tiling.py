@@ -99,6 +99,15 @@ BWD_NARROW_PROGRAMS_PER_SM = 4
 # either).
 PREFETCH_MAX_COLS = 8192
 CACHE_SCALE_MAX_COLS = 8192
+# The forward keeps the bias in registers beside the scale only while a
+# thread holds at most this many of a row's columns (block_cols / threads);
+# a per-feature vector costs that many registers per thread. H200, forward
+# with a bias, us, bias kept against reloaded per row block: 16 per thread
+# (8192-wide rows, 16 warps) 4096x8192 bf16 40.9 against 37.3, 2048x8192
+# f16 21.8 against 19.6 (the plain forward without a bias: 34.6 and 18.2);
+# 8 per thread (4096-wide, 16 warps) 8192x4096 bf16 35.1 against 36.6; 4
+# per thread 16384x4096 69.3 against 72.2 and 16384x2048 37.5 against 37.1.
+FWD_CACHE_BIAS_MAX_PER_THREAD = 8
 # Backward rows of this padded width are read twice (see Config.reload):
 # holding x, dy and their products across the row reduction took 128
 # registers per thread and spilled at 16384 columns.
