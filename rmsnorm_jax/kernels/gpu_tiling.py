@@ -85,7 +85,7 @@ BWD_WIDE_MIN_COLS = 1024
 BWD_WARPS = 16
 BWD_BYTES_PER_THREAD = 32
 BWD_PROGRAMS_PER_SM = 1
-# Narrow rows (e.g. 128-wide QK-norm): 2048-element tiles of 4 warps, four
+# Narrow rows (e.g. 128 wide): 2048-element tiles of 4 warps, four
 # programs per SM (32768x128 bf16: 10.9 us against 11.5 for 4096-element
 # tiles of 8 warps, two per SM, which held 111 registers per thread; one
 # program per SM 13.4, eight 12.1).
