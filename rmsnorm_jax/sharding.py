@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 
 import jax
@@ -75,11 +76,20 @@ def run(rte: dispatch.Route, op: str, norm: base.Norm, operands):
 
   Returns the op's results in the same N-D layout, None where absent.
   """
+  return _run(rte, op, norm, partitioning_enabled(), tuple(operands))
+
+
+# Jitted so that an eager call (outside jit) compiles the op once per shape,
+# as one program, where each of its primitives would otherwise dispatch and
+# compile alone; under jit it is one more nested call. ``partitioned`` is a
+# static argument because it is read from a context variable, which a jit
+# cache would not see.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _run(rte, op, norm, partitioned, operands):
   x = operands[0]
   explicit = _explicit_sharding(x)
   if explicit is None or rte.requested == "axis_name":
-    return dispatch.call(rte, op, norm, operands,
-                         partitioned=partitioning_enabled())
+    return dispatch.call(rte, op, norm, operands, partitioned=partitioned)
   mesh, spec = explicit
   present = tuple(a is not None for a in operands)
   arrays = [a for a in operands if a is not None]
