@@ -31,6 +31,7 @@ Each comparison's tolerance lives in ``TOLERANCE``, one row per output dtype:
 import dataclasses
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -121,7 +122,22 @@ def assert_matches_emulation(got, want, what, *, magnitude=None,
 def random(rng: np.random.Generator, shape, dtype, *, scale=1.0, mean=0.0):
   """Fresh normal samples (never zeros), rounded to dtype."""
   a = rng.normal(mean, scale, size=shape).astype(np.float32)
-  return jnp.asarray(a, dtype=dtype)
+  # Rounded by NumPy (ml_dtypes, round to nearest even like XLA's convert):
+  # a device transfer, not a compiled conversion program per shape.
+  return jnp.asarray(a.astype(np.dtype(dtype)))
+
+
+def outputs_and_vjp(f, primals, cotangents):
+  """``f(*primals)`` and its vjp of ``cotangents``, as one compiled program.
+
+  One program per case instead of a forward, a backward and eager
+  comparisons: on CPU the suite's time is mostly XLA compiling, and each
+  program has a fixed cost.
+  """
+  def run(primals, cotangents):
+    out, vjp = jax.vjp(f, *primals)
+    return out, vjp(cotangents)
+  return jax.jit(run)(tuple(primals), cotangents)
 
 
 def assert_close(got, want, rtol, what="", magnitude=None):

@@ -16,7 +16,8 @@ from rmsnorm_jax import shapes
 
 from implementations import IMPLEMENTATIONS
 from numerics_util import assert_close, assert_residual_matches_reference
-from numerics_util import dx_magnitude, random, residual_inputs, rng_for, tol
+from numerics_util import dx_magnitude, outputs_and_vjp, random
+from numerics_util import residual_inputs, rng_for, tol
 from numerics_util import xla_tol
 
 IMPL_PARAMS = [pytest.param(f, id=name) for name, f in IMPLEMENTATIONS]
@@ -36,11 +37,13 @@ def test_forward_and_grads_match_reference(make_impl, dtype, shape):
   dy = random(rng, shape, dtype)
   impl = make_impl()
 
-  def f(x, scale):
-    return rj.rms_norm(x, scale, eps=1e-5, backend=impl)
+  def f(x, scale, x_, scale_):
+    return (rj.rms_norm(x, scale, eps=1e-5, backend=impl),
+            rj.rms_norm(x_, scale_, eps=1e-5, backend="xla"))
 
-  y, vjp = jax.vjp(jax.jit(f), x, scale)
-  dx, dscale = vjp(dy)
+  # The implementation and XLA side by side in one program.
+  (y, y_x), (dx, dscale, dx_x, dscale_x) = outputs_and_vjp(
+      f, (x, scale, x, scale), (dy, dy))
   y_ref, _ = reference.rms_norm(x, scale, eps=1e-5)
   dx_ref, dscale_ref = reference.rms_norm_grad(x, scale, dy, eps=1e-5)
   assert y.dtype == dtype and dx.dtype == dtype and dscale.dtype == dtype
@@ -51,9 +54,6 @@ def test_forward_and_grads_match_reference(make_impl, dtype, shape):
   if isinstance(impl, base.Xla):
     return
   # The same float32 formula as XLA's, up to summation order.
-  y_x, vjp_x = jax.vjp(lambda x, s: rj.rms_norm(x, s, eps=1e-5,
-                                                backend="xla"), x, scale)
-  dx_x, dscale_x = vjp_x(dy)
   assert_close(y, y_x, xla_tol(dtype), "y vs xla")
   assert_close(dx, dx_x, xla_tol(dtype), "dx vs xla", mag)
   assert_close(dscale, dscale_x, xla_tol(dtype), "dscale vs xla")
@@ -71,8 +71,7 @@ def test_float32_scale_and_gemma_offset(make_impl, dtype, shape):
   impl = make_impl()
   f = lambda x, s: rj.rms_norm(x, s, scale_offset=1.0, out_dtype=jnp.float32,
                                backend=impl)
-  y, vjp = jax.vjp(f, x, scale)
-  dx, dscale = vjp(dy.astype(jnp.float32))
+  y, (dx, dscale) = outputs_and_vjp(f, (x, scale), dy.astype(jnp.float32))
   y_ref, _ = reference.rms_norm(x, scale, scale_offset=1.0)
   dx_ref, dscale_ref = reference.rms_norm_grad(x, scale, dy, scale_offset=1.0)
   assert y.dtype == jnp.float32 and dscale.dtype == jnp.float32
@@ -92,18 +91,20 @@ def test_residual_matches_reference(make_impl, x_dtype, res_dtype, shape):
   inputs = residual_inputs(rng, shape, x_dtype, res_dtype)
   x, res, scale, dy, dh = inputs
   impl = make_impl()
-  f = lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=impl)
-  (y, h), vjp = jax.vjp(f, x, res, scale)
-  outs = (y, h, *vjp((dy, dh)))
+  def f(x, r, s, x_, r_, s_):
+    return (rj.rms_norm_residual(x, r, s, backend=impl),
+            rj.rms_norm_residual(x_, r_, s_, backend="xla"))
+
+  # The implementation and XLA side by side in one program.
+  ((y, h), (y_x, h_x)), grads = outputs_and_vjp(
+      f, (x, res, scale) * 2, ((dy, dh),) * 2)
+  outs = (y, h, *grads[:3])
   assert_residual_matches_reference(inputs, outs)
   if isinstance(impl, base.Xla):
     return
   # The same float32 formula as XLA's, up to summation order; h = x + res
   # is one rounding, identical.
-  (y_x, h_x), vjp_x = jax.vjp(
-      lambda x, r, s: rj.rms_norm_residual(x, r, s, backend="xla"),
-      x, res, scale)
-  want = (y_x, h_x, *vjp_x((dy, dh)))
+  want = (y_x, h_x, *grads[3:])
   np.testing.assert_array_equal(np.asarray(h, np.float32),
                                 np.asarray(h_x, np.float32))
   mag = dx_magnitude(h, scale, dy) + float(

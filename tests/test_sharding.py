@@ -80,11 +80,13 @@ SHARDED_RUNS = [
     if make.id in ("xla_via_rule", "pallas_gpu") or m == MESHES[1]]
 
 
-def _loss_and_grads(fn, x, r, scale, proj):
+def _loss_and_grads(fn, proj):
+  """The loss, its gradients, and the size of its summed terms."""
   def loss(x, r, scale):
-    outs = fn(x, r, scale)
-    return sum(jnp.sum(o.astype(jnp.float32) * proj) for o in outs)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    outs = [o.astype(jnp.float32) * proj for o in fn(x, r, scale)]
+    terms = sum(jnp.sum(jnp.abs(o)) for o in outs)
+    return sum(jnp.sum(o) for o in outs), terms
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
 @pytest.mark.parametrize("make_impl,mesh_shape,kind", SHARDED_RUNS)
@@ -105,28 +107,27 @@ def test_sharded_equals_unsharded(make_impl, mesh_shape, kind, op,
   else:
     fn = lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=impl)
 
-  want = _loss_and_grads(fn, x, r, scale, proj)(x, r, scale)
+  (want, terms), want_grads = _loss_and_grads(fn, proj)(x, r, scale)
   xs = jax.device_put(x, NamedSharding(mesh, spec))
   rs = jax.device_put(r, NamedSharding(mesh, spec))
   ss = jax.device_put(scale, NamedSharding(mesh, P(spec[-1])))
-  step = _loss_and_grads(fn, xs, rs, ss, proj)
-  got = step(xs, rs, ss)
+  step = _loss_and_grads(fn, proj).lower(xs, rs, ss).compile()
+  (loss, _), grads = step(xs, rs, ss)
   # The loss sums 8192 products of either sign: float32 summation in
   # another order (per shard, then across) differs by ~1e-7 of the terms'
   # total, which can exceed 1e-5 of the cancelled result.
-  terms = sum(float(jnp.sum(jnp.abs(o.astype(jnp.float32) * proj)))
-              for o in fn(x, r, scale))
-  assert_close(got[0], want[0], xla_tol(jnp.float32), "loss",
-               magnitude=terms)
-  for g, w, name in zip(got[1], want[1], ("dx", "dres", "dscale")):
+  assert_close(loss, want, xla_tol(jnp.float32), "loss",
+               magnitude=float(terms))
+  for g, w, name in zip(grads, want_grads, ("dx", "dres", "dscale")):
     assert_close(g, w, xla_tol(jnp.float32), name)
-  assert got[1][0].sharding.spec == spec or got[1][0].sharding.is_equivalent_to(
+  assert grads[0].sharding.spec == spec or grads[0].sharding.is_equivalent_to(
       NamedSharding(mesh, spec), 3)
 
-  y = jax.jit(fn)(xs, rs, ss)[0]
+  forward = jax.jit(fn).lower(xs, rs, ss).compile()
+  y = forward(xs, rs, ss)[0]
   assert y.sharding.is_equivalent_to(NamedSharding(mesh, spec), 3), \
       y.sharding
-  hlo = jax.jit(fn).lower(xs, rs, ss).compile().as_text()
+  hlo = forward.as_text()
   assert "all-gather" not in hlo and "all-to-all" not in hlo, \
       "x was gathered"
   all_reduces = re.findall(r"all-reduce(?:-start)?\(", hlo)
@@ -139,7 +140,7 @@ def test_sharded_equals_unsharded(make_impl, mesh_shape, kind, op,
     assert len(all_reduces) == 1, hlo
   else:
     assert len(all_reduces) <= 1, hlo  # XLA may drop a one-device reduction
-  assert "all-gather" not in step.lower(xs, rs, ss).compile().as_text()
+  assert "all-gather" not in step.as_text()
 
 
 def test_explicit_axis_name_inside_shard_map():
