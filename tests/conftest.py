@@ -1,12 +1,36 @@
-"""Test-wide setup: eight host CPU devices, so sharding tests have a mesh.
+"""Test-wide setup of XLA's CPU backend, read when it starts (at the first use
+of a device, after this module is imported).
 
-XLA reads the flag when the CPU backend starts, i.e. at the first use of a
-device, which happens after this module is imported.
+* Eight host CPU devices, so sharding tests have a mesh.
+* On a machine without a GPU plugin, CPU code generation at optimization
+  level 0. On CPU the suite's time is mostly XLA compiling small programs
+  (interpret-mode kernels, references); level 0 skips LLVM's optimization
+  passes, which roughly halves it. XLA's own passes (fusion, algebraic
+  simplification, the order of reductions) run at every level; a result
+  may still differ in its last bit from the default level's where LLVM
+  would have contracted a multiply and an add. Every check here is either
+  against a reference within a stated tolerance or between programs
+  compiled at one level, so the whole suite runs at one level. Under a GPU
+  plugin the flag would reach the GPU backend too, whose compiled programs
+  the GPU tests check, so it is left off there. An optimization level in
+  the caller's ``XLA_FLAGS`` wins.
 """
 
+import importlib.metadata
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG
-                             ).strip()
+
+def _add_flag(flag: str) -> None:
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag.split("=")[0] not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " " + flag).strip()
+
+
+def _has_gpu_plugin() -> bool:
+  return any((d.metadata["Name"] or "").lower().replace("_", "-").startswith(
+      ("jax-cuda", "jax-rocm")) for d in importlib.metadata.distributions())
+
+
+_add_flag("--xla_force_host_platform_device_count=8")
+if not _has_gpu_plugin():
+  _add_flag("--xla_backend_optimization_level=0")
