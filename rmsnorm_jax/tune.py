@@ -4,7 +4,8 @@
                                [--out PATH] [--budget-s N] [--reps N]
 
 For each op (``forward``, ``backward``, ``residual_forward``,
-``residual_backward``, ``quantized_forward``) and each shape class (input
+``residual_backward``, ``quantized_forward``, ``quantized_residual_forward``:
+the quantized forward with a residual) and each shape class (input
 itemsize x padded row width, measured at one row count that fills the GPU),
 it times a small set of launch configurations around the heuristic of
 ``rmsnorm_jax.kernels.gpu_tiling`` (the heuristic itself twice, to show the
@@ -72,7 +73,8 @@ MAX_SETS = 16
 # Each op's traffic counted as the benchmark's op of the same bytes.
 _BYTES_OP = {"forward": "fwd", "backward": "bwd",
              "residual_forward": "fused_fwd",
-             "residual_backward": "fused_bwd", "quantized_forward": "fwd"}
+             "residual_backward": "fused_bwd", "quantized_forward": "fwd",
+             gpu_tiling.QUANTIZED_RESIDUAL_OP: "quant_fused_fwd"}
 _SHORT = dict(block_rows="br", num_warps="w", programs_per_sm="p",
               persistent="ps", prefetch="pf", cache_scale="cs", reload="rl",
               num_stages="st")
@@ -271,7 +273,7 @@ def _inputs(op, rows, hidden, dtype, n_sets, seed):
     if op in ("forward", "quantized_forward"):
       sets.append((x, s))
       continue
-    if op == "residual_forward":
+    if op in ("residual_forward", gpu_tiling.QUANTIZED_RESIDUAL_OP):
       sets.append((x, rand((rows, hidden), 0.5), s))
       continue
     xf = x.astype(jnp.float32)
@@ -296,6 +298,11 @@ def _op_fn(op, impl, dtype):
   if op == "residual_backward":
     return lambda h, s, r, dy, dh: impl.residual_backward(
         h, s, None, r, dy, dh, norm=norm)
+  if op == gpu_tiling.QUANTIZED_RESIDUAL_OP:
+    # int8, as the benchmark's quant_fused_fwd.
+    inorm = dataclasses.replace(norm, quant_dtype=np.dtype(jnp.int8))
+    return lambda x, r, s: impl.quantized_forward(x, r, s, None, None,
+                                                  norm=inorm)
   qnorm = dataclasses.replace(norm, quant_dtype=np.dtype(jnp.float8_e4m3fn))
   return lambda x, s: impl.quantized_forward(x, None, s, None, None,
                                              norm=qnorm)
@@ -402,7 +409,7 @@ def parser() -> argparse.ArgumentParser:
           "\n\n")[4],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ops", type=_parse_ops, default=list(OPS),
-                 help="comma-separated ops (default: all five)")
+                 help="comma-separated ops (default: all six)")
   p.add_argument("--cases", type=_parse_cases, default=list(DEFAULT_CASES),
                  help="comma-separated ROWSxHIDDEN:DTYPE, one per shape "
                       "class (default: " + ",".join(

@@ -500,6 +500,25 @@ def test_quantized_tilings_and_per_head(mode, config):
                                   np.asarray(q_want).view(np.uint8))
 
 
+def test_quantized_residual_launch_is_resolved_apart(monkeypatch):
+  # The residual variant asks gpu_tiling for its own op key, so that a
+  # tuning file can give it another launch than the plain quantized forward.
+  asked = []
+  resolve = gpu_tiling.resolve
+
+  def spy(config, op, *a, **kw):
+    asked.append(op)
+    return resolve(config, op, *a, **kw)
+  monkeypatch.setattr(gpu_tiling, "resolve", spy)
+  impl = PallasGpu(interpret=True)
+  x, scale, _, _ = _inputs(("quant_key",), 8, 128, BF16, scale_shape=(128,),
+                           scale_dtype=BF16)
+  norm = base.Norm(eps=1e-6, quant_dtype=np.dtype(jnp.int8))
+  impl.quantized_forward(x, None, scale, None, None, norm=norm)
+  impl.quantized_forward(x, x, scale, None, None, norm=norm)
+  assert asked == ["quantized_forward", gpu_tiling.QUANTIZED_RESIDUAL_OP]
+
+
 # ------------------------------------------------------------ determinism --
 
 @pytest.mark.parametrize("mode", MODES)

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from rmsnorm_jax import tune
@@ -76,6 +77,25 @@ def test_file_knobs_are_used(tuning_dir):
     assert gpu_tiling.resolve(HEURISTIC, op, 8192, hidden, itemsize=isz,
                               device_kind=KIND) == _heuristic(
                                   op, 8192, hidden, isz)
+
+
+def test_quantized_residual_forward_has_its_own_key(tuning_dir):
+  # The quantized forward with and without a residual take their own
+  # entries: each one's knobs apply to its op alone.
+  op_res = gpu_tiling.QUANTIZED_RESIDUAL_OP
+  h = _heuristic("quantized_forward", 8192, 4096)
+  plain = dict(tune.knobs_of(h), block_rows=1, num_warps=8,
+               programs_per_sm=4, persistent=True)
+  fused = dict(tune.knobs_of(h), block_rows=1, num_warps=16,
+               programs_per_sm=2, persistent=True)
+  _write(tuning_dir, _table(_entry("quantized_forward", 8192, 4096, plain),
+                            _entry(op_res, 8192, 4096, fused)))
+  for op, want in (("quantized_forward", plain), (op_res, fused)):
+    got = gpu_tiling.resolve(HEURISTIC, op, 8192, 4096, device_kind=KIND)
+    assert tune.knobs_of(got) == want, op
+  # Its tuning inputs carry the residual: x, residual, scale.
+  sets = tune._inputs(op_res, 16, 128, jnp.bfloat16, 1, 0)
+  assert [a.shape for a in sets[0]] == [(16, 128), (16, 128), (128,)]
 
 
 def test_tuned_row_block_still_shrinks_for_the_grid(tuning_dir):

@@ -210,10 +210,13 @@ class PallasGpu(base.Implementation):
     """
     wider = x.dtype.itemsize if residual is None else max(
         x.dtype.itemsize, residual.dtype.itemsize)
+    # With a residual the launch is tuned apart (gpu_tiling.OPS).
+    op = ("quantized_forward" if residual is None
+          else gpu_tiling.QUANTIZED_RESIDUAL_OP)
     outs = gpu_kernels.forward(
         x, residual, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
         out_dtype=None, quant_scale=quant_scale,
-        **self._kw("quantized_forward", x, scale, np.dtype(f"f{wider}")))
+        **self._kw(op, x, scale, np.dtype(f"f{wider}")))
     if residual is None:
       return outs[0], outs[1], None
     return outs
