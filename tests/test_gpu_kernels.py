@@ -28,7 +28,6 @@ reaches (rows wider than the resident tiling, tiling overrides, mixed
 dtypes) and runs everything compiled on a GPU.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -79,15 +78,15 @@ def _check_norm(impl, shape, dtype, scale_dtype, *, scale_offset=0.0,
 
   norm = base.Norm(eps=eps, scale_offset=scale_offset, out_dtype=y_dtype)
 
-  def run(impl):
-    y, rstd = jax.jit(functools.partial(impl.forward, norm=norm))(
-        x, scale, None)
-    dx, dscale, dbias = jax.jit(functools.partial(impl.backward, norm=norm))(
-        x, scale, None, rstd, dy)
+  def run(impl, x, scale, dy):
+    y, rstd = impl.forward(x, scale, None, norm=norm)
+    dx, dscale, dbias = impl.backward(x, scale, None, rstd, dy, norm=norm)
     assert dbias is None
     return y, dx, dscale
 
-  y, dx, dscale = run(impl)
+  # The kernel and XLA side by side in one program.
+  (y, dx, dscale), (y_x, dx_x, ds_x) = jax.jit(
+      lambda *a: (run(impl, *a), run(base.Xla(), *a)))(x, scale, dy)
   assert y.dtype == y_dtype and dx.dtype == x.dtype
   y_ref, _ = reference.rms_norm(x, scale, eps=eps, scale_offset=scale_offset)
   dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy, eps=eps,
@@ -95,7 +94,6 @@ def _check_norm(impl, shape, dtype, scale_dtype, *, scale_offset=0.0,
   assert_close(y, y_ref, tol(y_dtype), "y")
   assert_close(dx, dx_ref, tol(dtype, y_dtype), "dx",
                dx_magnitude(x, scale, dy, eps=eps, scale_offset=scale_offset))
-  y_x, dx_x, ds_x = run(base.Xla())
   assert_close(y, y_x, xla_tol(y_dtype), "y vs xla")
   assert_close(dx, dx_x, xla_tol(dtype, y_dtype), "dx vs xla",
                dx_magnitude(x, scale, dy, eps=eps, scale_offset=scale_offset))
@@ -117,19 +115,18 @@ def _check_residual(impl, shape, x_dtype, res_dtype, key=()):
 
   norm = base.Norm(eps=1e-6, out_dtype=np.dtype(res_dtype))
 
-  def run(impl):
-    y, h, rstd = jax.jit(functools.partial(impl.residual_forward, norm=norm))(
-        x, res, scale, None)
-    dres, dscale, dbias = jax.jit(
-        functools.partial(impl.residual_backward, norm=norm))(
-            h, scale, None, rstd, dy, dh)
+  def run(impl, x, res, scale, dy, dh):
+    y, h, rstd = impl.residual_forward(x, res, scale, None, norm=norm)
+    dres, dscale, dbias = impl.residual_backward(h, scale, None, rstd, dy, dh,
+                                                 norm=norm)
     assert dbias is None and dres.dtype == res.dtype
     # The gradient of x and of residual is the same (h = x + residual).
     return y, h, dres.astype(x.dtype), dres, dscale
 
-  y, h, dx, dres, dscale = run(impl)
+  # The kernel and XLA side by side in one program.
+  (y, h, dx, dres, dscale), (y_x, h_x, dx_x, dres_x, ds_x) = jax.jit(
+      lambda *a: (run(impl, *a), run(base.Xla(), *a)))(*inputs)
   assert_residual_matches_reference(inputs, (y, h, dx, dres, dscale))
-  y_x, h_x, dx_x, dres_x, ds_x = run(base.Xla())
   np.testing.assert_array_equal(np.asarray(h, np.float32),
                                 np.asarray(h_x, np.float32))
   assert_close(y, y_x, xla_tol(res_dtype), "y vs xla")

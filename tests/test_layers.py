@@ -49,13 +49,18 @@ def test_linen_matches_flax(config, x_dtype):
       jax.tree.map(lambda a: (a.shape, a.dtype), p_theirs)
   for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_theirs)):
     np.testing.assert_array_equal(a, b)
-  y_ours, y_theirs = ours.apply(p_theirs, x), theirs.apply(p_theirs, x)
+  dy = random(rng, x.shape, jax.eval_shape(theirs.apply, p_theirs, x).dtype)
+
+  # Both layers, forward and backward, in one program.
+  @jax.jit
+  def both(p, x, dy):
+    y_ours, vjp_ours = jax.vjp(ours.apply, p, x)
+    y_theirs, vjp_theirs = jax.vjp(theirs.apply, p, x)
+    return y_ours, y_theirs, vjp_ours(dy), vjp_theirs(dy)
+
+  y_ours, y_theirs, g_ours, g_theirs = both(p_theirs, x, dy)
   assert y_ours.dtype == y_theirs.dtype and y_ours.shape == x.shape
   assert_close(y_ours, y_theirs, _out_tol(y_theirs), "y")
-
-  dy = random(rng, x.shape, y_theirs.dtype)
-  g_ours = jax.vjp(ours.apply, p_theirs, x)[1](dy)
-  g_theirs = jax.vjp(theirs.apply, p_theirs, x)[1](dy)
   for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_theirs)):
     assert a.dtype == b.dtype
     assert_close(a, b, tol(b.dtype, y_theirs.dtype), "grad")
@@ -76,18 +81,22 @@ def test_nnx_matches_flax(config, x_dtype):
                                                              fnnx.Param)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), s_ours) == \
       jax.tree.map(lambda a: (a.shape, a.dtype), s_theirs)
-  y_ours, y_theirs = ours(x), theirs(x)
-  assert y_ours.dtype == y_theirs.dtype
-  assert_close(y_ours, y_theirs, _out_tol(y_theirs), "y")
-
   # A random projection: sum(y**2) would have an identically zero dx.
   proj = random(rng, x.shape, jnp.float32)
 
   def loss(model, x):
-    return jnp.sum(model(x).astype(jnp.float32) * proj)
+    y = model(x)
+    return jnp.sum(y.astype(jnp.float32) * proj), y
 
-  g_ours = fnnx.grad(loss, argnums=(0, 1))(ours, x)
-  g_theirs = fnnx.grad(loss, argnums=(0, 1))(theirs, x)
+  # Both layers, outputs and gradients, in one program.
+  @fnnx.jit
+  def both(ours, theirs, x):
+    grad = fnnx.grad(loss, argnums=(0, 1), has_aux=True)
+    return grad(ours, x), grad(theirs, x)
+
+  (g_ours, y_ours), (g_theirs, y_theirs) = both(ours, theirs, x)
+  assert y_ours.dtype == y_theirs.dtype
+  assert_close(y_ours, y_theirs, _out_tol(y_theirs), "y")
   for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_theirs)):
     assert a.dtype == b.dtype
     assert_close(a, b, tol(b.dtype, y_theirs.dtype), "grad")

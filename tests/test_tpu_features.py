@@ -77,8 +77,9 @@ def _per_row(w, rows):
 
 @functools.lru_cache(maxsize=None)
 def _fwd_bwd(impl, norm, residual):
-  """One jitted program: (residual) forward, then backward from its rstd."""
-  def f(x, res, scale, bias, dy, dh):
+  """One jitted program: (residual) forward, then backward from its rstd,
+  of impl and of XLA side by side."""
+  def f(impl, x, res, scale, bias, dy, dh):
     if residual:
       y, h, rstd = impl.residual_forward(x, res, scale, bias, norm=norm)
       g = impl.residual_backward(h, scale, bias, rstd, dy, dh, norm=norm)
@@ -87,7 +88,7 @@ def _fwd_bwd(impl, norm, residual):
       h = x
       g = impl.backward(x, scale, bias, rstd, dy, norm=norm)
     return (y, h, rstd) + tuple(g)
-  return jax.jit(f)
+  return jax.jit(lambda *a: (f(impl, *a), f(base.Xla(), *a)))
 
 
 def _case(name, shape, x_dtype, *, scale=(), scale_dtype=None, bias=None,
@@ -163,8 +164,8 @@ def test_forward_backward_features(c):
   dh = random(rng, (rows, hidden), src_dt) if res is not None else None
   impl = PallasTpu(**{**GENERIC, **c["config"]})
   residual = res is not None
-  y, h, rstd, dx, dscale, dbias = _fwd_bwd(impl, norm, residual)(
-      x, res, scale, bias, dy, dh)
+  (y, h, rstd, dx, dscale, dbias), (xy, xh, xr, xdx, xds, xdb) = _fwd_bwd(
+      impl, norm, residual)(x, res, scale, bias, dy, dh)
   _finite(y, h, rstd, dx, dscale, dbias)
   assert y.dtype == out_dt and dx.dtype == src_dt and rstd.shape == (rows,)
   assert (dscale is None) == (scale is None)
@@ -176,8 +177,6 @@ def test_forward_backward_features(c):
   _assert_matches_emulation(y, want, "y vs emulate", bias)
 
   # The XLA implementation: the reference semantics, gradients included.
-  xy, xh, xr, xdx, xds, xdb = _fwd_bwd(base.Xla(), norm, residual)(
-      x, res, scale, bias, dy, dh)
   if residual:
     np.testing.assert_array_equal(np.asarray(h, np.float32),
                                   np.asarray(xh, np.float32))
@@ -245,7 +244,8 @@ def _quantized(impl, norm, static, residual):
         x, res if residual else None, scale, bias, qs if static else None,
         norm=norm)
     y, _ = impl.forward(h if residual else x, scale, bias, norm=fnorm)
-    return q, q_scale, h, y
+    want = base.quantize(y, norm.quant_dtype, qs if static else None)
+    return q, q_scale, h, y, want
   return jax.jit(f)
 
 
@@ -277,8 +277,8 @@ def test_quantized_forward(qdt, static, residual):
   # under the TPU interpreter (unwritten outputs poisoned) for int8.
   config = dict(TPU_INTERP if (residual and qdt == I8) else GENERIC,
                 block_rows=32)
-  q, q_scale, h, y = _quantized(PallasTpu(**config), norm, static,
-                                residual)(x, res, scale, bias, qs_in)
+  q, q_scale, h, y, (q_want, s_want) = _quantized(
+      PallasTpu(**config), norm, static, residual)(x, res, scale, bias, qs_in)
   assert q.dtype == qdt and q.shape == (rows, hidden)
   assert q_scale.dtype == F32 and q_scale.shape == (rows, 1)
   assert (h is None) == (not residual)
@@ -288,7 +288,6 @@ def test_quantized_forward(qdt, static, residual):
         (np.asarray(x, np.float32) + np.asarray(res, np.float32)).astype(
             jnp.bfloat16).astype(np.float32))
   # Exactly base.quantize of the same kernels' float32 y.
-  q_want, s_want = base.quantize(y, qdt, qs_in if static else None)
   np.testing.assert_array_equal(np.asarray(q_scale), np.asarray(s_want))
   np.testing.assert_array_equal(np.asarray(q).view(np.uint8),
                                 np.asarray(q_want).view(np.uint8))

@@ -75,22 +75,27 @@ def _finite(*arrays):
           "an output element was never written (NaN poison survived)")
 
 
+def _fwd_bwd(impl, offset, x, scale, dy):
+  """Forward, then backward from its rstd."""
+  norm = _norm(offset, x.dtype)
+  y, rstd = impl.forward(x, scale, None, norm=norm)
+  dx, dscale, dbias = impl.backward(x, scale, None, rstd, dy, norm=norm)
+  assert dbias is None
+  return y, rstd, dx, dscale
+
+
 @functools.lru_cache(maxsize=None)
 def _fwd_bwd_fn(impl, offset):
-  """One jitted program: forward, then backward from its rstd."""
-  def f(x, scale, dy):
-    norm = _norm(offset, x.dtype)
-    y, rstd = impl.forward(x, scale, None, norm=norm)
-    dx, dscale, dbias = impl.backward(x, scale, None, rstd, dy, norm=norm)
-    assert dbias is None
-    return y, rstd, dx, dscale
-  return jax.jit(f)
+  """One jitted program: ``_fwd_bwd`` of impl and of XLA side by side."""
+  return jax.jit(lambda *a: (_fwd_bwd(impl, offset, *a),
+                             _fwd_bwd(base.Xla(), offset, *a)))
 
 
 def _check_fwd_bwd(impl, x, scale, dy, offset=0.0):
   """Kernel vs float64 reference and vs XLA for forward and backward."""
   dtype = x.dtype
-  y, rstd, dx, dscale = _fwd_bwd_fn(impl, offset)(x, scale, dy)
+  (y, rstd, dx, dscale), (xy, xr, xdx, xds) = _fwd_bwd_fn(impl, offset)(
+      x, scale, dy)
   _finite(y, rstd, dx, dscale)
   assert y.dtype == dtype and dx.dtype == dtype and rstd.dtype == F32
   assert y.shape == x.shape and dx.shape == x.shape
@@ -102,7 +107,6 @@ def _check_fwd_bwd(impl, x, scale, dy, offset=0.0):
   assert_close(y, y_ref, tol(dtype), "y")
   assert_close(rstd, rstd_ref, tol(F32), "rstd")
   assert_close(dx, dx_ref, tol(dtype), "dx", mag)
-  xy, xr, xdx, xds = _fwd_bwd_fn(base.Xla(), offset)(x, scale, dy)
   assert_close(y, xy, xla_tol(dtype), "y vs xla")
   assert_close(rstd, xr, xla_tol(F32), "rstd vs xla")
   assert_close(dx, xdx, xla_tol(dtype), "dx vs xla", mag)
@@ -220,16 +224,20 @@ def test_wide_rows(shape, dtype):
   _check_fwd_bwd(impl, x, scale, dy)
 
 
+def _residual_fwd_bwd(impl, x, res, scale, dy, dh):
+  norm = _norm(out_dtype=res.dtype)
+  y, h, rstd = impl.residual_forward(x, res, scale, None, norm=norm)
+  g, dscale, dbias = impl.residual_backward(h, scale, None, rstd, dy, dh,
+                                            norm=norm)
+  assert dbias is None
+  return y, h, rstd, g, dscale
+
+
 @functools.lru_cache(maxsize=None)
 def _residual_fn(impl):
-  def f(x, res, scale, dy, dh):
-    norm = _norm(out_dtype=res.dtype)
-    y, h, rstd = impl.residual_forward(x, res, scale, None, norm=norm)
-    g, dscale, dbias = impl.residual_backward(h, scale, None, rstd, dy, dh,
-                                              norm=norm)
-    assert dbias is None
-    return y, h, rstd, g, dscale
-  return jax.jit(f)
+  """One jitted program: impl's and XLA's fused residual side by side."""
+  return jax.jit(lambda *a: (_residual_fwd_bwd(impl, *a),
+                             _residual_fwd_bwd(base.Xla(), *a)))
 
 
 def _residual_case(impl, shape, x_dtype, res_dtype, with_scale=True):
@@ -241,7 +249,8 @@ def _residual_case(impl, shape, x_dtype, res_dtype, with_scale=True):
            if with_scale else None)
   dy = random(rng, shape, res_dtype)
   dh = random(rng, shape, res_dtype)
-  y, h, rstd, g, dscale = _residual_fn(impl)(x, res, scale, dy, dh)
+  (y, h, rstd, g, dscale), (xy, xh, xr, xg, xds) = _residual_fn(impl)(
+      x, res, scale, dy, dh)
   _finite(y, h, rstd, g, dscale)
   assert y.dtype == res_dtype and h.dtype == res_dtype
   assert g.dtype == res_dtype
@@ -252,7 +261,6 @@ def _residual_case(impl, shape, x_dtype, res_dtype, with_scale=True):
   g_ref = g_ref + np.asarray(dh, np.float64)
   assert_close(y, y_ref, tol(res_dtype), "y")
   assert_close(g, g_ref, tol(res_dtype), "dh_total")
-  xy, xh, xr, xg, xds = _residual_fn(base.Xla())(x, res, scale, dy, dh)
   # h is one float32 add rounded once on both paths: identical.
   np.testing.assert_array_equal(np.asarray(h, np.float32),
                                 np.asarray(xh, np.float32))
