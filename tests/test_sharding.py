@@ -89,11 +89,18 @@ def _loss_and_grads(fn, proj):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
+def _all_reduced_arrays(hlo):
+  """The element count of each array all-reduced in compiled HLO text."""
+  sizes = []
+  for result in re.findall(r"= (\(.*?\)|\S+) all-reduce(?:-start)?\(", hlo):
+    for dims in re.findall(r"\w+\[([\d,]*)\]", result):
+      sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])))
+  return sizes
+
+
 @pytest.mark.parametrize("make_impl,mesh_shape,kind", SHARDED_RUNS)
-@pytest.mark.parametrize("op", ["rms_norm", "rms_norm_residual"])
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
-def test_sharded_equals_unsharded(make_impl, mesh_shape, kind, op,
-                                  axis_type):
+def test_sharded_equals_unsharded(make_impl, mesh_shape, kind, axis_type):
   mesh = _mesh(mesh_shape, axis_type)
   spec = _specs(mesh, kind)
   rng = np.random.default_rng(sum(mesh_shape) + len(kind))
@@ -102,10 +109,9 @@ def test_sharded_equals_unsharded(make_impl, mesh_shape, kind, op,
   scale = random(rng, (256,), jnp.float32, mean=1.0)
   proj = random(rng, (8, 4, 256), jnp.float32)
   impl = make_impl()
-  if op == "rms_norm":
-    fn = lambda x, r, s: (rj.rms_norm(x + 0 * r, s, backend=impl),)
-  else:
-    fn = lambda x, r, s: rj.rms_norm_residual(x, r, s, backend=impl)
+  # Both ops in one program: y, then the fused op's (normed, h).
+  fn = lambda x, r, s: (rj.rms_norm(x, s, backend=impl),
+                        *rj.rms_norm_residual(x, r, s, backend=impl))
 
   (want, terms), want_grads = _loss_and_grads(fn, proj)(x, r, scale)
   xs = jax.device_put(x, NamedSharding(mesh, spec))
@@ -124,22 +130,25 @@ def test_sharded_equals_unsharded(make_impl, mesh_shape, kind, op,
       NamedSharding(mesh, spec), 3)
 
   forward = jax.jit(fn).lower(xs, rs, ss).compile()
-  y = forward(xs, rs, ss)[0]
-  assert y.sharding.is_equivalent_to(NamedSharding(mesh, spec), 3), \
-      y.sharding
+  for y in forward(xs, rs, ss):
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, spec), 3), \
+        y.sharding
   hlo = forward.as_text()
   assert "all-gather" not in hlo and "all-to-all" not in hlo, \
       "x was gathered"
-  all_reduces = re.findall(r"all-reduce(?:-start)?\(", hlo)
+  all_reduces = _all_reduced_arrays(hlo)
+  # Only per-row statistics cross devices, never a slice of x.
+  assert all(size <= 8 * 4 for size in all_reduces), all_reduces
   hidden_split = mesh.shape[spec[-1]] if isinstance(spec[-1], str) else (
       np.prod([mesh.shape[a] for a in spec[-1]]) if spec[-1] else 1)
   if kind == "batch":
     assert not all_reduces
   elif hidden_split > 1:
-    # The sum of squares of each local row, once.
-    assert len(all_reduces) == 1, hlo
+    # The sum of squares of each local row, once per op (XLA may combine
+    # the two into one all-reduce of two arrays).
+    assert len(all_reduces) == 2, hlo
   else:
-    assert len(all_reduces) <= 1, hlo  # XLA may drop a one-device reduction
+    assert len(all_reduces) <= 2, hlo  # XLA may drop a one-device reduction
   assert "all-gather" not in step.as_text()
 
 
