@@ -500,6 +500,22 @@ def test_quantized_tilings_and_per_head(mode, config):
                                   np.asarray(q_want).view(np.uint8))
 
 
+def test_float16_bias_backward_launch():
+  # The float16 backward with a bias on 8192-wide rows runs 8 warps; the
+  # same call in bfloat16 or without a bias, other widths and other ops
+  # keep the heuristic's launch.
+  impl = PallasGpu()
+  got = impl.resolved_config("backward", 2048, 8192, F16, bias=True)
+  plain = impl.resolved_config("backward", 2048, 8192, F16)
+  assert got.num_warps == gpu_tiling.BWD_F16_BIAS_WARPS != plain.num_warps
+  assert got == dataclasses.replace(plain, num_warps=got.num_warps)
+  for op, hidden, dtype in [("backward", 8192, BF16), ("backward", 4096, F16),
+                            ("forward", 8192, F16),
+                            ("residual_backward", 8192, F16)]:
+    assert impl.resolved_config(op, 2048, hidden, dtype, bias=True) == (
+        impl.resolved_config(op, 2048, hidden, dtype)), (op, hidden, dtype)
+
+
 def test_quantized_residual_launch_is_resolved_apart(monkeypatch):
   # The residual variant asks gpu_tiling for its own op key, so that a
   # tuning file can give it another launch than the plain quantized forward.

@@ -140,28 +140,33 @@ class PallasGpu(base.Implementation):
   # ------------------------------------------------------------- plumbing --
 
   def resolved_config(self, op: str, rows: int, hidden: int, dtype,
-                      heads: int = 1) -> gpu_tiling.Config:
+                      heads: int = 1, bias: bool = False
+                      ) -> gpu_tiling.Config:
     """The full configuration ``op`` runs with on ``(rows, hidden)``.
 
-    ``heads``: scale rows of a per-head scale (1 otherwise).
+    ``heads``: scale rows of a per-head scale (1 otherwise); ``bias``: the
+    call has a bias.
     """
     config = self.config
     if config.num_sms is None:
       config = dataclasses.replace(
           config, num_sms=INTERPRET_NUM_SMS if self.interpret
           else gpu_tiling.num_sms())
+    float16 = np.dtype(dtype) == np.dtype(jnp.float16)
     # Interpret mode runs on the host: a GPU's tuning file says nothing
     # about it, and tests stay reproducible across machines.
     return gpu_tiling.resolve(config, op, rows, hidden,
                               itemsize=np.dtype(dtype).itemsize, heads=heads,
                               device_kind=None if self.interpret
-                              else gpu_tiling.AUTO)
+                              else gpu_tiling.AUTO,
+                              float16_bias=bool(bias) and float16)
 
-  def _kw(self, op, x, scale, dtype=None):
+  def _kw(self, op, x, scale, dtype=None, bias=None):
     rows, hidden = x.shape
     heads = 1 if scale is None or scale.ndim == 1 else scale.shape[0]
     return dict(config=self.resolved_config(op, rows, hidden,
-                                            dtype or x.dtype, heads),
+                                            dtype or x.dtype, heads,
+                                            bias is not None),
                 interpret=self.interpret, poison=self.poison_outputs)
 
   @staticmethod
@@ -184,7 +189,7 @@ class PallasGpu(base.Implementation):
     """-> (dx in x.dtype, dscale float32 scale-shaped or None, dbias)."""
     return gpu_kernels.backward(
         x, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy), None,
-        norm=norm, **self._kw("backward", x, scale))
+        norm=norm, **self._kw("backward", x, scale, bias=bias))
 
   def residual_forward(self, x, residual, scale, bias, *, norm):
     """-> (y in out_dtype, h = x + residual in residual.dtype, rstd)."""

@@ -119,6 +119,16 @@ RELOAD_MIN_COLS = 16384
 # one, which also reads dh, does not (223.1). float32 rows keep 16 warps
 # (fused 2048x16384 f32: 273.1 against 221.7). Sweep rounds 4 and 5.
 BWD_WIDE16_WARPS = 32
+# The float16 backward with a bias on rows of this padded width runs this
+# many warps instead of the heuristic's or the tuning file's (whose entries
+# were timed without a bias, on bfloat16). H200, us, 16 / 8 warps: with a
+# bias 2048x8192 f16 39.5 / 36.0, 4096x8192 f16 69.9 / 62.8; bfloat16 with
+# a bias 34.2 / 35.7, 60.3 / 62.7, float16 without 31.3 / 32.3, 56.8 /
+# 59.1, so neither takes it. Not profiled: likely the 16-warp program's
+# 128-register cap, which the bias's accumulator passes with float16's
+# conversions only (two programs of 8 warps per SM: 41.2, 68.8).
+BWD_F16_BIAS_COLS = 8192
+BWD_F16_BIAS_WARPS = 8
 # Whole-row backward tiles wider than this (with reload) are walked in
 # static pieces of this width, one dscale accumulator per piece
 # (gpu_kernels._backward_pieces).
@@ -504,7 +514,8 @@ def fold_heads(config: Config, hidden: int, heads: int) -> bool:
 
 def resolve(config: Config, op: str, rows: int, hidden: int, *,
             itemsize: int = 2, heads: int = 1,
-            device_kind: str | None = AUTO) -> Config:
+            device_kind: str | None = AUTO,
+            float16_bias: bool = False) -> Config:
   """``config`` with every None field chosen for one kernel call.
 
   Each knob comes from, in order: ``config``; the device's tuning file
@@ -527,6 +538,8 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
     device_kind: whose tuning file to read: ``"auto"`` (the GPU JAX runs
       on, ``gpu_kind()``), a kind such as ``"NVIDIA H200"``, or None
       for the heuristic alone.
+    float16_bias: the call is a float16 backward with a bias (see
+      ``BWD_F16_BIAS_WARPS``).
 
   Returns:
     A ``Config`` with no None field; block sizes are powers of two.
@@ -609,6 +622,9 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
       warps = min(max_warps, _warps_for(br * bc, per_thread))
     if folded and op == "forward" and bc >= FOLD_FWD_WIDE_COLS:
       warps = min(MAX_WARPS, 2 * warps)
+    if (float16_bias and op == "backward" and resident
+        and bc == BWD_F16_BIAS_COLS):
+      warps = BWD_F16_BIAS_WARPS
   cache_max = FWD_CACHE_SCALE_MAX_COLS if fwd else CACHE_SCALE_MAX_COLS
   if op == "backward" and isz == 2 and max_warps == BWD_WIDE16_WARPS:
     cache_max = MAX_RESIDENT_COLS
