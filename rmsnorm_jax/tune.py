@@ -24,11 +24,11 @@ outside the package set ``RMSNORM_JAX_TUNING_DIR`` to its folder). See
 docs/tuning.md for the format.
 
 Time: each (op, shape class) compiles up to 8 configurations in parallel and
-times them in one profiler trace; on an H200 the default 5 ops x 5 classes
-(171 timed configurations) took 20 s after JAX's start, so budget about a
-minute per run. ``--budget-s`` stops starting new (op, class) pairs once it
-is spent; the file is rewritten after each pair, so a run cut short keeps
-what it measured.
+times them in one profiler trace; on an H200 the first five ops x 5 classes
+(171 timed configurations) took 20 s after JAX's start, and the sixth op on
+three classes 7 s, so budget about a minute per run. ``--budget-s`` stops
+starting new (op, class) pairs once it is spent; the file is rewritten
+after each pair, so a run cut short keeps what it measured.
 
 Without a GPU it exits with status 2 and says so.
 """
