@@ -16,8 +16,8 @@ of a device, after this module is imported).
   the caller's ``XLA_FLAGS`` wins.
 """
 
-import importlib.metadata
 import os
+import pkgutil
 
 
 def _add_flag(flag: str) -> None:
@@ -27,8 +27,13 @@ def _add_flag(flag: str) -> None:
 
 
 def _has_gpu_plugin() -> bool:
-  return any((d.metadata["Name"] or "").lower().replace("_", "-").startswith(
-      ("jax-cuda", "jax-rocm")) for d in importlib.metadata.distributions())
+  # jax's CUDA and ROCm plugins register under the jax_plugins namespace.
+  try:
+    import jax_plugins  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return any(m.name.startswith(("xla_cuda", "xla_rocm"))
+             for m in pkgutil.iter_modules(jax_plugins.__path__))
 
 
 _add_flag("--xla_force_host_platform_device_count=8")
