@@ -258,6 +258,17 @@ def test_auto_declines_crossover():
     assert impl.auto_declines(_call(op, 2048, 32768, jnp.float32))
     assert impl.auto_declines(_call(op, 2048, 32768, jnp.bfloat16)) is None
     assert impl.auto_declines(_call(op, 4096, 16384, jnp.bfloat16)) is None
+  # Per-head forward (rows are tokens x heads): XLA from 32 MiB of x up;
+  # the per-head backward and a plain forward of the same size: the kernel.
+  heads = dict(scale_shape=(32, 128))
+  per_head = lambda op, tokens: impl.auto_declines(base.Call(
+      op=op, rows=tokens * 32, hidden=128, dtype=np.dtype(jnp.bfloat16),
+      **heads))
+  assert "per-head forward" in per_head("forward", 4096)
+  assert "per-head forward" in per_head("forward", 16384)
+  assert per_head("forward", 4095) is None
+  assert per_head("backward", 16384) is None
+  assert preferred(4096 * 32, 128, jnp.bfloat16)
 
 
 def test_registered_and_platforms():

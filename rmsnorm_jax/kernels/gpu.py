@@ -61,6 +61,14 @@ AUTO_MAX_ELEMENTS = 2**31 - 1
 # (2048x32768: fused forward 146.6 against 195.0, fused backward 221.3
 # against 233.0, backward 180.3 against 182.5).
 AUTO_CHUNKED_XLA_OPS = ("backward", "residual_backward", "residual_forward")
+# Per-head (QK-norm) forward: XLA's fusion measured 4-7% faster than the
+# kernel on an H200 at every size measured, 34 to 134 MB of x (bf16 and
+# f16, 16 to 64 heads of 128: XLA 0.94-1.02x the device-copy time, the
+# kernel 1.01-1.09x; docs/bench_h200_features.md), so "auto" keeps XLA from
+# the smallest of those sizes up. Smaller inputs were not measured and keep
+# the kernel; the per-head backward is the kernel's (1.10-1.23x copy against
+# XLA's 1.95-2.31x).
+AUTO_PER_HEAD_FWD_MIN_BYTES = 32 * 2**20
 # The features beyond the plain norm the kernels serve (kernels/common.py
 # FEATURES); cannot_serve declines a call needing any other.
 IMPLEMENTED = frozenset(("bias", "llama", "per_head", "quantized"))
@@ -129,8 +137,12 @@ class PallasGpu(base.Implementation):
         and rows < AUTO_WIDE_MIN_ROWS):
       return (f"XLA measured faster for fewer than {AUTO_WIDE_MIN_ROWS} rows "
               f"of {AUTO_WIDE_COLS} or more columns")
-    resident_cols = gpu_tiling.heuristic_resident_cols(
-        np.dtype(call.dtype).itemsize)
+    itemsize = np.dtype(call.dtype).itemsize
+    if (call.op == "forward" and len(call.scale_shape) == 2
+        and rows * hidden * itemsize >= AUTO_PER_HEAD_FWD_MIN_BYTES):
+      return ("XLA measured faster for the per-head forward of "
+              f"{AUTO_PER_HEAD_FWD_MIN_BYTES >> 20} MiB or more")
+    resident_cols = gpu_tiling.heuristic_resident_cols(itemsize)
     if (call.op in AUTO_CHUNKED_XLA_OPS
         and gpu_tiling.next_pow2(hidden) > resident_cols):
       return (f"XLA measured faster for {call.op} on rows wider than "
