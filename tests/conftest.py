@@ -8,10 +8,10 @@ of a device, after this module is imported).
   passes, and XLA's older CPU fusion emitters
   (``--xla_cpu_use_fusion_emitters=false``) compile faster than its
   MLIR-based ones (the suite with ``-n 2`` on 2 cores: 311 s at level 0,
-  197 s with both, against well over 500 s with neither). XLA's own passes (fusion,
-  algebraic simplification, the order of reductions) run either way; a
-  result may still differ in its last bit from the default settings' where
-  LLVM would have contracted a multiply and an add. Every check here is
+  197 s with both, against well over 500 s with neither). XLA's own passes
+  (fusion, algebraic simplification, the order of reductions) run either
+  way; a result may still differ in its last bit from the default
+  settings' where LLVM would have contracted a multiply and an add. Every check here is
   against a reference within a stated tolerance or between programs
   compiled with the same settings. Under a GPU plugin the optimization
   level would reach the GPU backend too, whose compiled programs the GPU

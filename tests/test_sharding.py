@@ -89,13 +89,13 @@ def _loss_and_grads(fn, proj):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
-def _all_reduced_arrays(hlo):
-  """The element count of each array all-reduced in compiled HLO text."""
-  sizes = []
+def _all_reduced_elements(hlo):
+  """How many array elements the all-reduces of compiled HLO text carry."""
+  total = 0
   for result in re.findall(r"= (\(.*?\)|\S+) all-reduce(?:-start)?\(", hlo):
     for dims in re.findall(r"\w+\[([\d,]*)\]", result):
-      sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])))
-  return sizes
+      total += int(np.prod([int(d) for d in dims.split(",") if d]))
+  return total
 
 
 @pytest.mark.parametrize("make_impl,mesh_shape,kind", SHARDED_RUNS)
@@ -113,11 +113,12 @@ def test_sharded_equals_unsharded(make_impl, mesh_shape, kind, axis_type):
   fn = lambda x, r, s: (rj.rms_norm(x, s, backend=impl),
                         *rj.rms_norm_residual(x, r, s, backend=impl))
 
-  (want, terms), want_grads = _loss_and_grads(fn, proj)(x, r, scale)
+  loss_and_grads = _loss_and_grads(fn, proj)
+  (want, terms), want_grads = loss_and_grads(x, r, scale)
   xs = jax.device_put(x, NamedSharding(mesh, spec))
   rs = jax.device_put(r, NamedSharding(mesh, spec))
   ss = jax.device_put(scale, NamedSharding(mesh, P(spec[-1])))
-  step = _loss_and_grads(fn, proj).lower(xs, rs, ss).compile()
+  step = loss_and_grads.lower(xs, rs, ss).compile()
   (loss, _), grads = step(xs, rs, ss)
   # The loss sums 8192 products of either sign: float32 summation in
   # another order (per shard, then across) differs by ~1e-7 of the terms'
@@ -140,7 +141,7 @@ def test_sharded_equals_unsharded(make_impl, mesh_shape, kind, axis_type):
   # all-reduces one float32 per local row when the hidden dim is split (XLA
   # may combine the two ops' arrays, into a tuple on CPU, into one
   # concatenated array on GPU).
-  all_reduced = sum(_all_reduced_arrays(hlo))
+  all_reduced = _all_reduced_elements(hlo)
   split = lambda e: int(np.prod([mesh.shape[a] for a in (
       () if e is None else (e,) if isinstance(e, str) else e)]))
   local_rows = 8 * 4 // split(spec[0])
