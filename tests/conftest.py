@@ -11,12 +11,12 @@ of a device, after this module is imported).
   197 s with both, against well over 500 s with neither). XLA's own passes
   (fusion, algebraic simplification, the order of reductions) run either
   way; a result may still differ in its last bit from the default
-  settings' where LLVM would have contracted a multiply and an add. Every check here is
-  against a reference within a stated tolerance or between programs
-  compiled with the same settings. Under a GPU plugin the optimization
-  level would reach the GPU backend too, whose compiled programs the GPU
-  tests check, so both are left off there. Settings already in the
-  caller's ``XLA_FLAGS`` win.
+  settings' where LLVM would have contracted a multiply and an add. Every
+  check here is against a reference within a stated tolerance or between
+  programs compiled with the same settings. Under a GPU plugin the
+  optimization level would reach the GPU backend too, whose compiled
+  programs the GPU tests check, so both are left off there. Settings
+  already in the caller's ``XLA_FLAGS`` win.
 """
 
 import os
