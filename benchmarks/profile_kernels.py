@@ -1,45 +1,101 @@
-"""Runs a few kernel calls for Nsight Compute (resource use and DRAM rate).
+"""Runs benchmark calls once each for Nsight Compute (why a kernel is slow).
 
-    ncu --clock-control none --kernel-name regex:rmsnorm --csv \
-        --metrics launch__registers_per_thread,... \
-        python benchmarks/profile_kernels.py
+    ncu --clock-control none --profile-from-start off --csv --page raw \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section LaunchStats --section Occupancy \
+        python benchmarks/profile_kernels.py [--cases NAME,...] > ncu.csv
 
-Each case is compiled and run once before the call that is looked at, so
-every kernel appears twice in the report; the second is the one to read.
+Each case is the benchmark's own jitted call (``rmsnorm_jax.bench.cases``:
+same inputs, same backend argument), compiled and run once, then run once
+more between ``cudaProfilerStart`` and ``cudaProfilerStop`` (through torch or
+cupy), so the report holds only the timed call's kernels: the kernel(s) of
+``rmsnorm_jax`` and, as the rate the card reaches for the same bytes, the
+benchmark's "roofline" XLA elementwise op. The order of the cases and of
+their kernels is printed on stderr (``case <n> <label>``) to read the CSV by.
 """
 
+import argparse
+import sys
+
 import jax
-import jax.numpy as jnp
 
-import rmsnorm_jax as rj
-from rmsnorm_jax.kernels.gpu import PallasGpu
+from rmsnorm_jax.bench import cases as bench_cases
+from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
 
+# (label, op, rows, hidden, dtype, impl): the misses named in
+# docs/gpu_perf_notes.md and docs/bench_h200_features.md, and the calls they
+# are compared with.
 CASES = [
-    ("bwd", (4096, 16384), jnp.bfloat16),
-    ("bwd", (8192, 4096), jnp.bfloat16),
-    ("bwd", (32768, 128), jnp.bfloat16),
-    ("bwd", (2048, 4096), jnp.float16),
-    ("fwd", (1024, 4096), jnp.float32),
+    ("fwd_8192x4096_bf16", "fwd", 8192, 4096, "bfloat16", "rmsnorm_jax"),
+    ("fwd_8192x4096_bf16_mosaic", "fwd", 8192, 4096, "bfloat16", "mosaic"),
+    ("fwd_2048x8192_f16", "fwd", 2048, 8192, "float16", "rmsnorm_jax"),
+    ("fwd_2048x32768_bf16", "fwd", 2048, 32768, "bfloat16", "rmsnorm_jax"),
+    ("bwd_8192x4096_bf16", "bwd", 8192, 4096, "bfloat16", "rmsnorm_jax"),
+    ("bwd_4096x16384_bf16", "bwd", 4096, 16384, "bfloat16", "rmsnorm_jax"),
+    ("bwd_2048x8192_f16", "bwd", 2048, 8192, "float16", "rmsnorm_jax"),
+    ("bwd_2048x4096_f16", "bwd", 2048, 4096, "float16", "rmsnorm_jax"),
+    ("bwd_2048x32768_bf16", "bwd", 2048, 32768, "bfloat16", "rmsnorm_jax"),
+    ("fused_fwd_4096x16384_bf16", "fused_fwd", 4096, 16384, "bfloat16",
+     "rmsnorm_jax"),
+    ("fused_fwd_2048x8192_f16", "fused_fwd", 2048, 8192, "float16",
+     "rmsnorm_jax"),
+    ("fused_bwd_4096x16384_bf16", "fused_bwd", 4096, 16384, "bfloat16",
+     "rmsnorm_jax"),
+    ("quant_fwd_4096x8192_bf16", "quant_fwd", 4096, 8192, "bfloat16",
+     "rmsnorm_jax"),
+    ("quant_fp8_fwd_4096x8192_bf16", "quant_fp8_fwd", 4096, 8192,
+     "bfloat16", "rmsnorm_jax"),
+    ("quant_fused_fwd_2048x8192_f16", "quant_fused_fwd", 2048, 8192,
+     "float16", "rmsnorm_jax"),
+    ("bias_fwd_4096x8192_bf16", "bias_fwd", 4096, 8192, "bfloat16",
+     "rmsnorm_jax"),
+    ("bias_bwd_4096x8192_bf16", "bias_bwd", 4096, 8192, "bfloat16",
+     "rmsnorm_jax"),
+    ("bias_bwd_2048x8192_f16", "bias_bwd", 2048, 8192, "float16",
+     "rmsnorm_jax"),
+    ("head_bwd_2048x64x128_f16", "head_bwd", 2048, 8192, "float16",
+     "rmsnorm_jax"),
 ]
 
 
-def main():
-  impl = PallasGpu()
-  key = jax.random.key(0)
-  for op, (rows, hidden), dtype in CASES:
-    k1, k2, k3, key = jax.random.split(key, 4)
-    x = jax.random.normal(k1, (rows, hidden), jnp.float32).astype(dtype)
-    s = (1.0 + 0.5 * jax.random.normal(k2, (hidden,))).astype(dtype)
-    dy = jax.random.normal(k3, (rows, hidden), jnp.float32).astype(dtype)
-    fwd = jax.jit(lambda x, s: rj.rms_norm(x, s, backend=impl))
-    if op == "fwd":
-      fn, args = fwd, (x, s)
-    else:
-      _, vjp = jax.vjp(fwd, x, s)
-      fn, args = jax.jit(lambda v, d: v(d)), (vjp, dy)
-    for _ in range(2):
-      jax.block_until_ready(fn(*args))
-    print(op, rows, hidden, jnp.dtype(dtype).name, "done", flush=True)
+def _profiler():
+  """(start, stop) of the CUDA profiler API, through torch or cupy."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    return torch.cuda.profiler.start, torch.cuda.profiler.stop
+  except ImportError:
+    from cupy.cuda import profiler  # pylint: disable=import-outside-toplevel
+    return profiler.start, profiler.stop
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--cases", default="",
+                  help="comma-separated labels (default: all)")
+  ap.add_argument("--roofline", action=argparse.BooleanOptionalAction,
+                  default=True, help="also profile the roofline op")
+  args = ap.parse_args(argv)
+  wanted = set(filter(None, args.cases.split(",")))
+  start, stop = _profiler()
+  n = 0
+  for label, op, rows, hidden, dtype, impl in CASES:
+    if wanted and label not in wanted:
+      continue
+    impls = [("mosaic_gpu", MosaicGpu()) if impl == "mosaic" else impl]
+    if args.roofline:
+      impls.append("roofline")
+    dt = bench_cases.op_dtype(op, dtype)
+    for cand in bench_cases.build_candidates(op, impls, rows, hidden, dt, 1):
+      if isinstance(cand, Exception):
+        print(f"case {label}: {cand!r}", file=sys.stderr, flush=True)
+        continue
+      call = lambda: jax.block_until_ready(cand.fn(*cand.arg_sets[0]))
+      call()
+      start()
+      call()
+      stop()
+      print(f"case {n} {label} {cand.impl}", file=sys.stderr, flush=True)
+      n += 1
 
 
 if __name__ == "__main__":

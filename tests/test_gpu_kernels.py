@@ -29,11 +29,14 @@ dtypes) and runs everything compiled on a GPU.
 """
 
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import rmsnorm_jax as rj
 from rmsnorm_jax import base
 from rmsnorm_jax import reference
 from rmsnorm_jax import shapes
@@ -41,7 +44,7 @@ from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
-from gpu_test_util import COMPILED, MODES, impl_for
+from gpu_test_util import COMPILED, MODES, has_cuda, impl_for
 from numerics_util import assert_close, assert_residual_matches_reference
 from numerics_util import dx_magnitude, random, residual_inputs, rng_for
 from numerics_util import tol, xla_tol
@@ -215,6 +218,54 @@ def test_tiling_overrides(mode, config):
 @pytest.mark.parametrize("mode", MODES)
 def test_mixed_residual_dtypes(mode):
   _check_residual(impl_for(mode), (19, 257), jnp.bfloat16, jnp.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows,cols", [(132, 8192), (33, 300), (528, 96),
+                                       (1, 128)])
+def test_sum_partials_matches_float64_and_repeats_bitwise(mode, rows, cols):
+  # The backward's second step: column sums of its float32 partials, here
+  # on row and column counts that leave partial row steps and programs.
+  rng = rng_for("sum_partials", rows, cols)
+  a = random(rng, (rows, cols), jnp.float32, mean=0.5)
+  b = random(rng, (rows, cols), jnp.float32)
+  f = jax.jit(lambda a, b: gpu_kernels.sum_partials(
+      [a, b], interpret=mode == "interpret"))
+  got = f(a, b)
+  for g, p in zip(got, (a, b)):
+    want = np.asarray(p, np.float64).sum(axis=0)
+    # float32 sums of `rows` terms: each partial sum rounds once per add.
+    bound = rows * np.finfo(np.float32).eps * np.abs(
+        np.asarray(p, np.float64)).sum(axis=0)
+    assert g.shape == (cols,) and g.dtype == jnp.float32
+    assert np.all(np.abs(np.asarray(g, np.float64) - want) <= bound + 1e-30)
+  again = f(a, b)
+  for g, h in zip(got, again):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason="the deprecation warnings come "
+                    "from lowering GPU kernels, which needs a CUDA GPU")
+def test_default_calls_lower_without_deprecation_warnings():
+  # As a user's suite run with -W error::DeprecationWarning sees them: the
+  # default calls of every op lower (and run) without one. 4096 columns
+  # take the Mosaic GPU backward on Hopper, 1536 the Triton kernels.
+  rng = rng_for("deprecation")
+  for rows, hidden in ((96, 4096), (67, 1536)):
+    x, r, dy = (random(rng, (rows, hidden), jnp.bfloat16) for _ in range(3))
+    s, b = (random(rng, (hidden,), jnp.bfloat16, mean=1.0) for _ in range(2))
+
+    def f(x, r, s, b, dy):
+      y, vjp = jax.vjp(lambda x, s: rj.rms_norm(x, s), x, s)
+      yr, h = rj.rms_norm_residual(x, r, s)
+      _, vjp_r = jax.vjp(lambda h, s, b: rj.rms_norm(h, s, b), h, s, b)
+      q = rj.rms_norm_quantized(x, s)
+      return y, vjp(dy), yr, vjp_r(dy), q
+
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", DeprecationWarning)
+      jax.block_until_ready(jax.jit(f)(x, r, s, b, dy))
 
 
 def _call(op, rows, hidden, dtype, **kw):
