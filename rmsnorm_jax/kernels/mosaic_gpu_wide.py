@@ -1,0 +1,405 @@
+"""Mosaic GPU (Hopper) backward for rows too wide for ``MosaicGpu``'s plans.
+
+``mosaic_gpu_kernels.backward`` keeps the float32 dscale accumulator in
+shared memory beside two pipeline stages of x, dy and dx, which caps 16-bit
+rows at 12288 columns. Here each CTA (one warpgroup) carries its dscale
+partial in registers instead, as the carry of ``plgpu.emit_pipeline``: a
+row of ``hidden`` columns spreads over the warpgroup's 128 threads, so the
+accumulator costs ``hidden / 128`` float32 registers per thread (128 at
+16384 columns, under the 255 a thread may hold). Shared memory then holds
+only the pipeline (``stages`` x (x, dy, dx) rows), the scale, the CTA's rstd
+and Mosaic's cross-warp reduction scratch: for 16-bit rows of 16384 columns
+2 x 96 KB + 32 KB + 1 KB + 1 KB, which fits the 227 KB (232448 bytes) a
+Hopper block may use, since every allocation is rounded up to 1 KB.
+
+One pipeline step is one row (x and dy in by TMA, dx out by TMA while the
+next row loads). A row is read from shared memory twice, in column chunks:
+once for ``sum(g * x)``, once for dx and the dscale terms; DRAM sees each
+input once. The arithmetic is the one of ``mosaic_gpu_kernels.backward``
+(float32 throughout, each CTA summing its rows' ``dy * xhat`` in row order,
+XLA summing the per-CTA partials in a fixed order): deterministic.
+
+Served: x float32/bfloat16/float16 of shape (rows, hidden), any rows;
+hidden a multiple of ``128 * vec`` columns (16-byte vectors: 1024 for
+16-bit, 512 for float32) with at most ``MAX_CARRY_VALUES`` columns per
+thread and two stages fitting shared memory: 16-bit rows up to 16384
+columns (with a scale of at most 2 bytes), float32 rows up to 8192.
+``shape_reason`` names the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from rmsnorm_jax.kernels import gpu_tiling
+from rmsnorm_jax.kernels.mosaic_gpu_kernels import Plan
+from rmsnorm_jax.kernels.mosaic_gpu_kernels import _Cast
+from rmsnorm_jax.kernels.mosaic_gpu_kernels import _view3
+
+_F32 = jnp.float32
+
+SUPPORTED_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16),
+                    np.dtype(jnp.float16))
+# Shared memory a Hopper block may opt into (H100/H200: 227 KB); Mosaic GPU
+# refuses a kernel asking for more.
+SMEM_LIMIT = 232448
+# Pallas' Mosaic GPU lowering rounds every shared-memory allocation up to
+# this many bytes.
+SMEM_ALIGN = 1024
+# One cross-warp row sum of a one-row group needs 4 warps x 32 lanes x 4
+# bytes = 512 bytes; the allocation is a whole SMEM_ALIGN either way.
+REDUCTION_SCRATCH = 1024
+BARRIER_BYTES = 8
+# float32 dscale values a thread may carry (the rest of its 255 registers
+# hold a chunk of x, dy, the scale and the products).
+MAX_CARRY_VALUES = 128
+# float32 values per thread in one register chunk of a row.
+CHUNK_VALUES = 16
+MIN_STAGES = 2
+MAX_STAGES = 4
+# Rows per CTA: their rstd is one shared piece of at most SMEM_ALIGN bytes.
+# More rows than SMs x this run more CTAs than SMs, in waves.
+MAX_CTA_ROWS = 256
+MAX_BOX = 256  # TMA box elements per dimension
+THREADS = 128  # one warpgroup
+DEFAULT_NUM_SMS = 132
+
+
+def _align(n: int) -> int:
+  return -(-n // SMEM_ALIGN) * SMEM_ALIGN
+
+
+def _itemsize(dt) -> int:
+  return np.dtype(dt).itemsize
+
+
+def rstd_rows(cta_rows: int) -> int:
+  """Rows of rstd a CTA copies into shared memory: its own, rounded up to
+  whole 128-byte pieces (Mosaic GPU splits a copy over the warpgroup's 128
+  threads)."""
+  return -(-cta_rows // 32) * 32
+
+
+def smem_bytes(hidden: int, stages: int, rstd_rows: int, *, x_size: int,
+               dy_size: int, scale_size: int | None) -> int:
+  """Shared memory of one CTA, as the Mosaic GPU lowering allocates it.
+
+  Args:
+    hidden: row width; stages: pipeline depth; rstd_rows: rows of rstd
+      held (``rstd_rows(rows per CTA)``).
+    x_size, dy_size: itemsizes of x (and dx) and dy.
+    scale_size: the scale's itemsize, or None without a scale.
+  """
+  fixed = (_align(hidden * scale_size) if scale_size else _align(128 * 4))
+  fixed += _align(4 * rstd_rows)
+  pipeline = sum(_align(stages * hidden * s)
+                 for s in (x_size, dy_size, x_size))
+  # The dscale partial is staged through shared memory once the pipeline's
+  # buffers are released.
+  partial = _align(4 * hidden) if scale_size else 0
+  barriers = (2 + stages) * BARRIER_BYTES
+  return fixed + max(pipeline + REDUCTION_SCRATCH, partial) + barriers
+
+
+def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
+         has_scale: bool = True, sms: int = DEFAULT_NUM_SMS,
+         stages: int | None = None, chunk: int | None = None,
+         grid: int | None = None) -> Plan:
+  """The launch of one ``backward`` call.
+
+  Args:
+    rows, hidden: the 2-D problem.
+    x_dtype: dtype of x (and dx); dy_dtype: of dy (default x's).
+    scale_dtype: of the scale (default x's); has_scale: whether there is one.
+    sms: SMs the persistent grid covers.
+    stages, chunk, grid: overrides (timing sweeps); chunk is in columns.
+
+  Returns:
+    A ``mosaic_gpu_kernels.Plan`` of one-row blocks and one-row groups.
+
+  Raises:
+    ValueError: the shape or an override cannot be served (the message says
+      why).
+  """
+  if rows < 1 or hidden < 1:
+    raise ValueError(f"empty problem: rows={rows}, hidden={hidden}.")
+  dy_dtype = x_dtype if dy_dtype is None else dy_dtype
+  scale_dtype = x_dtype if scale_dtype is None else scale_dtype
+  xs, ds = _itemsize(x_dtype), _itemsize(dy_dtype)
+  ws = _itemsize(scale_dtype) if has_scale else None
+  vec = 16 // max(xs, ds)
+  unit = THREADS * vec
+  if hidden % unit:
+    raise ValueError(
+        f"hidden={hidden} is not a multiple of {unit} columns (128 threads "
+        f"of {vec}-element vectors).")
+  if has_scale and hidden // THREADS > MAX_CARRY_VALUES:
+    raise ValueError(
+        f"rows of hidden={hidden} need {hidden // THREADS} float32 dscale "
+        f"registers per thread; at most {MAX_CARRY_VALUES} are carried.")
+  if (hidden * min(xs, ds, ws or 4)) % 128:
+    raise ValueError(f"rows of hidden={hidden} are not whole 128-byte pieces "
+                     "for the copy engine.")
+  if chunk is None:
+    chunk = unit
+    while ((chunk * 2) // THREADS <= CHUNK_VALUES
+           and hidden % (chunk * 2) == 0):
+      chunk *= 2
+  elif chunk % unit or hidden % chunk:
+    raise ValueError(f"chunk={chunk} must be a multiple of {unit} dividing "
+                     f"hidden={hidden}.")
+  k = hidden if hidden <= MAX_BOX else max(
+      d for d in range(8, MAX_BOX + 1, 8) if hidden % d == 0)
+  g = grid or min(rows, sms)
+  # Each CTA's rstd starts on a 16-byte boundary (the copy engine's
+  # alignment): a multiple of 4 rows per CTA.
+  steps = min(-(-(-(-rows // g)) // 4) * 4, MAX_CTA_ROWS)
+  g = -(-rows // steps)
+
+  def fits(st):
+    return smem_bytes(hidden, st, rstd_rows(steps), x_size=xs, dy_size=ds,
+                      scale_size=ws) <= SMEM_LIMIT
+
+  if stages is None:
+    st = next((s for s in range(MAX_STAGES, MIN_STAGES - 1, -1) if fits(s)),
+              None)
+    if st is None:
+      need = smem_bytes(hidden, MIN_STAGES, rstd_rows(steps), x_size=xs, dy_size=ds,
+                        scale_size=ws)
+      raise ValueError(
+          f"rows of hidden={hidden} ({np.dtype(x_dtype).name} x and dx, "
+          f"{np.dtype(dy_dtype).name} dy"
+          + (f", {np.dtype(scale_dtype).name} scale" if has_scale else "")
+          + f") need {need} bytes of shared memory for {MIN_STAGES} "
+          f"pipeline stages; a Hopper block has {SMEM_LIMIT}.")
+  else:
+    st = stages
+    if st < 1 or not fits(st):
+      raise ValueError(f"stages={st} does not fit {SMEM_LIMIT} bytes of "
+                       f"shared memory at hidden={hidden}.")
+  return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
+              chunk=chunk, vec=vec, kind="wide", lanes=32, stages=st,
+              grid=g, steps=steps, k=k)
+
+
+def shape_reason(rows: int, hidden: int, dtype, scale_dtype=None,
+                 has_scale: bool = True) -> str | None:
+  """Why ``backward`` cannot serve this call, or None when it can.
+
+  Args:
+    rows, hidden: the 2-D problem; dtype: of x and dy.
+    scale_dtype: of the scale (default dtype); has_scale: whether there is
+      one.
+  """
+  for name, dt in (("x", dtype), ("scale", scale_dtype)):
+    if dt is not None and np.dtype(dt) not in SUPPORTED_DTYPES:
+      return (f"{name} dtype {np.dtype(dt).name} is not float32, bfloat16 "
+              "or float16")
+  try:
+    plan(rows, hidden, x_dtype=dtype, scale_dtype=scale_dtype,
+         has_scale=has_scale)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
+                 overlap_scale: bool):
+  rows, hidden = x.shape
+  has_scale = scale is not None
+  k, C = plan.k, plan.chunk
+  nch = hidden // C
+  cta_rows = plan.cta_rows
+  load_rows = rstd_rows(cta_rows)
+  inv_h = 1.0 / hidden
+  shape = (1, C)
+  rows_pad = -(-rows // 4) * 4
+  if rows_pad != rows:
+    # The rstd pieces read into shared memory are 16-byte multiples.
+    rstd = jnp.pad(rstd, (0, rows_pad - rows))
+  out_types = [jax.ShapeDtypeStruct((rows, hidden // k, k), x.dtype)]
+  if has_scale:
+    out_types.append(jax.ShapeDtypeStruct((plan.grid, nch, C), _F32))
+  # Rows are viewed as (chunks, chunk) in shared memory: a chunk is then a
+  # contiguous one-row slice, which every Mosaic GPU release loads (a
+  # (1, chunk) slice of a (1, hidden) view does not lower in jax 0.10).
+  scratch = [plgpu.SMEM((nch, C) if has_scale else (128,),
+                        scale.dtype if has_scale else _F32),
+             plgpu.Barrier(),
+             plgpu.SMEM((load_rows,), _F32),
+             plgpu.Barrier()]
+
+  def kernel(*refs):
+    x_g, dy_g, rstd_g = refs[:3]
+    if has_scale:
+      w_g, dx_g, part_g = refs[3:6]
+    else:
+      w_g, part_g = None, None
+      dx_g = refs[3]
+    w_s, bar, rst_s, rbar = refs[-4:]
+    cast = _Cast(plan)
+    cta = lax.axis_index("cta")
+    # The last CTA's piece may reach past the end of rstd: the copy engine
+    # stops at the end, and those rows are never read.
+    plgpu.copy_gmem_to_smem(rstd_g.at[pl.ds(cta * cta_rows, load_rows)],
+                            rst_s, rbar,
+                            oob_mode=plgpu.OOBFillMode.UNDEFINED)
+    if has_scale:
+      plgpu.copy_gmem_to_smem(w_g, w_s, bar,
+                              oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+
+    def wait_inputs():
+      plgpu.barrier_wait(rbar)
+      if has_scale:
+        plgpu.barrier_wait(bar)
+
+    if not overlap_scale:
+      wait_inputs()
+    b0 = cta * plan.steps
+    n = jnp.minimum(plan.steps, rows - b0)
+    block = pl.BlockSpec((1, hidden // k, k), lambda s: (b0 + s, 0, 0))
+
+    def scale_chunk(c):
+      if not has_scale:
+        return None
+      # Read straight into the layout of one row (a column vector broadcast
+      # to one row fails jax 0.11's layout inference;
+      # mosaic_gpu_kernels.Plan.row_scale).
+      w = plgpu.load(w_s, (pl.ds(c, 1), slice(None)), layout=cast.full,
+                     optimized=False).astype(_F32)
+      return w + offset if offset else w
+
+    def body(idx, x_b, dy_b, dx_b, carry=None):
+      if overlap_scale:
+        # The scale and rstd copies run beside the pipeline's first loads.
+        pl.when(idx[0] == 0)(wait_inputs)
+      x2 = x_b.reshape(nch, C)
+      dy2 = dy_b.reshape(nch, C)
+      dx2 = dx_b.reshape(nch, C)
+      full = slice(None)
+      # A one-element vector load has no tiled transfer; a scalar does.
+      r = plgpu.layout_cast(jnp.broadcast_to(rst_s[idx[0]], (1,)), cast.row)
+      rb = cast.rows_b(r, shape)
+      acc = None
+      for c in range(nch):
+        row = pl.ds(c, 1)
+        gc = cast.load(dy2, row, full)
+        w = scale_chunk(c)
+        if w is not None:
+          gc = gc * w
+        t = gc * cast.load(x2, row, full)
+        acc = t if acc is None else acc + t
+      # mean(g * xhat) = rstd * mean(g * x): the projection the norm removes.
+      proj = cast.rows_b(jnp.sum(acc, axis=1) * r * inv_h, shape)
+      new = []
+      for c in range(nch):
+        row = pl.ds(c, 1)
+        dyc = cast.load(dy2, row, full)
+        xhat = cast.load(x2, row, full) * rb
+        w = scale_chunk(c)
+        gc = dyc if w is None else dyc * w
+        dx2[row, full] = (rb * (gc - xhat * proj)).astype(dx2.dtype)
+        if has_scale:
+          new.append(carry[c] + dyc * xhat)
+      return new if has_scale else None
+
+    if has_scale:
+      zero = [plgpu.layout_cast(jnp.zeros(shape, _F32), cast.full)
+              for _ in range(nch)]
+      final = plgpu.emit_pipeline(
+          body, grid=(n,), in_specs=[block] * 2, out_specs=[block],
+          max_concurrent_steps=plan.stages, init_carry=zero)(x_g, dy_g, dx_g)
+
+      def store_partial(acc_s):
+        for c in range(nch):
+          acc_s[pl.ds(c, 1), :] = final[c]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(acc_s, part_g.at[cta])
+        plgpu.wait_smem_to_gmem(0)
+
+      # The pipeline's buffers are released by now: this reuses them.
+      pl.run_scoped(store_partial, plgpu.SMEM((nch, C), _F32))
+    else:
+      plgpu.emit_pipeline(
+          body, grid=(n,), in_specs=[block] * 2, out_specs=[block],
+          max_concurrent_steps=plan.stages)(x_g, dy_g, dx_g)
+
+  args = [_view3(x, k), _view3(dy, k), rstd]
+  if has_scale:
+    args.append(scale.reshape(nch, C))
+  outs = plgpu.kernel(
+      kernel, out_type=tuple(out_types), scratch_types=scratch,
+      grid=(plan.grid,), grid_names=("cta",),
+      compiler_params=plgpu.CompilerParams(
+          unsafe_no_auto_barriers=True,
+          reduction_scratch_bytes=REDUCTION_SCRATCH))(*args)
+  dx = outs[0].reshape(rows, hidden)
+  if not has_scale:
+    return dx, None
+  partials = outs[1].reshape(plan.grid, hidden)
+  dscale = partials[0] if plan.grid == 1 else jnp.sum(partials, axis=0)
+  return dx, dscale
+
+
+def backward(x, scale, rstd, dy, *, scale_offset: float = 0.0,
+             num_sms: int | None = None, stages: int | None = None,
+             chunk: int | None = None, grid: int | None = None,
+             overlap_scale: bool = True):
+  """RMSNorm backward of wide rows on Hopper: ``(dx, dscale)``.
+
+  ``dx = rstd * (g - xhat * mean(g * xhat))`` with ``g = dy * (scale +
+  scale_offset)`` and ``xhat = x * rstd``; ``dscale = sum over rows of dy *
+  xhat``, float32, summed per CTA in row order and over CTAs by XLA in a
+  fixed order (deterministic).
+
+  Args:
+    x: (rows, hidden) float32, bfloat16 or float16.
+    scale: None or (hidden,) float32/bfloat16/float16 (see ``plan`` for the
+      shared-memory limit a float32 scale beside 16-bit rows meets).
+    rstd: (rows,) float32, the forward's ``1 / sqrt(mean(x^2) + eps)``.
+    dy: (rows, hidden) float32/bfloat16/float16, the cotangent of y.
+    scale_offset: added to the scale (e.g. 1.0 for Gemma's ``1 + scale``).
+    num_sms: SMs the grid covers (default: the device's, else 132).
+    stages, chunk, grid: launch overrides for sweeps (``plan``).
+    overlap_scale: wait for the scale and rstd copies at the first pipeline
+      step rather than before the pipeline's first loads are issued.
+
+  Returns:
+    ``(dx in x.dtype (rows, hidden), dscale float32 (hidden,) or None)``.
+
+  Raises:
+    TypeError: an array of an unsupported dtype.
+    ValueError: shapes that disagree, or a shape ``plan`` cannot serve.
+  """
+  if getattr(x, "ndim", None) != 2:
+    raise ValueError(f"x must be 2-D (rows, hidden); got shape "
+                     f"{getattr(x, 'shape', None)}.")
+  rows, hidden = x.shape
+  for name, a in (("x", x), ("dy", dy), ("scale", scale)):
+    if a is not None and np.dtype(a.dtype) not in SUPPORTED_DTYPES:
+      raise TypeError(f"{name} must be float32, bfloat16 or float16; got "
+                      f"{name} of dtype {a.dtype} and shape {a.shape}.")
+  if tuple(dy.shape) != (rows, hidden):
+    raise ValueError(f"dy must have x's shape {(rows, hidden)}; got "
+                     f"{tuple(dy.shape)}.")
+  if tuple(rstd.shape) != (rows,) or np.dtype(rstd.dtype) != np.float32:
+    raise ValueError(f"rstd must be float32 of shape {(rows,)}; got "
+                     f"{rstd.dtype} of shape {tuple(rstd.shape)}.")
+  if scale is not None and tuple(scale.shape) != (hidden,):
+    raise ValueError(f"scale must have shape {(hidden,)}; got "
+                     f"{tuple(scale.shape)}.")
+  sms = num_sms or gpu_tiling.num_sms()
+  p = plan(rows, hidden, x_dtype=x.dtype, dy_dtype=dy.dtype,
+           scale_dtype=None if scale is None else scale.dtype,
+           has_scale=scale is not None, sms=sms, stages=stages, chunk=chunk,
+           grid=grid)
+  return _kernel_call(x, scale, rstd, dy, plan=p, offset=float(scale_offset),
+                      overlap_scale=overlap_scale)
+
+
+__all__ = ["backward", "plan", "rstd_rows", "shape_reason", "smem_bytes"]

@@ -1,0 +1,221 @@
+"""The wide-row Mosaic GPU backward (kernels/mosaic_gpu_wide.py).
+
+* Any host: the launch plan (shared memory, grid, limits), argument errors,
+  and ``jax.export`` for the ``cuda`` platform, which builds the Mosaic GPU
+  module and checks its shared memory against the 227 KB a Hopper block may
+  use, without a GPU. jax 0.10.2's lowering does not run jax 0.11's layout
+  inference (docs/mosaic_gpu.md); the Hopper tests catch what that rejects.
+* Hopper (compute capability 9.x; skipped elsewhere with the reason): dx and
+  dscale against the float64 NumPy reference on fresh random inputs with a
+  nonzero mean, on ragged row counts (a last CTA with fewer rows, fewer rows
+  than SMs, more CTAs than SMs). Tolerances (numerics_util.TOLERANCE): dx is
+  one rounding to its dtype away from the float32 result; dscale stays
+  float32 (a float32 sum of products of the same rounded inputs), and
+  rstd is the reference's rounded to float32, so both are held to float32's
+  2e-5.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rmsnorm_jax import reference
+from rmsnorm_jax.kernels import mosaic_gpu_wide as mw
+
+from numerics_util import assert_close, dx_magnitude, random, rng_for, tol
+
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+
+
+def _hopper_reason():
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    return "no CUDA GPU: the Mosaic GPU kernels run on Hopper (sm_90) only"
+  cc = str(getattr(gpus[0], "compute_capability", ""))
+  if not cc.startswith("9"):
+    return f"GPU is compute capability {cc or 'unknown'}, not Hopper (9.x)"
+  return None
+
+
+_REASON = _hopper_reason()
+
+
+def hopper(test):
+  """Marks a device test: selected by ``-m gpu``, skipped off Hopper."""
+  return pytest.mark.gpu(
+      pytest.mark.skipif(_REASON is not None, reason=_REASON or "")(test))
+
+
+def _name(dt):
+  return np.dtype(dt).name
+
+
+# ------------------------------------------------------------- any host --
+
+@pytest.mark.parametrize("hidden,dtype,stages", [
+    (16384, BF16, 2), (16384, F16, 2), (8192, F32, 2), (8192, BF16, 4),
+    (12288, BF16, 2), (4096, F32, 4)])
+def test_plan_fits_shared_memory(hidden, dtype, stages):
+  p = mw.plan(4096, hidden, x_dtype=dtype, sms=132)
+  size = np.dtype(dtype).itemsize
+  used = mw.smem_bytes(hidden, p.stages, mw.rstd_rows(p.cta_rows),
+                       x_size=size, dy_size=size, scale_size=size)
+  assert p.stages == stages
+  assert used <= mw.SMEM_LIMIT
+  # One more stage would not fit (or the plan is at MAX_STAGES already).
+  assert p.stages == mw.MAX_STAGES or mw.smem_bytes(
+      hidden, p.stages + 1, mw.rstd_rows(p.cta_rows), x_size=size,
+      dy_size=size, scale_size=size) > mw.SMEM_LIMIT
+  assert (p.block_rows, p.group_rows, p.kind) == (1, 1, "wide")
+  assert hidden % p.chunk == 0 and p.chunk // 128 <= mw.CHUNK_VALUES
+
+
+@pytest.mark.parametrize("rows", [1, 5, 37, 1000, 4096, 4099, 33793, 100000])
+def test_plan_covers_every_row_once(rows):
+  p = mw.plan(rows, 16384, x_dtype=BF16, sms=132)
+  # CTAs cover the rows exactly; none is empty.
+  assert p.grid * p.steps >= rows > (p.grid - 1) * p.steps
+  assert p.steps % 4 == 0 and p.steps <= mw.MAX_CTA_ROWS
+  assert p.grid <= 132 or p.steps == mw.MAX_CTA_ROWS
+
+
+@pytest.mark.parametrize("hidden,kw,match", [
+    (17408, dict(x_dtype=BF16), "float32 dscale registers"),
+    (16384, dict(x_dtype=F32), "shared memory"),
+    (16384, dict(x_dtype=BF16, scale_dtype=F32), "shared memory"),
+    (16384, dict(x_dtype=BF16, dy_dtype=F32), "shared memory"),
+    (20480, dict(x_dtype=BF16, has_scale=False), "shared memory"),
+    (16384 + 512, dict(x_dtype=BF16), "multiple of 1024"),
+    (8192, dict(x_dtype=BF16, stages=5), "stages=5"),
+    (8192, dict(x_dtype=BF16, chunk=1536), "chunk=1536"),
+])
+def test_plan_names_what_does_not_fit(hidden, kw, match):
+  with pytest.raises(ValueError, match=match):
+    mw.plan(64, hidden, sms=132, **kw)
+
+
+def test_shape_reason_names_the_limit():
+  assert "dscale registers" in mw.shape_reason(64, 17408, BF16)
+  assert "shared memory" in mw.shape_reason(64, 16384, BF16, F32)
+  assert "shared memory" in mw.shape_reason(64, 20480, F16, has_scale=False)
+  assert "float64" in mw.shape_reason(8, 16384, np.float64)
+
+
+def test_shape_reason_serves_the_wide_rows():
+  assert mw.shape_reason(4096, 16384, BF16) is None
+  assert mw.shape_reason(2048, 16384, F16, has_scale=False) is None
+  assert mw.shape_reason(2048, 8192, F32) is None
+
+
+def test_backward_names_bad_arguments():
+  x = jnp.ones((4, 1024), BF16)
+  r = jnp.ones((4,), F32)
+  with pytest.raises(ValueError, match="x must be 2-D"):
+    mw.backward(x[0], None, r, x[0])
+  with pytest.raises(ValueError, match="dy must have x's shape"):
+    mw.backward(x, None, r, x[:2])
+  with pytest.raises(ValueError, match="rstd must be float32 of shape"):
+    mw.backward(x, None, r.astype(BF16), x)
+  with pytest.raises(ValueError, match="scale must have shape"):
+    mw.backward(x, jnp.ones((512,), BF16), r, x)
+  with pytest.raises(TypeError, match="dy must be float32, bfloat16"):
+    mw.backward(x, None, r, x.astype(jnp.int8))
+
+
+def _export(rows, hidden, dtype, scale_dtype, **kw):
+  s = jax.ShapeDtypeStruct
+  x = s((rows, hidden), dtype)
+  w = None if scale_dtype is None else s((hidden,), scale_dtype)
+
+  def f(x, w, r, dy):
+    return mw.backward(x, w, r, dy, scale_offset=1.0, num_sms=132, **kw)
+
+  return jax.export.export(jax.jit(f), platforms=["cuda"])(
+      x, w, s((rows,), F32), x)
+
+
+@pytest.mark.parametrize("rows,hidden,dtype,scale_dtype,kw", [
+    (4096, 16384, BF16, BF16, {}),
+    (8192, 16384, BF16, BF16, dict(overlap_scale=False)),
+    (2048, 16384, F16, F16, dict(chunk=4096)),
+    (37, 16384, F16, None, {}),
+    (40000, 16384, BF16, BF16, {}),
+    (300, 8192, F32, F32, {}),
+    (129, 8192, F32, BF16, {}),
+    (33, 13312, BF16, BF16, {}),
+    (1000, 4096, BF16, BF16, {}),
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_lowers_for_cuda(rows, hidden, dtype, scale_dtype, kw):
+  exp = _export(rows, hidden, dtype, scale_dtype, **kw)
+  text = exp.mlir_module()
+  assert "mosaic_gpu" in text
+  # dx keeps x's dtype and shape; dscale is float32 (hidden,).
+  avals = [(a.shape, np.dtype(a.dtype)) for a in exp.out_avals]
+  want = [((rows, hidden), np.dtype(dtype))]
+  if scale_dtype is not None:
+    want.append(((hidden,), np.dtype(F32)))
+  assert avals == want
+
+
+# --------------------------------------------------------------- Hopper --
+
+def _case(rows, hidden, dtype, scale_dtype, seed_tag):
+  rng = rng_for("wide", rows, hidden, _name(dtype), seed_tag)
+  x = random(rng, (rows, hidden), dtype, mean=0.3)
+  scale = (None if scale_dtype is None else
+           random(rng, (hidden,), scale_dtype, mean=0.0, scale=0.5))
+  dy = random(rng, (rows, hidden), dtype)
+  return x, scale, dy
+
+
+@hopper
+@pytest.mark.parametrize("rows,hidden,dtype,scale_dtype,kw", [
+    (4099, 16384, BF16, BF16, {}),
+    (4099, 16384, BF16, BF16, dict(overlap_scale=False)),
+    (1000, 16384, F16, F16, {}),
+    (37, 16384, F16, F16, dict(chunk=4096)),
+    (5, 16384, BF16, None, {}),
+    (300, 8192, F32, F32, {}),
+    (129, 8192, F32, BF16, {}),
+    (33, 13312, BF16, BF16, {}),
+    (1100, 1024, BF16, BF16, dict(num_sms=4)),  # more CTAs than SMs
+    (257, 4096, F16, F16, {}),
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_matches_float64(rows, hidden, dtype, scale_dtype, kw):
+  eps, offset = 1e-5, 1.0
+  x, scale, dy = _case(rows, hidden, dtype, scale_dtype, repr(kw))
+  _, rstd = reference.rms_norm(x, eps=eps)
+  rstd = jnp.asarray(rstd.astype(np.float32))
+  fn = jax.jit(lambda x, w, r, dy: mw.backward(
+      x, w, r, dy, scale_offset=offset, **kw))
+  dx, dscale = fn(x, scale, rstd, dy)
+  assert dx.dtype == x.dtype and dx.shape == x.shape
+  dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy, eps=eps,
+                                           scale_offset=offset)
+  assert_close(dx, dx_ref, tol(dtype), "dx",
+               dx_magnitude(x, scale, dy, eps=eps, scale_offset=offset))
+  # Every row was written: a skipped row would leave zeros or garbage that
+  # the norm above could hide under a loose tolerance on a large array.
+  row_err = np.linalg.norm(np.asarray(dx, np.float64) - dx_ref, axis=1)
+  row_ref = np.linalg.norm(dx_ref, axis=1)
+  assert np.all(row_err <= 4 * tol(dtype) * row_ref), (
+      np.argmax(row_err / row_ref))
+  if scale is None:
+    assert dscale is None
+  else:
+    assert dscale.dtype == jnp.float32 and dscale.shape == (hidden,)
+    assert_close(dscale, ds_ref, tol(F32), "dscale")
+
+
+@hopper
+def test_dscale_is_deterministic():
+  x, scale, dy = _case(4099, 16384, BF16, BF16, "det")
+  _, rstd = reference.rms_norm(x, eps=1e-6)
+  rstd = jnp.asarray(rstd.astype(np.float32))
+  fn = jax.jit(lambda x, w, r, dy: mw.backward(x, w, r, dy))
+  a = fn(x, scale, rstd, dy)
+  b = fn(x, scale, rstd, dy)
+  np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+  np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
