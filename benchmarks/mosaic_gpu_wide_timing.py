@@ -1,0 +1,227 @@
+"""Times the wide-row Mosaic GPU backward against PallasGpu's on one Hopper GPU.
+
+For each shape: device time per call from a ``jax.profiler`` trace (the sum
+of the kernels one call launches, so the XLA sum of the dscale partials
+counts; median over calls), for
+
+* ``wide``: ``kernels/mosaic_gpu_wide.backward`` (and, on the first shape,
+  its launch variants: the scale wait before the pipeline, other chunks);
+* ``triton``: ``PallasGpu().backward``;
+* ``mosaic``: ``MosaicGpu().backward`` where it serves the shape;
+* ``copy``: XLA's ``x + dy``, the same bytes as the backward's x and dy in
+  and dx out.
+
+Each candidate rotates over input sets whose bytes exceed the 60 MB L2. Before
+timing, each wide variant's dx and dscale are compared with the Triton
+kernel's on the same inputs (the largest difference relative to the output's
+RMS). A variant that fails to compile prints its whole error and is left out.
+
+Usage (on the GPU machine, from the repository root)::
+
+  PYTHONPATH=$PWD python3 benchmarks/mosaic_gpu_wide_timing.py [--reps 5]
+  MOSAIC_GPU_DUMP_PTXAS=1 PYTHONPATH=$PWD python3 \\
+      benchmarks/mosaic_gpu_wide_timing.py --compile-only   # registers
+"""
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mosaic_gpu_timing import _named_jit, _trace_kernels  # noqa: E402
+
+from rmsnorm_jax import base  # noqa: E402
+from rmsnorm_jax.kernels import mosaic_gpu_wide as mw  # noqa: E402
+from rmsnorm_jax.kernels.gpu import PallasGpu  # noqa: E402
+from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu  # noqa: E402
+
+SHAPES = [((4096, 16384), jnp.bfloat16), ((2048, 16384), jnp.float16),
+          ((8192, 16384), jnp.bfloat16)]
+# Nearby widths the same design serves.
+EXTRA_SHAPES = [((4096, 12288), jnp.bfloat16), ((4096, 8192), jnp.bfloat16),
+                ((2048, 8192), jnp.float32)]
+# Launch variants, timed on the first shape.
+VARIANTS = {"wide": {}, "wide_wait_first": dict(overlap_scale=False),
+            "wide_chunk1024": dict(chunk=1024),
+            "wide_chunk4096": dict(chunk=4096)}
+ROTATE_BYTES = 192 * 2**20
+MAX_SETS = 24
+EPS = 1e-6
+
+
+def _sets(rows, hidden, dtype, n):
+  key = jax.random.key(1)
+  out = []
+  for i in range(n):
+    k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+    x = (jax.random.normal(k1, (rows, hidden), jnp.float32) + 0.3).astype(
+        dtype)
+    dy = jax.random.normal(k2, (rows, hidden), jnp.float32).astype(dtype)
+    out.append(dict(x=x, dy=dy))
+  return out
+
+
+def _wide_fn(kw):
+  return lambda x, w, r, dy: mw.backward(x, w, r, dy, **kw)
+
+
+def _diff(name, got, want):
+  g = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  w = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+  rms = float(np.sqrt(np.mean(w * w))) or 1.0
+  return f"{name} maxdiff/rms={np.max(np.abs(g - w)) / rms:.2e}"
+
+
+def time_shape(rows, hidden, dtype, reps, variants):
+  n_bytes = rows * hidden * np.dtype(dtype).itemsize
+  n_sets = int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / n_bytes))))
+  sets = _sets(rows, hidden, dtype, n_sets)
+  w = (jax.random.normal(jax.random.key(2), (hidden,), jnp.float32) * 0.1
+       + 1).astype(dtype)
+  norm = base.Norm(eps=EPS, out_dtype=np.dtype(dtype))
+  xla = base.Xla()
+  for s in sets:
+    s["rstd"] = xla.forward(s["x"], w, None, norm=norm)[1]
+  args = [(s["x"], w, s["rstd"], s["dy"]) for s in sets]
+  triton = PallasGpu()
+  cands = {
+      "copy": (_named_jit(lambda x, dy: x + dy, "mgw_copy"),
+               [(s["x"], s["dy"]) for s in sets]),
+      "triton": (_named_jit(lambda x, w, r, dy: triton.backward(
+          x, w, None, r, dy, norm=norm)[:2], "mgw_triton"), args),
+  }
+  if MosaicGpu().shape_reason(rows, hidden, dtype, "bwd") is None:
+    mosaic = MosaicGpu()
+    cands["mosaic"] = (_named_jit(lambda x, w, r, dy: mosaic.backward(
+        x, w, None, r, dy, norm=norm)[:2], "mgw_mosaic"), args)
+  want = jax.block_until_ready(cands["triton"][0](*args[0]))
+  for vname, kw in variants.items():
+    fn = _named_jit(_wide_fn(kw), f"mgw_{vname}")
+    try:
+      t0 = time.perf_counter()
+      got = jax.block_until_ready(fn(*args[0]))
+      dt = time.perf_counter() - t0
+    except Exception as e:  # report in full and go on
+      print(f"  {vname}: COMPILE/RUN ERROR {type(e).__name__}:\n{e}",
+            flush=True)
+      traceback.print_exc()
+      continue
+    p = mw.plan(rows, hidden, x_dtype=dtype, sms=mw.gpu_tiling.num_sms(),
+                **{k: v for k, v in kw.items() if k in ("chunk", "stages")})
+    print(f"  {vname}: first call {dt:.1f}s; stages={p.stages} "
+          f"chunk={p.chunk} grid={p.grid} steps={p.steps}; against triton: "
+          f"{_diff('dx', got[0], want[0])}, {_diff('dscale', got[1], want[1])}",
+          flush=True)
+    cands[vname] = (fn, args)
+  for key, (fn, a) in list(cands.items()):
+    try:
+      for aa in a:
+        jax.block_until_ready(fn(*aa))
+    except Exception as e:  # report and go on
+      print(f"  {key}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+      del cands[key]
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    for _ in range(reps):
+      for fn, a in cands.values():
+        for aa in a:
+          jax.block_until_ready(fn(*aa))
+    jax.profiler.stop_trace()
+    kernels = _trace_kernels(tmp)
+  results = {}
+  for name, (fn, a) in cands.items():
+    tag = f"jit_mgw_{name}"
+    ev = sorted((k for k in kernels if k["module"] == tag
+                 or k["module"].startswith(tag + ".")), key=lambda k: k["ts"])
+    calls = reps * len(a)
+    if not ev or len(ev) % calls:
+      results[name] = (sum(k["dur"] for k in ev) / calls if ev else None,
+                       None, None, len(ev) / calls)
+      continue
+    per = len(ev) // calls
+    t = [sum(k["dur"] for k in ev[i * per:(i + 1) * per])
+         for i in range(calls)]
+    results[name] = (statistics.median(t), min(t), max(t), per)
+  return results, n_sets
+
+
+def compile_only():
+  """Compiles the default launch on the timed widths (for ptxas reports)."""
+  for (rows, hidden), dtype in [((4096, 16384), jnp.bfloat16),
+                                ((2048, 8192), jnp.float32)]:
+    for vname, kw in VARIANTS.items():
+      x = jnp.ones((rows, hidden), dtype)
+      w = jnp.ones((hidden,), dtype)
+      r = jnp.ones((rows,), jnp.float32)
+      print(f"=== {rows}x{hidden} {np.dtype(dtype).name} {vname}", flush=True)
+      try:
+        jax.jit(_wide_fn(kw)).lower(x, w, r, x).compile()
+      except Exception as e:  # report in full and go on
+        print(f"ERROR {type(e).__name__}:\n{e}", flush=True)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--compile-only", action="store_true")
+  ap.add_argument("--no-extra", action="store_true")
+  args = ap.parse_args()
+  if args.compile_only:
+    compile_only()
+    return
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  table = []
+  shapes = [(s, d, VARIANTS if i == 0 else {"wide": {}})
+            for i, (s, d) in enumerate(SHAPES)]
+  if not args.no_extra:
+    shapes += [(s, d, {"wide": {}}) for s, d in EXTRA_SHAPES]
+  for (rows, hidden), dtype, variants in shapes:
+    name = f"{rows}x{hidden} {np.dtype(dtype).name}"
+    print(name, flush=True)
+    t0 = time.perf_counter()
+    try:
+      res, n_sets = time_shape(rows, hidden, dtype, args.reps, variants)
+    except Exception as e:  # report and go on
+      print(f"{name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+      traceback.print_exc()
+      continue
+    copy = res.get("copy", (None,))[0]
+    for cname, v in res.items():
+      if v[0] is None:
+        print(f"  {cname}: no kernels found", flush=True)
+        continue
+      ratio = f" {v[0] / copy:.2f}x copy" if copy else ""
+      spread = "" if v[1] is None else f" ({v[1]:.1f}-{v[2]:.1f})"
+      print(f"  {cname}: {v[0]:.1f} us{spread}{ratio} [{v[3]} kernels]",
+            flush=True)
+    print(f"  ({n_sets} input sets, {time.perf_counter() - t0:.0f}s)")
+    table.append((name, res))
+  print("\nus per call, profiler device time, median over calls (inputs "
+        "rotated); ratio to copy in brackets")
+  names = sorted({c for _, r in table for c in r},
+                 key=lambda c: (c != "copy", c != "triton", c))
+  print("| shape | " + " | ".join(names) + " |")
+  for name, res in table:
+    cells = []
+    copy = res.get("copy", (None,))[0]
+    for c in names:
+      v = res.get(c)
+      if v is None or v[0] is None:
+        cells.append("-")
+      else:
+        cells.append(f"{v[0]:.1f}" + (f" ({v[0] / copy:.2f})"
+                                      if copy and c != "copy" else ""))
+    print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+  main()
