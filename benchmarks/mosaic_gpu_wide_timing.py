@@ -4,8 +4,8 @@ For each shape: device time per call from a ``jax.profiler`` trace (the sum
 of the kernels one call launches, so the XLA sum of the dscale partials
 counts; median over calls), for
 
-* ``wide``: ``kernels/mosaic_gpu_wide.backward`` (and, on the first shape,
-  its launch variants: the scale wait before the pipeline, other chunks);
+* ``wide`` and its launch variants (``VARIANTS``):
+  ``kernels/mosaic_gpu_wide.backward``;
 * ``triton``: ``PallasGpu().backward``;
 * ``mosaic``: ``MosaicGpu().backward`` where it serves the shape;
 * ``copy``: XLA's ``x + dy``, the same bytes as the backward's x and dy in
@@ -21,6 +21,9 @@ Usage (on the GPU machine, from the repository root)::
   PYTHONPATH=$PWD python3 benchmarks/mosaic_gpu_wide_timing.py [--reps 5]
   MOSAIC_GPU_DUMP_PTXAS=1 PYTHONPATH=$PWD python3 \\
       benchmarks/mosaic_gpu_wide_timing.py --compile-only   # registers
+
+With ``MOSAIC_GPU_DUMP_PTXAS=1`` the timing run prints each Mosaic kernel's
+register report just before the line of the variant that compiled it.
 """
 
 import argparse
@@ -49,10 +52,16 @@ SHAPES = [((4096, 16384), jnp.bfloat16), ((2048, 16384), jnp.float16),
 # Nearby widths the same design serves.
 EXTRA_SHAPES = [((4096, 12288), jnp.bfloat16), ((4096, 8192), jnp.bfloat16),
                 ((2048, 8192), jnp.float32)]
-# Launch variants, timed on the first shape.
-VARIANTS = {"wide": {}, "wide_wait_first": dict(overlap_scale=False),
-            "wide_chunk1024": dict(chunk=1024),
-            "wide_chunk4096": dict(chunk=4096)}
+# Launch variants, timed on the 16384-wide shapes; EXTRA_VARIANTS on the
+# others. "noscale" runs without a scale (no dscale carry): the pipeline's
+# own speed.
+VARIANTS = {"wide": {}, "fence_value": dict(fence="value"),
+            "fence_sync": dict(fence="sync"),
+            "loop1_value": dict(fence="value", pass1_loop=True),
+            "loop1_sync": dict(fence="sync", pass1_loop=True),
+            "noscale": dict(no_scale=True)}
+EXTRA_VARIANTS = {k: VARIANTS[k] for k in ("wide", "fence_value",
+                                           "fence_sync")}
 ROTATE_BYTES = 192 * 2**20
 MAX_SETS = 24
 EPS = 1e-6
@@ -71,7 +80,10 @@ def _sets(rows, hidden, dtype, n):
 
 
 def _wide_fn(kw):
-  return lambda x, w, r, dy: mw.backward(x, w, r, dy, **kw)
+  kw = dict(kw)
+  no_scale = kw.pop("no_scale", False)
+  return lambda x, w, r, dy: mw.backward(x, None if no_scale else w, r, dy,
+                                         **kw)
 
 
 def _diff(name, got, want):
@@ -116,10 +128,12 @@ def time_shape(rows, hidden, dtype, reps, variants):
       traceback.print_exc()
       continue
     p = mw.plan(rows, hidden, x_dtype=dtype, sms=mw.gpu_tiling.num_sms(),
+                has_scale=not kw.get("no_scale"),
                 **{k: v for k, v in kw.items() if k in ("chunk", "stages")})
     print(f"  {vname}: first call {dt:.1f}s; stages={p.stages} "
           f"chunk={p.chunk} grid={p.grid} steps={p.steps}; against triton: "
-          f"{_diff('dx', got[0], want[0])}, {_diff('dscale', got[1], want[1])}",
+          f"{_diff('dx', got[0], want[0])}"
+          + ("" if got[1] is None else f", {_diff('dscale', got[1], want[1])}"),
           flush=True)
     cands[vname] = (fn, args)
   for key, (fn, a) in list(cands.items()):
@@ -156,9 +170,11 @@ def time_shape(rows, hidden, dtype, reps, variants):
 
 def compile_only():
   """Compiles the default launch on the timed widths (for ptxas reports)."""
-  for (rows, hidden), dtype in [((4096, 16384), jnp.bfloat16),
-                                ((2048, 8192), jnp.float32)]:
-    for vname, kw in VARIANTS.items():
+  for (rows, hidden), dtype, variants in [
+      ((4096, 16384), jnp.bfloat16, VARIANTS),
+      ((4096, 12288), jnp.bfloat16, EXTRA_VARIANTS),
+      ((2048, 8192), jnp.float32, EXTRA_VARIANTS)]:
+    for vname, kw in variants.items():
       x = jnp.ones((rows, hidden), dtype)
       w = jnp.ones((hidden,), dtype)
       r = jnp.ones((rows,), jnp.float32)
@@ -180,10 +196,9 @@ def main():
     return
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
   table = []
-  shapes = [(s, d, VARIANTS if i == 0 else {"wide": {}})
-            for i, (s, d) in enumerate(SHAPES)]
+  shapes = [(s, d, VARIANTS) for s, d in SHAPES]
   if not args.no_extra:
-    shapes += [(s, d, {"wide": {}}) for s, d in EXTRA_SHAPES]
+    shapes += [(s, d, EXTRA_VARIANTS) for s, d in EXTRA_SHAPES]
   for (rows, hidden), dtype, variants in shapes:
     name = f"{rows}x{hidden} {np.dtype(dtype).name}"
     print(name, flush=True)

@@ -120,6 +120,8 @@ def test_backward_names_bad_arguments():
     mw.backward(x, None, r.astype(BF16), x)
   with pytest.raises(ValueError, match="scale must have shape"):
     mw.backward(x, jnp.ones((512,), BF16), r, x)
+  with pytest.raises(ValueError, match="fence must be None"):
+    mw.backward(x, None, r, x, fence="full")
   with pytest.raises(TypeError, match="dy must be float32, bfloat16"):
     mw.backward(x, None, r, x.astype(jnp.int8))
 
@@ -146,6 +148,9 @@ def _export(rows, hidden, dtype, scale_dtype, **kw):
     (129, 8192, F32, BF16, {}),
     (33, 13312, BF16, BF16, {}),
     (1000, 4096, BF16, BF16, {}),
+    (4096, 16384, BF16, BF16, dict(fence="value")),
+    (4096, 16384, BF16, BF16, dict(fence="sync", pass1_loop=True)),
+    (37, 16384, F16, None, dict(fence="sync")),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_lowers_for_cuda(rows, hidden, dtype, scale_dtype, kw):
   exp = _export(rows, hidden, dtype, scale_dtype, **kw)
@@ -182,6 +187,11 @@ def _case(rows, hidden, dtype, scale_dtype, seed_tag):
     (33, 13312, BF16, BF16, {}),
     (1100, 1024, BF16, BF16, dict(num_sms=4)),  # more CTAs than SMs
     (257, 4096, F16, F16, {}),
+    (4099, 16384, BF16, BF16, dict(fence="value")),
+    (1000, 16384, F16, F16, dict(fence="sync")),
+    (129, 16384, BF16, BF16, dict(fence="value", pass1_loop=True)),
+    (33, 13312, BF16, BF16, dict(fence="sync", pass1_loop=True)),
+    (5, 16384, F16, None, dict(fence="value")),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_matches_float64(rows, hidden, dtype, scale_dtype, kw):
   eps, offset = 1e-5, 1.0

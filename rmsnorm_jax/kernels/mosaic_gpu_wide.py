@@ -209,7 +209,7 @@ def shape_reason(rows: int, hidden: int, dtype, scale_dtype=None,
 
 
 def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
-                 overlap_scale: bool):
+                 overlap_scale: bool, fence: str | None, pass1_loop: bool):
   rows, hidden = x.shape
   has_scale = scale is not None
   k, C = plan.k, plan.chunk
@@ -274,6 +274,16 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
                      optimized=False).astype(_F32)
       return w + offset if offset else w
 
+    def _fenced(v):
+      # Keeps the compilers from hoisting later chunks' shared-memory loads
+      # above this chunk's arithmetic (which holds a whole row's values in
+      # registers beside the dscale carry, and spills).
+      if fence == "value":
+        return lax.optimization_barrier(v)
+      if fence == "sync":
+        plgpu.commit_smem()
+      return v
+
     def body(idx, x_b, dy_b, dx_b, carry=None):
       if overlap_scale:
         # The scale and rstd copies run beside the pipeline's first loads.
@@ -285,15 +295,23 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
       # A one-element vector load has no tiled transfer; a scalar does.
       r = plgpu.layout_cast(jnp.broadcast_to(rst_s[idx[0]], (1,)), cast.row)
       rb = cast.rows_b(r, shape)
-      acc = None
-      for c in range(nch):
+      def dot_chunk(c, acc):
         row = pl.ds(c, 1)
         gc = cast.load(dy2, row, full)
         w = scale_chunk(c)
         if w is not None:
           gc = gc * w
         t = gc * cast.load(x2, row, full)
-        acc = t if acc is None else acc + t
+        return t if acc is None else acc + t
+
+      if pass1_loop:
+        acc = lax.fori_loop(
+            0, nch, dot_chunk,
+            plgpu.layout_cast(jnp.zeros(shape, _F32), cast.full))
+      else:
+        acc = None
+        for c in range(nch):
+          acc = _fenced(dot_chunk(c, acc))
       # mean(g * xhat) = rstd * mean(g * x): the projection the norm removes.
       proj = cast.rows_b(jnp.sum(acc, axis=1) * r * inv_h, shape)
       new = []
@@ -303,9 +321,13 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
         xhat = cast.load(x2, row, full) * rb
         w = scale_chunk(c)
         gc = dyc if w is None else dyc * w
-        dx2[row, full] = (rb * (gc - xhat * proj)).astype(dx2.dtype)
+        dx = rb * (gc - xhat * proj)
         if has_scale:
-          new.append(carry[c] + dyc * xhat)
+          dx, acc_c = _fenced((dx, carry[c] + dyc * xhat))
+          new.append(acc_c)
+        else:
+          dx = _fenced(dx)
+        dx2[row, full] = dx.astype(dx2.dtype)
       return new if has_scale else None
 
     if has_scale:
@@ -349,7 +371,8 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
 def backward(x, scale, rstd, dy, *, scale_offset: float = 0.0,
              num_sms: int | None = None, stages: int | None = None,
              chunk: int | None = None, grid: int | None = None,
-             overlap_scale: bool = True):
+             overlap_scale: bool = True, fence: str | None = None,
+             pass1_loop: bool = False):
   """RMSNorm backward of wide rows on Hopper: ``(dx, dscale)``.
 
   ``dx = rstd * (g - xhat * mean(g * xhat))`` with ``g = dy * (scale +
@@ -368,6 +391,12 @@ def backward(x, scale, rstd, dy, *, scale_offset: float = 0.0,
     stages, chunk, grid: launch overrides for sweeps (``plan``).
     overlap_scale: wait for the scale and rstd copies at the first pipeline
       step rather than before the pipeline's first loads are issued.
+    fence: None, "value" (``lax.optimization_barrier`` on each chunk's
+      results) or "sync" (a warpgroup barrier after each chunk): keeps the
+      compilers from loading later chunks of the row early, which holds the
+      row in registers beside the dscale carry.
+    pass1_loop: walk the chunks of ``sum(g * x)`` in a loop (dynamic chunk
+      index) rather than unrolled.
 
   Returns:
     ``(dx in x.dtype (rows, hidden), dscale float32 (hidden,) or None)``.
@@ -393,13 +422,16 @@ def backward(x, scale, rstd, dy, *, scale_offset: float = 0.0,
   if scale is not None and tuple(scale.shape) != (hidden,):
     raise ValueError(f"scale must have shape {(hidden,)}; got "
                      f"{tuple(scale.shape)}.")
+  if fence not in (None, "value", "sync"):
+    raise ValueError(f"fence must be None, 'value' or 'sync'; got {fence!r}.")
   sms = num_sms or gpu_tiling.num_sms()
   p = plan(rows, hidden, x_dtype=x.dtype, dy_dtype=dy.dtype,
            scale_dtype=None if scale is None else scale.dtype,
            has_scale=scale is not None, sms=sms, stages=stages, chunk=chunk,
            grid=grid)
   return _kernel_call(x, scale, rstd, dy, plan=p, offset=float(scale_offset),
-                      overlap_scale=overlap_scale)
+                      overlap_scale=overlap_scale, fence=fence,
+                      pass1_loop=pass1_loop)
 
 
 __all__ = ["backward", "plan", "rstd_rows", "shape_reason", "smem_bytes"]
