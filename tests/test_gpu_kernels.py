@@ -220,30 +220,6 @@ def test_mixed_residual_dtypes(mode):
   _check_residual(impl_for(mode), (19, 257), jnp.bfloat16, jnp.float32)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("rows,cols", [(132, 8192), (33, 300), (528, 96),
-                                       (1, 128)])
-def test_sum_partials_matches_float64_and_repeats_bitwise(mode, rows, cols):
-  # The backward's second step: column sums of its float32 partials, here
-  # on row and column counts that leave partial row steps and programs.
-  rng = rng_for("sum_partials", rows, cols)
-  a = random(rng, (rows, cols), jnp.float32, mean=0.5)
-  b = random(rng, (rows, cols), jnp.float32)
-  f = jax.jit(lambda a, b: gpu_kernels.sum_partials(
-      [a, b], interpret=mode == "interpret"))
-  got = f(a, b)
-  for g, p in zip(got, (a, b)):
-    want = np.asarray(p, np.float64).sum(axis=0)
-    # float32 sums of `rows` terms: each partial sum rounds once per add.
-    bound = rows * np.finfo(np.float32).eps * np.abs(
-        np.asarray(p, np.float64)).sum(axis=0)
-    assert g.shape == (cols,) and g.dtype == jnp.float32
-    assert np.all(np.abs(np.asarray(g, np.float64) - want) <= bound + 1e-30)
-  again = f(a, b)
-  for g, h in zip(got, again):
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda(), reason="the deprecation warnings come "
                     "from lowering GPU kernels, which needs a CUDA GPU")

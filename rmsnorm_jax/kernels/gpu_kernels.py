@@ -20,8 +20,8 @@ Two tilings (chosen by ``gpu_tiling.resolve``):
 The backward of the resident tiling runs on a persistent grid: each program
 walks the row blocks ``pid, pid + grid, ...`` and keeps its share of dscale
 (and dbias) in registers, so the partial sums written are ``grid x hidden``
-floats however many rows there are, and a small kernel summing them in a
-fixed order (``sum_partials``) finishes them (no atomics: results are bitwise reproducible). Whole
+floats however many rows there are, and a small XLA reduction in a fixed
+order finishes them (no atomics: results are bitwise reproducible). Whole
 rows wider than ``gpu_tiling.BWD_PIECE_COLS`` are walked in static pieces
 of that width, each with its own dscale accumulator, so that one piece of
 x and dy is live at a time (``_backward_pieces``).
@@ -917,71 +917,16 @@ def backward(x, scale, bias, rstd, dy, dh, *, config: Config,
                                   else "backward"),
                m=m, has_dh=has_dh)
   dx = outs[0].reshape(rows, hidden)
+  rest = list(outs[1:])
   # The second step: column sums of (grid, heads * hidden) partials (or
-  # (grid, heads, hidden) when folded), small next to the inputs.
-  sums = list(sum_partials([p.reshape(g.grid, -1) for p in outs[1:]],
-                           interpret=interpret))
-  dscale = sums.pop(0).reshape(scale.shape) if m.has_scale else None
-  dbias = sums.pop(0).reshape(-1, hidden).sum(axis=0) if m.has_bias else None
+  # (grid, heads, hidden) when folded), in a fixed order, small next to the
+  # inputs.
+  dscale = dbias = None
+  if m.has_scale:
+    dscale = jnp.sum(rest.pop(0), axis=0).reshape(scale.shape)
+  if m.has_bias:
+    dbias = jnp.sum(rest.pop(0).reshape(-1, hidden), axis=0)
   return dx, dscale, dbias
-
-
-# Column sums of the backward's partials: programs of PARTIAL_COLS columns
-# walking PARTIAL_ROWS rows at a time. XLA's column reduction of the same
-# (grid, hidden) float32 arrays took 3.6-7.2 us a launch on an H200 (Nsight
-# Compute: 12-46% of the warps active, e.g. 4.3 us for 132x8192 beside the
-# 27.9 us backward of 2048x8192 float16), and a bias added a second launch.
-PARTIAL_COLS = 128
-PARTIAL_ROWS = 32
-PARTIAL_WARPS = 4
-
-
-def _sum_partials_kernel(*refs, rows: int, cols: int):
-  n = len(refs) // 2
-  c0 = pl.program_id(0) * PARTIAL_COLS
-  cmask = (c0 + jnp.arange(PARTIAL_COLS)) < cols
-  for in_ref, out_ref in zip(refs[:n], refs[n:]):
-    def add(i, acc, in_ref=in_ref):
-      r0 = i * PARTIAL_ROWS
-      mask = ((r0 + jnp.arange(PARTIAL_ROWS)) < rows)[:, None] & cmask[None]
-      return acc + pltriton.load(
-          in_ref.at[pl.ds(r0, PARTIAL_ROWS), pl.ds(c0, PARTIAL_COLS)],
-          mask=mask, other=0.0)
-    acc = lax.fori_loop(0, pl.cdiv(rows, PARTIAL_ROWS), add,
-                        jnp.zeros((PARTIAL_ROWS, PARTIAL_COLS), _F32))
-    pltriton.store(out_ref.at[pl.ds(c0, PARTIAL_COLS)], jnp.sum(acc, axis=0),
-                   mask=cmask)
-
-
-def sum_partials(partials, *, interpret: bool = False):
-  """Column sums of float32 ``(p, n)`` arrays of one shape, in one launch.
-
-  Each column is summed in a fixed order (row blocks in turn, then the
-  rows of the block), so the result is bitwise the same every call.
-
-  Args:
-    partials: a sequence of float32 arrays, all of shape ``(p, n)``.
-    interpret: run in Pallas interpret mode.
-
-  Returns:
-    A tuple of float32 ``(n,)`` arrays, one per input.
-  """
-  partials = list(partials)
-  if not partials:
-    return ()
-  _quiet_triton_deprecation(interpret)
-  rows, cols = partials[0].shape
-  out = jax.ShapeDtypeStruct((cols,), _F32)
-  call = pl.pallas_call(
-      functools.partial(_sum_partials_kernel, rows=rows, cols=cols),
-      out_shape=common.vary_like(tuple(out for _ in partials), partials),
-      grid=(pl.cdiv(cols, PARTIAL_COLS),),
-      compiler_params=pltriton.CompilerParams(num_warps=PARTIAL_WARPS,
-                                              num_stages=2),
-      interpret=interpret,
-      name="rmsnorm_sum_partials",
-  )
-  return tuple(call(*common.match_varying(partials)))
 
 
 # ------------------------------------------------------------------ common --
