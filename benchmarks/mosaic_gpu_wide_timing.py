@@ -53,15 +53,14 @@ SHAPES = [((4096, 16384), jnp.bfloat16), ((2048, 16384), jnp.float16),
 EXTRA_SHAPES = [((4096, 12288), jnp.bfloat16), ((4096, 8192), jnp.bfloat16),
                 ((2048, 8192), jnp.float32)]
 # Launch variants, timed on the 16384-wide shapes; EXTRA_VARIANTS on the
-# others. "noscale" runs without a scale (no dscale carry): the pipeline's
-# own speed.
-VARIANTS = {"wide": {}, "fence_value": dict(fence="value"),
-            "fence_sync": dict(fence="sync"),
-            "loop1_value": dict(fence="value", pass1_loop=True),
-            "loop1_sync": dict(fence="sync", pass1_loop=True),
+# others. "wide" is the default launch (fence="value", pass1_loop=True);
+# "noscale" runs without a scale (no dscale carry): the pipeline's own speed.
+VARIANTS = {"wide": {}, "unrolled": dict(pass1_loop=False),
+            "no_fence": dict(fence=None, pass1_loop=False),
+            "fence_sync": dict(fence="sync", pass1_loop=False),
+            "loop1_sync": dict(fence="sync"),
             "noscale": dict(no_scale=True)}
-EXTRA_VARIANTS = {k: VARIANTS[k] for k in ("wide", "fence_value",
-                                           "fence_sync")}
+EXTRA_VARIANTS = {k: VARIANTS[k] for k in ("wide", "unrolled", "no_fence")}
 ROTATE_BYTES = 192 * 2**20
 MAX_SETS = 24
 EPS = 1e-6
