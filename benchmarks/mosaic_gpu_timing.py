@@ -50,6 +50,11 @@ TIME_SHAPES = [((8192, 4096), jnp.bfloat16), ((4096, 8192), jnp.bfloat16),
                ((32768, 128), jnp.bfloat16)]
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd")
+# Timed with --time --ops ...: a bias (in x's dtype), cast_mode "llama",
+# and the quantized forward (dynamic per-row scales; int8 unless named).
+FEATURE_OPS = ("bias_fwd", "bias_bwd", "bias_fused_fwd", "bias_fused_bwd",
+               "llama_fwd", "llama_bwd", "quant_fwd", "quant_fp8_fwd",
+               "quant_fused_fwd", "quant_static_fwd")
 EPS = 1e-5
 # Input sets rotated per candidate: their bytes exceed the 60 MB L2 ~3x.
 ROTATE_BYTES = 192 * 2**20
@@ -306,7 +311,45 @@ def _sets(rows, hidden, dtype, n):
   return out
 
 
-def time_shape(rows, hidden, dtype, reps):
+def _feature_fn(impl, op, dtype):
+  """(fn, names of its inputs in a set, the shape_reason op and bias)."""
+  dt = np.dtype(dtype)
+  norm = base.Norm(eps=1e-6, out_dtype=dt)
+  llama = base.Norm(eps=1e-6, cast_mode="llama", out_dtype=dt)
+  quant = lambda q: base.Norm(eps=1e-6, quant_dtype=np.dtype(q))
+  i8, e4 = jnp.int8, jnp.float8_e4m3fn
+  table = {
+      "bias_fwd": (lambda x, w, b: impl.forward(x, w, b, norm=norm),
+                   ("x", "w", "b"), "fwd"),
+      "bias_bwd": (lambda x, w, b, r, dy: impl.backward(
+          x, w, b, r, dy, norm=norm), ("x", "w", "b", "rstd", "dy"), "bwd"),
+      "bias_fused_fwd": (lambda x, res, w, b: impl.residual_forward(
+          x, res, w, b, norm=norm), ("x", "r", "w", "b"), "residual_fwd"),
+      "bias_fused_bwd": (lambda h, w, b, r, dy, dh: impl.residual_backward(
+          h, w, b, r, dy, dh, norm=norm),
+                         ("x", "w", "b", "rstd", "dy", "dh"), "residual_bwd"),
+      "llama_fwd": (lambda x, w: impl.forward(x, w, None, norm=llama),
+                    ("x", "w"), "fwd"),
+      "llama_bwd": (lambda x, w, r, dy: impl.backward(
+          x, w, None, r, dy, norm=llama)[:2], ("x", "w", "rstd", "dy"),
+                    "bwd"),
+      "quant_fwd": (lambda x, w: impl.quantized_forward(
+          x, None, w, None, None, norm=quant(i8))[:2], ("x", "w"),
+                    "quantized_fwd"),
+      "quant_fp8_fwd": (lambda x, w: impl.quantized_forward(
+          x, None, w, None, None, norm=quant(e4))[:2], ("x", "w"),
+                        "quantized_fwd"),
+      "quant_fused_fwd": (lambda x, res, w: impl.quantized_forward(
+          x, res, w, None, None, norm=quant(i8)), ("x", "r", "w"),
+                          "quantized_fwd"),
+      "quant_static_fwd": (lambda x, w, qs: impl.quantized_forward(
+          x, None, w, None, qs, norm=quant(i8))[:2], ("x", "w", "qs"),
+                           "quantized_fwd"),
+  }
+  return table[op]
+
+
+def time_shape(rows, hidden, dtype, reps, ops=OPS):
   """{(op, impl): (median us, min, max, kernels per call)} for one shape."""
   n_bytes = rows * hidden * np.dtype(dtype).itemsize
   n_sets = int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / n_bytes))))
@@ -321,8 +364,21 @@ def time_shape(rows, hidden, dtype, reps):
   cands = {("copy", "xla"): (_named_jit(
       lambda x: x + jnp.asarray(1, x.dtype), "mgt_copy_xla"),
       [(s["x"],) for s in sets])}
+  b = (jax.random.normal(jax.random.key(3), (hidden,), jnp.float32) * 0.1
+       ).astype(dtype)
+  for s in sets:
+    s.update(w=w, b=b, qs=jnp.float32(0.05))
   for iname, impl in impls.items():
-    for op in OPS:
+    for op in ops:
+      if op in FEATURE_OPS:
+        fn, names, shape_op = _feature_fn(impl, op, dtype)
+        if iname == "mosaic" and impl.shape_reason(
+            rows, hidden, dtype, shape_op,
+            has_bias=op.startswith("bias")) is not None:
+          continue
+        cands[(op, iname)] = (_named_jit(fn, f"mgt_{op}_{iname}"),
+                              [tuple(s[n] for n in names) for s in sets])
+        continue
       if iname == "mosaic" and impl.shape_reason(
           rows, hidden, dtype, _SHAPE_OP[op]) is not None:
         continue
@@ -377,13 +433,13 @@ def time_shape(rows, hidden, dtype, reps):
   return results, n_sets
 
 
-def time_all(reps):
+def time_all(reps, ops=OPS, shapes=TIME_SHAPES):
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
   rows_out = []
-  for (rows, hidden), dt in TIME_SHAPES:
+  for (rows, hidden), dt in shapes:
     t0 = time.perf_counter()
     try:
-      res, n_sets = time_shape(rows, hidden, dt, reps)
+      res, n_sets = time_shape(rows, hidden, dt, reps, ops)
     except Exception as e:  # report and go on
       print(f"{rows}x{hidden}: {type(e).__name__}: {str(e)[:400]}",
             flush=True)
@@ -394,19 +450,29 @@ def time_all(reps):
         f"{v[0]:.1f}" + ("" if v[1] is None else f" ({v[1]:.1f}-{v[2]:.1f})"))
     print(f"{name}: {n_sets} sets, {time.perf_counter() - t0:.0f}s; copy "
           f"{f(res.get(('copy', 'xla')))}", flush=True)
-    for op in OPS:
+    for op in ops:
       m, t = res.get((op, "mosaic")), res.get((op, "triton"))
       print(f"  {op}: mosaic {f(m)} [{m and m[3]} kernels] triton {f(t)} "
             f"[{t and t[3]} kernels]", flush=True)
   print("\nus per call, profiler device time, median over calls "
         "(inputs rotated)")
   print("| shape | copy | " + " | ".join(
-      f"{op} mosaic | {op} triton" for op in OPS) + " |")
+      f"{op} mosaic | {op} triton" for op in ops) + " |")
   g = lambda v: "-" if v is None or v[0] is None else f"{v[0]:.1f}"
   for name, res in rows_out:
     print(f"| {name} | {g(res.get(('copy', 'xla')))} | " + " | ".join(
         f"{g(res.get((op, 'mosaic')))} | {g(res.get((op, 'triton')))}"
-        for op in OPS) + " |")
+        for op in ops) + " |")
+
+
+def _shapes(text):
+  """"8192x4096:bfloat16,..." -> [((rows, hidden), dtype), ...]."""
+  out = []
+  for item in text.split(","):
+    dims, dt = item.split(":")
+    rows, hidden = map(int, dims.split("x"))
+    out.append(((rows, hidden), jnp.dtype(dt)))
+  return out
 
 
 def main():
@@ -415,12 +481,23 @@ def main():
   ap.add_argument("--time", action="store_true")
   ap.add_argument("--shard", default="0/1")
   ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--ops", default=",".join(OPS),
+                  help="comma-separated ops to time, of "
+                  f"{', '.join(OPS + FEATURE_OPS)}")
+  ap.add_argument("--shapes", default=None,
+                  help="comma-separated ROWSxHIDDEN:DTYPE (default: "
+                  "the timing set)")
   args = ap.parse_args()
+  ops = tuple(args.ops.split(","))
+  unknown = set(ops) - set(OPS + FEATURE_OPS)
+  if unknown:
+    ap.error(f"--ops: unknown {sorted(unknown)}")
+  shapes = _shapes(args.shapes) if args.shapes else TIME_SHAPES
   if args.check:
     i, n = map(int, args.shard.split("/"))
     check(i, n)
   if args.time or not args.check:
-    time_all(args.reps)
+    time_all(args.reps, ops, shapes)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ from rmsnorm_jax import reference
 from rmsnorm_jax.kernels import mosaic_gpu as mg
 from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
 
-from numerics_util import assert_close, assert_residual_matches_reference
-from numerics_util import dx_magnitude, random, residual_inputs, rng_for
-from numerics_util import tol
+from numerics_util import assert_close, assert_matches_emulation
+from numerics_util import assert_residual_matches_reference
+from numerics_util import dx_magnitude, outputs_and_vjp, random
+from numerics_util import residual_inputs, rng_for, tol, xla_tol
 
 
 def _hopper_reason():
@@ -94,6 +95,73 @@ def test_lowers_for_cuda(shape, dtype):
     assert "mosaic_gpu" in exp.mlir_module()
 
 
+QUANT_DTYPES = [pytest.param(np.dtype(d), id=np.dtype(d).name)
+                for d in (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2)]
+# Narrow and wide layouts, one- and two-row backward groups (4096 float32
+# columns), a ragged last block. (jax 0.10.2 does not lower the one-row
+# backward of 8192 16-bit columns, with or without the features: it cannot
+# slice the (1, hidden) scale's 4096-column chunks, which jax 0.11.2 does;
+# the Hopper tests run that shape.)
+FEATURE_SHAPES = [(37, 128), (300, 1024), (19, 4096)]
+
+
+def _export(fn, *args):
+  exp = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+  assert "mosaic_gpu" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("shape", _ids(FEATURE_SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cast_mode", ["float32", "llama"])
+def test_bias_and_llama_lower_for_cuda(shape, dtype, cast_mode):
+  impl = MosaicGpu(num_sms=132)
+  rows, hidden = shape
+  s = jax.ShapeDtypeStruct
+  x, w = s(shape, dtype), s((hidden,), dtype)
+  b, rs = s((hidden,), jnp.float32), s((rows,), jnp.float32)
+  norm = base.Norm(eps=1e-6, scale_offset=1.0, cast_mode=cast_mode,
+                   out_dtype=np.dtype(dtype))
+  served = lambda op: impl.shape_reason(rows, hidden, dtype, op,
+                                        has_bias=True) is None
+  for bias in (b, None):
+    if served("fwd"):
+      _export(lambda x, w, b: impl.forward(x, w, b, norm=norm), x, w, bias)
+    if served("bwd"):
+      _export(lambda x, w, b, r, dy: impl.backward(x, w, b, r, dy,
+                                                   norm=norm),
+              x, w, bias, rs, x)
+      # A bias without a scale: dbias alone.
+      _export(lambda x, b, r, dy: impl.backward(x, None, b, r, dy,
+                                                norm=norm), x, bias, rs, x)
+    if served("residual_fwd"):
+      _export(lambda x, r, w, b: impl.residual_forward(x, r, w, b, norm=norm),
+              x, x, w, bias)
+    if served("residual_bwd"):
+      _export(lambda h, w, b, r, dy, dh: impl.residual_backward(
+          h, w, b, r, dy, dh, norm=norm), x, w, bias, rs, x, x)
+
+
+@pytest.mark.parametrize("shape", _ids([(37, 128), (300, 1024), (19, 4096)]))
+@pytest.mark.parametrize("qdt", QUANT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantized_lowers_for_cuda(shape, qdt, dtype):
+  impl = MosaicGpu(num_sms=132)
+  rows, hidden = shape
+  if impl.shape_reason(rows, hidden, dtype, "quantized_fwd",
+                       has_bias=True) is not None:
+    pytest.skip(impl.shape_reason(rows, hidden, dtype, "quantized_fwd",
+                                  has_bias=True))
+  s = jax.ShapeDtypeStruct
+  x, w = s(shape, dtype), s((hidden,), jnp.float32)
+  b, qs = s((hidden,), dtype), s((), jnp.float32)
+  for cast_mode in ("float32", "llama"):
+    norm = base.Norm(eps=1e-6, cast_mode=cast_mode, quant_dtype=qdt)
+    _export(lambda x, w, b: impl.quantized_forward(x, None, w, b, None,
+                                                   norm=norm), x, w, b)
+    _export(lambda x, r, w, q: impl.quantized_forward(x, r, w, None, q,
+                                                      norm=norm), x, x, w, qs)
+
+
 def test_public_api_lowers_for_cuda():
   # Forward and both gradients through rms_norm / rms_norm_residual, as a
   # user selects the implementation.
@@ -136,19 +204,38 @@ def test_cannot_serve_calls():
   call = lambda **kw: base.Call(**{**dict(
       op="forward", rows=64, hidden=1024, dtype=np.dtype(jnp.bfloat16),
       scale_shape=(1024,)), **kw})
+  quant = base.Norm(eps=1e-6, cast_mode="llama",
+                    quant_dtype=np.dtype(jnp.float8_e4m3fn))
   if _REASON is None or "no CUDA GPU" in _REASON:
     assert impl.cannot_serve(call()) is None
-  assert "bias" in impl.cannot_serve(call(has_bias=True))
-  assert impl.cannot_serve(call(op="quantized_forward")) is not None
+    for op in ("forward", "backward", "residual_forward",
+               "residual_backward"):
+      for norm in (base.Norm(eps=1e-6), base.Norm(eps=1e-6,
+                                                  cast_mode="llama")):
+        assert impl.cannot_serve(call(op=op, has_bias=True, norm=norm)) \
+            is None, op
+    assert impl.cannot_serve(call(op="quantized_forward", has_bias=True,
+                                  norm=quant)) is None
+    # 1-byte q rows are whole 128-byte pieces only from 128 columns.
+    assert "128-byte" in impl.cannot_serve(call(
+        op="quantized_forward", hidden=320, scale_shape=(320,), norm=quant))
+  assert "per-head" in impl.cannot_serve(call(scale_shape=(8, 128),
+                                              hidden=128))
   assert "shared memory" in impl.cannot_serve(
       call(op="residual_forward", hidden=16384))
+  # A float32 output beside 16-bit rows takes more shared memory: 12288
+  # bfloat16 columns fit the forward (shape_reason), not with a float32 y.
+  assert impl.shape_reason(64, 12288, jnp.bfloat16, "fwd") is None
+  assert "shared memory" in impl.cannot_serve(call(
+      hidden=12288, scale_shape=(12288,),
+      norm=base.Norm(eps=1e-6, out_dtype=np.dtype(jnp.float32))))
 
 
 def test_auto_keeps_triton_where_it_measured_faster():
   impl = MosaicGpu()
-  call = lambda op, hidden, dtype=jnp.bfloat16, **kw: base.Call(
+  call = lambda op, hidden, dtype=jnp.bfloat16, has_bias=False, **kw: base.Call(
       op=op, rows=8192, hidden=hidden, dtype=np.dtype(dtype),
-      scale_shape=(hidden,), norm=base.Norm(
+      scale_shape=(hidden,), has_bias=has_bias, norm=base.Norm(
           eps=1e-6, out_dtype=np.dtype(kw.get("out", dtype))),
       scale_dtype=np.dtype(kw.get("scale", dtype)))
   # Measured on an H200 (docs/mosaic_gpu.md): the backward of wide rows up
@@ -160,6 +247,15 @@ def test_auto_keeps_triton_where_it_measured_faster():
   assert "128 columns" in impl.auto_declines(call("backward", 128))
   for op in ("forward", "residual_forward", "residual_backward"):
     assert op in impl.auto_declines(call(op, 4096))
+  # The features were timed slower or not faster (docs/mosaic_gpu.md).
+  llama = base.Norm(eps=1e-6, cast_mode="llama",
+                    out_dtype=np.dtype(jnp.bfloat16))
+  for c in (call("backward", 4096, has_bias=True),
+            base.Call(op="backward", rows=8192, hidden=4096,
+                      dtype=np.dtype(jnp.bfloat16), scale_shape=(4096,),
+                      norm=llama, scale_dtype=np.dtype(jnp.bfloat16)),
+            call("quantized_forward", 4096)):
+    assert impl.auto_declines(c) is not None
   # Mixed dtypes were not timed: Triton keeps them.
   assert "dtype" in impl.auto_declines(call("backward", 4096,
                                             scale=jnp.float32))
@@ -295,3 +391,206 @@ def test_dscale_is_deterministic():
   a = _run_norm(impl, x, scale, dy, eps=1e-6, scale_offset=0.0)[2]
   b = _run_norm(impl, x, scale, dy, eps=1e-6, scale_offset=0.0)[2]
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------- Hopper: features --
+# Ragged rows, both layouts, one- and two-row backward groups.
+FEATURE_RUN_SHAPES = [(37, 128), (129, 896), (300, 1024), (19, 4096),
+                      (1000, 2048), (9, 8192)]
+
+
+def _f64(a):
+  return np.asarray(np.asarray(a, np.float32), np.float64)
+
+
+def _skip_unserved(impl, shape, dtype, ops, has_bias=True, **kw):
+  for op in ops:
+    reason = impl.shape_reason(*shape, dtype, op, has_bias=has_bias, **kw)
+    if reason is not None:
+      pytest.skip(reason)
+
+
+@hopper
+@pytest.mark.parametrize("shape", _ids(FEATURE_RUN_SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_matches_float64(shape, dtype):
+  impl = MosaicGpu()
+  _skip_unserved(impl, shape, dtype, ("fwd", "bwd"))
+  rng = rng_for("bias", shape, np.dtype(dtype).name)
+  x = random(rng, shape, dtype, mean=0.3)
+  scale = random(rng, (shape[1],), dtype, scale=0.5)
+  bias = random(rng, (shape[1],), dtype, mean=0.1, scale=0.5)
+  dy = random(rng, shape, dtype)
+  f = lambda x, s, b: rj.rms_norm(x, s, b, eps=1e-5, scale_offset=1.0,
+                                  backend=impl)
+  y, (dx, dscale, dbias) = outputs_and_vjp(f, (x, scale, bias), dy)
+  assert y.dtype == x.dtype and dbias.dtype == bias.dtype
+  y_ref, _ = reference.rms_norm(x, scale, eps=1e-5, scale_offset=1.0)
+  dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy, eps=1e-5,
+                                           scale_offset=1.0)
+  db_ref = _f64(dy).sum(axis=0)
+  assert_close(y, y_ref + _f64(bias), tol(dtype), "y")
+  assert_close(dx, dx_ref, tol(dtype), "dx",
+               dx_magnitude(x, scale, dy, eps=1e-5, scale_offset=1.0))
+  assert_close(dscale, ds_ref, tol(dtype), "dscale")
+  assert_close(dbias, db_ref, tol(dtype), "dbias")
+  # A bias without a scale: dbias is the backward's only sum.
+  g = lambda x, b: rj.rms_norm(x, None, b, eps=1e-5, backend=impl)
+  y, (dx, dbias) = outputs_and_vjp(g, (x, bias), dy)
+  y_ref, _ = reference.rms_norm(x, eps=1e-5)
+  dx_ref, _ = reference.rms_norm_grad(x, None, dy, eps=1e-5)
+  assert_close(y, y_ref + _f64(bias), tol(dtype), "y (bias only)")
+  assert_close(dx, dx_ref, tol(dtype), "dx (bias only)",
+               dx_magnitude(x, None, dy, eps=1e-5))
+  assert_close(dbias, db_ref, tol(dtype), "dbias (bias only)")
+
+
+@hopper
+@pytest.mark.parametrize("shape", _ids([(37, 128), (300, 768), (19, 4096),
+                                        (1000, 2048)]))
+@pytest.mark.parametrize("x_dtype,res_dtype", [
+    (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32),
+    (jnp.float32, jnp.float32)], ids=["bf16", "f16+f32", "f32"])
+def test_bias_residual_matches_float64(shape, x_dtype, res_dtype):
+  impl = MosaicGpu()
+  _skip_unserved(impl, shape, res_dtype, ("residual_fwd", "residual_bwd"))
+  rng = rng_for("bias_res", shape, np.dtype(x_dtype).name,
+                np.dtype(res_dtype).name)
+  x, res, scale, dy, dh = residual_inputs(rng, shape, x_dtype, res_dtype)
+  bias = random(rng, (shape[1],), jnp.float32, mean=0.1, scale=0.5)
+  f = lambda x, r, s, b: rj.rms_norm_residual(x, r, s, b, backend=impl)
+  (y, h), (dx, dres, dscale, dbias) = outputs_and_vjp(
+      f, (x, res, scale, bias), (dy, dh))
+  assert h.dtype == res.dtype and y.dtype == res.dtype
+  assert_close(h, _f64(x) + _f64(res), tol(res_dtype), "h")
+  # The norm sees h rounded to the residual's dtype, exactly as returned.
+  y_ref, _ = reference.rms_norm(h, scale)
+  dh_ref, ds_ref = reference.rms_norm_grad(h, scale, dy)
+  dh_ref = dh_ref + _f64(dh)
+  assert_close(y, y_ref + _f64(bias), tol(res_dtype), "y")
+  assert_close(dres, dh_ref, tol(res_dtype), "dresidual")
+  assert_close(dx, dh_ref, tol(res_dtype, x_dtype), "dx")
+  assert_close(dscale, ds_ref, tol(res_dtype), "dscale")
+  assert_close(dbias, _f64(dy).sum(axis=0), tol(res_dtype), "dbias")
+
+
+@hopper
+@pytest.mark.parametrize("shape", _ids(FEATURE_RUN_SHAPES))
+@pytest.mark.parametrize("x_dtype,scale_dtype", [
+    (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float16),
+    (jnp.bfloat16, jnp.float32), (jnp.float32, jnp.float32)],
+    ids=["bf16", "f16", "bf16-f32scale", "f32"])
+def test_llama_matches_emulation(shape, x_dtype, scale_dtype):
+  # The forward against reference.emulate (Hugging Face's order of
+  # roundings), the gradients against base.Xla (the same formula compiled
+  # by XLA), with a bias and a scale offset.
+  impl = MosaicGpu()
+  pdt = jnp.result_type(x_dtype, scale_dtype)
+  _skip_unserved(impl, shape, x_dtype, ("fwd", "bwd"),
+                 scale_dtype=scale_dtype, out_dtype=pdt)
+  rng = rng_for("llama", shape, np.dtype(x_dtype).name,
+                np.dtype(scale_dtype).name)
+  x = random(rng, shape, x_dtype, mean=0.3)
+  scale = random(rng, (shape[1],), scale_dtype, scale=0.5)
+  bias = random(rng, (shape[1],), x_dtype, mean=0.1, scale=0.5)
+  dy = random(rng, shape, pdt)
+  kw = dict(eps=1e-5, scale_offset=1.0, cast_mode="llama")
+  run = lambda backend: outputs_and_vjp(
+      lambda x, s, b: rj.rms_norm(x, s, b, backend=backend, **kw),
+      (x, scale, bias), dy)
+  y, (dx, dscale, dbias) = run(impl)
+  y_x, (dx_x, ds_x, db_x) = run("xla")
+  assert y.dtype == pdt and dx.dtype == x.dtype
+  want = reference.emulate(np.asarray(x), np.asarray(scale), np.asarray(bias),
+                           **kw)
+  # A float32 y + bias that cancels is judged by its terms' ulp.
+  terms = np.abs(reference.emulate(np.asarray(x), np.asarray(scale), **kw)
+                 ).astype(np.float32) + np.abs(np.asarray(bias, np.float32))
+  assert_matches_emulation(y, want, "y", rounded_inside=x_dtype,
+                           magnitude=terms)
+  assert_close(dx, dx_x, xla_tol(x_dtype, pdt), "dx vs xla",
+               dx_magnitude(x, scale, dy, eps=1e-5, scale_offset=1.0))
+  assert_close(dscale, ds_x, xla_tol(x_dtype, pdt), "dscale vs xla")
+  assert_close(dbias, db_x, xla_tol(pdt), "dbias vs xla")
+
+
+def _quant_inputs(shape, dtype, qdt, static, with_residual):
+  rng = rng_for("quant", shape, np.dtype(dtype).name, qdt.name, static,
+                with_residual)
+  x = random(rng, shape, dtype, mean=0.3)
+  scale = random(rng, (shape[1],), jnp.float32, mean=1.0, scale=0.5)
+  res = bias = None
+  if with_residual:
+    res = random(rng, shape, dtype, mean=0.5)
+    bias = random(rng, (shape[1],), dtype, mean=0.1, scale=0.5)
+  else:
+    # An all-zero row (without a bias, y is zero there): dynamic scale 1.
+    x = x.at[3].set(0)
+  quant_scale = None
+  if static:
+    # Below the largest |y| / qmax, so that the largest values saturate.
+    ymax = 4.0 * 1.5 + 1.0
+    quant_scale = jnp.float32(0.5 * ymax / base.QUANT_MAX[qdt])
+  return x, res, scale, bias, quant_scale
+
+
+@hopper
+@pytest.mark.parametrize("shape", _ids([(37, 128), (300, 1024), (19, 4096)]))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qdt", QUANT_DTYPES)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("with_residual", [False, True],
+                         ids=["plain", "residual"])
+def test_quantized_matches_rule(shape, dtype, qdt, static, with_residual):
+  # q is the quantization rule (base.quantize) of this kernel's own float32
+  # y, bit for bit, with the same q_scale.
+  impl = MosaicGpu()
+  _skip_unserved(impl, shape, dtype, ("quantized_fwd", "fwd",
+                                      "residual_fwd"))
+  x, res, scale, bias, quant_scale = _quant_inputs(shape, dtype, qdt, static,
+                                                   with_residual)
+  cast_mode = "llama" if with_residual and static else "float32"
+
+  def run(x, res, scale, bias, quant_scale):
+    kw = dict(eps=1e-6, cast_mode=cast_mode, backend=impl)
+    outs = rj.rms_norm_quantized(x, scale, quant_dtype=qdt,
+                                 quant_scale=quant_scale, residual=res,
+                                 bias=bias, **kw)
+    if res is None:
+      y = rj.rms_norm(x, scale, bias, out_dtype=jnp.float32, **kw)
+      return outs + (None, y)
+    y, _ = rj.rms_norm_residual(x, res, scale, bias, out_dtype=jnp.float32,
+                                **kw)
+    return outs + (y,)
+
+  q, q_scale, h, y = jax.jit(run)(x, res, scale, bias, quant_scale)
+  rows = shape[0]
+  assert q.dtype == qdt and q.shape == shape
+  assert q_scale.dtype == np.float32 and q_scale.shape == (rows, 1)
+  if with_residual:
+    h_want = (_f64(x) + _f64(res)).astype(np.float32).astype(res.dtype)
+    np.testing.assert_array_equal(np.asarray(h), h_want)
+  # The rule in NumPy (IEEE float32 products, ml_dtypes' round-to-nearest-
+  # even float8 conversion) and as base.quantize compiles it.
+  q_want, s_want = reference.emulate_quantize(
+      np.asarray(y), qdt, None if quant_scale is None else float(quant_scale))
+  np.testing.assert_array_equal(np.asarray(q_scale), s_want)
+  np.testing.assert_array_equal(np.asarray(q).view(np.uint8),
+                                q_want.view(np.uint8))
+  if qdt == np.dtype(jnp.int8):
+    q_x, s_x = jax.jit(base.quantize, static_argnums=1)(y, qdt, quant_scale)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(q_x))
+    np.testing.assert_array_equal(np.asarray(q_scale), np.asarray(s_x))
+  if static:
+    assert np.all(np.asarray(q_scale) == np.float32(quant_scale))
+    assert np.any(np.abs(np.asarray(q, np.float32)) == base.QUANT_MAX[qdt])
+  elif not with_residual:
+    assert float(q_scale[3, 0]) == 1.0
+    assert not np.any(np.asarray(q[3], np.float32))
+  if cast_mode == "float32":
+    # The float32 y itself: the float64 norm (plus bias) of what it saw.
+    normed = x if res is None else h
+    y_ref, _ = reference.rms_norm(normed, scale, eps=1e-6)
+    if bias is not None:
+      y_ref = y_ref + _f64(bias)
+    assert_close(y, y_ref, tol(jnp.float32), "y")

@@ -1,7 +1,8 @@
 """``MosaicGpu``: RMSNorm kernels on Pallas' Mosaic GPU backend, for Hopper.
 
-The same four primitives as ``PallasGpu`` (forward, backward, fused residual
-forward and backward), each one pass over its inputs, written with
+The same five primitives as ``PallasGpu`` (forward, backward, fused residual
+forward and backward, quantized forward), each one pass over its inputs,
+with a bias and in both cast modes, written with
 ``jax.experimental.pallas.mosaic_gpu``: persistent CTAs stream row blocks
 through shared memory with TMA (``plgpu.emit_pipeline``), compute in float32
 registers and store back with TMA. Kernel bodies and the layouts are in
@@ -18,8 +19,8 @@ memory with two pipeline stages: for 16-bit inputs the forward and backward
 up to 12288 columns, the fused forward up to 6144, the fused backward up to
 9216; for float32 the forward up to 6144, the backward 6656, the fused
 forward 3072, the fused backward 5120. Wider rows (16384 and up) are left to
-``PallasGpu``. No bias, per-head scale, "llama" cast mode or quantized
-forward (declined by ``cannot_serve``).
+``PallasGpu``. The quantized forward writes 1-byte rows, so it needs hidden
+a multiple of 128. A per-head scale is declined by ``cannot_serve``.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _itemsize(dt) -> int:
 def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
          sms: int, block_rows: int | None = None, stages: int | None = None,
          grid: int | None = None, has_scale: bool = True,
-         scale_size: int = 4) -> mk.Plan:
+         scale_size: int = 4, bias_size: int = 0,
+         copy_size: int | None = None) -> mk.Plan:
   """Chooses the launch for one kernel call.
 
   Args:
@@ -96,13 +98,19 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
     sms: SMs the persistent grid covers.
     block_rows, stages, grid: overrides (tuning sweeps).
     has_scale, scale_size: whether a scale is read, and its itemsize.
+    bias_size: the bias' itemsize, 0 without a bias (the forward holds the
+      bias in shared memory, the backward a dbias accumulator).
+    copy_size: the itemsize of an array copied narrower than its size in
+      ``out_sizes`` (a quantized output planned as the float32 y it
+      replaces, so that its row sums run in the same order).
 
   Raises:
     ValueError: the shape cannot be served (the message says why).
   """
   if rows < 1 or hidden < 1:
     raise ValueError(f"empty problem: rows={rows}, hidden={hidden}.")
-  min_size = min(min(in_sizes), min(out_sizes), scale_size)
+  min_size = min(min(in_sizes), min(out_sizes), scale_size,
+                 copy_size or scale_size)
   if (hidden * min_size) % COPY_UNIT or hidden % 8:
     raise ValueError(
         f"rows of hidden={hidden} are not whole {COPY_UNIT}-byte pieces for "
@@ -141,8 +149,12 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
   while (group * chunk * 2 // 128 <= CHUNK_VALUES
          and hidden % (chunk * 2) == 0):
     chunk *= 2
+  # The box's minor dimension is a whole number of 16-byte units of every
+  # array (1-byte quantized outputs: 16 columns).
+  k_step = max(8, 16 // min_size)
   k = hidden if hidden <= MAX_BOX else max(
-      d for d in range(8, MAX_BOX + 1, 8) if hidden % d == 0)
+      d for d in range(k_step, MAX_BOX + 1, k_step) if hidden % d == 0)
+  n_acc = int(has_scale) + int(bias_size > 0)
 
   def layout_grid(br):
     row_blocks = -(-rows // br)
@@ -155,17 +167,21 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
 
   def fit(br):
     g, steps = layout_grid(br)
-    fixed = hidden * scale_size * has_scale + REDUCTION_SCRATCH + 4 * (steps * br + 128)
-    if kind == "bwd" and has_scale:
-      fixed += 4 * hidden * tile_rows
+    fixed = (hidden * scale_size * has_scale + REDUCTION_SCRATCH
+             + 4 * (steps * br + 128))
+    if kind == "bwd":
+      fixed += 4 * hidden * tile_rows * n_acc
+    else:
+      fixed += hidden * bias_size
     return (SMEM_BUDGET - fixed) // (br * (row_bytes_in + row_bytes_out))
 
   while block_rows is None and br > group and fit(br) < MIN_STAGES:
     br //= 2
-  if (block_rows is None and kind == "bwd" and has_scale and br == 1
+  if (block_rows is None and kind == "bwd" and n_acc and br == 1
       and rows >= 2 and fit(2) >= MIN_STAGES):
     # Two-row groups where two stages of them fit: the one-row group takes
-    # the backward's two-dimensional scale and dscale path (mk.backward),
+    # the backward's two-dimensional scale and dscale (dbias) path
+    # (mk.backward),
     # and two rows a step move more bytes per barrier.
     br = group = 2
   if kind == "fwd" and layout == "wide" and br < 2:
@@ -188,7 +204,11 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
 # base.Call.op -> the op names of ``shape_reason``.
 _OPS = {"forward": "fwd", "backward": "bwd",
         "residual_forward": "residual_fwd",
-        "residual_backward": "residual_bwd"}
+        "residual_backward": "residual_bwd",
+        "quantized_forward": "quantized_fwd"}
+# The features of kernels/common.py FEATURES served; cannot_serve declines a
+# call needing any other (the per-head scale).
+IMPLEMENTED = frozenset(("bias", "llama", "quantized"))
 
 
 def _check_dtype(name: str, a):
@@ -210,13 +230,34 @@ def _kernel_dtype(dt):
   return np.dtype(jnp.float32) if dt == np.dtype(np.float64) else dt
 
 
+def _arith(norm: base.Norm, x_dtype, scale, quant_static=False) -> mk.Arith:
+  """The kernels' static arithmetic for ``norm`` on rows of ``x_dtype``
+  (the residual stream's for fused ops)."""
+  llama = norm.cast_mode == "llama"
+  pdt = _kernel_dtype(norm.product_dtype(
+      x_dtype, None if scale is None else scale.dtype))
+  return mk.Arith(llama=llama, xdt=np.dtype(x_dtype), pdt=pdt,
+                  quant_dtype=None if norm.quant_dtype is None
+                  else np.dtype(norm.quant_dtype),
+                  q_static=bool(quant_static))
+
+
+def _offset(norm: base.Norm, arith: mk.Arith) -> float:
+  # llama mode adds the offset in the product dtype (a Python float is
+  # float32 inside the kernels).
+  dt = arith.pdt if arith.llama else np.float32
+  return float(np.asarray(norm.scale_offset, dt))
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicGpu(base.Implementation):
   """Pallas Mosaic GPU kernels for Hopper GPUs (sm_90: H100, H200).
 
   Inputs: x (and residual) float32, bfloat16 or float16, 2-D
   ``(rows, hidden)``, any rows; hidden as in the module docstring (see
-  ``cannot_serve``); scale None or ``(hidden,)`` in any float dtype.
+  ``cannot_serve``); scale None or ``(hidden,)`` and bias None or
+  ``(hidden,)`` in any float dtype; cast modes "float32" and "llama";
+  quantized outputs int8, float8_e4m3fn and float8_e5m2.
   Unsupported shapes raise ValueError naming the limit; float64 x raises
   TypeError.
 
@@ -235,18 +276,22 @@ class MosaicGpu(base.Implementation):
   grid: int | None = None
   num_sms: int | None = None
 
-  def _plan(self, kind, rows, hidden, in_dtypes, out_dtypes, scale):
+  def _plan(self, kind, rows, hidden, in_dtypes, out_dtypes, scale,
+            bias=None, copy_size=None):
     return plan(kind, rows, hidden,
                 in_sizes=[_itemsize(d) for d in in_dtypes],
                 out_sizes=[_itemsize(d) for d in out_dtypes],
                 sms=self.num_sms or _num_sms(), block_rows=self.block_rows,
                 stages=self.stages, grid=self.grid,
                 has_scale=scale is not None,
-                scale_size=4 if scale is None else _itemsize(scale.dtype))
+                scale_size=4 if scale is None else _itemsize(scale.dtype),
+                bias_size=0 if bias is None else _itemsize(bias.dtype),
+                copy_size=copy_size)
 
   def cannot_serve(self, call: base.Call) -> str | None:
     """Why the kernels cannot compute ``call`` (a base.Call), or None."""
-    reason = common.not_implemented(self.name, call, SUPPORTED_DTYPES)
+    reason = common.not_implemented(self.name, call, SUPPORTED_DTYPES,
+                                    IMPLEMENTED)
     if reason is not None:
       return reason
     cc = _visible_compute_capability()
@@ -255,8 +300,11 @@ class MosaicGpu(base.Implementation):
               f"visible GPU is {cc}")
     if call.op not in _OPS:
       return f"{self.name} has no {call.op}"
-    return self.shape_reason(int(call.rows), int(call.hidden), call.dtype,
-                             _OPS[call.op])
+    return self.shape_reason(
+        int(call.rows), int(call.hidden), call.dtype, _OPS[call.op],
+        has_bias=call.has_bias,
+        scale_dtype=call.scale_dtype if call.scale_shape else None,
+        out_dtype=call.norm.out_dtype)
 
   def auto_declines(self, call: base.Call) -> str | None:
     """Where the Triton kernels (``PallasGpu``) measured faster.
@@ -269,11 +317,16 @@ class MosaicGpu(base.Implementation):
     31.1), and on narrow rows too (32768x128 bfloat16 11.2 against 9.8).
     The forward and the fused forward were slower at every shape but
     1024x4096 float32 (8.8 against 8.9), and the fused backward within 5%
-    either way, so both stay with Triton.
+    either way, so both stay with Triton. Calls with a bias, in llama mode
+    or quantized stay with Triton too (docs/mosaic_gpu.md has their
+    timings).
     """
     if call.op != "backward":
       return (f"{call.op}: the Triton kernel measured as fast or faster "
               "(docs/mosaic_gpu.md)")
+    if call.has_bias or call.norm.cast_mode != "float32":
+      return ("backward: with a bias or in llama mode the Triton kernel "
+              "measured as fast or faster (docs/mosaic_gpu.md)")
     x_dt = np.dtype(call.dtype)
     if (np.dtype(call.scale_dtype or x_dt) != x_dt
         or np.dtype(call.norm.out_dtype) != x_dt):
@@ -292,100 +345,186 @@ class MosaicGpu(base.Implementation):
             "measured faster (docs/mosaic_gpu.md)")
 
   def shape_reason(self, rows: int, hidden: int, dtype,
-                   op: str = "all") -> str | None:
+                   op: str = "all", *, has_bias: bool = False,
+                   scale_dtype=None, out_dtype=None) -> str | None:
     """Why the kernels cannot run this shape, or None when they can.
 
     Args:
-      rows, hidden: the 2-D problem; dtype: of x (outputs alike).
-      op: "fwd", "bwd", "residual_fwd", "residual_bwd" or "all" (each).
+      rows, hidden: the 2-D problem; dtype: of x (the residual stream's for
+        fused ops).
+      op: "fwd", "bwd", "residual_fwd", "residual_bwd", "quantized_fwd"
+        (judged with and without a residual, which a base.Call does not
+        tell apart) or "all" (each).
+      has_bias: with a bias (judged at 4 bytes an element).
+      scale_dtype, out_dtype: default to dtype (y's dtype is dy's too).
     """
     if np.dtype(dtype) not in SUPPORTED_DTYPES:
       return f"dtype {np.dtype(dtype).name} is not float32/bfloat16/float16"
     s = _itemsize(dtype)
+    o = _itemsize(_kernel_dtype(out_dtype or dtype))
+    w = _itemsize(_kernel_dtype(scale_dtype or dtype))
+    bias_size = 4 if has_bias else 0
     cases = {
-        "fwd": ("fwd", [s], [s]),
-        "bwd": ("bwd", [s, s], [s]),
-        "residual_fwd": ("fwd", [s, s], [s, s]),
-        "residual_bwd": ("bwd", [s, s, s], [s]),
+        "fwd": [("fwd", [s], [o])],
+        "bwd": [("bwd", [s, o], [s])],
+        "residual_fwd": [("fwd", [s, s], [o, s])],
+        "residual_bwd": [("bwd", [s, o, s], [s])],
+        # q is planned as the float32 y it quantizes (quantized_forward).
+        "quantized_fwd": [("fwd", [s], [4]), ("fwd", [s, s], [4, s])],
     }
     names = list(cases) if op == "all" else [op]
     for name in names:
-      kind, ins, outs = cases[name]
-      try:
-        plan(kind, rows, hidden, in_sizes=ins, out_sizes=outs,
-             sms=DEFAULT_NUM_SMS, scale_size=s)
-      except ValueError as e:
-        return f"{name}: {e}"
+      for kind, ins, outs in cases[name]:
+        try:
+          plan(kind, rows, hidden, in_sizes=ins, out_sizes=outs,
+               sms=DEFAULT_NUM_SMS, scale_size=w, bias_size=bias_size,
+               copy_size=1 if name == "quantized_fwd" else None)
+        except ValueError as e:
+          return f"{name}: {e}"
     return None
 
   # ------------------------------------------- the Implementation methods --
 
   def forward(self, x, scale, bias, *, norm: base.Norm):
     """x (rows, hidden) -> (y in norm.out_dtype, rstd float32 (rows,))."""
-    del bias  # cannot_serve declines calls with a bias
     return self.forward_kernel(x, scale, eps=norm.eps,
                                scale_offset=norm.scale_offset,
-                               out_dtype=norm.out_dtype)
+                               out_dtype=norm.out_dtype, bias=bias,
+                               cast_mode=norm.cast_mode)
 
   def backward(self, x, scale, bias, rstd, dy, *, norm: base.Norm):
-    """-> (dx in x.dtype, dscale float32 or None, None)."""
-    del bias
-    dx, ds = self.backward_kernel(x, scale, rstd, dy,
-                                  scale_offset=norm.scale_offset)
-    return dx, ds, None
+    """-> (dx in x.dtype, dscale float32 or None, dbias float32 or None)."""
+    outs = self.backward_kernel(x, scale, rstd, dy,
+                                scale_offset=norm.scale_offset,
+                                has_bias=bias is not None,
+                                cast_mode=norm.cast_mode)
+    return outs if bias is not None else (*outs, None)
 
   def residual_forward(self, x, residual, scale, bias, *, norm: base.Norm):
     """-> (y in norm.out_dtype, h = x + residual in residual.dtype, rstd)."""
-    del bias
     return self.residual_forward_kernel(
         x, residual, scale, eps=norm.eps, scale_offset=norm.scale_offset,
-        out_dtype=norm.out_dtype)
+        out_dtype=norm.out_dtype, bias=bias, cast_mode=norm.cast_mode)
 
   def residual_backward(self, h, scale, bias, rstd, dy, dh, *,
                         norm: base.Norm):
-    """-> (gradient of h in h.dtype, dscale float32 or None, None)."""
-    del bias
-    g, ds = self.residual_backward_kernel(h, scale, rstd, dy, dh,
-                                          scale_offset=norm.scale_offset)
-    return g, ds, None
+    """-> (gradient of h in h.dtype, dscale float32 or None, dbias)."""
+    outs = self.residual_backward_kernel(
+        h, scale, rstd, dy, dh, scale_offset=norm.scale_offset,
+        has_bias=bias is not None, cast_mode=norm.cast_mode)
+    return outs if bias is not None else (*outs, None)
+
+  def quantized_forward(self, x, residual, scale, bias, quant_scale, *,
+                        norm: base.Norm):
+    """-> (q in norm.quant_dtype, q_scale float32 (rows, 1), h or None).
+
+    One pass: reads x (and residual), writes q, its per-row scale (and h).
+    ``quant_scale``: None (dynamic, per row) or a float32 scalar (static).
+    q equals ``base.quantize`` of this kernel's own float32 y.
+    """
+    _check_dtype("x", x)
+    if residual is not None:
+      _check_dtype("residual", residual)
+    if norm.quant_dtype is None:
+      raise ValueError("quantized_forward needs norm.quant_dtype; got None.")
+    scale, bias = _f32_if_wide(scale), _f32_if_wide(bias)
+    h_dtype = x.dtype if residual is None else residual.dtype
+    static = quant_scale is not None
+    arith = _arith(norm, h_dtype, scale, static)
+    inv = None
+    if static:
+      # The reciprocal base.quantize multiplies by, computed by XLA alike.
+      inv = jnp.float32(1.0) / jnp.asarray(quant_scale, jnp.float32)
+    # Planned as the forward with a float32 y: the same register layout
+    # and chunks, so the same float32 sums and y as that forward (q is
+    # base.quantize of it bit for bit); q's 1-byte rows set the copy rules.
+    ins = [x.dtype] + ([] if residual is None else [residual.dtype])
+    outs_dt = [np.float32] + ([] if residual is None else [residual.dtype])
+    p = self._plan("fwd", *x.shape, ins, outs_dt, scale, bias, copy_size=1)
+    outs = mk.forward(x, residual, scale, plan=p, eps=norm.eps,
+                      offset=_offset(norm, arith), out_dtype=None,
+                      bias=bias, arith=arith, quant_inverse=inv)
+    q, stat = outs[0], outs[-1]
+    h = outs[1] if residual is not None else None
+    rows = x.shape[0]
+    if static:
+      q_scale = jnp.broadcast_to(
+          jnp.asarray(quant_scale, jnp.float32).reshape(1, 1), (rows, 1))
+    else:
+      q_scale = stat.reshape(rows, 1)
+    return q, q_scale, h
 
   # ---------------------------------------------------------- the kernels --
 
-  def forward_kernel(self, x, scale, *, eps, scale_offset, out_dtype):
-    """x (rows, hidden) -> (y in out_dtype, rstd float32 (rows,))."""
+  def forward_kernel(self, x, scale, *, eps, scale_offset, out_dtype,
+                     bias=None, cast_mode="float32"):
+    """x (rows, hidden) -> (y in out_dtype, rstd float32 (rows,)).
+
+    bias: None or (hidden,); cast_mode: "float32" or "llama".
+    """
     _check_dtype("x", x)
-    scale = _f32_if_wide(scale)
+    scale, bias = _f32_if_wide(scale), _f32_if_wide(bias)
+    norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode)
+    arith = _arith(norm, x.dtype, scale)
     odt = _kernel_dtype(out_dtype)
-    p = self._plan("fwd", *x.shape, [x.dtype], [odt], scale)
+    p = self._plan("fwd", *x.shape, [x.dtype], [odt], scale, bias)
     y, rstd = mk.forward(x, None, scale, plan=p, eps=eps,
-                         offset=scale_offset, out_dtype=odt)
+                         offset=_offset(norm, arith), out_dtype=odt,
+                         bias=bias, arith=arith)
     return y.astype(out_dtype), rstd
 
-  def backward_kernel(self, x, scale, rstd, dy, *, scale_offset):
-    """-> (dx in x.dtype, dscale float32 (hidden,) or None)."""
+  def backward_kernel(self, x, scale, rstd, dy, *, scale_offset,
+                      has_bias=False, cast_mode="float32"):
+    """-> (dx in x.dtype, dscale float32 (hidden,) or None), and dbias
+    float32 (hidden,) last with ``has_bias``."""
     _check_dtype("x", x)
     scale, dy = _f32_if_wide(scale), _f32_if_wide(dy)
-    p = self._plan("bwd", *x.shape, [x.dtype, dy.dtype], [x.dtype], scale)
-    return mk.backward(x, scale, rstd, dy, None, plan=p, offset=scale_offset)
+    norm = base.Norm(eps=1e-6, scale_offset=scale_offset, cast_mode=cast_mode)
+    arith = _arith(norm, x.dtype, scale)
+    p = plan("bwd", *x.shape,
+             in_sizes=[_itemsize(x.dtype), _itemsize(dy.dtype)],
+             out_sizes=[_itemsize(x.dtype)], sms=self.num_sms or _num_sms(),
+             block_rows=self.block_rows, stages=self.stages, grid=self.grid,
+             has_scale=scale is not None,
+             scale_size=4 if scale is None else _itemsize(scale.dtype),
+             bias_size=4 if has_bias else 0)
+    return mk.backward(x, scale, rstd, dy, None, plan=p,
+                       offset=_offset(norm, arith), has_bias=has_bias,
+                       arith=arith)
 
   def residual_forward_kernel(self, x, residual, scale, *, eps, scale_offset,
-                              out_dtype):
+                              out_dtype, bias=None, cast_mode="float32"):
     """-> (y in out_dtype, h = x + residual in residual.dtype, rstd)."""
     _check_dtype("x", x)
     _check_dtype("residual", residual)
-    scale = _f32_if_wide(scale)
+    scale, bias = _f32_if_wide(scale), _f32_if_wide(bias)
+    norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode)
+    arith = _arith(norm, residual.dtype, scale)
     odt = _kernel_dtype(out_dtype)
     p = self._plan("fwd", *x.shape, [x.dtype, residual.dtype],
-                   [odt, residual.dtype], scale)
+                   [odt, residual.dtype], scale, bias)
     y, h, rstd = mk.forward(x, residual, scale, plan=p, eps=eps,
-                            offset=scale_offset, out_dtype=odt)
+                            offset=_offset(norm, arith), out_dtype=odt,
+                            bias=bias, arith=arith)
     return y.astype(out_dtype), h, rstd
 
   def residual_backward_kernel(self, h, scale, rstd, dy, dh, *,
-                               scale_offset):
-    """-> (gradient of h in h.dtype, dscale float32 or None)."""
+                               scale_offset, has_bias=False,
+                               cast_mode="float32"):
+    """-> (gradient of h in h.dtype, dscale float32 or None), and dbias
+    last with ``has_bias``."""
     _check_dtype("h", h)
     scale, dy, dh = _f32_if_wide(scale), _f32_if_wide(dy), _f32_if_wide(dh)
-    p = self._plan("bwd", *h.shape, [h.dtype, dy.dtype, dh.dtype],
-                   [h.dtype], scale)
-    return mk.backward(h, scale, rstd, dy, dh, plan=p, offset=scale_offset)
+    norm = base.Norm(eps=1e-6, scale_offset=scale_offset, cast_mode=cast_mode)
+    arith = _arith(norm, h.dtype, scale)
+    p = plan("bwd", *h.shape,
+             in_sizes=[_itemsize(h.dtype), _itemsize(dy.dtype),
+                       _itemsize(dh.dtype)],
+             out_sizes=[_itemsize(h.dtype)], sms=self.num_sms or _num_sms(),
+             block_rows=self.block_rows, stages=self.stages, grid=self.grid,
+             has_scale=scale is not None,
+             scale_size=4 if scale is None else _itemsize(scale.dtype),
+             bias_size=4 if has_bias else 0)
+    return mk.backward(h, scale, rstd, dy, dh, plan=p,
+                       offset=_offset(norm, arith), has_bias=has_bias,
+                       arith=arith)

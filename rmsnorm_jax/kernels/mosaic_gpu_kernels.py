@@ -18,9 +18,19 @@ chunks of a ``TiledLayout`` with 16-byte (or narrower) vectors per lane:
   shuffles, and the dscale accumulator keeps one row per warp, summed by XLA
   afterwards.
 
-Everything is computed in float32 and rounded once on store. Rows are read
-twice from shared memory (the statistic, then the outputs), which keeps the
-registers per thread bounded by the chunk, not by the row width.
+Everything is computed in float32 and rounded once on store, except where
+cast_mode "llama" prescribes intermediate roundings (``Arith``). Rows are
+read twice from shared memory (the statistic, then the outputs; three times
+for a dynamically quantized output: the row's max comes first), which keeps
+the registers per thread bounded by the chunk, not by the row width.
+
+The bias and a static quantization scale are copied into shared memory once
+per CTA, like the scale; dbias accumulates beside dscale (same layout, same
+fixed-order sum of per-CTA partials). The quantized forward follows
+``base.quantize``: per-row ``q_scale = max|y| * float32(1 / qmax)`` (1 for
+a zero row), ``q = y * (1 / q_scale)`` with the reciprocal a correctly
+rounded float32 division, saturated to +-qmax; int8 then rounded half to
+even, float8 converted with round to nearest even.
 
 The global arrays are viewed as ``(rows, hidden // k, k)`` with ``k <= 256``
 columns: tiled TMA boxes have at most 256 elements per dimension.
@@ -37,6 +47,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import numpy as np
 
 _F32 = jnp.float32
 
@@ -152,27 +163,120 @@ def _load_scale(w_g, w_s, bar, has_scale):
     plgpu.barrier_wait(bar)
 
 
-def _scale_chunk(cast, w_s, cols, offset, shape, row_scale=False):
+@dataclasses.dataclass(frozen=True)
+class Arith:
+  """The static arithmetic of one call beyond the plain float32 norm.
+
+  Attributes:
+    llama: cast_mode "llama": x_hat rounded to ``xdt``, products and the
+      bias sum rounded to ``pdt`` (``base.Norm.product_dtype``), the
+      backward per ``base.Xla.backward_f32``.
+    xdt: the normalized input's dtype (x, or h with a residual).
+    pdt: the product dtype (float32 outside llama mode).
+    quant_dtype: None, or the dtype of the quantized output.
+    q_static: a static quantization scale is passed (its float32
+      reciprocal, computed by XLA as ``base.quantize`` does).
+  """
+
+  llama: bool = False
+  xdt: object = None
+  pdt: object = None
+  quant_dtype: object = None
+  q_static: bool = False
+
+  def round(self, v, dtype):
+    """float32 ``v`` rounded to ``dtype`` and back (nothing for float32)."""
+    if dtype is None or jnp.dtype(dtype).itemsize >= 4:
+      return v
+    return v.astype(dtype).astype(_F32)
+
+  def weight(self, w, offset):
+    """``scale + offset`` as the cast mode computes it (float32 values);
+    in llama mode ``offset`` is already rounded to pdt."""
+    if not offset:
+      return w
+    w = w + offset
+    return self.round(w, self.pdt) if self.llama else w
+
+  def bias(self, b):
+    return self.round(b, self.pdt) if self.llama else b
+
+  @property
+  def qmax(self) -> float:
+    return _QUANT_MAX[jnp.dtype(self.quant_dtype).name]
+
+  @property
+  def inverse_qmax(self) -> float:
+    """float32 ``1 / qmax``: the dynamic scale's multiplier."""
+    return float(np.float32(1.0) / np.float32(self.qmax))
+
+  def quantize(self, y, inv):
+    """q from float32 ``y`` and the row's float32 reciprocal scale:
+    ``y * inv`` saturated to +-qmax (int8: then rounded half to even), in
+    quant_dtype (the float8 cast rounds to nearest even)."""
+    q = self.qmax
+    v = jnp.minimum(jnp.maximum(y * inv, -q), q)
+    if jnp.dtype(self.quant_dtype) == jnp.dtype(jnp.int8):
+      # Adding 1.5 * 2**23 rounds |v| <= 127 to an integer, half to even
+      # (float32 addition rounds to nearest even, and the sum's ulp is 1);
+      # the sum's low byte is that integer in two's complement. A round
+      # and a float to int8 conversion took 2.5x the time of the Triton
+      # kernel's int8 forward on an H200 (8192x4096 bf16: 76.1 us against
+      # 29.7).
+      bits = lax.bitcast_convert_type(v + _ROUND_INT, jnp.int32)
+      return bits.astype(jnp.int8)
+    return v.astype(self.quant_dtype)
+
+
+FLOAT32 = Arith()
+_ROUND_INT = 1.5 * 2.0**23
+# The static quantization reciprocal is copied in as this many float32
+# copies: a copy moves a multiple of 128 bytes (one per thread).
+_QI_LEN = 32
+
+# Largest finite magnitude of each quantized dtype (base.QUANT_MAX).
+_QUANT_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+
+
+def _scale_chunk(cast, w_s, cols, offset, shape, row_scale=False,
+                 arith=FLOAT32):
+  """The scale (+ offset) of columns ``cols``, broadcast to ``shape``."""
   if w_s is None:
     return None
   if row_scale:
     # w_s is (1, hidden): read straight into the full layout of one row.
     w = plgpu.load(w_s, (slice(None), cols), layout=cast.full,
                    optimized=False).astype(_F32)
-    return w + offset if offset else w
+    return arith.weight(w, offset)
   # A float32 scale beside 16-bit rows makes 32-byte vectors, which only
   # the unoptimized transfer path takes.
   w = plgpu.load(w_s, (cols,), layout=cast.col, optimized=False).astype(_F32)
-  if offset:
-    w = w + offset
-  return cast.cols_b(w, shape)
+  return cast.cols_b(arith.weight(w, offset), shape)
+
+
+def _unfused(v):
+  """``v`` unchanged, through an instruction the compiler cannot see into.
+
+  The llama order rounds ``x_hat * w`` before adding the bias. The compiler
+  otherwise contracts the product and the sum into one fused multiply-add
+  (in 16-bit product dtypes, after narrowing both to bfloat16 or float16
+  arithmetic, which is exact on its own): seen on an H200 as 28% of
+  bfloat16 outputs one ulp off Hugging Face's order. Mosaic emits float32
+  ``min`` as inline PTX, which neither LLVM nor ptxas fuses across.
+  """
+  return jnp.minimum(v, jnp.inf)
+
+
+def _take(it, flag):
+  return next(it) if flag else None
 
 
 # ---------------------------------------------------------------- forward --
 
 def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
-            out_dtype):
-  """Runs the forward kernel.
+            out_dtype, bias=None, arith: Arith = FLOAT32,
+            quant_inverse=None):
+  """Runs the forward kernel (plain, fused residual, quantized).
 
   Args:
     x: (rows, hidden) float32/bfloat16/float16.
@@ -180,17 +284,31 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
       normalized and returned.
     scale: None or (hidden,) float32/bfloat16/float16.
     plan: from ``mosaic_gpu.plan``.
+    bias: None or (hidden,), added after the scale.
+    arith: the cast mode and quantization (``Arith``); with
+      ``arith.quant_dtype`` set the output is quantized and ``out_dtype``
+      is ignored.
+    quant_inverse: static quantization only: the float32 reciprocal of the
+      static scale (a scalar).
 
   Returns:
-    ``(y, rstd)`` or ``(y, h, rstd)``; rstd float32 (rows,).
+    ``(y, rstd)`` or ``(y, h, rstd)``; rstd float32 (rows,). Quantized, y
+    is q in ``arith.quant_dtype`` and rstd is replaced by the per-row
+    float32 quantization scale (dynamic; with a static scale, rstd).
   """
   rows, hidden = x.shape
   has_res, has_scale = residual is not None, scale is not None
+  has_bias = bias is not None
+  quant = arith.quant_dtype is not None
+  q_static = quant and arith.q_static
+  if q_static and quant_inverse is None:
+    raise ValueError("a static quantization needs quant_inverse.")
   k = plan.k
   # Each CTA stores its rows' rstd as one piece at the end; the pieces are
   # 16-byte multiples, so the array is padded to a multiple of 4 rows.
   rows_pad = -(-rows // 4) * 4
-  out_types = [jax.ShapeDtypeStruct((rows, hidden // k, k), out_dtype)]
+  y_dtype = arith.quant_dtype if quant else out_dtype
+  out_types = [jax.ShapeDtypeStruct((rows, hidden // k, k), y_dtype)]
   if has_res:
     out_types.append(
         jax.ShapeDtypeStruct((rows, hidden // k, k), residual.dtype))
@@ -199,22 +317,35 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
   n_in = len(inputs)
   scratch = [plgpu.SMEM((hidden,) if has_scale else (128,),
                         scale.dtype if has_scale else _F32),
-             plgpu.Barrier(),
-             plgpu.SMEM((plan.cta_rows,), _F32)]
+             plgpu.Barrier()]
+  if has_bias:
+    scratch += [plgpu.SMEM((hidden,), bias.dtype), plgpu.Barrier()]
+  if q_static:
+    scratch += [plgpu.SMEM((_QI_LEN,), _F32), plgpu.Barrier()]
+  scratch.append(plgpu.SMEM((plan.cta_rows,), _F32))
   g_rows, C = plan.group_rows, plan.chunk
   nch = hidden // C
   inv_h = 1.0 / hidden
   res_dtype = residual.dtype if has_res else None
   n_out_blk = 1 + has_res
+  llama = arith.llama
 
   def kernel(*refs):
     cast = _Cast(plan)
-    in_g = refs[:n_in]
-    w_g = refs[n_in] if has_scale else None
-    o_g = refs[n_in + has_scale:n_in + has_scale + n_out_blk]
-    rstd_g = refs[n_in + has_scale + n_out_blk]
-    w_s, bar, rst_s = refs[-3:]
+    it = iter(refs)
+    in_g = [next(it) for _ in range(n_in)]
+    w_g = _take(it, has_scale)
+    b_g = _take(it, has_bias)
+    qi_g = _take(it, q_static)
+    o_g = [next(it) for _ in range(n_out_blk)]
+    rstd_g = next(it)
+    w_s, bar = next(it), next(it)
+    b_s, bbar = (next(it), next(it)) if has_bias else (None, None)
+    qi_s, qbar = (next(it), next(it)) if q_static else (None, None)
+    rst_s = next(it)
     _load_scale(w_g, w_s, bar, has_scale)
+    _load_scale(b_g, b_s, bbar, has_bias)
+    _load_scale(qi_g, qi_s, qbar, q_static)
     cta = lax.axis_index("cta")
     b0 = cta * plan.steps
     n = jnp.minimum(plan.steps, plan.row_blocks - b0)
@@ -238,18 +369,49 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
             xc = hc.astype(_F32)
           acc = xc * xc if acc is None else acc + xc * xc
         rstd = lax.rsqrt(jnp.sum(acc, axis=1) * inv_h + eps)
-        rst_s[pl.ds(idx[0] * br + g * g_rows, g_rows)] = rstd
         rb = cast.rows_b(rstd, shape)
-        for c in range(nch):
+
+        def output(c):
           cols = pl.ds(c * C, C)
           # h was stored by this same thread in the first loop.
-          xc = cast.load(h2 if has_res else x2, rows_, cols)
-          y = xc * rb
+          y = cast.load(h2 if has_res else x2, rows_, cols) * rb
+          if llama:
+            y = arith.round(y, arith.xdt)
           w = _scale_chunk(cast, w_s if has_scale else None, cols, offset,
-                           shape)
+                           shape, arith=arith)
           if w is not None:
             y = y * w
-          y2[rows_, cols] = y.astype(y2.dtype)
+            if llama:
+              y = arith.round(y, arith.pdt)
+              if has_bias:
+                y = _unfused(y)
+          if has_bias:
+            y = y + arith.bias(_scale_chunk(cast, b_s, cols, 0.0, shape))
+            if llama:
+              y = arith.round(y, arith.pdt)
+          return cols, y
+
+        stat = rstd
+        if quant:
+          if q_static:
+            inv = plgpu.layout_cast(jnp.broadcast_to(qi_s[0], (g_rows,)),
+                                    cast.row)
+          else:
+            # The row's y is computed twice (max, then q) rather than held.
+            amax = None
+            for c in range(nch):
+              m = jnp.max(jnp.abs(output(c)[1]), axis=1)
+              amax = m if amax is None else jnp.maximum(amax, m)
+            stat = jnp.where(amax > 0, amax * arith.inverse_qmax, 1.0)
+            inv = 1.0 / stat
+          ib = cast.rows_b(inv, shape)
+        rst_s[pl.ds(idx[0] * br + g * g_rows, g_rows)] = stat
+        for c in range(nch):
+          cols, y = output(c)
+          if quant:
+            y2[rows_, cols] = arith.quantize(y, ib)
+          else:
+            y2[rows_, cols] = y.astype(y2.dtype)
 
     plgpu.emit_pipeline(body, grid=(n,),
                         in_specs=[_block_spec(plan, b0)] * n_in,
@@ -261,7 +423,10 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
         rst_s, rstd_g.at[pl.ds(cta * plan.cta_rows, plan.cta_rows)])
     plgpu.wait_smem_to_gmem(0)
 
-  args = inputs + ([scale] if has_scale else [])
+  args = inputs + ([scale] if has_scale else []) + (
+      [bias] if has_bias else []) + (
+          [jnp.broadcast_to(jnp.asarray(quant_inverse, _F32).reshape(-1)[:1],
+                            (_QI_LEN,))] if q_static else [])
   outs = plgpu.kernel(
       kernel, out_type=tuple(out_types), scratch_types=scratch,
       grid=(plan.grid,), grid_names=("cta",),
@@ -277,7 +442,8 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
 
 # --------------------------------------------------------------- backward --
 
-def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
+def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
+             has_bias: bool = False, arith: Arith = FLOAT32):
   """Runs the backward kernel.
 
   Args:
@@ -285,41 +451,49 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
     scale: None or (hidden,); rstd: float32 (rows,) from the forward.
     dy: (rows, hidden) cotangent of y; dh: None or the cotangent of h, added
       to dx.
+    has_bias: also return dbias (the float32 column sums of dy, rounded to
+      the product dtype first in llama mode).
+    arith: the cast mode (``Arith``; its quantization fields unused).
 
   Returns:
-    ``(dx in x.dtype, dscale float32 (hidden,) or None)``; dscale is the sum
-    of per-CTA float32 partials in a fixed order (deterministic).
+    ``(dx in x.dtype, dscale float32 (hidden,) or None)``, with
+    ``has_bias`` ``(dx, dscale, dbias float32 (hidden,))``; dscale and dbias
+    are sums of per-CTA float32 partials in a fixed order (deterministic).
   """
   rows, hidden = x.shape
   has_scale, has_dh = scale is not None, dh is not None
+  n_acc = int(has_scale) + int(has_bias)
   k = plan.k
   tr = plan.tile_rows
   if rows % 4:
     # The rstd pieces read into shared memory are 16-byte multiples.
     rstd = jnp.pad(rstd, (0, 4 - rows % 4))
   out_types = [jax.ShapeDtypeStruct((rows, hidden // k, k), x.dtype)]
-  if has_scale:
-    out_types.append(jax.ShapeDtypeStruct((plan.grid * tr, hidden), _F32))
+  if n_acc:
+    # dscale's and dbias' partials in one array: one XLA reduction sums
+    # both.
+    out_types.append(
+        jax.ShapeDtypeStruct((n_acc, plan.grid * tr, hidden), _F32))
   blocks_in = [_view3(x, k), _view3(dy, k)] + (
       [_view3(dh, k)] if has_dh else [])
   n_blk = len(blocks_in)
   inputs = blocks_in + [rstd]
   n_in = len(inputs)
-  # dscale accumulates per column (wide) or per element of a (tr, hidden)
-  # tile (narrow, and one-row groups: Plan.row_scale).
+  # dscale (dbias) accumulates per column (wide) or per element of a
+  # (tr, hidden) tile (narrow, and one-row groups: Plan.row_scale).
   acc2d = plan.kind == "narrow" or plan.row_scale
   acc_shape = (tr, hidden) if acc2d else (hidden,)
   w_shape = (1, hidden) if plan.row_scale else (hidden,)
   scratch = [plgpu.SMEM(w_shape if has_scale else (128,),
                         scale.dtype if has_scale else _F32),
-             plgpu.Barrier(),
-             plgpu.SMEM(acc_shape if has_scale else (128,), _F32),
-             plgpu.SMEM((plan.rstd_load_rows,), _F32),
              plgpu.Barrier()]
+  scratch += [plgpu.SMEM(acc_shape, _F32)] * n_acc
+  scratch += [plgpu.SMEM((plan.rstd_load_rows,), _F32), plgpu.Barrier()]
   g_rows, C = plan.group_rows, plan.chunk
   nch = hidden // C
   inv_h = 1.0 / hidden
-  if plan.kind == "narrow" and has_scale and g_rows != tr:
+  llama = arith.llama
+  if plan.kind == "narrow" and n_acc and g_rows != tr:
     raise ValueError("narrow backward plans hold one layout tile of rows.")
 
   def load_acc(cast, acc_s, cols):
@@ -328,22 +502,33 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
     return plgpu.load(acc_s, (slice(None), cols), layout=cast.full,
                       optimized=False)
 
+  def add_to(cast, acc_s, cols, p):
+    if not acc2d:
+      acc_s[cols] = load_acc(cast, acc_s, cols) + jnp.sum(p, axis=0)
+    else:
+      acc_s[:, cols] = load_acc(cast, acc_s, cols) + p
+
   def kernel(*refs):
     cast = _Cast(plan)
-    in_g = refs[:n_blk]
-    rstd_g = refs[n_blk]
-    w_g = refs[n_in] if has_scale else None
-    dx_g = refs[n_in + has_scale]
-    part_g = refs[n_in + has_scale + 1] if has_scale else None
-    w_s, bar, acc_s, rst_s, rbar = refs[-5:]
+    it = iter(refs)
+    in_g = [next(it) for _ in range(n_blk)]
+    rstd_g = next(it)
+    w_g = _take(it, has_scale)
+    dx_g = next(it)
+    part_g = _take(it, n_acc)
+    w_s, bar = next(it), next(it)
+    accs = [next(it) for _ in range(n_acc)]
+    rst_s, rbar = next(it), next(it)
+    acc_w = accs[0] if has_scale else None
+    acc_b = accs[-1] if has_bias else None
     cta = lax.axis_index("cta")
     # Rows past the array end keep rstd = 0 (their x and dy are zero-filled
-    # too), so they add nothing to dscale; zeros go in before the copy
-    # engine writes the same buffer (commit_smem orders the two).
+    # too), so they add nothing to dscale or dbias; zeros go in before the
+    # copy engine writes the same buffer (commit_smem orders the two).
     for c0 in range(0, plan.rstd_load_rows, 128):
       rst_s[pl.ds(c0, 128)] = jnp.zeros((128,), _F32)
-    if has_scale:
-      # Each thread zeroes exactly the elements it accumulates into later.
+    # Each thread zeroes exactly the elements it accumulates into later.
+    for acc_s in accs:
       for c in range(nch):
         cols = pl.ds(c * C, C)
         if not acc2d:
@@ -376,46 +561,52 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
         else:
           r = plgpu.layout_cast(rst_s[pl.ds(r0, g_rows)], cast.row)
         rb = cast.rows_b(r, shape)
+
+        def grads(cols):
+          """(dy in the product dtype, g = dy * w as dx sees it)."""
+          dyc = cast.load(dy2, rows_, cols)
+          if llama:
+            dyc = arith.round(dyc, arith.pdt)
+          w = _scale_chunk(cast, w_s if has_scale else None, cols, offset,
+                           shape, plan.row_scale, arith)
+          gc = dyc if w is None else dyc * w
+          if llama:
+            # The cotangent passes back through x_hat's rounding to xdt.
+            gc = arith.round(arith.round(gc, arith.pdt), arith.xdt)
+          return dyc, gc
+
         acc = None
         for c in range(nch):
           cols = pl.ds(c * C, C)
-          gc = cast.load(dy2, rows_, cols)
-          w = _scale_chunk(cast, w_s if has_scale else None, cols, offset,
-                           shape, plan.row_scale)
-          if w is not None:
-            gc = gc * w
-          t = gc * cast.load(x2, rows_, cols)
+          t = grads(cols)[1] * cast.load(x2, rows_, cols)
           acc = t if acc is None else acc + t
         # mean(g * xhat) = rstd * mean(g * x): the projection the norm removes.
         proj = cast.rows_b(jnp.sum(acc, axis=1) * r * inv_h, shape)
         for c in range(nch):
           cols = pl.ds(c * C, C)
-          dyc = cast.load(dy2, rows_, cols)
+          dyc, gc = grads(cols)
           xhat = cast.load(x2, rows_, cols) * rb
-          w = _scale_chunk(cast, w_s if has_scale else None, cols, offset,
-                           shape, plan.row_scale)
-          gc = dyc if w is None else dyc * w
           dx = rb * (gc - xhat * proj)
           if has_dh:
             dx = dx + cast.load(dh2, rows_, cols)
           dx2[rows_, cols] = dx.astype(dx2.dtype)
           if has_scale:
-            p = dyc * xhat
-            if not acc2d:
-              acc_s[cols] = load_acc(cast, acc_s, cols) + jnp.sum(p, axis=0)
-            else:
-              acc_s[:, cols] = load_acc(cast, acc_s, cols) + p
+            xs = arith.round(xhat, arith.xdt) if llama else xhat
+            add_to(cast, acc_w, cols, dyc * xs)
+          if has_bias:
+            add_to(cast, acc_b, cols, dyc)
 
     plgpu.emit_pipeline(body, grid=(n,),
                         in_specs=[_block_spec(plan, b0)] * n_blk,
                         out_specs=[_block_spec(plan, b0)],
                         max_concurrent_steps=plan.stages)(*in_g, dx_g)
-    if has_scale:
+    if n_acc:
       plgpu.commit_smem()
-      if not acc2d:
-        plgpu.copy_smem_to_gmem(acc_s, part_g.at[cta])
-      else:
-        plgpu.copy_smem_to_gmem(acc_s, part_g.at[pl.ds(cta * tr, tr)])
+      for i, acc_s in enumerate(accs):
+        if not acc2d:
+          plgpu.copy_smem_to_gmem(acc_s, part_g.at[i, cta])
+        else:
+          plgpu.copy_smem_to_gmem(acc_s, part_g.at[i, pl.ds(cta * tr, tr)])
       plgpu.wait_smem_to_gmem(0)
 
   args = inputs + ([scale.reshape(w_shape)] if has_scale else [])
@@ -424,8 +615,13 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float):
       grid=(plan.grid,), grid_names=("cta",),
       compiler_params=_params(plan))(*args)
   dx = outs[0].reshape(rows, hidden)
-  if not has_scale:
-    return dx, None
-  partials = outs[1]
-  dscale = partials[0] if partials.shape[0] == 1 else jnp.sum(partials, axis=0)
-  return dx, dscale
+  dscale = None
+  if not n_acc:
+    return (dx, None, None) if has_bias else (dx, None)
+  part = outs[1]
+  sums = part[:, 0] if part.shape[1] == 1 else jnp.sum(part, axis=1)
+  if has_scale:
+    dscale = sums[0]
+  if not has_bias:
+    return dx, dscale
+  return dx, dscale, sums[-1]
