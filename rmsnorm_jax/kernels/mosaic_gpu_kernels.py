@@ -254,17 +254,23 @@ def _scale_chunk(cast, w_s, cols, offset, shape, row_scale=False,
   return cast.cols_b(arith.weight(w, offset), shape)
 
 
-def _unfused(v):
-  """``v`` unchanged, through an instruction the compiler cannot see into.
+def _unfused(v, inf):
+  """``v`` unchanged (``min(v, inf)``, ``inf`` a +inf the compiler cannot
+  see as a constant), kept apart from the operation that consumes it.
 
-  The llama order rounds ``x_hat * w`` before adding the bias. The compiler
-  otherwise contracts the product and the sum into one fused multiply-add
-  (in 16-bit product dtypes, after narrowing both to bfloat16 or float16
-  arithmetic, which is exact on its own): seen on an H200 as 28% of
-  bfloat16 outputs one ulp off Hugging Face's order. Mosaic emits float32
-  ``min`` as inline PTX, which neither LLVM nor ptxas fuses across.
+  The bias is added to the rounded product ``x_hat * w``. The compiler may
+  contract the product and the sum into one fused multiply-add, which skips
+  the product's rounding, and need not do so alike in two kernels. On an
+  H200, llama mode with a bfloat16 or float16 product dtype and a bias had
+  28% of its outputs one ulp off Hugging Face's order, exactly the outputs
+  of the order without the product's rounding; and a fused quantized
+  forward with a bias gave one element of 307200 another q than the
+  quantization of the fused forward's float32 y. Mosaic emits float32
+  ``min`` as inline PTX; with a literal +inf the llama outputs stayed the
+  same (the min was presumably folded away), so ``inf`` is computed per row
+  from rstd.
   """
-  return jnp.minimum(v, jnp.inf)
+  return jnp.minimum(v, inf)
 
 
 def _take(it, flag):
@@ -370,6 +376,8 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
           acc = xc * xc if acc is None else acc + xc * xc
         rstd = lax.rsqrt(jnp.sum(acc, axis=1) * inv_h + eps)
         rb = cast.rows_b(rstd, shape)
+        # +inf (rstd > 0) that the compiler cannot fold: see _unfused.
+        row_inf = cast.rows_b(rstd * jnp.inf, shape) if has_bias else None
 
         def output(c):
           cols = pl.ds(c * C, C)
@@ -383,9 +391,8 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
             y = y * w
             if llama:
               y = arith.round(y, arith.pdt)
-              if has_bias:
-                y = _unfused(y)
           if has_bias:
+            y = _unfused(y, row_inf)
             y = y + arith.bias(_scale_chunk(cast, b_s, cols, 0.0, shape))
             if llama:
               y = arith.round(y, arith.pdt)
@@ -617,7 +624,7 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
   dx = outs[0].reshape(rows, hidden)
   dscale = None
   if not n_acc:
-    return (dx, None, None) if has_bias else (dx, None)
+    return dx, None
   part = outs[1]
   sums = part[:, 0] if part.shape[1] == 1 else jnp.sum(part, axis=1)
   if has_scale:
