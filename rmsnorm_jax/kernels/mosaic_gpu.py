@@ -2,7 +2,7 @@
 
 The same five primitives as ``PallasGpu`` (forward, backward, fused residual
 forward and backward, quantized forward), each one pass over its inputs,
-with a bias and in both cast modes, written with
+with or without a bias, written with
 ``jax.experimental.pallas.mosaic_gpu``: persistent CTAs stream row blocks
 through shared memory with TMA (``plgpu.emit_pipeline``), compute in float32
 registers and store back with TMA. Kernel bodies and the layouts are in
@@ -20,7 +20,10 @@ up to 12288 columns, the fused forward up to 6144, the fused backward up to
 9216; for float32 the forward up to 6144, the backward 6656, the fused
 forward 3072, the fused backward 5120. Wider rows (16384 and up) are left to
 ``PallasGpu``. The quantized forward writes 1-byte rows, so it needs hidden
-a multiple of 128. A per-head scale is declined by ``cannot_serve``.
+a multiple of 128, and is planned as the forward with a float32 y (whose
+values it quantizes). ``cannot_serve`` declines a per-head scale (not
+implemented) and cast_mode "llama" (implemented, see ``mk.Arith``, but not
+yet verified on a device: ``LLAMA_UNVERIFIED``).
 """
 
 from __future__ import annotations
@@ -268,8 +271,9 @@ class MosaicGpu(base.Implementation):
   Inputs: x (and residual) float32, bfloat16 or float16, 2-D
   ``(rows, hidden)``, any rows; hidden as in the module docstring (see
   ``cannot_serve``); scale None or ``(hidden,)`` and bias None or
-  ``(hidden,)`` in any float dtype; cast modes "float32" and "llama";
-  quantized outputs int8, float8_e4m3fn and float8_e5m2.
+  ``(hidden,)`` in any float dtype; quantized outputs int8, float8_e4m3fn
+  and float8_e5m2. The methods also compute cast_mode "llama", which
+  ``cannot_serve`` declines until it is verified on a device.
   Unsupported shapes raise ValueError naming the limit; float64 x raises
   TypeError.
 
@@ -338,7 +342,7 @@ class MosaicGpu(base.Implementation):
     2048x8192 float16 49.2 against 128.7, 16384x1024 bfloat16 38.8 against
     58.7; all arrays in x's dtype), so "auto" takes it on such 16-bit rows
     (AUTO_BIAS_FUSED_BWD_*). The forward, the backward and the fused
-    forward with a bias, and the quantized forward (1.1-2.3x the Triton
+    forward with a bias, and the quantized forward (1.1-2.2x the Triton
     kernel's time) stay with Triton.
     """
     x_dt = np.dtype(call.dtype)
