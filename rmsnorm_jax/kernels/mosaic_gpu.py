@@ -21,14 +21,15 @@ up to 12288 columns, the fused forward up to 6144, the fused backward up to
 forward 3072, the fused backward 5120. Wider rows (16384 and up) are left to
 ``PallasGpu``. The quantized forward writes 1-byte rows, so it needs hidden
 a multiple of 128, and is planned as the forward with a float32 y (whose
-values it quantizes). ``cannot_serve`` declines a per-head scale (not
-implemented) and cast_mode "llama" (implemented, see ``mk.Arith``, but not
-yet verified on a device: ``LLAMA_UNVERIFIED``).
+values it quantizes). ``cannot_serve`` declines a per-head scale and
+cast_mode "llama": both implemented (``Plan.head_rows``, ``mk.Arith``), not
+yet verified on a device (``PER_HEAD_UNVERIFIED``, ``LLAMA_UNVERIFIED``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
@@ -91,7 +92,7 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
          sms: int, block_rows: int | None = None, stages: int | None = None,
          grid: int | None = None, has_scale: bool = True,
          scale_size: int = 4, bias_size: int = 0,
-         copy_size: int | None = None) -> mk.Plan:
+         copy_size: int | None = None, heads: int = 1) -> mk.Plan:
   """Chooses the launch for one kernel call.
 
   Args:
@@ -106,6 +107,9 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
     copy_size: the itemsize of an array copied narrower than its size in
       ``out_sizes`` (a quantized output planned as the float32 y it
       replaces, so that its row sums run in the same order).
+    heads: scale rows of a per-head scale (1 otherwise): the scale is tiled
+      to ``Plan.head_rows`` rows, a multiple of heads and of the row
+      groups, and every block starts at head 0.
 
   Raises:
     ValueError: the shape cannot be served (the message says why).
@@ -136,12 +140,22 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
   tile_rows = 1 if layout == "wide" else 4
   row_bytes_in = hidden * sum(in_sizes)
   row_bytes_out = hidden * sum(out_sizes)
+  # Per-head: the tiled scale's rows; blocks are whole multiples of them.
+  head_rows = 1 if heads <= 1 else math.lcm(int(heads), 4)
+  if head_rows > MAX_BOX:
+    raise ValueError(f"heads={heads} need blocks of {head_rows} rows, more "
+                     f"than a copy's {MAX_BOX}.")
   if block_rows is None:
     br = _pow2_floor(max(1, STAGE_IN_BYTES // row_bytes_in))
     br = min(br, MAX_BOX, _pow2_floor(rows) if rows < MAX_BOX else MAX_BOX)
     br = max(br, tile_rows)
+    if head_rows > 1:
+      br = max(head_rows, br // head_rows * head_rows)
   else:
     br = block_rows
+    if br % head_rows:
+      raise ValueError(f"block_rows={br} must be a multiple of {head_rows} "
+                       f"for heads={heads}.")
   group = min(4, br) if layout == "wide" else tile_rows
   if br % group or br > MAX_BOX:
     raise ValueError(f"block_rows={br} must be a multiple of {group} and at "
@@ -170,15 +184,20 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
 
   def fit(br):
     g, steps = layout_grid(br)
-    fixed = (hidden * scale_size * has_scale + REDUCTION_SCRATCH
+    fixed = (hidden * scale_size * has_scale * head_rows + REDUCTION_SCRATCH
              + 4 * (steps * br + 128))
     if kind == "bwd":
-      fixed += 4 * hidden * tile_rows * n_acc
+      fixed += 4 * hidden * max(tile_rows, head_rows) * n_acc
     else:
       fixed += hidden * bias_size
     return (SMEM_BUDGET - fixed) // (br * (row_bytes_in + row_bytes_out))
 
-  while block_rows is None and br > group and fit(br) < MIN_STAGES:
+  if head_rows > 1:
+    # Blocks stay whole multiples of the tiled scale's rows.
+    while block_rows is None and br > head_rows and fit(br) < MIN_STAGES:
+      br = max(head_rows, br // 2 // head_rows * head_rows)
+  while (block_rows is None and head_rows == 1 and br > group
+         and fit(br) < MIN_STAGES):
     br //= 2
   if (block_rows is None and kind == "bwd" and n_acc and br == 1
       and rows >= 2 and fit(2) >= MIN_STAGES):
@@ -201,7 +220,7 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
   g, steps = layout_grid(br)
   return mk.Plan(rows=rows, hidden=hidden, block_rows=br, group_rows=group,
                  chunk=chunk, vec=vec, kind=layout, lanes=lanes, stages=st,
-                 grid=g, steps=steps, k=k)
+                 grid=g, steps=steps, k=k, head_rows=head_rows)
 
 
 # base.Call.op -> the op names of ``shape_reason``.
@@ -209,15 +228,17 @@ _OPS = {"forward": "fwd", "backward": "bwd",
         "residual_forward": "residual_fwd",
         "residual_backward": "residual_bwd",
         "quantized_forward": "quantized_fwd"}
-# The features of kernels/common.py FEATURES served; cannot_serve declines a
-# call needing any other (the per-head scale), and cast_mode "llama", which
-# the kernels implement but which has not passed on a device yet
-# (LLAMA_UNVERIFIED).
+# The features of kernels/common.py FEATURES served; cannot_serve declines
+# the others, cast_mode "llama" and the per-head scale, which the kernels
+# implement but which have not passed on a device yet (LLAMA_UNVERIFIED,
+# PER_HEAD_UNVERIFIED).
 IMPLEMENTED = frozenset(("bias", "quantized"))
 LLAMA_UNVERIFIED = (
     "cast_mode='llama' is implemented but not yet verified on Hopper: an "
     "H200 run gave 28% of 16-bit outputs with a bias one ulp off the llama "
     "order, and the fix (docs/mosaic_gpu.md) has not run on a device")
+PER_HEAD_UNVERIFIED = (
+    "a per-head scale is implemented but has not run on a device yet")
 # backend="auto" takes the fused residual backward with a bias where it
 # measured faster than the Triton kernel (auto_declines): 16-bit rows of
 # AUTO_BIAS_FUSED_BWD_COLS columns (a multiple of 1024, the wide layout), at
@@ -243,6 +264,28 @@ def _f32_if_wide(a):
 def _kernel_dtype(dt):
   dt = np.dtype(dt)
   return np.dtype(jnp.float32) if dt == np.dtype(np.float64) else dt
+
+
+def _heads(scale) -> int:
+  """Scale rows of a per-head ``(heads, hidden)`` scale; 1 otherwise."""
+  return 1 if scale is None or scale.ndim == 1 else int(scale.shape[0])
+
+
+def _kernel_scale(scale, p: mk.Plan):
+  """The scale as the kernels read it: ``(hidden,)``, or a per-head scale
+  tiled to ``(p.head_rows, hidden)`` (a ``(1, hidden)`` one flattened)."""
+  if scale is None or scale.ndim == 1:
+    return scale
+  if p.head_rows == 1:
+    return scale.reshape(-1)
+  return jnp.tile(scale, (p.head_rows // scale.shape[0], 1))
+
+
+def _scale_shaped(outs, scale):
+  """The backward's outputs with dscale in scale's shape."""
+  if outs[1] is None or outs[1].shape == scale.shape:
+    return outs
+  return (outs[0], outs[1].reshape(scale.shape), *outs[2:])
 
 
 def _arith(norm: base.Norm, x_dtype, scale, quant_static=False) -> mk.Arith:
@@ -272,8 +315,9 @@ class MosaicGpu(base.Implementation):
   ``(rows, hidden)``, any rows; hidden as in the module docstring (see
   ``cannot_serve``); scale None or ``(hidden,)`` and bias None or
   ``(hidden,)`` in any float dtype; quantized outputs int8, float8_e4m3fn
-  and float8_e5m2. The methods also compute cast_mode "llama", which
-  ``cannot_serve`` declines until it is verified on a device.
+  and float8_e5m2. The methods also compute cast_mode "llama" and a
+  per-head ``(heads, hidden)`` scale (rows a multiple of heads), which
+  ``cannot_serve`` declines until they are verified on a device.
   Unsupported shapes raise ValueError naming the limit; float64 x raises
   TypeError.
 
@@ -293,7 +337,7 @@ class MosaicGpu(base.Implementation):
   num_sms: int | None = None
 
   def _plan(self, kind, rows, hidden, in_dtypes, out_dtypes, scale,
-            bias=None, copy_size=None):
+            bias=None, copy_size=None, has_bias=None):
     return plan(kind, rows, hidden,
                 in_sizes=[_itemsize(d) for d in in_dtypes],
                 out_sizes=[_itemsize(d) for d in out_dtypes],
@@ -301,17 +345,20 @@ class MosaicGpu(base.Implementation):
                 stages=self.stages, grid=self.grid,
                 has_scale=scale is not None,
                 scale_size=4 if scale is None else _itemsize(scale.dtype),
-                bias_size=0 if bias is None else _itemsize(bias.dtype),
-                copy_size=copy_size)
+                bias_size=(0 if bias is None else _itemsize(bias.dtype))
+                if has_bias is None else 4 * bool(has_bias),
+                copy_size=copy_size, heads=_heads(scale))
 
   def cannot_serve(self, call: base.Call) -> str | None:
     """Why the kernels cannot compute ``call`` (a base.Call), or None."""
     reason = common.not_implemented(self.name, call, SUPPORTED_DTYPES,
-                                    IMPLEMENTED | {"llama"})
+                                    IMPLEMENTED | {"llama", "per_head"})
     if reason is not None:
       return reason
     if call.norm.cast_mode == "llama":
       return f"{self.name}: {LLAMA_UNVERIFIED}"
+    if len(call.scale_shape) == 2:
+      return f"{self.name}: {PER_HEAD_UNVERIFIED}"
     cc = _visible_compute_capability()
     if cc is not None and not cc.startswith("9"):
       return (f"{self.name} targets Hopper (compute capability 9.x); the "
@@ -322,7 +369,8 @@ class MosaicGpu(base.Implementation):
         int(call.rows), int(call.hidden), call.dtype, _OPS[call.op],
         has_bias=call.has_bias,
         scale_dtype=call.scale_dtype if call.scale_shape else None,
-        out_dtype=call.norm.out_dtype)
+        out_dtype=call.norm.out_dtype,
+        heads=call.scale_shape[0] if len(call.scale_shape) == 2 else 1)
 
   def auto_declines(self, call: base.Call) -> str | None:
     """Where the Triton kernels (``PallasGpu``) measured faster.
@@ -387,7 +435,8 @@ class MosaicGpu(base.Implementation):
 
   def shape_reason(self, rows: int, hidden: int, dtype,
                    op: str = "all", *, has_bias: bool = False,
-                   scale_dtype=None, out_dtype=None) -> str | None:
+                   scale_dtype=None, out_dtype=None,
+                   heads: int = 1) -> str | None:
     """Why the kernels cannot run this shape, or None when they can.
 
     Args:
@@ -398,6 +447,7 @@ class MosaicGpu(base.Implementation):
         tell apart) or "all" (each).
       has_bias: with a bias (judged at 4 bytes an element).
       scale_dtype, out_dtype: default to dtype (y's dtype is dy's too).
+      heads: scale rows of a per-head scale (1 otherwise).
     """
     if np.dtype(dtype) not in SUPPORTED_DTYPES:
       return f"dtype {np.dtype(dtype).name} is not float32/bfloat16/float16"
@@ -419,7 +469,8 @@ class MosaicGpu(base.Implementation):
         try:
           plan(kind, rows, hidden, in_sizes=ins, out_sizes=outs,
                sms=DEFAULT_NUM_SMS, scale_size=w, bias_size=bias_size,
-               copy_size=1 if name == "quantized_fwd" else None)
+               copy_size=1 if name == "quantized_fwd" else None,
+               heads=heads)
         except ValueError as e:
           return f"{name}: {e}"
     return None
@@ -482,7 +533,8 @@ class MosaicGpu(base.Implementation):
     ins = [x.dtype] + ([] if residual is None else [residual.dtype])
     outs_dt = [np.float32] + ([] if residual is None else [residual.dtype])
     p = self._plan("fwd", *x.shape, ins, outs_dt, scale, bias, copy_size=1)
-    outs = mk.forward(x, residual, scale, plan=p, eps=norm.eps,
+    outs = mk.forward(x, residual, _kernel_scale(scale, p), plan=p,
+                      eps=norm.eps,
                       offset=_offset(norm, arith), out_dtype=None,
                       bias=bias, arith=arith, quant_inverse=inv)
     q, stat = outs[0], outs[-1]
@@ -509,7 +561,7 @@ class MosaicGpu(base.Implementation):
     arith = _arith(norm, x.dtype, scale)
     odt = _kernel_dtype(out_dtype)
     p = self._plan("fwd", *x.shape, [x.dtype], [odt], scale, bias)
-    y, rstd = mk.forward(x, None, scale, plan=p, eps=eps,
+    y, rstd = mk.forward(x, None, _kernel_scale(scale, p), plan=p, eps=eps,
                          offset=_offset(norm, arith), out_dtype=odt,
                          bias=bias, arith=arith)
     return y.astype(out_dtype), rstd
@@ -522,16 +574,12 @@ class MosaicGpu(base.Implementation):
     scale, dy = _f32_if_wide(scale), _f32_if_wide(dy)
     norm = base.Norm(eps=1e-6, scale_offset=scale_offset, cast_mode=cast_mode)
     arith = _arith(norm, x.dtype, scale)
-    p = plan("bwd", *x.shape,
-             in_sizes=[_itemsize(x.dtype), _itemsize(dy.dtype)],
-             out_sizes=[_itemsize(x.dtype)], sms=self.num_sms or _num_sms(),
-             block_rows=self.block_rows, stages=self.stages, grid=self.grid,
-             has_scale=scale is not None,
-             scale_size=4 if scale is None else _itemsize(scale.dtype),
-             bias_size=4 if has_bias else 0)
-    return mk.backward(x, scale, rstd, dy, None, plan=p,
+    p = self._plan("bwd", *x.shape, [x.dtype, dy.dtype], [x.dtype], scale,
+                   has_bias=has_bias)
+    outs = mk.backward(x, _kernel_scale(scale, p), rstd, dy, None, plan=p,
                        offset=_offset(norm, arith), has_bias=has_bias,
-                       arith=arith)
+                       arith=arith, heads=_heads(scale))
+    return _scale_shaped(outs, scale)
 
   def residual_forward_kernel(self, x, residual, scale, *, eps, scale_offset,
                               out_dtype, bias=None, cast_mode="float32"):
@@ -544,7 +592,8 @@ class MosaicGpu(base.Implementation):
     odt = _kernel_dtype(out_dtype)
     p = self._plan("fwd", *x.shape, [x.dtype, residual.dtype],
                    [odt, residual.dtype], scale, bias)
-    y, h, rstd = mk.forward(x, residual, scale, plan=p, eps=eps,
+    y, h, rstd = mk.forward(x, residual, _kernel_scale(scale, p), plan=p,
+                            eps=eps,
                             offset=_offset(norm, arith), out_dtype=odt,
                             bias=bias, arith=arith)
     return y.astype(out_dtype), h, rstd
@@ -558,14 +607,9 @@ class MosaicGpu(base.Implementation):
     scale, dy, dh = _f32_if_wide(scale), _f32_if_wide(dy), _f32_if_wide(dh)
     norm = base.Norm(eps=1e-6, scale_offset=scale_offset, cast_mode=cast_mode)
     arith = _arith(norm, h.dtype, scale)
-    p = plan("bwd", *h.shape,
-             in_sizes=[_itemsize(h.dtype), _itemsize(dy.dtype),
-                       _itemsize(dh.dtype)],
-             out_sizes=[_itemsize(h.dtype)], sms=self.num_sms or _num_sms(),
-             block_rows=self.block_rows, stages=self.stages, grid=self.grid,
-             has_scale=scale is not None,
-             scale_size=4 if scale is None else _itemsize(scale.dtype),
-             bias_size=4 if has_bias else 0)
-    return mk.backward(h, scale, rstd, dy, dh, plan=p,
+    p = self._plan("bwd", *h.shape, [h.dtype, dy.dtype, dh.dtype],
+                   [h.dtype], scale, has_bias=has_bias)
+    outs = mk.backward(h, _kernel_scale(scale, p), rstd, dy, dh, plan=p,
                        offset=_offset(norm, arith), has_bias=has_bias,
-                       arith=arith)
+                       arith=arith, heads=_heads(scale))
+    return _scale_shaped(outs, scale)

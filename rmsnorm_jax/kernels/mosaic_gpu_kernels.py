@@ -68,6 +68,10 @@ class Plan:
     grid: CTAs; steps: row blocks per CTA (``steps * block_rows`` is a
       multiple of 4: each CTA's rstd moves as one piece of 16-byte units).
     k: minor dimension of the 3-D global view (<= 256).
+    head_rows: rows of a per-head scale tiled so that row group ``g`` of
+      every block uses rows ``[(g * group_rows) % head_rows, ...)`` of it
+      (a multiple of the heads and of ``group_rows``; ``block_rows`` is a
+      multiple of it); 1 without a per-head scale.
   """
 
   rows: int
@@ -82,6 +86,7 @@ class Plan:
   grid: int
   steps: int
   k: int
+  head_rows: int = 1
 
   @property
   def row_blocks(self) -> int:
@@ -239,13 +244,18 @@ _QUANT_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
 
 
 def _scale_chunk(cast, w_s, cols, offset, shape, row_scale=False,
-                 arith=FLOAT32):
-  """The scale (+ offset) of columns ``cols``, broadcast to ``shape``."""
+                 arith=FLOAT32, rows=None):
+  """The scale (+ offset) of columns ``cols``, broadcast to ``shape``.
+
+  ``rows``: a per-head scale's rows for the group (``Plan.head_rows``).
+  """
   if w_s is None:
     return None
-  if row_scale:
-    # w_s is (1, hidden): read straight into the full layout of one row.
-    w = plgpu.load(w_s, (slice(None), cols), layout=cast.full,
+  if row_scale or rows is not None:
+    # w_s is (1, hidden), or a per-head (head_rows, hidden): read straight
+    # into the full layout of the group's rows.
+    sel = slice(None) if rows is None else rows
+    w = plgpu.load(w_s, (sel, cols), layout=cast.full,
                    optimized=False).astype(_F32)
     return arith.weight(w, offset)
   # A float32 scale beside 16-bit rows makes 32-byte vectors, which only
@@ -321,7 +331,13 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
   out_types.append(jax.ShapeDtypeStruct((rows_pad,), _F32))
   inputs = [_view3(x, k)] + ([_view3(residual, k)] if has_res else [])
   n_in = len(inputs)
-  scratch = [plgpu.SMEM((hidden,) if has_scale else (128,),
+  per_head = plan.head_rows > 1
+  if per_head and (not has_scale or scale.shape != (plan.head_rows, hidden)):
+    raise ValueError(
+        f"a per-head plan takes the scale tiled to ({plan.head_rows}, "
+        f"{hidden}); got {None if scale is None else scale.shape}.")
+  w_shape = (plan.head_rows, hidden) if per_head else (hidden,)
+  scratch = [plgpu.SMEM(w_shape if has_scale else (128,),
                         scale.dtype if has_scale else _F32),
              plgpu.Barrier()]
   if has_bias:
@@ -378,6 +394,9 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
         rb = cast.rows_b(rstd, shape)
         # +inf (rstd > 0) that the compiler cannot fold: see _unfused.
         row_inf = cast.rows_b(rstd * jnp.inf, shape) if has_bias else None
+        # Blocks start at head 0 (Plan.head_rows).
+        head_sel = pl.ds((g * g_rows) % plan.head_rows, g_rows) \
+            if per_head else None
 
         def output(c):
           cols = pl.ds(c * C, C)
@@ -386,7 +405,7 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
           if llama:
             y = arith.round(y, arith.xdt)
           w = _scale_chunk(cast, w_s if has_scale else None, cols, offset,
-                           shape, arith=arith)
+                           shape, arith=arith, rows=head_sel)
           if w is not None:
             y = y * w
             if llama:
@@ -450,7 +469,7 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
 # --------------------------------------------------------------- backward --
 
 def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
-             has_bias: bool = False, arith: Arith = FLOAT32):
+             has_bias: bool = False, arith: Arith = FLOAT32, heads: int = 1):
   """Runs the backward kernel.
 
   Args:
@@ -461,6 +480,9 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     has_bias: also return dbias (the float32 column sums of dy, rounded to
       the product dtype first in llama mode).
     arith: the cast mode (``Arith``; its quantization fields unused).
+    heads: with a per-head plan (``Plan.head_rows`` > 1), scale is the
+      ``(heads, hidden)`` scale tiled to ``(head_rows, hidden)``, and
+      dscale is returned folded to ``(heads, hidden)``.
 
   Returns:
     ``(dx in x.dtype, dscale float32 (hidden,) or None)``, with
@@ -479,8 +501,9 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
   if n_acc:
     # dscale's and dbias' partials in one array: one XLA reduction sums
     # both.
-    out_types.append(
-        jax.ShapeDtypeStruct((n_acc, plan.grid * tr, hidden), _F32))
+    out_types.append(jax.ShapeDtypeStruct(
+        (n_acc, plan.grid * (plan.head_rows if plan.head_rows > 1 else tr),
+         hidden), _F32))
   blocks_in = [_view3(x, k), _view3(dy, k)] + (
       [_view3(dh, k)] if has_dh else [])
   n_blk = len(blocks_in)
@@ -489,8 +512,16 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
   # dscale (dbias) accumulates per column (wide) or per element of a
   # (tr, hidden) tile (narrow, and one-row groups: Plan.row_scale).
   acc2d = plan.kind == "narrow" or plan.row_scale
-  acc_shape = (tr, hidden) if acc2d else (hidden,)
-  w_shape = (1, hidden) if plan.row_scale else (hidden,)
+  per_head = plan.head_rows > 1
+  # Partial rows per CTA: a tile's, or the tiled per-head scale's.
+  acc_rows = plan.head_rows if per_head else tr
+  acc_shape = (acc_rows, hidden) if acc2d or per_head else (hidden,)
+  w_shape = ((plan.head_rows, hidden) if per_head
+             else (1, hidden) if plan.row_scale else (hidden,))
+  if per_head and (not has_scale or scale.shape != w_shape):
+    raise ValueError(
+        f"a per-head plan takes the scale tiled to {w_shape}; got "
+        f"{None if scale is None else scale.shape}.")
   scratch = [plgpu.SMEM(w_shape if has_scale else (128,),
                         scale.dtype if has_scale else _F32),
              plgpu.Barrier()]
@@ -503,14 +534,20 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
   if plan.kind == "narrow" and n_acc and g_rows != tr:
     raise ValueError("narrow backward plans hold one layout tile of rows.")
 
-  def load_acc(cast, acc_s, cols):
+  def load_acc(cast, acc_s, cols, sel=None):
+    if sel is not None:
+      return plgpu.load(acc_s, (sel, cols), layout=cast.full,
+                        optimized=False)
     if not acc2d:
       return plgpu.load(acc_s, (cols,), layout=cast.col, optimized=False)
     return plgpu.load(acc_s, (slice(None), cols), layout=cast.full,
                       optimized=False)
 
-  def add_to(cast, acc_s, cols, p):
-    if not acc2d:
+  def add_to(cast, acc_s, cols, p, sel=None):
+    if sel is not None:
+      # Per-head: the group's rows of the (head_rows, hidden) tile.
+      acc_s[sel, cols] = load_acc(cast, acc_s, cols, sel) + p
+    elif not acc2d:
       acc_s[cols] = load_acc(cast, acc_s, cols) + jnp.sum(p, axis=0)
     else:
       acc_s[:, cols] = load_acc(cast, acc_s, cols) + p
@@ -538,7 +575,11 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     for acc_s in accs:
       for c in range(nch):
         cols = pl.ds(c * C, C)
-        if not acc2d:
+        if per_head:
+          for h in range(0, plan.head_rows, g_rows):
+            acc_s[pl.ds(h, g_rows), cols] = plgpu.layout_cast(
+                jnp.zeros((g_rows, C), _F32), cast.full)
+        elif not acc2d:
           acc_s[cols] = plgpu.layout_cast(jnp.zeros((C,), _F32), cast.col)
         else:
           acc_s[:, cols] = plgpu.layout_cast(jnp.zeros((tr, C), _F32),
@@ -568,6 +609,9 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
         else:
           r = plgpu.layout_cast(rst_s[pl.ds(r0, g_rows)], cast.row)
         rb = cast.rows_b(r, shape)
+        # Blocks start at head 0 (Plan.head_rows).
+        head_sel = pl.ds((g * g_rows) % plan.head_rows, g_rows) \
+            if per_head else None
 
         def grads(cols):
           """(dy in the product dtype, g = dy * w as dx sees it)."""
@@ -575,7 +619,7 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
           if llama:
             dyc = arith.round(dyc, arith.pdt)
           w = _scale_chunk(cast, w_s if has_scale else None, cols, offset,
-                           shape, plan.row_scale, arith)
+                           shape, plan.row_scale, arith, rows=head_sel)
           gc = dyc if w is None else dyc * w
           if llama:
             # The cotangent passes back through x_hat's rounding to xdt.
@@ -599,9 +643,9 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
           dx2[rows_, cols] = dx.astype(dx2.dtype)
           if has_scale:
             xs = arith.round(xhat, arith.xdt) if llama else xhat
-            add_to(cast, acc_w, cols, dyc * xs)
+            add_to(cast, acc_w, cols, dyc * xs, head_sel)
           if has_bias:
-            add_to(cast, acc_b, cols, dyc)
+            add_to(cast, acc_b, cols, dyc, head_sel)
 
     plgpu.emit_pipeline(body, grid=(n,),
                         in_specs=[_block_spec(plan, b0)] * n_blk,
@@ -610,10 +654,11 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     if n_acc:
       plgpu.commit_smem()
       for i, acc_s in enumerate(accs):
-        if not acc2d:
-          plgpu.copy_smem_to_gmem(acc_s, part_g.at[i, cta])
+        if per_head or acc2d:
+          plgpu.copy_smem_to_gmem(
+              acc_s, part_g.at[i, pl.ds(cta * acc_rows, acc_rows)])
         else:
-          plgpu.copy_smem_to_gmem(acc_s, part_g.at[i, pl.ds(cta * tr, tr)])
+          plgpu.copy_smem_to_gmem(acc_s, part_g.at[i, cta])
       plgpu.wait_smem_to_gmem(0)
 
   args = inputs + ([scale.reshape(w_shape)] if has_scale else [])
@@ -626,6 +671,15 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
   if not n_acc:
     return dx, None
   part = outs[1]
+  if per_head:
+    # (n_acc, grid, head_rows, hidden) summed over CTAs, then over the
+    # copies of each head: a fixed order.
+    sums = jnp.sum(part.reshape(n_acc, plan.grid, plan.head_rows, hidden),
+                   axis=1)
+    dscale = jnp.sum(sums[0].reshape(-1, heads, hidden), axis=0)
+    if not has_bias:
+      return dx, dscale
+    return dx, dscale, jnp.sum(sums[-1], axis=0)
   sums = part[:, 0] if part.shape[1] == 1 else jnp.sum(part, axis=1)
   if has_scale:
     dscale = sums[0]
