@@ -175,7 +175,7 @@ def _serves_or_raise(impl: base.Implementation, call: base.Call):
   reason = impl.cannot_serve(call)
   if reason is not None:
     raise ValueError(f"backend={impl.name!r} cannot serve this call: "
-                     f"{reason}. Use backend='auto' or 'xla'.")
+                     f"{reason.rstrip('.')}. Use backend='auto' or 'xla'.")
 
 
 def explain(backend: Backend = "auto", *, platform: str, shape, dtype,

@@ -34,3 +34,25 @@ MODES = [
 # default configuration, what the public-API tests (tests/test_numerics.py,
 # tests/test_features.py) already run on PallasGpu(interpret=True).
 COMPILED = [m for m in MODES if m.id == "compiled"]
+
+
+def hopper_reason() -> str | None:
+  """Why the Mosaic GPU kernels cannot run here (None on a Hopper GPU)."""
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    return "no CUDA GPU: the Mosaic GPU kernels run on Hopper (sm_90) only"
+  cc = str(getattr(gpus[0], "compute_capability", ""))
+  if not cc.startswith("9"):
+    return f"GPU is compute capability {cc or 'unknown'}, not Hopper (9.x)"
+  return None
+
+
+HOPPER_REASON = hopper_reason()
+
+
+def hopper(test):
+  """Marks a Mosaic GPU device test: selected by ``-m gpu``, skipped off
+  Hopper with the reason."""
+  return pytest.mark.gpu(pytest.mark.skipif(
+      HOPPER_REASON is not None, reason=HOPPER_REASON or "")(test))

@@ -29,31 +29,11 @@ from rmsnorm_jax import reference
 from rmsnorm_jax.kernels import mosaic_gpu as mg
 from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
 
+from gpu_test_util import HOPPER_REASON, hopper
 from numerics_util import assert_close, assert_matches_emulation
 from numerics_util import assert_residual_matches_reference
 from numerics_util import dx_magnitude, outputs_and_vjp, random
 from numerics_util import residual_inputs, rng_for, tol, xla_tol
-
-
-def _hopper_reason():
-  try:
-    gpus = jax.devices("gpu")
-  except RuntimeError:
-    return "no CUDA GPU: the Mosaic GPU kernels run on Hopper (sm_90) only"
-  cc = str(getattr(gpus[0], "compute_capability", ""))
-  if not cc.startswith("9"):
-    return f"GPU is compute capability {cc or 'unknown'}, not Hopper (9.x)"
-  return None
-
-
-_REASON = _hopper_reason()
-_SKIP_UNLESS_HOPPER = pytest.mark.skipif(_REASON is not None,
-                                         reason=_REASON or "")
-
-
-def hopper(test):
-  """Marks a device test: selected by ``-m gpu``, skipped off Hopper."""
-  return pytest.mark.gpu(_SKIP_UNLESS_HOPPER(test))
 
 
 DTYPES = [pytest.param(d, id=np.dtype(d).name)
@@ -249,7 +229,7 @@ def test_cannot_serve_calls():
   quant = base.Norm(eps=1e-6, out_dtype=np.dtype(jnp.float32),
                     quant_dtype=np.dtype(jnp.float8_e4m3fn))
   llama = base.Norm(eps=1e-6, cast_mode="llama")
-  if _REASON is None or "no CUDA GPU" in _REASON:
+  if HOPPER_REASON is None or "no CUDA GPU" in HOPPER_REASON:
     assert impl.cannot_serve(call()) is None
     for op in ("forward", "backward", "residual_forward",
                "residual_backward"):

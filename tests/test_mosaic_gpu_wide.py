@@ -20,32 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import rmsnorm_jax as rj
+from rmsnorm_jax import base
+from rmsnorm_jax import dispatch
 from rmsnorm_jax import reference
+from rmsnorm_jax.kernels import mosaic_gpu as mg
 from rmsnorm_jax.kernels import mosaic_gpu_wide as mw
+from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
 
+from gpu_test_util import hopper
 from numerics_util import assert_close, dx_magnitude, random, rng_for, tol
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
-
-
-def _hopper_reason():
-  try:
-    gpus = jax.devices("gpu")
-  except RuntimeError:
-    return "no CUDA GPU: the Mosaic GPU kernels run on Hopper (sm_90) only"
-  cc = str(getattr(gpus[0], "compute_capability", ""))
-  if not cc.startswith("9"):
-    return f"GPU is compute capability {cc or 'unknown'}, not Hopper (9.x)"
-  return None
-
-
-_REASON = _hopper_reason()
-
-
-def hopper(test):
-  """Marks a device test: selected by ``-m gpu``, skipped off Hopper."""
-  return pytest.mark.gpu(
-      pytest.mark.skipif(_REASON is not None, reason=_REASON or "")(test))
 
 
 def _name(dt):
@@ -229,3 +215,73 @@ def test_dscale_is_deterministic():
   b = fn(x, scale, rstd, dy)
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
   np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+# ------------------------------------------------ through MosaicGpu / auto --
+
+def _call(op, hidden, dtype=BF16, *, scale_dtype=None, **kw):
+  dt = np.dtype(dtype)
+  return base.Call(op=op, rows=4096, hidden=hidden, dtype=dt,
+                   scale_shape=(hidden,), norm=base.Norm(eps=1e-6,
+                                                         out_dtype=dt),
+                   scale_dtype=np.dtype(scale_dtype or dtype), **kw)
+
+
+def test_mosaic_gpu_serves_the_plain_backward_of_wide_rows():
+  impl = MosaicGpu()
+  for hidden, dtype in ((12288, BF16), (16384, BF16), (16384, F16),
+                        (8192, F32)):
+    assert impl.cannot_serve(_call("backward", hidden, dtype)) is None
+    assert mg.wide_backward_reason(4096, hidden, dtype,
+                                   scale_dtype=dtype) is None
+  # Module plans keep what they serve below the wide kernel's widths.
+  assert "plan" in mg.wide_backward_reason(4096, 4096, BF16)
+  # What the wide kernel does not compute stays declined at 16384, with
+  # both reasons.
+  reason = impl.cannot_serve(_call("backward", 16384, has_bias=True))
+  assert "shared memory" in reason and "bias" in reason
+  assert "shared memory" in impl.cannot_serve(
+      _call("backward", 16384, scale_dtype=F32))
+  assert "shared memory" in impl.cannot_serve(
+      _call("residual_backward", 16384))
+
+
+def test_auto_takes_the_wide_backward_where_it_measured_faster():
+  impl = MosaicGpu()
+  for hidden, dtype in ((12288, BF16), (16384, BF16), (16384, F16)):
+    assert impl.auto_declines(_call("backward", hidden, dtype)) is None
+  # A tie with the Triton kernel at 8192 16-bit columns and in float32.
+  assert "8192 columns" in impl.auto_declines(_call("backward", 8192))
+  assert "8192 columns" in impl.auto_declines(_call("backward", 8192, F32))
+
+
+def test_auto_backward_of_wide_rows_lowers_for_cuda():
+  # "auto" runs the forward of 16384 columns on the Triton kernel and the
+  # backward on Mosaic GPU; the module's own plans stop at 12288 16-bit
+  # columns, so the Mosaic GPU kernel in the export is the wide one.
+  s = jax.ShapeDtypeStruct
+  loss = lambda x, w: jnp.sum(rj.rms_norm(x, w).astype(jnp.float32))
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(
+      s((4096, 16384), BF16), s((16384,), BF16)).lower(
+          lowering_platforms=("cuda",))
+  assert "custom_call @mosaic_gpu" in lowered.as_text()
+  assert dispatch.explain("auto", platform="cuda", shape=(4096, 16384),
+                          dtype=BF16, op="backward") == "mosaic_gpu"
+
+
+@hopper
+@pytest.mark.parametrize("rows,hidden,dtype", [(300, 16384, BF16),
+                                               (77, 12288, F16)])
+def test_public_api_backward_matches_float64(rows, hidden, dtype):
+  # Through rms_norm's vjp: backend="mosaic_gpu" explicitly and "auto",
+  # which takes the wide kernel at these widths.
+  x, scale, dy = _case(rows, hidden, dtype, dtype, "public")
+  dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy)
+  for backend in ("mosaic_gpu", "auto"):
+    _, vjp = jax.vjp(jax.jit(lambda x, w: rj.rms_norm(x, w,
+                                                      backend=backend)),
+                     x, scale)
+    dx, dscale = vjp(dy)
+    assert_close(dx, dx_ref, tol(dtype), f"dx {backend}",
+                 dx_magnitude(x, scale, dy))
+    assert_close(dscale, ds_ref, tol(dtype), f"dscale {backend}")

@@ -18,7 +18,11 @@ declined); hidden a multiple of 8 whose rows are whole 128-byte pieces
 memory with two pipeline stages: for 16-bit inputs the forward and backward
 up to 12288 columns, the fused forward up to 6144, the fused backward up to
 9216; for float32 the forward up to 6144, the backward 6656, the fused
-forward 3072, the fused backward 5120. Wider rows (16384 and up) are left to
+forward 3072, the fused backward 5120. The plain backward (no bias, cast
+mode "float32", dy in x's dtype) of 16-bit rows from ``WIDE_BWD_MIN_COLS``
+columns up to 16384, and of float32 rows too wide for the plans here (up to
+8192), runs ``mosaic_gpu_wide.backward``, which carries dscale in registers
+instead of shared memory. Other ops on rows that wide are left to
 ``PallasGpu``. The quantized forward writes 1-byte rows, so it needs hidden
 a multiple of 128, and is planned as the forward with a float32 y (whose
 values it quantizes). ``cannot_serve`` declines a per-head scale and
@@ -40,6 +44,7 @@ from rmsnorm_jax import base
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels import common
 from rmsnorm_jax.kernels import mosaic_gpu_kernels as mk
+from rmsnorm_jax.kernels import mosaic_gpu_wide as mw
 
 SUPPORTED_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16),
                     np.dtype(jnp.float16))
@@ -245,6 +250,17 @@ PER_HEAD_UNVERIFIED = (
 # least AUTO_BIAS_FUSED_BWD_MIN_ROWS rows.
 AUTO_BIAS_FUSED_BWD_COLS = (1024, 8192)
 AUTO_BIAS_FUSED_BWD_MIN_ROWS = 2048
+# The plain backward of 16-bit rows of this many columns or more runs the
+# wide kernel (mosaic_gpu_wide), which keeps dscale in registers: H200, us,
+# wide kernel against this module's plan and the Triton kernel: 4096x8192
+# bf16 57.6-58.9 against 64.4 and 57.0; 4096x12288 bf16 80.5 against 92.8
+# and 136.4; 4096x16384 bf16 110.1 against - (not served) and 146.6.
+WIDE_BWD_MIN_COLS = 8192
+# backend="auto" takes the wide backward from this many 16-bit columns (at
+# 8192 it tied with the Triton kernel, from 12288 it is 20-40% faster; the
+# figures above, and 2048x16384 f16 58.8 against 76.6, 8192x16384 bf16
+# 210.6 against 320.8).
+AUTO_WIDE_BWD_MIN_COLS = 12288
 
 
 def _check_dtype(name: str, a):
@@ -286,6 +302,55 @@ def _scale_shaped(outs, scale):
   if outs[1] is None or outs[1].shape == scale.shape:
     return outs
   return (outs[0], outs[1].reshape(scale.shape), *outs[2:])
+
+
+def wide_backward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
+                         has_scale: bool = True, dy_dtype=None,
+                         plain: bool = True) -> str | None:
+  """Why the backward of this call does not run ``mosaic_gpu_wide``, or
+  None when it does.
+
+  Args:
+    rows, hidden, dtype: x's shape and dtype.
+    scale_dtype, has_scale: the scale's dtype, and whether there is one.
+    dy_dtype: the cotangent's dtype (default dtype).
+    plain: no bias, cast mode "float32" and a 1-D (or no) scale: the only
+      calls the wide kernel computes.
+  """
+  if not plain:
+    return ("the wide backward has no bias, per-head scale or llama cast "
+            "mode")
+  if np.dtype(dy_dtype or dtype) != np.dtype(dtype):
+    return "the wide backward takes dy in x's dtype"
+  reason = mw.shape_reason(rows, hidden, dtype,
+                           scale_dtype=scale_dtype if has_scale else None,
+                           has_scale=has_scale)
+  if reason is not None:
+    return reason
+  if np.dtype(dtype).itemsize == 2 and hidden >= WIDE_BWD_MIN_COLS:
+    return None
+  try:
+    s = _itemsize(dtype)
+    plan("bwd", rows, hidden, in_sizes=[s, s], out_sizes=[s],
+         sms=DEFAULT_NUM_SMS, has_scale=has_scale,
+         scale_size=_itemsize(scale_dtype or dtype))
+  except ValueError:
+    return None  # only the wide kernel serves it
+  return (f"rows of {hidden} columns take this module's backward plan (the "
+          f"wide kernel from {WIDE_BWD_MIN_COLS} 16-bit columns)")
+
+
+def _wide_call_reason(call: base.Call) -> str | None:
+  """``wide_backward_reason`` of a backward ``base.Call``."""
+  try:
+    rows, hidden = int(call.rows), int(call.hidden)
+  except TypeError:
+    return "the shape is not static"
+  return wide_backward_reason(
+      rows, hidden, call.dtype, scale_dtype=call.scale_dtype,
+      has_scale=bool(call.scale_shape), dy_dtype=call.norm.out_dtype,
+      plain=(not call.has_bias and call.norm.cast_mode == "float32"
+             and len(call.scale_shape) < 2))
 
 
 def _arith(norm: base.Norm, x_dtype, scale, quant_static=False) -> mk.Arith:
@@ -365,12 +430,18 @@ class MosaicGpu(base.Implementation):
               f"visible GPU is {cc}")
     if call.op not in _OPS:
       return f"{self.name} has no {call.op}"
-    return self.shape_reason(
+    wide = _wide_call_reason(call) if call.op == "backward" else ""
+    if wide is None:
+      return None
+    reason = self.shape_reason(
         int(call.rows), int(call.hidden), call.dtype, _OPS[call.op],
         has_bias=call.has_bias,
         scale_dtype=call.scale_dtype if call.scale_shape else None,
         out_dtype=call.norm.out_dtype,
         heads=call.scale_shape[0] if len(call.scale_shape) == 2 else 1)
+    if reason is not None and wide:
+      reason = f"{reason.rstrip('.')}; {wide}"
+    return reason
 
   def auto_declines(self, call: base.Call) -> str | None:
     """Where the Triton kernels (``PallasGpu``) measured faster.
@@ -392,6 +463,10 @@ class MosaicGpu(base.Implementation):
     (AUTO_BIAS_FUSED_BWD_*). The forward, the backward and the fused
     forward with a bias, and the quantized forward (1.1-2.2x the Triton
     kernel's time) stay with Triton.
+
+    The plain backward of 16-bit rows of ``AUTO_WIDE_BWD_MIN_COLS`` columns
+    or more runs the wide kernel, 20-40% faster than Triton there (see
+    ``WIDE_BWD_MIN_COLS``).
     """
     x_dt = np.dtype(call.dtype)
     same_dtypes = (np.dtype(call.scale_dtype or x_dt) == x_dt
@@ -429,6 +504,9 @@ class MosaicGpu(base.Implementation):
       return "backward: hidden is not static"
     vec = 16 // np.dtype(call.dtype).itemsize
     if hidden <= 4096 and hidden % (128 * vec) == 0:
+      return None
+    if (x_dt.itemsize == 2 and hidden >= AUTO_WIDE_BWD_MIN_COLS
+        and _wide_call_reason(call) is None):
       return None
     return (f"backward: on rows of {hidden} columns the Triton kernel "
             "measured faster (docs/mosaic_gpu.md)")
@@ -572,6 +650,15 @@ class MosaicGpu(base.Implementation):
     float32 (hidden,) last with ``has_bias``."""
     _check_dtype("x", x)
     scale, dy = _f32_if_wide(scale), _f32_if_wide(dy)
+    overrides = (self.block_rows, self.stages, self.grid)
+    if all(v is None for v in overrides) and wide_backward_reason(
+        *x.shape, x.dtype, scale_dtype=None if scale is None else scale.dtype,
+        has_scale=scale is not None, dy_dtype=dy.dtype,
+        plain=(not has_bias and cast_mode == "float32"
+               and _heads(scale) == 1 and (scale is None or scale.ndim == 1))
+    ) is None:
+      return mw.backward(x, scale, rstd, dy, scale_offset=scale_offset,
+                         num_sms=self.num_sms)
     norm = base.Norm(eps=1e-6, scale_offset=scale_offset, cast_mode=cast_mode)
     arith = _arith(norm, x.dtype, scale)
     p = self._plan("bwd", *x.shape, [x.dtype, dy.dtype], [x.dtype], scale,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 
 import jax
@@ -50,6 +51,19 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 _F32 = jnp.float32
+
+# jax 0.11 takes a load's index on the reference (``ref.at[idx]``) and
+# warns when it is passed apart; jax 0.10 requires it apart.
+_LOAD_INDEX_APART = (inspect.signature(plgpu.load).parameters["idx"].default
+                     is inspect.Parameter.empty)
+
+
+def load(ref, idx, **kwargs):
+  """``plgpu.load`` of ``ref[idx]``, in the form the installed jax takes
+  without a deprecation warning."""
+  if _LOAD_INDEX_APART:
+    return plgpu.load(ref, idx, **kwargs)
+  return plgpu.load(ref.at[idx], **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,12 +269,12 @@ def _scale_chunk(cast, w_s, cols, offset, shape, row_scale=False,
     # w_s is (1, hidden), or a per-head (head_rows, hidden): read straight
     # into the full layout of the group's rows.
     sel = slice(None) if rows is None else rows
-    w = plgpu.load(w_s, (sel, cols), layout=cast.full,
+    w = load(w_s, (sel, cols), layout=cast.full,
                    optimized=False).astype(_F32)
     return arith.weight(w, offset)
   # A float32 scale beside 16-bit rows makes 32-byte vectors, which only
   # the unoptimized transfer path takes.
-  w = plgpu.load(w_s, (cols,), layout=cast.col, optimized=False).astype(_F32)
+  w = load(w_s, (cols,), layout=cast.col, optimized=False).astype(_F32)
   return cast.cols_b(arith.weight(w, offset), shape)
 
 
@@ -536,11 +550,11 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
 
   def load_acc(cast, acc_s, cols, sel=None):
     if sel is not None:
-      return plgpu.load(acc_s, (sel, cols), layout=cast.full,
+      return load(acc_s, (sel, cols), layout=cast.full,
                         optimized=False)
     if not acc2d:
-      return plgpu.load(acc_s, (cols,), layout=cast.col, optimized=False)
-    return plgpu.load(acc_s, (slice(None), cols), layout=cast.full,
+      return load(acc_s, (cols,), layout=cast.col, optimized=False)
+    return load(acc_s, (slice(None), cols), layout=cast.full,
                       optimized=False)
 
   def add_to(cast, acc_s, cols, p, sel=None):

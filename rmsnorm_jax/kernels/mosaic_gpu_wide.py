@@ -50,6 +50,7 @@ from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import Plan
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import _Cast
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import _view3
+from rmsnorm_jax.kernels.mosaic_gpu_kernels import load
 
 _F32 = jnp.float32
 
@@ -280,7 +281,7 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
       # Read straight into the layout of one row (a column vector broadcast
       # to one row fails jax 0.11's layout inference;
       # mosaic_gpu_kernels.Plan.row_scale).
-      w = plgpu.load(w_s, (pl.ds(c, 1), slice(None)), layout=cast.full,
+      w = load(w_s, (pl.ds(c, 1), slice(None)), layout=cast.full,
                      optimized=False).astype(_F32)
       return w + offset if offset else w
 
