@@ -504,7 +504,17 @@ def test_bias_residual_matches_float64(shape, x_dtype, res_dtype):
   assert_close(dbias, _f64(dy).sum(axis=0), tol(res_dtype), "dbias")
 
 
+# Kernels that cannot_serve declines until they pass on a device: their
+# device tests run and report, without failing the run, until then. An
+# XPASS across a whole device run is the cue to lift the decline (and
+# this mark).
+def _unverified(reason):
+  return pytest.mark.xfail(reason=f"declined by MosaicGpu.cannot_serve: "
+                           f"{reason}", strict=False)
+
+
 @hopper
+@_unverified(mg.LLAMA_UNVERIFIED)
 @pytest.mark.parametrize("shape", _ids(FEATURE_RUN_SHAPES))
 @pytest.mark.parametrize("x_dtype,scale_dtype", [
     (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float16),
@@ -642,6 +652,7 @@ def test_quantized_matches_rule(shape, dtype, qdt, static, with_residual):
 
 
 @hopper
+@_unverified(mg.PER_HEAD_UNVERIFIED)
 @pytest.mark.parametrize("heads", [1, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", DTYPES)
