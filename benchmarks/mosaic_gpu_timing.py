@@ -300,6 +300,52 @@ def _named_jit(fn, name):
   return jax.jit(fn)
 
 
+def device_times(cands, reps, error_chars=300):
+  """Device time per call of each candidate, from one profiler trace.
+
+  Args:
+    cands: ``{key: (fn, arg_sets)}``, each fn from ``_named_jit`` (its name
+      finds its kernels in the trace); a candidate whose warm-up raises is
+      reported and dropped (``cands`` is edited in place).
+    reps: passes over every candidate's argument sets.
+
+  Returns:
+    ``({key: (median us, min, max, kernels per call)}, kernel events)``;
+    the times are None where the trace's kernels do not split into calls.
+  """
+  for key, (fn, args) in list(cands.items()):
+    try:
+      for a in args:
+        jax.block_until_ready(fn(*a))
+    except Exception as e:  # report and go on
+      print(f"  {key}: {type(e).__name__}: {str(e)[:error_chars]}",
+            flush=True)
+      del cands[key]
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    for _ in range(reps):
+      for fn, args in cands.values():
+        for a in args:
+          jax.block_until_ready(fn(*a))
+    jax.profiler.stop_trace()
+    kernels = _trace_kernels(tmp)
+  results = {}
+  for key, (fn, args) in cands.items():
+    tag = f"jit_{fn.__name__}"
+    ev = sorted((k for k in kernels if k["module"] == tag or
+                 k["module"].startswith(tag + ".")), key=lambda k: k["ts"])
+    calls = reps * len(args)
+    if not ev or len(ev) % calls:
+      results[key] = (sum(k["dur"] for k in ev) / calls if ev else None,
+                      None, None, len(ev) / calls)
+      continue
+    per = len(ev) // calls
+    t = [sum(k["dur"] for k in ev[i * per:(i + 1) * per])
+         for i in range(calls)]
+    results[key] = (statistics.median(t), min(t), max(t), per)
+  return results, kernels
+
+
 def _sets(rows, hidden, dtype, n):
   key = jax.random.key(1)
   out = []
@@ -398,35 +444,7 @@ def time_shape(rows, hidden, dtype, reps, ops=OPS):
             h, w, None, r, dy, dh, norm=norm)[:2]
         args = [(s["x"], w, s["rstd"], s["dy"], s["dh"]) for s in sets]
       cands[(op, iname)] = (_named_jit(fn, f"mgt_{op}_{iname}"), args)
-  results = {}
-  for key, (fn, args) in list(cands.items()):
-    try:
-      for a in args:
-        jax.block_until_ready(fn(*a))
-    except Exception as e:  # report and go on
-      print(f"  {key}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-      del cands[key]
-  with tempfile.TemporaryDirectory() as tmp:
-    jax.profiler.start_trace(tmp)
-    for _ in range(reps):
-      for fn, args in cands.values():
-        for a in args:
-          jax.block_until_ready(fn(*a))
-    jax.profiler.stop_trace()
-    kernels = _trace_kernels(tmp)
-  for (op, iname), (fn, args) in cands.items():
-    tag = f"jit_mgt_{op}_{iname}"
-    ev = sorted((k for k in kernels if k["module"] == tag or
-                 k["module"].startswith(tag + ".")), key=lambda k: k["ts"])
-    calls = reps * len(args)
-    if not ev or len(ev) % calls:
-      results[(op, iname)] = (sum(k["dur"] for k in ev) / calls
-                              if ev else None, None, None, len(ev) / calls)
-      continue
-    per = len(ev) // calls
-    t = [sum(k["dur"] for k in ev[i * per:(i + 1) * per])
-         for i in range(calls)]
-    results[(op, iname)] = (statistics.median(t), min(t), max(t), per)
+  results, kernels = device_times(cands, reps)
   if any(v[0] is None for v in results.values()):
     print("  modules in the trace:", sorted({k["module"] for k in kernels})[:20],
           flush=True)

@@ -29,9 +29,7 @@ register report just before the line of the variant that compiled it.
 import argparse
 import math
 import os
-import statistics
 import sys
-import tempfile
 import time
 import traceback
 
@@ -40,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mosaic_gpu_timing import _named_jit, _trace_kernels  # noqa: E402
+from mosaic_gpu_timing import _named_jit, device_times  # noqa: E402
 
 from rmsnorm_jax import base  # noqa: E402
 from rmsnorm_jax.kernels import mosaic_gpu_wide as mw  # noqa: E402
@@ -135,35 +133,7 @@ def time_shape(rows, hidden, dtype, reps, variants):
           + ("" if got[1] is None else f", {_diff('dscale', got[1], want[1])}"),
           flush=True)
     cands[vname] = (fn, args)
-  for key, (fn, a) in list(cands.items()):
-    try:
-      for aa in a:
-        jax.block_until_ready(fn(*aa))
-    except Exception as e:  # report and go on
-      print(f"  {key}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-      del cands[key]
-  with tempfile.TemporaryDirectory() as tmp:
-    jax.profiler.start_trace(tmp)
-    for _ in range(reps):
-      for fn, a in cands.values():
-        for aa in a:
-          jax.block_until_ready(fn(*aa))
-    jax.profiler.stop_trace()
-    kernels = _trace_kernels(tmp)
-  results = {}
-  for name, (fn, a) in cands.items():
-    tag = f"jit_mgw_{name}"
-    ev = sorted((k for k in kernels if k["module"] == tag
-                 or k["module"].startswith(tag + ".")), key=lambda k: k["ts"])
-    calls = reps * len(a)
-    if not ev or len(ev) % calls:
-      results[name] = (sum(k["dur"] for k in ev) / calls if ev else None,
-                       None, None, len(ev) / calls)
-      continue
-    per = len(ev) // calls
-    t = [sum(k["dur"] for k in ev[i * per:(i + 1) * per])
-         for i in range(calls)]
-    results[name] = (statistics.median(t), min(t), max(t), per)
+  results, _ = device_times(cands, reps, error_chars=2000)
   return results, n_sets
 
 

@@ -47,6 +47,14 @@ def _ids(shapes):
   return [pytest.param(s, id="x".join(map(str, s))) for s in shapes]
 
 
+# The fused residual checks: shapes, and (x, residual stream) dtypes.
+RESIDUAL_SHAPES = pytest.mark.parametrize(
+    "shape", _ids([(37, 128), (300, 768), (19, 4096), (1000, 2048)]))
+RESIDUAL_DTYPES = pytest.mark.parametrize("x_dtype,res_dtype", [
+    (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32),
+    (jnp.float32, jnp.float32)], ids=["bf16", "f16+f32", "f32"])
+
+
 # ------------------------------------------------------------- any host --
 
 @pytest.mark.parametrize("shape", _ids([(8192, 4096), (32768, 128),
@@ -391,18 +399,13 @@ def test_norm_matches_float64(shape, dtype, with_scale):
 
 
 @hopper
-@pytest.mark.parametrize("shape", _ids([(37, 128), (300, 768), (19, 4096),
-                                        (1000, 2048)]))
-@pytest.mark.parametrize("x_dtype,res_dtype", [
-    (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32),
-    (jnp.float32, jnp.float32)], ids=["bf16", "f16+f32", "f32"])
+@RESIDUAL_SHAPES
+@RESIDUAL_DTYPES
 def test_residual_matches_float64(shape, x_dtype, res_dtype):
   impl = MosaicGpu()
   # The dispatcher asks cannot_serve with the residual stream's dtype.
-  for op in ("residual_fwd", "residual_bwd"):
-    reason = impl.shape_reason(*shape, res_dtype, op)
-    if reason is not None:
-      pytest.skip(reason)
+  _skip_unserved(impl, shape, res_dtype, ("residual_fwd", "residual_bwd"),
+                 has_bias=False)
   rng = rng_for("res", shape, np.dtype(x_dtype).name, np.dtype(res_dtype).name)
   inputs = residual_inputs(rng, shape, x_dtype, res_dtype)
   x, res, scale, dy, dh = inputs
@@ -477,11 +480,8 @@ def test_bias_matches_float64(shape, dtype):
 
 
 @hopper
-@pytest.mark.parametrize("shape", _ids([(37, 128), (300, 768), (19, 4096),
-                                        (1000, 2048)]))
-@pytest.mark.parametrize("x_dtype,res_dtype", [
-    (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32),
-    (jnp.float32, jnp.float32)], ids=["bf16", "f16+f32", "f32"])
+@RESIDUAL_SHAPES
+@RESIDUAL_DTYPES
 def test_bias_residual_matches_float64(shape, x_dtype, res_dtype):
   impl = MosaicGpu()
   _skip_unserved(impl, shape, res_dtype, ("residual_fwd", "residual_bwd"))
