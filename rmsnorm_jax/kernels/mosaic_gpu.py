@@ -63,8 +63,8 @@ MAX_STAGES = 4
 STAGE_IN_BYTES = 32 * 1024
 # float32 values per thread per register chunk.
 CHUNK_VALUES = 32
-MAX_BOX = 256  # TMA box elements per dimension
-DEFAULT_NUM_SMS = 132
+MAX_BOX = mk.MAX_BOX
+DEFAULT_NUM_SMS = gpu_tiling.DEFAULT_NUM_SMS
 
 
 def _num_sms() -> int:
@@ -173,9 +173,7 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
     chunk *= 2
   # The box's minor dimension is a whole number of 16-byte units of every
   # array (1-byte quantized outputs: 16 columns).
-  k_step = max(8, 16 // min_size)
-  k = hidden if hidden <= MAX_BOX else max(
-      d for d in range(k_step, MAX_BOX + 1, k_step) if hidden % d == 0)
+  k = mk.box_cols(hidden, step=max(8, 16 // min_size))
   n_acc = int(has_scale) + int(bias_size > 0)
 
   def layout_grid(br):
@@ -208,8 +206,7 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
       and rows >= 2 and fit(2) >= MIN_STAGES):
     # Two-row groups where two stages of them fit: the one-row group takes
     # the backward's two-dimensional scale and dscale (dbias) path
-    # (mk.backward),
-    # and two rows a step move more bytes per barrier.
+    # (mk.backward), and two rows a step move more bytes per barrier.
     br = group = 2
   if kind == "fwd" and layout == "wide" and br < 2:
     # A one-row group would need a scalar statistic, which the layouts here
@@ -655,7 +652,7 @@ class MosaicGpu(base.Implementation):
         *x.shape, x.dtype, scale_dtype=None if scale is None else scale.dtype,
         has_scale=scale is not None, dy_dtype=dy.dtype,
         plain=(not has_bias and cast_mode == "float32"
-               and _heads(scale) == 1 and (scale is None or scale.ndim == 1))
+               and (scale is None or scale.ndim == 1))
     ) is None:
       return mw.backward(x, scale, rstd, dy, scale_offset=scale_offset,
                          num_sms=self.num_sms)

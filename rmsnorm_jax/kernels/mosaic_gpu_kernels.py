@@ -139,6 +139,19 @@ class Plan:
         warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1)
 
 
+# Elements per dimension of a tiled TMA box.
+MAX_BOX = 256
+
+
+def box_cols(hidden: int, step: int = 8) -> int:
+  """Minor dimension ``k`` of the ``(rows, hidden // k, k)`` global view:
+  ``hidden`` itself up to ``MAX_BOX``, else its largest divisor of at most
+  ``MAX_BOX`` that is a multiple of ``step``."""
+  if hidden <= MAX_BOX:
+    return hidden
+  return max(d for d in range(step, MAX_BOX + 1, step) if hidden % d == 0)
+
+
 def _view3(a, k):
   rows, hidden = a.shape
   return a.reshape(rows, hidden // k, k)
@@ -270,7 +283,7 @@ def _scale_chunk(cast, w_s, cols, offset, shape, row_scale=False,
     # into the full layout of the group's rows.
     sel = slice(None) if rows is None else rows
     w = load(w_s, (sel, cols), layout=cast.full,
-                   optimized=False).astype(_F32)
+             optimized=False).astype(_F32)
     return arith.weight(w, offset)
   # A float32 scale beside 16-bit rows makes 32-byte vectors, which only
   # the unoptimized transfer path takes.
@@ -550,12 +563,11 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
 
   def load_acc(cast, acc_s, cols, sel=None):
     if sel is not None:
-      return load(acc_s, (sel, cols), layout=cast.full,
-                        optimized=False)
+      return load(acc_s, (sel, cols), layout=cast.full, optimized=False)
     if not acc2d:
       return load(acc_s, (cols,), layout=cast.col, optimized=False)
     return load(acc_s, (slice(None), cols), layout=cast.full,
-                      optimized=False)
+                optimized=False)
 
   def add_to(cast, acc_s, cols, p, sel=None):
     if sel is not None:

@@ -50,6 +50,7 @@ from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import Plan
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import _Cast
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import _view3
+from rmsnorm_jax.kernels.mosaic_gpu_kernels import box_cols
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import load
 
 _F32 = jnp.float32
@@ -76,9 +77,8 @@ MAX_STAGES = 4
 # Rows per CTA: their rstd is one shared piece of at most SMEM_ALIGN bytes.
 # More rows than SMs x this run more CTAs than SMs, in waves.
 MAX_CTA_ROWS = 256
-MAX_BOX = 256  # TMA box elements per dimension
 THREADS = 128  # one warpgroup
-DEFAULT_NUM_SMS = 132
+DEFAULT_NUM_SMS = gpu_tiling.DEFAULT_NUM_SMS
 
 
 def _align(n: int) -> int:
@@ -164,8 +164,7 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
   elif chunk % unit or hidden % chunk:
     raise ValueError(f"chunk={chunk} must be a multiple of {unit} dividing "
                      f"hidden={hidden}.")
-  k = hidden if hidden <= MAX_BOX else max(
-      d for d in range(8, MAX_BOX + 1, 8) if hidden % d == 0)
+  k = box_cols(hidden)
   g = grid or min(rows, sms)
   # Each CTA's rstd starts on a 16-byte boundary (the copy engine's
   # alignment): a multiple of 4 rows per CTA.
@@ -282,7 +281,7 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
       # to one row fails jax 0.11's layout inference;
       # mosaic_gpu_kernels.Plan.row_scale).
       w = load(w_s, (pl.ds(c, 1), slice(None)), layout=cast.full,
-                     optimized=False).astype(_F32)
+               optimized=False).astype(_F32)
       return w + offset if offset else w
 
     def _fenced(v):
