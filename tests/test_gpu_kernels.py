@@ -28,7 +28,6 @@ reaches (rows wider than the resident tiling, tiling overrides, mixed
 dtypes) and runs everything compiled on a GPU.
 """
 
-
 import warnings
 
 import jax
