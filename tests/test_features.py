@@ -55,6 +55,7 @@ from rmsnorm_jax import reference
 import feature_util as fu
 from feature_util import BF16, E4M3, E5M2, F16, F32, I8
 from numerics_util import assert_close, assert_matches_emulation
+from numerics_util import assert_quantized_near_rule
 from numerics_util import identical_fraction, random, rng_for, tol
 from numerics_util import ulps_apart
 
@@ -555,6 +556,27 @@ def test_dynamic_scale_is_the_documented_product():
   np.testing.assert_array_equal(np.asarray(q_scale), want)
   amax = np.max(np.abs(np.asarray(y, np.float32)), axis=-1, keepdims=True)
   assert ulps_apart(np.asarray(q_scale), amax / np.float32(127)) <= 1
+
+
+def test_near_rule_check_allows_only_flips_next_to_a_midpoint():
+  # The GPU tests' allowance for two programs' float32 y differing by an
+  # ulp: a flip of y / q_scale within a few ulps of a midpoint passes; an
+  # exact tie (where round half to even decides), a far value, or a jump of
+  # two steps fails.
+  y = np.array([[np.nextafter(np.float32(2.5), np.float32(3)), 2.5, 7.3,
+                 -40.0]], np.float32)
+  q, _ = reference.emulate_quantize(y, I8, 1.0)
+  np.testing.assert_array_equal(q, [[3, 2, 7, -40]])
+  for j, flipped, passes in ((0, 2, True), (1, 3, False), (2, 8, False),
+                             (3, -42, False)):
+    got = q.copy()
+    got[0, j] = flipped
+    if passes:
+      assert assert_quantized_near_rule(got, y, I8, 1.0) == 1
+    else:
+      with pytest.raises(AssertionError, match="away from a rounding"):
+        assert_quantized_near_rule(got, y, I8, 1.0)
+  assert assert_quantized_near_rule(q, y, I8, 1.0) == 0
 
 
 @backends
