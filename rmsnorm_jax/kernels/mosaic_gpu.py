@@ -248,6 +248,13 @@ WIDE_BWD_MIN_COLS = 8192
 # figures above, and 2048x16384 f16 58.8 against 76.6, 8192x16384 bf16
 # 210.6 against 320.8).
 AUTO_WIDE_BWD_MIN_COLS = 12288
+# backend="auto" takes the backward of rows up to 4096 columns from this
+# many rows. H200 benchmark (docs/bench_h200.md), us, this kernel against
+# the Triton kernel: 8192x4096 bf16 54.4 / 55.7, f16 53.5 / 55.9; level at
+# 1024x4096 f32 (16.5 / 16.5); slower at 2048x4096 f16 (18.2 / 16.8),
+# 64x4096 f32 (7.0 / 4.3) and 1x4096 f32 (3.5 / 1.8), where a CTA's fixed
+# cost (the scale's copy, the pipeline's start) is not amortized.
+AUTO_BWD_MIN_ROWS = 8192
 
 
 def _check_dtype(name: str, a):
@@ -432,7 +439,8 @@ class MosaicGpu(base.Implementation):
     One H200 run, jax 0.11.2, profiler device time in us, MosaicGpu against
     PallasGpu (docs/mosaic_gpu.md): the backward of wide rows of up to 4096
     columns was faster or as fast (8192x4096 bfloat16 54.3 against 56.9,
-    1024x4096 float32 16.1 against 16.4); at 8192 columns it was slower
+    1024x4096 float32 16.1 against 16.4), but on fewer rows slower in the
+    benchmark (``AUTO_BWD_MIN_ROWS``); at 8192 columns it was slower
     (4096x8192 bfloat16 64.6 against 57.5, 2048x8192 float16 34.8 against
     31.1), and on narrow rows too (32768x128 bfloat16 11.2 against 9.8).
     The forward and the fused forward were slower at every shape but
@@ -491,7 +499,14 @@ class MosaicGpu(base.Implementation):
       return "backward: hidden is not static"
     vec = 16 // np.dtype(call.dtype).itemsize
     if hidden <= 4096 and hidden % (128 * vec) == 0:
-      return None
+      try:
+        if int(call.rows) >= AUTO_BWD_MIN_ROWS:
+          return None
+      except TypeError:
+        pass
+      return (f"backward: on fewer than {AUTO_BWD_MIN_ROWS} rows (or a "
+              "symbolic row count) the Triton kernel measured as fast or "
+              "faster (docs/bench_h200.md)")
     if (x_dt.itemsize == 2 and hidden >= AUTO_WIDE_BWD_MIN_COLS
         and _wide_call_reason(call) is None):
       return None
