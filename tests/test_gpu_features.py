@@ -501,19 +501,49 @@ def test_quantized_tilings_and_per_head(mode, config):
 
 
 def test_float16_bias_backward_launch():
-  # The float16 backward with a bias on 8192-wide rows runs 8 warps; the
-  # same call in bfloat16 or without a bias, other widths and other ops
-  # keep the heuristic's launch.
+  # The float16 backward with a bias on 8192-wide rows runs 8 warps, the
+  # fused backward 32; the same calls in bfloat16 or without a bias, other
+  # widths and other ops keep the heuristic's launch.
   impl = PallasGpu()
-  got = impl.resolved_config("backward", 2048, 8192, F16, bias=True)
-  plain = impl.resolved_config("backward", 2048, 8192, F16)
-  assert got.num_warps == gpu_tiling.BWD_F16_BIAS_WARPS != plain.num_warps
-  assert got == dataclasses.replace(plain, num_warps=got.num_warps)
+  for op, warps in (("backward", gpu_tiling.BWD_F16_BIAS_WARPS),
+                    ("residual_backward",
+                     gpu_tiling.FUSED_BWD_F16_BIAS_WARPS)):
+    got = impl.resolved_config(op, 2048, 8192, F16, bias=True)
+    plain = impl.resolved_config(op, 2048, 8192, F16)
+    assert got.num_warps == warps != plain.num_warps, op
+    assert got == dataclasses.replace(plain, num_warps=got.num_warps), op
   for op, hidden, dtype in [("backward", 8192, BF16), ("backward", 4096, F16),
                             ("forward", 8192, F16),
-                            ("residual_backward", 8192, F16)]:
+                            ("residual_backward", 8192, BF16)]:
     assert impl.resolved_config(op, 2048, hidden, dtype, bias=True) == (
         impl.resolved_config(op, 2048, hidden, dtype)), (op, hidden, dtype)
+
+
+@pytest.mark.parametrize("mode", COMPILED)
+def test_float16_bias_fused_backward_wide_launch(mode):
+  # The 32-warp fused backward with a bias (FUSED_BWD_F16_BIAS_WARPS)
+  # computes what XLA does; ragged row count.
+  impl = impl_for(mode)
+  rows, hidden = 301, 8192
+  assert impl.resolved_config("residual_backward", rows, hidden, F16,
+                              bias=True).num_warps == (
+                                  gpu_tiling.FUSED_BWD_F16_BIAS_WARPS)
+  h, scale, bias, dy = _inputs(("f16_bias_fused_wide",), rows, hidden, F16,
+                               scale_shape=(hidden,), scale_dtype=F16,
+                               bias_dtype=F16)
+  dh = random(rng_for("f16_bias_fused_wide_dh"), (rows, hidden), F16)
+  norm = base.Norm(eps=1e-6, out_dtype=F16)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(h.astype(F32)), axis=1) + 1e-6)
+
+  def run(impl):
+    return jax.jit(functools.partial(impl.residual_backward, norm=norm))(
+        h, scale, bias, rstd, dy, dh)
+
+  dres, dscale, dbias = run(impl)
+  dres_x, ds_x, db_x = run(base.Xla())
+  assert_close(dres, dres_x, xla_tol(F16), "dresidual vs xla")
+  assert_close(dscale, ds_x, 1e-5, "dscale vs xla")
+  assert_close(dbias, db_x, 1e-5, "dbias vs xla")
 
 
 def test_quantized_residual_launch_is_resolved_apart(monkeypatch):

@@ -217,7 +217,7 @@ class PallasGpu(base.Implementation):
     return gpu_kernels.backward(
         h, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy),
         _f32_if_wide(dh), norm=norm,
-        **self._kw("residual_backward", h, scale))
+        **self._kw("residual_backward", h, scale, bias=bias))
 
   def quantized_forward(self, x, residual, scale, bias, quant_scale, *,
                         norm):

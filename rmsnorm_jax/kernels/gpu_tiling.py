@@ -129,6 +129,14 @@ BWD_WIDE16_WARPS = 32
 # conversions only (two programs of 8 warps per SM: 41.2, 68.8).
 BWD_F16_BIAS_COLS = 8192
 BWD_F16_BIAS_WARPS = 8
+# The fused residual backward (which also reads dh) in the same case runs
+# this many. H200, us, default 16 / 8 / 32 warps: 2048x8192 f16 129.0 /
+# 103.0 / 77.5, 4096x8192 f16 248.6 / 195.2 / 149.0 (without a bias, 16
+# warps: 39.3, 72.7; bfloat16 with a bias 52.1 and 92.7 at 16 warps, 84.1
+# and 157.4 at 32, so bfloat16 keeps the heuristic). Still about twice the
+# time without a bias; not profiled. On Hopper "auto" runs the Mosaic GPU
+# fused backward there (mosaic_gpu.AUTO_BIAS_FUSED_BWD_COLS).
+FUSED_BWD_F16_BIAS_WARPS = 32
 # Whole-row backward tiles wider than this (with reload) are walked in
 # static pieces of this width, one dscale accumulator per piece
 # (gpu_kernels._backward_pieces).
@@ -538,8 +546,8 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
     device_kind: whose tuning file to read: ``"auto"`` (the GPU JAX runs
       on, ``gpu_kind()``), a kind such as ``"NVIDIA H200"``, or None
       for the heuristic alone.
-    float16_bias: the call is a float16 backward with a bias (see
-      ``BWD_F16_BIAS_WARPS``).
+    float16_bias: the call is a float16 backward or fused backward with a
+      bias (see ``BWD_F16_BIAS_WARPS``, ``FUSED_BWD_F16_BIAS_WARPS``).
 
   Returns:
     A ``Config`` with no None field; block sizes are powers of two.
@@ -622,9 +630,11 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
       warps = min(max_warps, _warps_for(br * bc, per_thread))
     if folded and op == "forward" and bc >= FOLD_FWD_WIDE_COLS:
       warps = min(MAX_WARPS, 2 * warps)
-    if (float16_bias and op == "backward" and resident
-        and bc == BWD_F16_BIAS_COLS):
-      warps = BWD_F16_BIAS_WARPS
+    if float16_bias and resident and bc == BWD_F16_BIAS_COLS:
+      if op == "backward":
+        warps = BWD_F16_BIAS_WARPS
+      elif op == "residual_backward":
+        warps = FUSED_BWD_F16_BIAS_WARPS
   cache_max = FWD_CACHE_SCALE_MAX_COLS if fwd else CACHE_SCALE_MAX_COLS
   if op == "backward" and isz == 2 and max_warps == BWD_WIDE16_WARPS:
     cache_max = MAX_RESIDENT_COLS

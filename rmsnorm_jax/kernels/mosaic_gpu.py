@@ -593,10 +593,11 @@ class MosaicGpu(base.Implementation):
     One pass: reads x (and residual), writes q, its per-row scale (and h).
     ``quant_scale``: None (dynamic, per row) or a float32 scalar (static).
     q is ``base.quantize`` of the float32 y this kernel computes as the
-    forward with a float32 output does; against that forward's output on
-    an H200, q differed at 19 of 104 million elements, where
-    y / q_scale lay within 1.7 float32 ulps of a rounding midpoint (the two
-    programs' float32 y can differ by an ulp).
+    forward with a float32 output does. Against NumPy's rule applied to
+    that forward's output on an H200, q differed at 19 of 104 million
+    elements, where y / q_scale lay within 1.7 float32 ulps of a rounding
+    midpoint; XLA's own rule on the GPU differed there too
+    (docs/mosaic_gpu.md).
     """
     _check_dtype("x", x)
     if residual is not None:
