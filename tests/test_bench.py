@@ -444,3 +444,21 @@ def test_cli_takes_the_feature_ops_and_keeps_the_default_set(tmp_path):
   assert json.loads(path.read_text())["records"]
   with pytest.raises(SystemExit, match="features"):
     bench.main(["--small", "--ops", "quant"])
+
+
+def test_mosaic_gpu_impl_runs_only_where_mosaic_gpu_does():
+  # rmsnorm_jax_mosaic names the Mosaic GPU kernels: on a Hopper GPU each
+  # op's candidate runs them; elsewhere (no interpret mode) it is left out.
+  from rmsnorm_jax.bench import cases
+  from rmsnorm_jax.kernels import mosaic_gpu
+  cc = mosaic_gpu.visible_compute_capability()
+  hopper = cases.on_gpu() and bool(cc) and cc.startswith("9")
+  assert (cases.mosaic_backend() is not None) == hopper
+  for op in ("fwd", "bwd", "fused_fwd", "fused_bwd", "bias_fwd", "quant_fwd"):
+    cands = bench.build_candidates(op, ["rmsnorm_jax_mosaic"], 8, 256,
+                                   jnp.bfloat16, 1)
+    if not hopper:
+      assert cands == [], (op, cands)
+      continue
+    assert [c.backend for c in cands] == ["mosaic_gpu"], (op, cands)
+    jax.block_until_ready(cands[0].fn(*cands[0].arg_sets[0]))

@@ -34,7 +34,8 @@ HEAD_OPS = ("head_fwd", "head_bwd")
 # The implementations with the feature ops: flax's layer has no bias, and
 # neither it nor JAX's Pallas example has a per-head scale or a quantized
 # output.
-FEATURE_IMPLS = ("xla", "rmsnorm_jax", "rmsnorm_jax_auto")
+FEATURE_IMPLS = ("xla", "rmsnorm_jax", "rmsnorm_jax_auto",
+                 "rmsnorm_jax_mosaic")
 LINEN_OPS = ("linen_fwd", "linen_fwd_mixed", "linen_fwd_default",
              "linen_bwd")
 # Layer ops: (param dtype, layer dtype); the input is bfloat16 throughout.
@@ -43,8 +44,8 @@ LAYER_DTYPES = {"linen_fwd": (jnp.bfloat16, jnp.bfloat16),
                 "linen_fwd_default": (jnp.float32, None),
                 "linen_bwd": (jnp.bfloat16, jnp.bfloat16)}
 IMPLS = ("roofline", "xla", "flax_linen", "jax_pallas_example",
-         "rmsnorm_jax", "rmsnorm_jax_auto", "rmsnorm_jax_linen", "flax_nnx",
-         "rmsnorm_jax_nnx")
+         "rmsnorm_jax", "rmsnorm_jax_auto", "rmsnorm_jax_mosaic",
+         "rmsnorm_jax_linen", "flax_nnx", "rmsnorm_jax_nnx")
 # The layer implementations: (module holding RMSNorm, which flax API).
 LAYERS = {"flax_linen": ("flax.linen", "linen"),
           "rmsnorm_jax_linen": ("rmsnorm_jax.linen", "linen"),
@@ -132,6 +133,14 @@ def kernel_backend():
   return PallasGpu(interpret=True), "pallas_gpu (interpret)"
 
 
+def mosaic_backend():
+  """The Mosaic GPU kernels (``MosaicGpu``) where they run, a Hopper GPU;
+  None elsewhere (they have no interpret mode)."""
+  from rmsnorm_jax.kernels import mosaic_gpu
+  cc = mosaic_gpu.visible_compute_capability() if on_gpu() else None
+  return mosaic_gpu.MosaicGpu() if cc and cc.startswith("9") else None
+
+
 def _norm_fn(impl: str):
   """(x, scale) -> y for each impl; None where the impl does not apply."""
   kernel, kname = kernel_backend()
@@ -144,6 +153,9 @@ def _norm_fn(impl: str):
   }
   if on_gpu():
     table["jax_pallas_example"] = (_pallas_example, "pallas_example")
+  if impl == "rmsnorm_jax_mosaic" and (mosaic := mosaic_backend()):
+    table[impl] = (lambda x, s: rj.rms_norm(x, s, eps=EPS, backend=mosaic),
+                   mosaic.name)
   return table.get(impl)
 
 
@@ -168,6 +180,9 @@ def _residual_fn(impl):
       "flax_linen": (lambda x, r, s: (_flax_norm((x + r).astype(r.dtype), s),
                                       (x + r).astype(r.dtype)), "flax"),
   }
+  if impl == "rmsnorm_jax_mosaic" and (mosaic := mosaic_backend()):
+    table[impl] = (lambda x, r, s: rj.rms_norm_residual(
+        x, r, s, eps=EPS, backend=mosaic), mosaic.name)
   return table.get(impl)
 
 
@@ -350,6 +365,9 @@ def _feature_backend(impl):
   if impl not in FEATURE_IMPLS:
     return None
   kernel, kname = kernel_backend()
+  if impl == "rmsnorm_jax_mosaic":
+    mosaic = mosaic_backend()
+    return None if mosaic is None else (mosaic, mosaic.name)
   return {"xla": ("xla", "xla"), "rmsnorm_jax": (kernel, kname),
           "rmsnorm_jax_auto": ("auto", "auto")}[impl]
 

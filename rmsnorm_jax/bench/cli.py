@@ -39,11 +39,14 @@ and h), bias_fwd and bias_bwd (rms_norm with a bias), head_fwd and
 head_bwd (per-head scale: a case ROWSxHIDDEN is x of ROWS x HIDDEN/128 x
 128 with a (HIDDEN/128, 128) scale; 8192x4096 is 8192x32x128). Their
 shapes: --cases tag:bench_features. Implementations with them: xla,
-rmsnorm_jax, rmsnorm_jax_auto (and roofline); no peer has them.
+rmsnorm_jax, rmsnorm_jax_auto, rmsnorm_jax_mosaic (and roofline); no peer
+has them.
 impls: roofline (an XLA elementwise op moving the op's minimum bytes), xla,
 flax_linen, jax_pallas_example (GPU only), rmsnorm_jax (the Pallas GPU
-kernel named explicitly; interpreted off-GPU), rmsnorm_jax_auto, and the
-layers rmsnorm_jax_linen, flax_nnx, rmsnorm_jax_nnx.
+kernel named explicitly; interpreted off-GPU), rmsnorm_jax_auto,
+rmsnorm_jax_mosaic (the Mosaic GPU kernels named explicitly; Hopper only,
+an error record where they do not serve a call), and the layers
+rmsnorm_jax_linen, flax_nnx, rmsnorm_jax_nnx.
 examples: python -m rmsnorm_jax.bench --cases 8192x4096:bfloat16,tag:wide \\
   --ops fwd,bwd --json bench.json --markdown bench.md --plot bench.png
   python -m rmsnorm_jax.bench --cases tag:bench_features --ops features \\

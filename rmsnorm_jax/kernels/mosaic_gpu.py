@@ -70,7 +70,7 @@ def _num_sms() -> int:
   return gpu_tiling.num_sms()
 
 
-def _visible_compute_capability() -> str | None:
+def visible_compute_capability() -> str | None:
   """The first visible GPU's compute capability ("9.0"), or None.
 
   None where no GPU is visible (e.g. exporting for ``cuda`` from a CPU
@@ -414,7 +414,7 @@ class MosaicGpu(base.Implementation):
                                     IMPLEMENTED)
     if reason is not None:
       return reason
-    cc = _visible_compute_capability()
+    cc = visible_compute_capability()
     if cc is not None and not cc.startswith("9"):
       return (f"{self.name} targets Hopper (compute capability 9.x); the "
               f"visible GPU is {cc}")
