@@ -41,7 +41,8 @@ def _empty(shape) -> bool:
   return any(isinstance(d, (int, np.integer)) and d == 0 for d in shape)
 
 
-def _routes(backend, axis_name, ops_pair, x, scale, bias, norm, dtype):
+def _routes(backend, axis_name, ops_pair, x, scale, bias, norm, dtype,
+            has_residual=None):
   """The Routes of the forward and backward ops (hashable, static)."""
   if axis_name is not None:
     names = v.axis_names(axis_name, backend)
@@ -50,7 +51,8 @@ def _routes(backend, axis_name, ops_pair, x, scale, bias, norm, dtype):
   return tuple(dispatch.route(backend, base.Call(
       op, _rows(x.shape), x.shape[-1], np.dtype(dtype),
       () if scale is None else tuple(scale.shape), bias is not None, norm,
-      None if scale is None else np.dtype(scale.dtype)))
+      None if scale is None else np.dtype(scale.dtype),
+      None if bias is None else np.dtype(bias.dtype), has_residual))
                for op in ops_pair)
 
 
@@ -295,7 +297,7 @@ def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
       stream, scale, bias, eps=eps, scale_offset=scale_offset,
       cast_mode=cast_mode, out_dtype=jnp.float32, quant_dtype=quant_dtype)
   (route,) = _routes(backend, None, ("quantized_forward",), x, scale, bias,
-                     norm, stream.dtype)
+                     norm, stream.dtype, has_residual=residual is not None)
   if _empty(x.shape):
     q = jnp.zeros(x.shape, quant_dtype)
     q_scale = jnp.ones(x.shape[:-1] + (1,), jnp.float32)

@@ -114,6 +114,9 @@ class Call:
     norm: the static arguments.
     scale_dtype: the scale's dtype (None without scale, or when it does not
       matter); with ``cast_mode="llama"`` it sets the product dtype.
+    bias_dtype: the bias' dtype (None without bias, or not said).
+    has_residual: for ``"quantized_forward"``, whether a residual is added
+      (None: not said, so an implementation judges both).
   """
 
   op: str
@@ -124,6 +127,8 @@ class Call:
   has_bias: bool = False
   norm: Norm = Norm(eps=1e-6)
   scale_dtype: np.dtype | None = None
+  bias_dtype: np.dtype | None = None
+  has_residual: bool | None = None
 
   @property
   def product_dtype(self) -> np.dtype:

@@ -256,6 +256,22 @@ def test_cannot_serve_calls():
   # 1-byte q rows are whole 128-byte pieces only from 128 columns.
   assert "128-byte" in impl.cannot_serve(call(
       op="quantized_forward", hidden=320, scale_shape=(320,), norm=quant))
+  if HOPPER_REASON is None or "no CUDA GPU" in HOPPER_REASON:
+    # Judged as the kernels plan them when the call says: a quantized
+    # forward without a residual holds no h, a 16-bit bias takes 2 bytes of
+    # shared memory a column; unsaid, the larger of each.
+    q = call(op="quantized_forward", hidden=6144, scale_shape=(6144,),
+             norm=quant, scale_dtype=np.dtype(jnp.float32))
+    assert impl.cannot_serve(dataclasses.replace(q, has_residual=False)) \
+        is None
+    for has_residual in (None, True):
+      assert "shared memory" in impl.cannot_serve(
+          dataclasses.replace(q, has_residual=has_residual))
+    b = call(hidden=10240, scale_shape=(10240,), has_bias=True,
+             norm=base.Norm(eps=1e-6, out_dtype=np.dtype(jnp.bfloat16)))
+    assert "shared memory" in impl.cannot_serve(b)
+    assert impl.cannot_serve(dataclasses.replace(
+        b, bias_dtype=np.dtype(jnp.bfloat16))) is None
   assert "shared memory" in impl.cannot_serve(
       call(op="residual_forward", hidden=16384))
   # A float32 output beside 16-bit rows takes more shared memory: 12288
@@ -622,7 +638,9 @@ def test_quantized_matches_rule(shape, dtype, qdt, static, with_residual):
   # As the dispatcher asks: a float32 scale and y.
   _skip_unserved(impl, shape, dtype, ("quantized_fwd", "fwd",
                                       "residual_fwd"),
-                 scale_dtype=jnp.float32, out_dtype=jnp.float32)
+                 has_bias=with_residual, bias_dtype=dtype,
+                 has_residual=with_residual, scale_dtype=jnp.float32,
+                 out_dtype=jnp.float32)
   x, res, scale, bias, quant_scale = _quant_inputs(shape, dtype, qdt, static,
                                                    with_residual)
 

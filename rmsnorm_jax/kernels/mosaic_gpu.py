@@ -425,7 +425,8 @@ class MosaicGpu(base.Implementation):
       return None
     reason = self.shape_reason(
         int(call.rows), int(call.hidden), call.dtype, _OPS[call.op],
-        has_bias=call.has_bias,
+        has_bias=call.has_bias, bias_dtype=call.bias_dtype,
+        has_residual=call.has_residual,
         scale_dtype=call.scale_dtype if call.scale_shape else None,
         out_dtype=call.norm.out_dtype,
         heads=call.scale_shape[0] if len(call.scale_shape) == 2 else 1)
@@ -515,6 +516,7 @@ class MosaicGpu(base.Implementation):
 
   def shape_reason(self, rows: int, hidden: int, dtype,
                    op: str = "all", *, has_bias: bool = False,
+                   bias_dtype=None, has_residual: bool | None = None,
                    scale_dtype=None, out_dtype=None,
                    heads: int = 1) -> str | None:
     """Why the kernels cannot run this shape, or None when they can.
@@ -523,9 +525,12 @@ class MosaicGpu(base.Implementation):
       rows, hidden: the 2-D problem; dtype: of x (the residual stream's for
         fused ops).
       op: "fwd", "bwd", "residual_fwd", "residual_bwd", "quantized_fwd"
-        (judged with and without a residual, which a base.Call does not
-        tell apart) or "all" (each).
-      has_bias: with a bias (judged at 4 bytes an element).
+        or "all" (each).
+      has_bias: with a bias. bias_dtype: its dtype, which the forward
+        kernels hold in shared memory (None: judged at 4 bytes an element;
+        the backward's dbias accumulator is float32 either way).
+      has_residual: "quantized_fwd" only: with a residual (None: judged
+        with and without).
       scale_dtype, out_dtype: default to dtype (y's dtype is dy's too).
       heads: scale rows of a per-head scale (1 otherwise).
     """
@@ -534,21 +539,24 @@ class MosaicGpu(base.Implementation):
     s = _itemsize(dtype)
     o = _itemsize(_kernel_dtype(out_dtype or dtype))
     w = _itemsize(_kernel_dtype(scale_dtype or dtype))
-    bias_size = 4 if has_bias else 0
+    bias_size = {"bwd": 4 * has_bias, "fwd": 0 if not has_bias else (
+        4 if bias_dtype is None else _itemsize(_kernel_dtype(bias_dtype)))}
+    # q is planned as the float32 y it quantizes (quantized_forward).
+    quantized = {False: ("fwd", [s], [4]), True: ("fwd", [s, s], [4, s])}
     cases = {
         "fwd": [("fwd", [s], [o])],
         "bwd": [("bwd", [s, o], [s])],
         "residual_fwd": [("fwd", [s, s], [o, s])],
         "residual_bwd": [("bwd", [s, o, s], [s])],
-        # q is planned as the float32 y it quantizes (quantized_forward).
-        "quantized_fwd": [("fwd", [s], [4]), ("fwd", [s, s], [4, s])],
+        "quantized_fwd": list(quantized.values()) if has_residual is None
+                         else [quantized[bool(has_residual)]],
     }
     names = list(cases) if op == "all" else [op]
     for name in names:
       for kind, ins, outs in cases[name]:
         try:
           plan(kind, rows, hidden, in_sizes=ins, out_sizes=outs,
-               sms=DEFAULT_NUM_SMS, scale_size=w, bias_size=bias_size,
+               sms=DEFAULT_NUM_SMS, scale_size=w, bias_size=bias_size[kind],
                copy_size=1 if name == "quantized_fwd" else None,
                heads=heads)
         except ValueError as e:
