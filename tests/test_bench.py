@@ -450,9 +450,8 @@ def test_mosaic_gpu_impl_runs_only_where_mosaic_gpu_does():
   # rmsnorm_jax_mosaic names the Mosaic GPU kernels: on a Hopper GPU each
   # op's candidate runs them; elsewhere (no interpret mode) it is left out.
   from rmsnorm_jax.bench import cases
-  from rmsnorm_jax.kernels import mosaic_gpu
-  cc = mosaic_gpu.visible_compute_capability()
-  hopper = cases.on_gpu() and bool(cc) and cc.startswith("9")
+  from gpu_test_util import HOPPER_REASON
+  hopper = HOPPER_REASON is None
   assert (cases.mosaic_backend() is not None) == hopper
   for op in ("fwd", "bwd", "fused_fwd", "fused_bwd", "bias_fwd", "quant_fwd"):
     cands = bench.build_candidates(op, ["rmsnorm_jax_mosaic"], 8, 256,

@@ -253,10 +253,6 @@ def test_cannot_serve_calls():
       assert impl.cannot_serve(call(op=op, norm=llama)) is None, op
       assert impl.cannot_serve(call(op=op, scale_shape=(8, 128),
                                     hidden=128)) is None, op
-  # 1-byte q rows are whole 128-byte pieces only from 128 columns.
-  assert "128-byte" in impl.cannot_serve(call(
-      op="quantized_forward", hidden=320, scale_shape=(320,), norm=quant))
-  if HOPPER_REASON is None or "no CUDA GPU" in HOPPER_REASON:
     # Judged as the kernels plan them when the call says: a quantized
     # forward without a residual holds no h, a 16-bit bias takes 2 bytes of
     # shared memory a column; unsaid, the larger of each.
@@ -272,6 +268,9 @@ def test_cannot_serve_calls():
     assert "shared memory" in impl.cannot_serve(b)
     assert impl.cannot_serve(dataclasses.replace(
         b, bias_dtype=np.dtype(jnp.bfloat16))) is None
+  # 1-byte q rows are whole 128-byte pieces only from 128 columns.
+  assert "128-byte" in impl.cannot_serve(call(
+      op="quantized_forward", hidden=320, scale_shape=(320,), norm=quant))
   assert "shared memory" in impl.cannot_serve(
       call(op="residual_forward", hidden=16384))
   # A float32 output beside 16-bit rows takes more shared memory: 12288

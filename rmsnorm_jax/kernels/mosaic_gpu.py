@@ -500,11 +500,8 @@ class MosaicGpu(base.Implementation):
       return "backward: hidden is not static"
     vec = 16 // np.dtype(call.dtype).itemsize
     if hidden <= 4096 and hidden % (128 * vec) == 0:
-      try:
-        if int(call.rows) >= AUTO_BWD_MIN_ROWS:
-          return None
-      except TypeError:
-        pass
+      if call.static_rows and call.rows >= AUTO_BWD_MIN_ROWS:
+        return None
       return (f"backward: on fewer than {AUTO_BWD_MIN_ROWS} rows (or a "
               "symbolic row count) the Triton kernel measured as fast or "
               "faster (docs/bench_h200.md)")
