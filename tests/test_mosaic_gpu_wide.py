@@ -1,4 +1,4 @@
-"""The wide-row Mosaic GPU backward (kernels/mosaic_gpu_wide.py).
+"""The wide-row Mosaic GPU backward and forward (kernels/mosaic_gpu_wide.py).
 
 * Any host: the launch plan (shared memory, grid, limits), argument errors,
   and ``jax.export`` for the ``cuda`` platform, which builds the Mosaic GPU
@@ -12,7 +12,11 @@
   one rounding to its dtype away from the float32 result; dscale stays
   float32 (a float32 sum of products of the same rounded inputs), and
   rstd is the reference's rounded to float32, so both are held to float32's
-  2e-5.
+  2e-5. The forward's y is one rounding of a float32 product (held to
+  ``tol(dtype)`` in norm and to one unit of the dtype's epsilon element by
+  element), rstd to float32's 2e-5, and the fused forward's h is XLA's
+  ``x + residual`` in the residual's dtype bit for bit (one rounding of an
+  exact sum).
 """
 
 import jax
@@ -287,3 +291,165 @@ def test_public_api_backward_matches_float64(rows, hidden, dtype, backends):
     assert_close(dx, dx_ref, tol(dtype), f"dx {backend}",
                  dx_magnitude(x, scale, dy))
     assert_close(dscale, ds_ref, tol(dtype), f"dscale {backend}")
+
+
+# ---------------------------------------------------------------- forward --
+
+@pytest.mark.parametrize("hidden,dtype,residual,stages", [
+    (32768, BF16, False, 2), (32768, F16, False, 2), (16384, BF16, False, 4),
+    (16384, BF16, True, 2), (16384, F32, False, 2), (12288, F16, True, 4)])
+def test_forward_plan_fits_shared_memory(hidden, dtype, residual, stages):
+  p = mw.forward_plan(2048, hidden, x_dtype=dtype, has_residual=residual,
+                      sms=132)
+  size = np.dtype(dtype).itemsize
+
+  def used(st):
+    return mw.forward_smem_bytes(hidden, st, x_size=size, scale_size=size,
+                                 has_residual=residual)
+
+  assert p.stages == stages and used(p.stages) <= mw.SMEM_LIMIT
+  assert p.stages == mw.MAX_STAGES or used(p.stages + 1) > mw.SMEM_LIMIT
+  assert (p.block_rows, p.kind) == (1, "wide")
+  assert p.grid * p.steps >= 2048 > (p.grid - 1) * p.steps
+
+
+def test_forward_shape_reason_names_the_limit():
+  assert mw.forward_shape_reason(2048, 32768, BF16) is None
+  assert "232448" in mw.forward_shape_reason(2048, 65536, BF16)
+  # A float32 scale doubles the scale's shared memory.
+  assert "232448" in mw.forward_shape_reason(2048, 32768, BF16,
+                                             scale_dtype=F32)
+  assert "out_dtype float32" in mw.forward_shape_reason(
+      8, 32768, BF16, out_dtype=F32)
+  assert "residual dtype float32" in mw.forward_shape_reason(
+      8, 16384, BF16, has_residual=True, residual_dtype=F32)
+  assert "multiple of 1024" in mw.forward_shape_reason(8, 16000, BF16)
+  assert "float64" in mw.forward_shape_reason(8, 8192, jnp.float64)
+
+
+def test_forward_names_bad_arguments():
+  x = jnp.ones((4, 16384), BF16)
+  with pytest.raises(ValueError, match="2-D"):
+    mw.forward(x[0], None)
+  with pytest.raises(ValueError, match=r"scale must have shape \(16384,\)"):
+    mw.forward(x, jnp.ones((8192,), BF16))
+  with pytest.raises(ValueError, match="residual must have x's shape"):
+    mw.forward(x, None, jnp.ones((2, 16384), BF16))
+  with pytest.raises(TypeError, match="residual must have x's dtype"):
+    mw.forward(x, None, jnp.ones((4, 16384), F32))
+  with pytest.raises(TypeError, match="x must be float32"):
+    mw.forward(x.astype(jnp.int8), None)
+  with pytest.raises(ValueError, match="stages=8 does not fit"):
+    mw.forward(x, None, stages=8)
+
+
+@pytest.mark.parametrize("rows,hidden,dtype,scale_dtype,residual", [
+    (300, 32768, BF16, BF16, False), (37, 16384, F16, None, True),
+    (65, 8192, F32, F32, False)])
+def test_forward_lowers_for_cuda(rows, hidden, dtype, scale_dtype, residual):
+  s = jax.ShapeDtypeStruct
+  fn = lambda x, w, r: mw.forward(x, w, r, num_sms=132)
+  exp = jax.export.export(jax.jit(fn), platforms=["cuda"])(
+      s((rows, hidden), dtype),
+      None if scale_dtype is None else s((hidden,), scale_dtype),
+      s((rows, hidden), dtype) if residual else None)
+  assert "mosaic_gpu" in exp.mlir_module()
+  want = [s((rows, hidden), dtype)] * (1 + residual) + [s((rows,), F32)]
+  assert [s(a.shape, a.dtype) for a in exp.out_avals] == want
+
+
+def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
+  impl = MosaicGpu()
+  for op, hidden in (("forward", 16384), ("forward", 32768),
+                     ("residual_forward", 16384)):
+    assert impl.cannot_serve(_call(op, hidden)) is None, (op, hidden)
+  assert mg.wide_forward_reason(2048, 32768, BF16) is None
+  assert "plan" in mg.wide_forward_reason(2048, 8192, BF16)
+  # Only the forward at 32768 columns measured faster than Triton.
+  assert impl.auto_declines(_call("forward", 32768)) is None
+  assert impl.auto_declines(_call("forward", 32768, F16)) is None
+  assert "Triton" in impl.auto_declines(_call("forward", 16384))
+  assert "Triton" in impl.auto_declines(_call("residual_forward", 16384))
+  # What the wide forward does not compute, or cannot hold, stays declined.
+  assert "bias" in impl.cannot_serve(_call("forward", 32768, has_bias=True))
+  assert "232448" in impl.cannot_serve(_call("forward", 65536))
+  assert "232448" in impl.cannot_serve(_call("residual_forward", 32768))
+  assert dispatch.explain("auto", platform="cuda", shape=(2048, 32768),
+                          dtype=BF16, op="forward") == "mosaic_gpu"
+  assert dispatch.explain("auto", platform="cuda", shape=(2048, 16384),
+                          dtype=BF16, op="forward").startswith("pallas_gpu")
+
+
+def _fwd_case(rows, hidden, dtype, scale_dtype, residual, tag):
+  rng = rng_for("wide_fwd", rows, hidden, _name(dtype), tag)
+  x = random(rng, (rows, hidden), dtype, mean=0.3)
+  scale = (None if scale_dtype is None else
+           random(rng, (hidden,), scale_dtype, mean=0.0, scale=0.5))
+  r = random(rng, (rows, hidden), dtype) if residual else None
+  return x, scale, r
+
+
+@hopper
+@pytest.mark.parametrize("rows,hidden,dtype,scale_dtype,residual,kw", [
+    (300, 32768, BF16, BF16, False, {}),
+    (2051, 32768, F16, F16, False, {}),
+    (37, 16384, BF16, BF16, False, {}),
+    (133, 16384, F16, F32, False, {}),
+    (65, 8192, F32, F32, False, {}),
+    (270, 32768, F16, None, False, {}),
+    (101, 16384, BF16, BF16, True, {}),
+    (300, 12288, F16, F16, True, {}),
+    (1000, 32768, BF16, BF16, False, dict(grid=7)),  # many rows a CTA
+    (257, 16384, BF16, BF16, True, dict(stages=2, chunk=2048)),
+    (129, 32768, BF16, BF16, False, dict(store_chunks=True)),
+    (5, 16384, BF16, F32, True, dict(store_chunks=True)),
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_forward_matches_float64(rows, hidden, dtype, scale_dtype, residual,
+                                 kw):
+  eps, offset = 1e-5, 1.0
+  x, scale, r = _fwd_case(rows, hidden, dtype, scale_dtype, residual,
+                          repr(kw))
+  fn = jax.jit(lambda x, w, r: mw.forward(x, w, r, eps=eps,
+                                          scale_offset=offset, **kw))
+  outs = fn(x, scale, r)
+  y, rstd = outs[0], outs[-1]
+  h = x if r is None else x + r
+  if r is not None:
+    np.testing.assert_array_equal(np.asarray(outs[1]), np.asarray(h))
+  y_ref, rstd_ref = reference.rms_norm(h, scale, eps=eps, scale_offset=offset)
+  assert y.dtype == x.dtype and rstd.dtype == jnp.float32
+  assert_close(y, y_ref, tol(dtype), "y")
+  assert_close(rstd, rstd_ref, tol(F32), "rstd")
+  # Element by element, every row written: at most one unit of the dtype's
+  # epsilon relative to |y| (one rounding, plus float32's rstd).
+  err = np.abs(np.asarray(y, np.float64) - y_ref)
+  bound = float(jnp.finfo(dtype).eps) * np.abs(y_ref) + 1e-30
+  if dtype == F32:
+    # rstd's float32 sum over up to 32768 squares, in chunk order.
+    bound = 1e-5 * np.abs(y_ref) + 1e-30
+  assert np.all(err <= bound), np.unravel_index(np.argmax(err / bound),
+                                                err.shape)
+  again = fn(x, scale, r)
+  for a, b in zip(outs, again):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@hopper
+def test_public_api_forward_of_32768_columns_matches_float64():
+  # "auto" runs the forward on the wide kernel here and the backward on
+  # the Triton kernel (the wide backward stops at 16384 columns).
+  x, scale, _ = _fwd_case(300, 32768, BF16, BF16, False, "public")
+  dy = random(rng_for("wide_fwd_dy"), x.shape, BF16)
+  y, vjp = jax.vjp(jax.jit(lambda x, w: rj.rms_norm(x, w)), x, scale)
+  y_ref, _ = reference.rms_norm(x, scale)
+  assert_close(y, y_ref, tol(BF16), "y")
+  dx, dscale = vjp(dy)
+  dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy)
+  assert_close(dx, dx_ref, tol(BF16), "dx", dx_magnitude(x, scale, dy))
+  assert_close(dscale, ds_ref, tol(BF16), "dscale")
+  # The fused forward through backend="mosaic_gpu" at 16384 columns.
+  x, scale, r = _fwd_case(77, 16384, BF16, BF16, True, "public")
+  y, h = jax.jit(lambda x, r, w: rj.rms_norm_residual(
+      x, r, w, backend="mosaic_gpu"))(x, r, scale)
+  np.testing.assert_array_equal(np.asarray(h), np.asarray(x + r))
+  assert_close(y, reference.rms_norm(x + r, scale)[0], tol(BF16), "y fused")

@@ -248,6 +248,15 @@ WIDE_BWD_MIN_COLS = 8192
 # figures above, and 2048x16384 f16 58.8 against 76.6, 8192x16384 bf16
 # 210.6 against 320.8).
 AUTO_WIDE_BWD_MIN_COLS = 12288
+# The plain forward (and fused forward) of rows this module's plans cannot
+# hold runs the wide forward (mosaic_gpu_wide.forward), which writes y over
+# x's shared memory. backend="auto" takes the plain forward from this many
+# 16-bit columns: H200, us, wide kernel against the Triton kernel: 2048x32768
+# bf16 76.7-77.7 against 83.4-83.6, 1024x32768 f16 40.0 against 43.7; at
+# 16384 columns it was slower (4096x16384 bf16 73.9-78.3 against 68.9-69.0,
+# 2048x16384 f16 39.1-40.6 against 36.0), and so was the fused forward at
+# 12288-16384 (4096x16384 bf16 143.6 against 141.0).
+AUTO_WIDE_FWD_MIN_COLS = 32768
 # backend="auto" takes the backward of rows up to 4096 columns from this
 # many rows. H200 benchmark (docs/bench_h200.md), us, this kernel against
 # the Triton kernel: 8192x4096 bf16 54.4 / 55.7, f16 53.5 / 55.9; level at
@@ -334,12 +343,56 @@ def wide_backward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
           f"wide kernel from {WIDE_BWD_MIN_COLS} 16-bit columns)")
 
 
+def wide_forward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
+                        has_scale: bool = True, out_dtype=None,
+                        residual_dtype=None, has_residual: bool = False,
+                        plain: bool = True) -> str | None:
+  """Why the forward (or fused forward) of this call does not run
+  ``mosaic_gpu_wide.forward``, or None when it does: it runs where this
+  module's plans cannot hold the rows.
+
+  Args:
+    rows, hidden, dtype: x's shape and dtype.
+    scale_dtype, has_scale: the scale's dtype, and whether there is one.
+    out_dtype, residual_dtype: of y and of the residual (default dtype).
+    has_residual: the fused forward.
+    plain: no bias, cast mode "float32" and a 1-D (or no) scale: the only
+      calls the wide kernel computes.
+  """
+  if not plain:
+    return "the wide forward has no bias, per-head scale or llama cast mode"
+  reason = mw.forward_shape_reason(
+      rows, hidden, dtype, scale_dtype=scale_dtype if has_scale else None,
+      has_scale=has_scale, has_residual=has_residual, out_dtype=out_dtype,
+      residual_dtype=residual_dtype)
+  if reason is not None:
+    return reason
+  s, o = _itemsize(dtype), _itemsize(out_dtype or dtype)
+  try:
+    plan("fwd", rows, hidden, in_sizes=[s] * (1 + has_residual),
+         out_sizes=[o] + [s] * has_residual, sms=DEFAULT_NUM_SMS,
+         has_scale=has_scale, scale_size=_itemsize(scale_dtype or dtype))
+  except ValueError:
+    return None  # only the wide kernel serves it
+  return f"rows of {hidden} columns take this module's forward plan"
+
+
 def _wide_call_reason(call: base.Call) -> str | None:
-  """``wide_backward_reason`` of a backward ``base.Call``."""
+  """``wide_forward_reason`` or ``wide_backward_reason`` of a forward,
+  fused forward or backward ``base.Call`` ("" for other ops)."""
+  if call.op not in ("forward", "residual_forward", "backward"):
+    return ""
   try:
     rows, hidden = int(call.rows), int(call.hidden)
   except TypeError:
     return "the shape is not static"
+  if call.op != "backward":
+    return wide_forward_reason(
+        rows, hidden, call.dtype, scale_dtype=call.scale_dtype,
+        has_scale=bool(call.scale_shape), out_dtype=call.norm.out_dtype,
+        has_residual=call.op == "residual_forward",
+        plain=(not call.has_bias and call.norm.cast_mode == "float32"
+               and len(call.scale_shape) < 2))
   return wide_backward_reason(
       rows, hidden, call.dtype, scale_dtype=call.scale_dtype,
       has_scale=bool(call.scale_shape), dy_dtype=call.norm.out_dtype,
@@ -420,7 +473,7 @@ class MosaicGpu(base.Implementation):
               f"visible GPU is {cc}")
     if call.op not in _OPS:
       return f"{self.name} has no {call.op}"
-    wide = _wide_call_reason(call) if call.op == "backward" else ""
+    wide = _wide_call_reason(call)
     if wide is None:
       return None
     reason = self.shape_reason(
@@ -458,7 +511,8 @@ class MosaicGpu(base.Implementation):
 
     The plain backward of 16-bit rows of ``AUTO_WIDE_BWD_MIN_COLS`` columns
     or more runs the wide kernel, 20-40% faster than Triton there (see
-    ``WIDE_BWD_MIN_COLS``).
+    ``WIDE_BWD_MIN_COLS``), and the plain forward of 16-bit rows of
+    ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 8-9% faster.
     """
     if len(call.scale_shape) == 2:
       return ("a per-head scale: not timed against the Triton kernel "
@@ -483,6 +537,11 @@ class MosaicGpu(base.Implementation):
               "Triton kernel only on 16-bit rows of 1024-8192 columns (a "
               "multiple of 1024), 2048 rows or more, every array in x's "
               "dtype (docs/mosaic_gpu.md)")
+    if (call.op == "forward" and x_dt.itemsize == 2 and same_dtypes
+        and not call.has_bias and call.static_rows
+        and int(call.hidden) >= AUTO_WIDE_FWD_MIN_COLS
+        and _wide_call_reason(call) is None):
+      return None
     if call.op != "backward":
       return (f"{call.op}: the Triton kernel measured as fast or faster "
               "(docs/mosaic_gpu.md)")
@@ -650,11 +709,26 @@ class MosaicGpu(base.Implementation):
     norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode)
     arith = _arith(norm, x.dtype, scale)
     odt = _kernel_dtype(out_dtype)
+    if self._wide_forward(x, None, scale, odt, bias, cast_mode):
+      return mw.forward(x, scale, eps=eps, scale_offset=scale_offset,
+                        num_sms=self.num_sms)
     p = self._plan("fwd", *x.shape, [x.dtype], [odt], scale, bias)
     y, rstd = mk.forward(x, None, _kernel_scale(scale, p), plan=p, eps=eps,
                          offset=_offset(norm, arith), out_dtype=odt,
                          bias=bias, arith=arith)
     return y.astype(out_dtype), rstd
+
+  def _wide_forward(self, x, residual, scale, out_dtype, bias, cast_mode):
+    """Whether a forward kernel call runs ``mosaic_gpu_wide.forward``."""
+    if any(v is not None for v in (self.block_rows, self.stages, self.grid)):
+      return False
+    return wide_forward_reason(
+        *x.shape, x.dtype, scale_dtype=None if scale is None else scale.dtype,
+        has_scale=scale is not None, out_dtype=out_dtype,
+        residual_dtype=None if residual is None else residual.dtype,
+        has_residual=residual is not None,
+        plain=(bias is None and cast_mode == "float32"
+               and (scale is None or scale.ndim == 1))) is None
 
   def backward_kernel(self, x, scale, rstd, dy, *, scale_offset,
                       has_bias=False, cast_mode="float32"):
@@ -689,6 +763,9 @@ class MosaicGpu(base.Implementation):
     norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode)
     arith = _arith(norm, residual.dtype, scale)
     odt = _kernel_dtype(out_dtype)
+    if self._wide_forward(x, residual, scale, odt, bias, cast_mode):
+      return mw.forward(x, scale, residual, eps=eps,
+                        scale_offset=scale_offset, num_sms=self.num_sms)
     p = self._plan("fwd", *x.shape, [x.dtype, residual.dtype],
                    [odt, residual.dtype], scale, bias)
     y, h, rstd = mk.forward(x, residual, _kernel_scale(scale, p), plan=p,

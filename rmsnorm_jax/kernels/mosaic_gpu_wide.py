@@ -444,4 +444,308 @@ def backward(x, scale, rstd, dy, *, scale_offset: float = 0.0,
                       pass1_loop=pass1_loop)
 
 
-__all__ = ["backward", "plan", "rstd_rows", "shape_reason", "smem_bytes"]
+
+
+
+# ---------------------------------------------------------------- forward --
+# The forward of wide rows stores its outputs from the inputs' own shared
+# memory: y is written over the row of x, and (fused) h over the row of the
+# residual, then copied out by TMA from there. Two stages of one input row
+# each (64 KB at 32768 bfloat16 columns) beside the scale then fit where
+# separate output buffers (256 KB) would not.
+FWD_CHUNK_VALUES = 32
+# rstd leaves each step as the first RSTD_COLS of a row-broadcast tile: the
+# smallest copy the engine moves is 16 bytes, and neither a one-element
+# vector nor a scalar from registers stores to shared memory in jax 0.11's
+# Mosaic GPU (an unsatisfiable layout, or a failed transfer plan).
+RSTD_COLS = 4
+
+
+def forward_smem_bytes(hidden: int, stages: int, *, x_size: int,
+                       scale_size: int | None, has_residual: bool) -> int:
+  """Shared memory of one forward CTA, as the Mosaic GPU lowering allocates
+  it: the scale (or a placeholder), the row's rstd tile (``RSTD_COLS``),
+  ``stages`` rows of x (and of the residual), the cross-warp reduction
+  scratch and the barriers."""
+  fixed = (_align(hidden * scale_size) if scale_size else _align(128 * 4))
+  fixed += _align(4 * THREADS * (16 // x_size))
+  n_in = 1 + has_residual
+  pipeline = n_in * _align(stages * hidden * x_size)
+  barriers = (1 + stages) * BARRIER_BYTES
+  return fixed + pipeline + REDUCTION_SCRATCH + barriers
+
+
+def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
+                 has_scale: bool = True, has_residual: bool = False,
+                 sms: int = DEFAULT_NUM_SMS, stages: int | None = None,
+                 chunk: int | None = None, grid: int | None = None) -> Plan:
+  """The launch of one ``forward`` call.
+
+  Args:
+    rows, hidden: the 2-D problem.
+    x_dtype: of x, the residual and y (the outputs overwrite the inputs'
+      shared memory, so they share one dtype).
+    scale_dtype: of the scale (default x's); has_scale: whether there is one.
+    has_residual: the fused residual forward.
+    sms: SMs the persistent grid covers.
+    stages, chunk, grid: overrides (timing sweeps); chunk is in columns.
+
+  Returns:
+    A ``mosaic_gpu_kernels.Plan`` of one-row blocks and one-row groups.
+
+  Raises:
+    ValueError: the shape or an override cannot be served (the message says
+      why).
+  """
+  if rows < 1 or hidden < 1:
+    raise ValueError(f"empty problem: rows={rows}, hidden={hidden}.")
+  scale_dtype = x_dtype if scale_dtype is None else scale_dtype
+  xs = _itemsize(x_dtype)
+  ws = _itemsize(scale_dtype) if has_scale else None
+  vec = 16 // xs
+  unit = THREADS * vec
+  if hidden % unit:
+    raise ValueError(
+        f"hidden={hidden} is not a multiple of {unit} columns (128 threads "
+        f"of {vec}-element vectors).")
+  if chunk is None:
+    chunk = unit
+    while ((chunk * 2) // THREADS <= FWD_CHUNK_VALUES
+           and hidden % (chunk * 2) == 0):
+      chunk *= 2
+  elif chunk % unit or hidden % chunk:
+    raise ValueError(f"chunk={chunk} must be a multiple of {unit} dividing "
+                     f"hidden={hidden}.")
+  steps = -(-rows // (grid or min(rows, sms)))
+  g = -(-rows // steps)
+
+  def need(st):
+    return forward_smem_bytes(hidden, st, x_size=xs, scale_size=ws,
+                              has_residual=has_residual)
+
+  if stages is None:
+    st = next((s for s in range(MAX_STAGES, MIN_STAGES - 1, -1)
+               if need(s) <= SMEM_LIMIT), None)
+    if st is None:
+      raise ValueError(
+          f"rows of hidden={hidden} ({np.dtype(x_dtype).name}"
+          + (" x and residual" if has_residual else " x")
+          + (f", {np.dtype(scale_dtype).name} scale" if has_scale else "")
+          + f") need {need(MIN_STAGES)} bytes of shared memory for "
+          f"{MIN_STAGES} pipeline stages; a Hopper block has {SMEM_LIMIT}.")
+  else:
+    st = stages
+    if st < 1 or need(st) > SMEM_LIMIT:
+      raise ValueError(f"stages={st} does not fit {SMEM_LIMIT} bytes of "
+                       f"shared memory at hidden={hidden}.")
+  return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
+              chunk=chunk, vec=vec, kind="wide", lanes=32, stages=st,
+              grid=g, steps=steps, k=box_cols(hidden))
+
+
+def forward_shape_reason(rows: int, hidden: int, dtype, scale_dtype=None,
+                         has_scale: bool = True, has_residual: bool = False,
+                         out_dtype=None, residual_dtype=None) -> str | None:
+  """Why ``forward`` cannot serve this call, or None when it can.
+
+  Args:
+    rows, hidden: the 2-D problem; dtype: of x.
+    scale_dtype: of the scale (default dtype); has_scale: whether there is
+      one; has_residual: the fused forward.
+    out_dtype, residual_dtype: of y and of the residual (default dtype).
+  """
+  for name, dt in (("x", dtype), ("scale", scale_dtype)):
+    if dt is not None and np.dtype(dt) not in SUPPORTED_DTYPES:
+      return (f"{name} dtype {np.dtype(dt).name} is not float32, bfloat16 "
+              "or float16")
+  for name, dt in (("out_dtype", out_dtype),
+                   ("residual dtype", residual_dtype)):
+    if dt is not None and np.dtype(dt) != np.dtype(dtype):
+      return (f"{name} {np.dtype(dt).name} differs from x's "
+              f"{np.dtype(dtype).name} (the output is written over the "
+              "input's shared memory)")
+  try:
+    forward_plan(rows, hidden, x_dtype=dtype, scale_dtype=scale_dtype,
+                 has_scale=has_scale, has_residual=has_residual)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
+                  offset: float, store_chunks: bool):
+  rows, hidden = x.shape
+  has_scale, has_res = scale is not None, residual is not None
+  k, C = plan.k, plan.chunk
+  nch = hidden // C
+  inv_h = 1.0 / hidden
+  shape = (1, C)
+  tile = (1, THREADS * plan.vec)
+  view = jax.ShapeDtypeStruct((rows, hidden // k, k), x.dtype)
+  out_types = [view] + ([view] if has_res else []) + [
+      jax.ShapeDtypeStruct((rows, RSTD_COLS), _F32)]
+  scratch = [plgpu.SMEM((nch, C) if has_scale else (128,),
+                        scale.dtype if has_scale else _F32),
+             plgpu.Barrier(),
+             plgpu.SMEM(tile, _F32)]
+
+  def kernel(*refs):
+    it = iter(refs)
+    x_g = next(it)
+    r_g = next(it) if has_res else None
+    w_g = next(it) if has_scale else None
+    y_g = next(it)
+    h_g = next(it) if has_res else None
+    rstd_g = next(it)
+    w_s, bar, rst_s = next(it), next(it), next(it)
+    cast = _Cast(plan)
+    cta = lax.axis_index("cta")
+    if has_scale:
+      plgpu.copy_gmem_to_smem(w_g, w_s, bar,
+                              oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+    b0 = cta * plan.steps
+    n = jnp.minimum(plan.steps, rows - b0)
+    block = pl.BlockSpec((1, hidden // k, k), lambda s: (b0 + s, 0, 0))
+    full = slice(None)
+
+    def body(idx, x_b, r_b=None):
+      if has_scale:
+        # The scale's copy runs beside the pipeline's first loads.
+        pl.when(idx[0] == 0)(lambda: plgpu.barrier_wait(bar))
+      row = pl.ds(b0 + idx[0], 1)
+      x2 = x_b.reshape(nch, C)
+      r2 = r_b.reshape(nch, C) if has_res else None
+
+      def square(c, acc):
+        sl = pl.ds(c, 1)
+        v = cast.load(x2, sl, full)
+        if has_res:
+          h = (v + cast.load(r2, sl, full)).astype(r2.dtype)
+          # Each thread reads back only what it wrote (same layout).
+          r2[sl, full] = h
+          v = h.astype(_F32)
+        return acc + v * v
+
+      acc = lax.fori_loop(0, nch, square,
+                          plgpu.layout_cast(jnp.zeros(shape, _F32),
+                                            cast.full))
+      rstd = lax.rsqrt(jnp.sum(acc, axis=1) * inv_h + eps)
+      rst_s[...] = cast.rows_b(rstd, tile)
+      if has_res:
+        # h leaves while y is computed.
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(r_b, h_g.at[row])
+      rb = cast.rows_b(rstd, shape)
+      for c in range(nch):
+        # Unrolled: a store at a dynamic chunk index does not lower. The
+        # barrier keeps the compilers from loading later chunks early
+        # (``backward``'s ``fence``).
+        sl = pl.ds(c, 1)
+        y = cast.load(r2 if has_res else x2, sl, full) * rb
+        if has_scale:
+          w = load(w_s, (sl, full), layout=cast.full,
+                   optimized=False).astype(_F32)
+          y = y * (w + offset if offset else w)
+        x2[sl, full] = lax.optimization_barrier(y).astype(x2.dtype)
+        if store_chunks:
+          # Each chunk leaves as soon as it is written, so that little is
+          # left to drain when the step ends.
+          plgpu.commit_smem()
+          piece = pl.ds(c * (C // k), C // k)
+          plgpu.copy_smem_to_gmem(x_b.at[:, piece], y_g.at[row, piece])
+      plgpu.commit_smem()
+      if not store_chunks:
+        plgpu.copy_smem_to_gmem(x_b, y_g.at[row])
+      plgpu.copy_smem_to_gmem(rst_s.at[:, pl.ds(0, RSTD_COLS)],
+                              rstd_g.at[row])
+      # The pipeline loads the row after next into these buffers as soon as
+      # this step returns, and the next step rewrites rst_s: the copies out
+      # must have read them by then.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    plgpu.emit_pipeline(
+        body, grid=(n,), in_specs=[block] * (1 + has_res),
+        max_concurrent_steps=plan.stages)(
+            *((x_g, r_g) if has_res else (x_g,)))
+    plgpu.wait_smem_to_gmem(0)
+
+  args = [_view3(x, k)] + ([_view3(residual, k)] if has_res else [])
+  if has_scale:
+    args.append(scale.reshape(nch, C))
+  outs = list(plgpu.kernel(
+      kernel, out_type=tuple(out_types), scratch_types=scratch,
+      grid=(plan.grid,), grid_names=("cta",),
+      compiler_params=plgpu.CompilerParams(
+          unsafe_no_auto_barriers=True,
+          reduction_scratch_bytes=REDUCTION_SCRATCH))(*args))
+  outs[0] = outs[0].reshape(rows, hidden)
+  if has_res:
+    outs[1] = outs[1].reshape(rows, hidden)
+  outs[-1] = outs[-1][:, 0]
+  return tuple(outs)
+
+
+def forward(x, scale, residual=None, *, eps: float = 1e-6,
+            scale_offset: float = 0.0, num_sms: int | None = None,
+            stages: int | None = None, chunk: int | None = None,
+            grid: int | None = None, store_chunks: bool = False):
+  """RMSNorm forward of wide rows on Hopper: ``(y, rstd)`` or, with a
+  residual, ``(y, h, rstd)``.
+
+  ``h = x + residual`` (rounded to the residual's dtype) when a residual is
+  given, else ``h = x``; ``rstd = 1 / sqrt(mean(h^2) + eps)`` and ``y = h *
+  rstd * (scale + scale_offset)``, float32 throughout, rounded once to x's
+  dtype. Each row's sum of squares runs in column chunks in a fixed order.
+
+  Args:
+    x: (rows, hidden) float32, bfloat16 or float16.
+    scale: None or (hidden,) float32/bfloat16/float16.
+    residual: None or (rows, hidden) in x's dtype.
+    eps: added to the mean square; scale_offset: added to the scale (1.0
+      for Gemma's ``1 + scale``).
+    num_sms: SMs the grid covers (default: the device's, else 132).
+    stages, chunk, grid: launch overrides for sweeps (``forward_plan``).
+    store_chunks: copy y out chunk by chunk as it is written, rather than
+      the whole row at the end of the step.
+
+  Returns:
+    y (rows, hidden) in x's dtype, h likewise (with a residual), and rstd
+    float32 (rows,).
+
+  Raises:
+    TypeError: an array of an unsupported dtype, or a residual whose dtype
+      is not x's.
+    ValueError: shapes that disagree, or a shape ``forward_plan`` cannot
+      serve.
+  """
+  if getattr(x, "ndim", None) != 2:
+    raise ValueError(f"x must be 2-D (rows, hidden); got shape "
+                     f"{getattr(x, 'shape', None)}.")
+  rows, hidden = x.shape
+  for name, a in (("x", x), ("scale", scale)):
+    if a is not None and np.dtype(a.dtype) not in SUPPORTED_DTYPES:
+      raise TypeError(f"{name} must be float32, bfloat16 or float16; got "
+                      f"{name} of dtype {a.dtype} and shape {a.shape}.")
+  if residual is not None:
+    if tuple(residual.shape) != (rows, hidden):
+      raise ValueError(f"residual must have x's shape {(rows, hidden)}; got "
+                       f"{tuple(residual.shape)}.")
+    if residual.dtype != x.dtype:
+      raise TypeError(f"residual must have x's dtype {x.dtype} (h is "
+                      f"written over it); got {residual.dtype}.")
+  if scale is not None and tuple(scale.shape) != (hidden,):
+    raise ValueError(f"scale must have shape {(hidden,)}; got "
+                     f"{tuple(scale.shape)}.")
+  sms = num_sms or gpu_tiling.num_sms()
+  p = forward_plan(rows, hidden, x_dtype=x.dtype,
+                   scale_dtype=None if scale is None else scale.dtype,
+                   has_scale=scale is not None,
+                   has_residual=residual is not None, sms=sms,
+                   stages=stages, chunk=chunk, grid=grid)
+  return _forward_call(x, residual, scale, plan=p, eps=float(eps),
+                       offset=float(scale_offset), store_chunks=store_chunks)
+
+
+__all__ = ["backward", "forward", "forward_plan", "forward_shape_reason",
+           "forward_smem_bytes", "plan", "rstd_rows", "shape_reason",
+           "smem_bytes"]
