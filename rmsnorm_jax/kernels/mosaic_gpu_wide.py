@@ -1,4 +1,9 @@
-"""Mosaic GPU (Hopper) backward for rows too wide for ``MosaicGpu``'s plans.
+"""Mosaic GPU (Hopper) backward and forward for rows too wide for
+``MosaicGpu``'s plans.
+
+The forward (``forward``, below the backward) writes y over x's row in
+shared memory and copies it out from there (docs/mosaic_gpu.md, "Wide-row
+forward"); the rest of this docstring is the backward's.
 
 ``mosaic_gpu_kernels.backward`` keeps the float32 dscale accumulator in
 shared memory beside two pipeline stages of x, dy and dx, which caps 16-bit
