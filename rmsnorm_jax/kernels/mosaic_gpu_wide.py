@@ -122,6 +122,56 @@ def smem_bytes(hidden: int, stages: int, rstd_rows: int, *, x_size: int,
   return fixed + max(pipeline + REDUCTION_SCRATCH, partial) + barriers
 
 
+def _vector(hidden: int, itemsize: int) -> tuple[int, int]:
+  """(elements per 16-byte vector, columns one pass of the warpgroup
+  covers); hidden must be a multiple of the latter."""
+  vec = 16 // itemsize
+  unit = THREADS * vec
+  if hidden % unit:
+    raise ValueError(
+        f"hidden={hidden} is not a multiple of {unit} columns (128 threads "
+        f"of {vec}-element vectors).")
+  return vec, unit
+
+
+def _chunk(hidden: int, unit: int, chunk: int | None,
+           max_values: int) -> int:
+  """The columns of one register chunk: the override, checked, or the
+  widest multiple of ``unit`` dividing hidden with at most ``max_values``
+  float32 values a thread."""
+  if chunk is None:
+    chunk = unit
+    while ((chunk * 2) // THREADS <= max_values
+           and hidden % (chunk * 2) == 0):
+      chunk *= 2
+  elif chunk % unit or hidden % chunk:
+    raise ValueError(f"chunk={chunk} must be a multiple of {unit} dividing "
+                     f"hidden={hidden}.")
+  return chunk
+
+
+def _stages(need, stages: int | None, hidden: int, arrays: str) -> int:
+  """The pipeline depth: the override, checked, or the deepest of
+  MIN_STAGES..MAX_STAGES whose shared memory ``need(stages)`` fits.
+
+  Raises:
+    ValueError: naming ``arrays`` (the rows' dtypes) and the bytes needed.
+  """
+  if stages is not None:
+    if stages < 1 or need(stages) > SMEM_LIMIT:
+      raise ValueError(f"stages={stages} does not fit {SMEM_LIMIT} bytes of "
+                       f"shared memory at hidden={hidden}.")
+    return stages
+  st = next((s for s in range(MAX_STAGES, MIN_STAGES - 1, -1)
+             if need(s) <= SMEM_LIMIT), None)
+  if st is None:
+    raise ValueError(
+        f"rows of hidden={hidden} ({arrays}) need {need(MIN_STAGES)} bytes "
+        f"of shared memory for {MIN_STAGES} pipeline stages; a Hopper block "
+        f"has {SMEM_LIMIT}.")
+  return st
+
+
 def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
          has_scale: bool = True, sms: int = DEFAULT_NUM_SMS,
          stages: int | None = None, chunk: int | None = None,
@@ -148,12 +198,7 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
   scale_dtype = x_dtype if scale_dtype is None else scale_dtype
   xs, ds = _itemsize(x_dtype), _itemsize(dy_dtype)
   ws = _itemsize(scale_dtype) if has_scale else None
-  vec = 16 // max(xs, ds)
-  unit = THREADS * vec
-  if hidden % unit:
-    raise ValueError(
-        f"hidden={hidden} is not a multiple of {unit} columns (128 threads "
-        f"of {vec}-element vectors).")
+  vec, unit = _vector(hidden, max(xs, ds))
   if has_scale and hidden // THREADS > MAX_CARRY_VALUES:
     raise ValueError(
         f"rows of hidden={hidden} need {hidden // THREADS} float32 dscale "
@@ -161,42 +206,19 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
   if (hidden * min(xs, ds, ws or 4)) % 128:
     raise ValueError(f"rows of hidden={hidden} are not whole 128-byte pieces "
                      "for the copy engine.")
-  if chunk is None:
-    chunk = unit
-    while ((chunk * 2) // THREADS <= CHUNK_VALUES
-           and hidden % (chunk * 2) == 0):
-      chunk *= 2
-  elif chunk % unit or hidden % chunk:
-    raise ValueError(f"chunk={chunk} must be a multiple of {unit} dividing "
-                     f"hidden={hidden}.")
+  chunk = _chunk(hidden, unit, chunk, CHUNK_VALUES)
   k = box_cols(hidden)
   g = grid or min(rows, sms)
   # Each CTA's rstd starts on a 16-byte boundary (the copy engine's
   # alignment): a multiple of 4 rows per CTA.
   steps = min(-(-(-(-rows // g)) // 4) * 4, MAX_CTA_ROWS)
   g = -(-rows // steps)
-
-  def fits(st):
-    return smem_bytes(hidden, st, rstd_rows(steps), x_size=xs, dy_size=ds,
-                      scale_size=ws) <= SMEM_LIMIT
-
-  if stages is None:
-    st = next((s for s in range(MAX_STAGES, MIN_STAGES - 1, -1) if fits(s)),
-              None)
-    if st is None:
-      need = smem_bytes(hidden, MIN_STAGES, rstd_rows(steps), x_size=xs, dy_size=ds,
-                        scale_size=ws)
-      raise ValueError(
-          f"rows of hidden={hidden} ({np.dtype(x_dtype).name} x and dx, "
-          f"{np.dtype(dy_dtype).name} dy"
-          + (f", {np.dtype(scale_dtype).name} scale" if has_scale else "")
-          + f") need {need} bytes of shared memory for {MIN_STAGES} "
-          f"pipeline stages; a Hopper block has {SMEM_LIMIT}.")
-  else:
-    st = stages
-    if st < 1 or not fits(st):
-      raise ValueError(f"stages={st} does not fit {SMEM_LIMIT} bytes of "
-                       f"shared memory at hidden={hidden}.")
+  st = _stages(
+      lambda st: smem_bytes(hidden, st, rstd_rows(steps), x_size=xs,
+                            dy_size=ds, scale_size=ws),
+      stages, hidden,
+      f"{np.dtype(x_dtype).name} x and dx, {np.dtype(dy_dtype).name} dy"
+      + (f", {np.dtype(scale_dtype).name} scale" if has_scale else ""))
   return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
               chunk=chunk, vec=vec, kind="wide", lanes=32, stages=st,
               grid=g, steps=steps, k=k)
@@ -507,42 +529,17 @@ def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
   scale_dtype = x_dtype if scale_dtype is None else scale_dtype
   xs = _itemsize(x_dtype)
   ws = _itemsize(scale_dtype) if has_scale else None
-  vec = 16 // xs
-  unit = THREADS * vec
-  if hidden % unit:
-    raise ValueError(
-        f"hidden={hidden} is not a multiple of {unit} columns (128 threads "
-        f"of {vec}-element vectors).")
-  if chunk is None:
-    chunk = unit
-    while ((chunk * 2) // THREADS <= FWD_CHUNK_VALUES
-           and hidden % (chunk * 2) == 0):
-      chunk *= 2
-  elif chunk % unit or hidden % chunk:
-    raise ValueError(f"chunk={chunk} must be a multiple of {unit} dividing "
-                     f"hidden={hidden}.")
+  vec, unit = _vector(hidden, xs)
+  chunk = _chunk(hidden, unit, chunk, FWD_CHUNK_VALUES)
   steps = -(-rows // (grid or min(rows, sms)))
   g = -(-rows // steps)
-
-  def need(st):
-    return forward_smem_bytes(hidden, st, x_size=xs, scale_size=ws,
-                              has_residual=has_residual)
-
-  if stages is None:
-    st = next((s for s in range(MAX_STAGES, MIN_STAGES - 1, -1)
-               if need(s) <= SMEM_LIMIT), None)
-    if st is None:
-      raise ValueError(
-          f"rows of hidden={hidden} ({np.dtype(x_dtype).name}"
-          + (" x and residual" if has_residual else " x")
-          + (f", {np.dtype(scale_dtype).name} scale" if has_scale else "")
-          + f") need {need(MIN_STAGES)} bytes of shared memory for "
-          f"{MIN_STAGES} pipeline stages; a Hopper block has {SMEM_LIMIT}.")
-  else:
-    st = stages
-    if st < 1 or need(st) > SMEM_LIMIT:
-      raise ValueError(f"stages={st} does not fit {SMEM_LIMIT} bytes of "
-                       f"shared memory at hidden={hidden}.")
+  st = _stages(
+      lambda st: forward_smem_bytes(hidden, st, x_size=xs, scale_size=ws,
+                                    has_residual=has_residual),
+      stages, hidden,
+      np.dtype(x_dtype).name
+      + (" x and residual" if has_residual else " x")
+      + (f", {np.dtype(scale_dtype).name} scale" if has_scale else ""))
   return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
               chunk=chunk, vec=vec, kind="wide", lanes=32, stages=st,
               grid=g, steps=steps, k=box_cols(hidden))
