@@ -196,6 +196,49 @@ def test_per_head_plan():
             heads=3, block_rows=16)
 
 
+@pytest.mark.parametrize("shape", _ids([(300, 1024), (64, 16384),
+                                        (64, 32768)]))
+def test_kernels_lower_for_cuda_under_x64(shape):
+  # With jax_enable_x64 on, every op (the wide kernels at 16384 and 32768
+  # columns) traces and lowers, with the outputs it has with x64 off.
+  impl = MosaicGpu(num_sms=132)
+  rows, hidden = shape
+  s = jax.ShapeDtypeStruct
+  x, w = s(shape, jnp.bfloat16), s((hidden,), jnp.bfloat16)
+  rs = s((rows,), jnp.float32)
+  calls = [
+      ("forward", lambda x, w: impl.forward_kernel(
+          x, w, eps=1e-6, scale_offset=0.0, out_dtype=x.dtype), (x, w)),
+      ("backward", lambda x, w, r: impl.backward_kernel(
+          x, w, r, x, scale_offset=0.0), (x, w, rs)),
+      ("residual_forward", lambda x, w: impl.residual_forward_kernel(
+          x, x, w, eps=1e-6, scale_offset=0.0, out_dtype=x.dtype), (x, w)),
+      ("residual_backward", lambda x, w, r: impl.residual_backward_kernel(
+          x, w, r, x, x, scale_offset=0.0), (x, w, rs)),
+      ("quantized_forward", lambda x, w: rj.rms_norm_quantized(
+          x, w, backend=impl), (x, w)),
+  ]
+  lowered = []
+  for op, fn, args in calls:
+    if impl.cannot_serve(base.Call(
+        op=op, rows=rows, hidden=hidden,
+        dtype=np.dtype(jnp.bfloat16), scale_shape=(hidden,),
+        norm=base.Norm(eps=1e-6, out_dtype=np.dtype(jnp.bfloat16),
+                       quant_dtype=(np.dtype(jnp.int8)
+                                    if op == "quantized_forward" else None)),
+        scale_dtype=np.dtype(jnp.bfloat16), has_residual=False)):
+      continue
+    want = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    with jax.enable_x64(True):
+      got = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert "mosaic_gpu" in got.mlir_module(), op
+    assert got.out_avals == want.out_avals, op
+    lowered.append(op)
+  # The forward is served at every width here; at 1024 columns every op.
+  assert "forward" in lowered
+  assert hidden > 1024 or len(lowered) == len(calls)
+
+
 def test_public_api_lowers_for_cuda():
   # Forward and both gradients through rms_norm / rms_norm_residual, as a
   # user selects the implementation.
@@ -746,3 +789,24 @@ def test_per_head_matches_float64(heads, head_dim, dtype):
     _, s_want = reference.emulate_quantize(np.asarray(y32), jnp.int8)
     np.testing.assert_array_equal(np.asarray(q_scale), s_want)
     assert_quantized_near_rule(q, y32, jnp.int8)
+
+
+@hopper
+@pytest.mark.parametrize("shape", _ids([(8192, 4096), (300, 16384),
+                                        (300, 32768)]))
+def test_public_api_under_x64_matches_x64_off(shape):
+  # The default call with jax_enable_x64 on: the same kernels ("auto" takes
+  # the Mosaic GPU backward at 8192x4096, the wide backward at 16384 and the
+  # wide forward at 32768 columns), the same bits.
+  rng = rng_for("x64", *shape)
+  x = random(rng, shape, jnp.bfloat16, mean=0.3)
+  w = random(rng, shape[-1:], jnp.bfloat16, mean=1.0, scale=0.3)
+  dy = random(rng, shape, jnp.bfloat16)
+  f = lambda x, w: rj.rms_norm(x, w)
+  want = outputs_and_vjp(f, (x, w), dy)
+  with jax.enable_x64(True):
+    got = outputs_and_vjp(f, (x, w), dy)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == e.dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                  np.asarray(e, np.float32))

@@ -26,9 +26,9 @@ instead of shared memory. The plain forward and fused forward (the same
 restrictions, every array in x's dtype) of rows the plans here cannot hold
 run ``mosaic_gpu_wide.forward``, which writes y over x's shared memory: the
 forward up to 32768 16-bit columns, the fused forward up to 16384. Other
-ops on rows that wide are left to ``PallasGpu``. The quantized forward writes 1-byte rows, so it needs hidden
-a multiple of 128, and is planned as the forward with a float32 y (whose
-values it quantizes). The per-head scale (``Plan.head_rows``) and cast_mode
+ops on rows that wide are left to ``PallasGpu``. The quantized forward
+writes 1-byte rows, so it needs hidden a multiple of 128, and is planned as
+the forward with a float32 y (whose values it quantizes). The per-head scale (``Plan.head_rows``) and cast_mode
 "llama" (``mk.Arith``) are served by every op.
 """
 
@@ -713,8 +713,11 @@ class MosaicGpu(base.Implementation):
     arith = _arith(norm, x.dtype, scale)
     odt = _kernel_dtype(out_dtype)
     if self._wide_forward(x, None, scale, odt, bias, cast_mode):
-      return mw.forward(x, scale, eps=eps, scale_offset=scale_offset,
-                        num_sms=self.num_sms)
+      # y in x's dtype, which is odt (a float64 out_dtype is computed in
+      # float32 and cast, as below).
+      y, rstd = mw.forward(x, scale, eps=eps, scale_offset=scale_offset,
+                           num_sms=self.num_sms)
+      return y.astype(out_dtype), rstd
     p = self._plan("fwd", *x.shape, [x.dtype], [odt], scale, bias)
     y, rstd = mk.forward(x, None, _kernel_scale(scale, p), plan=p, eps=eps,
                          offset=_offset(norm, arith), out_dtype=odt,
@@ -767,8 +770,10 @@ class MosaicGpu(base.Implementation):
     arith = _arith(norm, residual.dtype, scale)
     odt = _kernel_dtype(out_dtype)
     if self._wide_forward(x, residual, scale, odt, bias, cast_mode):
-      return mw.forward(x, scale, residual, eps=eps,
-                        scale_offset=scale_offset, num_sms=self.num_sms)
+      y, h, rstd = mw.forward(x, scale, residual, eps=eps,
+                              scale_offset=scale_offset,
+                              num_sms=self.num_sms)
+      return y.astype(out_dtype), h, rstd
     p = self._plan("fwd", *x.shape, [x.dtype, residual.dtype],
                    [odt, residual.dtype], scale, bias)
     y, h, rstd = mk.forward(x, residual, _kernel_scale(scale, p), plan=p,

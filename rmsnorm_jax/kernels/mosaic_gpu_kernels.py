@@ -175,10 +175,27 @@ class _Cast:
     return plgpu.layout_cast(lax.broadcast_in_dim(v, shape, (1,)), self.full)
 
 
-def _params(plan: Plan):
-  # One warpgroup; reductions across its four warps go through this scratch.
-  return plgpu.CompilerParams(unsafe_no_auto_barriers=True,
-                              reduction_scratch_bytes=2048)
+# Reductions across a warpgroup's four warps go through this scratch.
+REDUCTION_SCRATCH = 2048
+
+
+def run_kernel(kernel, args, *, out_types, scratch, grid: int,
+               reduction_scratch: int = REDUCTION_SCRATCH):
+  """``kernel`` on a persistent grid of ``grid`` one-warpgroup CTAs (axis
+  "cta"), applied to ``args``; returns its outputs (``out_types``).
+
+  Traced with 32-bit types even where ``jax_enable_x64`` is on: in 64-bit
+  mode ``plgpu.emit_pipeline`` compares its Python step count, traced as
+  int64, with the int32 step index and fails to trace. The kernels' inputs
+  and outputs are float32, 16-bit or 8-bit either way.
+  """
+  with jax.enable_x64(False):
+    return plgpu.kernel(
+        kernel, out_type=tuple(out_types), scratch_types=scratch,
+        grid=(grid,), grid_names=("cta",),
+        compiler_params=plgpu.CompilerParams(
+            unsafe_no_auto_barriers=True,
+            reduction_scratch_bytes=reduction_scratch))(*args)
 
 
 def _block_spec(plan: Plan, b0, n3: bool = True):
@@ -480,10 +497,8 @@ def forward(x, residual, scale, *, plan: Plan, eps: float, offset: float,
       [bias] if has_bias else []) + (
           [jnp.broadcast_to(jnp.asarray(quant_inverse, _F32).reshape(-1)[:1],
                             (_QI_LEN,))] if q_static else [])
-  outs = plgpu.kernel(
-      kernel, out_type=tuple(out_types), scratch_types=scratch,
-      grid=(plan.grid,), grid_names=("cta",),
-      compiler_params=_params(plan))(*args)
+  outs = run_kernel(kernel, args, out_types=out_types, scratch=scratch,
+                    grid=plan.grid)
   outs = list(outs)
   outs[0] = outs[0].reshape(rows, hidden)
   if has_res:
@@ -688,10 +703,8 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
       plgpu.wait_smem_to_gmem(0)
 
   args = inputs + ([scale.reshape(w_shape)] if has_scale else [])
-  outs = plgpu.kernel(
-      kernel, out_type=tuple(out_types), scratch_types=scratch,
-      grid=(plan.grid,), grid_names=("cta",),
-      compiler_params=_params(plan))(*args)
+  outs = run_kernel(kernel, args, out_types=out_types, scratch=scratch,
+                    grid=plan.grid)
   dx = outs[0].reshape(rows, hidden)
   dscale = None
   if not n_acc:

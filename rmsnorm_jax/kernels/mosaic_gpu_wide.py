@@ -57,6 +57,7 @@ from rmsnorm_jax.kernels.mosaic_gpu_kernels import _Cast
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import _view3
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import box_cols
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import load
+from rmsnorm_jax.kernels.mosaic_gpu_kernels import run_kernel
 
 _F32 = jnp.float32
 
@@ -391,12 +392,8 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
   args = [_view3(x, k), _view3(dy, k), rstd]
   if has_scale:
     args.append(scale.reshape(nch, C))
-  outs = plgpu.kernel(
-      kernel, out_type=tuple(out_types), scratch_types=scratch,
-      grid=(plan.grid,), grid_names=("cta",),
-      compiler_params=plgpu.CompilerParams(
-          unsafe_no_auto_barriers=True,
-          reduction_scratch_bytes=REDUCTION_SCRATCH))(*args)
+  outs = run_kernel(kernel, args, out_types=out_types, scratch=scratch,
+                    grid=plan.grid, reduction_scratch=REDUCTION_SCRATCH)
   dx = outs[0].reshape(rows, hidden)
   if not has_scale:
     return dx, None
@@ -674,12 +671,8 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
   args = [_view3(x, k)] + ([_view3(residual, k)] if has_res else [])
   if has_scale:
     args.append(scale.reshape(nch, C))
-  outs = list(plgpu.kernel(
-      kernel, out_type=tuple(out_types), scratch_types=scratch,
-      grid=(plan.grid,), grid_names=("cta",),
-      compiler_params=plgpu.CompilerParams(
-          unsafe_no_auto_barriers=True,
-          reduction_scratch_bytes=REDUCTION_SCRATCH))(*args))
+  outs = list(run_kernel(kernel, args, out_types=out_types, scratch=scratch,
+                         grid=plan.grid, reduction_scratch=REDUCTION_SCRATCH))
   outs[0] = outs[0].reshape(rows, hidden)
   if has_res:
     outs[1] = outs[1].reshape(rows, hidden)
