@@ -237,6 +237,14 @@ def test_kernels_lower_for_cuda_under_x64(shape):
   # The forward is served at every width here; at 1024 columns every op.
   assert "forward" in lowered
   assert hidden > 1024 or len(lowered) == len(calls)
+  # And the default call's gradient, as a user with x64 on makes it:
+  # "auto" runs Mosaic GPU kernels at 16384 (backward) and 32768 (forward)
+  # columns, the Triton kernels at 1024.
+  loss = lambda x, w: jnp.sum(rj.rms_norm(x, w).astype(jnp.float32))
+  with jax.enable_x64(True):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert ("custom_call @mosaic_gpu" in text) == (hidden >= 16384)
 
 
 def test_public_api_lowers_for_cuda():
