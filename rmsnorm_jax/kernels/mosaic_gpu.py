@@ -28,8 +28,9 @@ run ``mosaic_gpu_wide.forward``, which writes y over x's shared memory: the
 forward up to 32768 16-bit columns, the fused forward up to 16384. Other
 ops on rows that wide are left to ``PallasGpu``. The quantized forward
 writes 1-byte rows, so it needs hidden a multiple of 128, and is planned as
-the forward with a float32 y (whose values it quantizes). The per-head scale (``Plan.head_rows``) and cast_mode
-"llama" (``mk.Arith``) are served by every op.
+the forward with a float32 y (whose values it quantizes). The per-head
+scale (``Plan.head_rows``) and cast_mode "llama" (``mk.Arith``) are served
+by every op.
 """
 
 from __future__ import annotations
@@ -389,18 +390,16 @@ def _wide_call_reason(call: base.Call) -> str | None:
     rows, hidden = int(call.rows), int(call.hidden)
   except TypeError:
     return "the shape is not static"
-  if call.op != "backward":
-    return wide_forward_reason(
-        rows, hidden, call.dtype, scale_dtype=call.scale_dtype,
-        has_scale=bool(call.scale_shape), out_dtype=call.norm.out_dtype,
-        has_residual=call.op == "residual_forward",
-        plain=(not call.has_bias and call.norm.cast_mode == "float32"
-               and len(call.scale_shape) < 2))
-  return wide_backward_reason(
-      rows, hidden, call.dtype, scale_dtype=call.scale_dtype,
-      has_scale=bool(call.scale_shape), dy_dtype=call.norm.out_dtype,
+  common_args = dict(
+      scale_dtype=call.scale_dtype, has_scale=bool(call.scale_shape),
       plain=(not call.has_bias and call.norm.cast_mode == "float32"
              and len(call.scale_shape) < 2))
+  if call.op != "backward":
+    return wide_forward_reason(
+        rows, hidden, call.dtype, out_dtype=call.norm.out_dtype,
+        has_residual=call.op == "residual_forward", **common_args)
+  return wide_backward_reason(rows, hidden, call.dtype,
+                              dy_dtype=call.norm.out_dtype, **common_args)
 
 
 def _arith(norm: base.Norm, x_dtype, scale, quant_static=False) -> mk.Arith:

@@ -246,6 +246,44 @@ def shape_reason(rows: int, hidden: int, dtype, scale_dtype=None,
   return None
 
 
+def _scale_row(cast, w_s, c, offset: float):
+  """Chunk ``c`` of the scale (held as ``(chunks, chunk)`` in shared memory)
+  plus ``offset``, float32, in the layout of one row's chunk."""
+  # Read straight into the layout of one row (a column vector broadcast to
+  # one row fails jax 0.11's layout inference;
+  # mosaic_gpu_kernels.Plan.row_scale).
+  w = load(w_s, (pl.ds(c, 1), slice(None)), layout=cast.full,
+           optimized=False).astype(_F32)
+  return w + offset if offset else w
+
+
+def _check_arrays(x, scale, **like_x):
+  """``(rows, hidden)`` of x, once x is 2-D, x, the scale and the arrays
+  ``like_x`` (by name, None for absent) have supported dtypes, those arrays
+  have x's shape and the scale is ``(hidden,)``.
+
+  Raises:
+    TypeError: an unsupported dtype, naming the array.
+    ValueError: a shape that disagrees, naming the array.
+  """
+  if getattr(x, "ndim", None) != 2:
+    raise ValueError(f"x must be 2-D (rows, hidden); got shape "
+                     f"{getattr(x, 'shape', None)}.")
+  rows, hidden = x.shape
+  for name, a in (("x", x), *like_x.items(), ("scale", scale)):
+    if a is not None and np.dtype(a.dtype) not in SUPPORTED_DTYPES:
+      raise TypeError(f"{name} must be float32, bfloat16 or float16; got "
+                      f"{name} of dtype {a.dtype} and shape {a.shape}.")
+  for name, a in like_x.items():
+    if a is not None and tuple(a.shape) != (rows, hidden):
+      raise ValueError(f"{name} must have x's shape {(rows, hidden)}; got "
+                       f"{tuple(a.shape)}.")
+  if scale is not None and tuple(scale.shape) != (hidden,):
+    raise ValueError(f"scale must have shape {(hidden,)}; got "
+                     f"{tuple(scale.shape)}.")
+  return rows, hidden
+
+
 def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
                  overlap_scale: bool, fence: str | None, pass1_loop: bool):
   rows, hidden = x.shape
@@ -303,14 +341,7 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
     block = pl.BlockSpec((1, hidden // k, k), lambda s: (b0 + s, 0, 0))
 
     def scale_chunk(c):
-      if not has_scale:
-        return None
-      # Read straight into the layout of one row (a column vector broadcast
-      # to one row fails jax 0.11's layout inference;
-      # mosaic_gpu_kernels.Plan.row_scale).
-      w = load(w_s, (pl.ds(c, 1), slice(None)), layout=cast.full,
-               optimized=False).astype(_F32)
-      return w + offset if offset else w
+      return _scale_row(cast, w_s, c, offset) if has_scale else None
 
     def _fenced(v):
       # Keeps the compilers from loading later chunks of the row ahead of
@@ -439,23 +470,10 @@ def backward(x, scale, rstd, dy, *, scale_offset: float = 0.0,
     TypeError: an array of an unsupported dtype.
     ValueError: shapes that disagree, or a shape ``plan`` cannot serve.
   """
-  if getattr(x, "ndim", None) != 2:
-    raise ValueError(f"x must be 2-D (rows, hidden); got shape "
-                     f"{getattr(x, 'shape', None)}.")
-  rows, hidden = x.shape
-  for name, a in (("x", x), ("dy", dy), ("scale", scale)):
-    if a is not None and np.dtype(a.dtype) not in SUPPORTED_DTYPES:
-      raise TypeError(f"{name} must be float32, bfloat16 or float16; got "
-                      f"{name} of dtype {a.dtype} and shape {a.shape}.")
-  if tuple(dy.shape) != (rows, hidden):
-    raise ValueError(f"dy must have x's shape {(rows, hidden)}; got "
-                     f"{tuple(dy.shape)}.")
+  rows, hidden = _check_arrays(x, scale, dy=dy)
   if tuple(rstd.shape) != (rows,) or np.dtype(rstd.dtype) != np.float32:
     raise ValueError(f"rstd must be float32 of shape {(rows,)}; got "
                      f"{rstd.dtype} of shape {tuple(rstd.shape)}.")
-  if scale is not None and tuple(scale.shape) != (hidden,):
-    raise ValueError(f"scale must have shape {(hidden,)}; got "
-                     f"{tuple(scale.shape)}.")
   if fence not in (None, "value", "sync"):
     raise ValueError(f"fence must be None, 'value' or 'sync'; got {fence!r}.")
   sms = num_sms or gpu_tiling.num_sms()
@@ -642,9 +660,7 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
         sl = pl.ds(c, 1)
         y = cast.load(r2 if has_res else x2, sl, full) * rb
         if has_scale:
-          w = load(w_s, (sl, full), layout=cast.full,
-                   optimized=False).astype(_F32)
-          y = y * (w + offset if offset else w)
+          y = y * _scale_row(cast, w_s, c, offset)
         x2[sl, full] = lax.optimization_barrier(y).astype(x2.dtype)
         if store_chunks:
           # Each chunk leaves as soon as it is written, so that little is
@@ -713,24 +729,10 @@ def forward(x, scale, residual=None, *, eps: float = 1e-6,
     ValueError: shapes that disagree, or a shape ``forward_plan`` cannot
       serve.
   """
-  if getattr(x, "ndim", None) != 2:
-    raise ValueError(f"x must be 2-D (rows, hidden); got shape "
-                     f"{getattr(x, 'shape', None)}.")
-  rows, hidden = x.shape
-  for name, a in (("x", x), ("scale", scale)):
-    if a is not None and np.dtype(a.dtype) not in SUPPORTED_DTYPES:
-      raise TypeError(f"{name} must be float32, bfloat16 or float16; got "
-                      f"{name} of dtype {a.dtype} and shape {a.shape}.")
-  if residual is not None:
-    if tuple(residual.shape) != (rows, hidden):
-      raise ValueError(f"residual must have x's shape {(rows, hidden)}; got "
-                       f"{tuple(residual.shape)}.")
-    if residual.dtype != x.dtype:
-      raise TypeError(f"residual must have x's dtype {x.dtype} (h is "
-                      f"written over it); got {residual.dtype}.")
-  if scale is not None and tuple(scale.shape) != (hidden,):
-    raise ValueError(f"scale must have shape {(hidden,)}; got "
-                     f"{tuple(scale.shape)}.")
+  rows, hidden = _check_arrays(x, scale, residual=residual)
+  if residual is not None and residual.dtype != x.dtype:
+    raise TypeError(f"residual must have x's dtype {x.dtype} (h is "
+                    f"written over it); got {residual.dtype}.")
   sms = num_sms or gpu_tiling.num_sms()
   p = forward_plan(rows, hidden, x_dtype=x.dtype,
                    scale_dtype=None if scale is None else scale.dtype,
