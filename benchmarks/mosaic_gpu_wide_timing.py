@@ -7,9 +7,14 @@ counts; median over calls), for
 * ``wide`` and its launch variants (``VARIANTS``):
   ``kernels/mosaic_gpu_wide.backward``;
 * ``triton``: ``PallasGpu().backward``;
-* ``mosaic``: ``MosaicGpu().backward`` where it serves the shape;
+* ``mosaic``: ``MosaicGpu``'s own plans (``backward``) where they serve the
+  shape;
 * ``copy``: XLA's ``x + dy``, the same bytes as the backward's x and dy in
   and dx out.
+
+With ``--fused`` the same for the fused residual backward (``dh`` in, which
+the wide kernel's dx overwrites in shared memory): ``PallasGpu`` and
+``MosaicGpu``'s ``residual_backward``, and ``x + dy + dh`` as the copy.
 
 Each candidate rotates over input sets whose bytes exceed the 60 MB L2. Before
 timing, each wide variant's dx and dscale are compared with the Triton
@@ -19,6 +24,7 @@ RMS). A variant that fails to compile prints its whole error and is left out.
 Usage (on the GPU machine, from the repository root)::
 
   PYTHONPATH=$PWD python3 benchmarks/mosaic_gpu_wide_timing.py [--reps 5]
+  PYTHONPATH=$PWD python3 benchmarks/mosaic_gpu_wide_timing.py --fused
   MOSAIC_GPU_DUMP_PTXAS=1 PYTHONPATH=$PWD python3 \\
       benchmarks/mosaic_gpu_wide_timing.py --compile-only   # registers
 
@@ -59,6 +65,11 @@ VARIANTS = {"wide": {}, "unrolled": dict(pass1_loop=False),
             "loop1_sync": dict(fence="sync"),
             "noscale": dict(no_scale=True)}
 EXTRA_VARIANTS = {k: VARIANTS[k] for k in ("wide", "unrolled", "no_fence")}
+# The fused backward (--fused): dx over dh's row.
+FUSED_SHAPES = [((4096, 16384), jnp.bfloat16), ((2048, 16384), jnp.float16),
+                ((4096, 12288), jnp.bfloat16), ((8192, 8192), jnp.bfloat16),
+                ((2048, 8192), jnp.float16), ((2048, 8192), jnp.float32)]
+FUSED_VARIANTS = {"wide": {}, "unrolled": dict(pass1_loop=False)}
 ROTATE_BYTES = 192 * 2**20
 MAX_SETS = 24
 EPS = 1e-6
@@ -72,15 +83,17 @@ def _sets(rows, hidden, dtype, n):
     x = (jax.random.normal(k1, (rows, hidden), jnp.float32) + 0.3).astype(
         dtype)
     dy = jax.random.normal(k2, (rows, hidden), jnp.float32).astype(dtype)
-    out.append(dict(x=x, dy=dy))
+    dh = jax.random.normal(jax.random.fold_in(k2, 7), (rows, hidden),
+                           jnp.float32).astype(dtype)
+    out.append(dict(x=x, dy=dy, dh=dh))
   return out
 
 
 def _wide_fn(kw):
   kw = dict(kw)
   no_scale = kw.pop("no_scale", False)
-  return lambda x, w, r, dy: mw.backward(x, None if no_scale else w, r, dy,
-                                         **kw)
+  return lambda x, w, r, dy, dh=None: mw.backward(
+      x, None if no_scale else w, r, dy, dh, **kw)
 
 
 def _diff(name, got, want):
@@ -90,7 +103,7 @@ def _diff(name, got, want):
   return f"{name} maxdiff/rms={np.max(np.abs(g - w)) / rms:.2e}"
 
 
-def time_shape(rows, hidden, dtype, reps, variants):
+def time_shape(rows, hidden, dtype, reps, variants, fused=False):
   n_bytes = rows * hidden * np.dtype(dtype).itemsize
   n_sets = int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / n_bytes))))
   sets = _sets(rows, hidden, dtype, n_sets)
@@ -100,18 +113,32 @@ def time_shape(rows, hidden, dtype, reps, variants):
   xla = base.Xla()
   for s in sets:
     s["rstd"] = xla.forward(s["x"], w, None, norm=norm)[1]
-  args = [(s["x"], w, s["rstd"], s["dy"]) for s in sets]
-  triton = PallasGpu()
-  cands = {
-      "copy": (_named_jit(lambda x, dy: x + dy, "mgw_copy"),
-               [(s["x"], s["dy"]) for s in sets]),
-      "triton": (_named_jit(lambda x, w, r, dy: triton.backward(
-          x, w, None, r, dy, norm=norm)[:2], "mgw_triton"), args),
-  }
-  if MosaicGpu().shape_reason(rows, hidden, dtype, "bwd") is None:
-    mosaic = MosaicGpu()
-    cands["mosaic"] = (_named_jit(lambda x, w, r, dy: mosaic.backward(
-        x, w, None, r, dy, norm=norm)[:2], "mgw_mosaic"), args)
+  # A grid override keeps MosaicGpu on its own plans (without one it runs
+  # the wide kernel at these widths).
+  triton, mosaic = PallasGpu(), MosaicGpu(grid=mw.gpu_tiling.num_sms())
+  if fused:
+    args = [(s["x"], w, s["rstd"], s["dy"], s["dh"]) for s in sets]
+    cands = {
+        "copy": (_named_jit(lambda x, dy, dh: x + dy + dh, "mgw_copy"),
+                 [(s["x"], s["dy"], s["dh"]) for s in sets]),
+        "triton": (_named_jit(lambda x, w, r, dy, dh: triton.residual_backward(
+            x, w, None, r, dy, dh, norm=norm)[:2], "mgw_triton"), args),
+    }
+    if mosaic.shape_reason(rows, hidden, dtype, "residual_bwd") is None:
+      cands["mosaic"] = (_named_jit(
+          lambda x, w, r, dy, dh: mosaic.residual_backward(
+              x, w, None, r, dy, dh, norm=norm)[:2], "mgw_mosaic"), args)
+  else:
+    args = [(s["x"], w, s["rstd"], s["dy"]) for s in sets]
+    cands = {
+        "copy": (_named_jit(lambda x, dy: x + dy, "mgw_copy"),
+                 [(s["x"], s["dy"]) for s in sets]),
+        "triton": (_named_jit(lambda x, w, r, dy: triton.backward(
+            x, w, None, r, dy, norm=norm)[:2], "mgw_triton"), args),
+    }
+    if mosaic.shape_reason(rows, hidden, dtype, "bwd") is None:
+      cands["mosaic"] = (_named_jit(lambda x, w, r, dy: mosaic.backward(
+          x, w, None, r, dy, norm=norm)[:2], "mgw_mosaic"), args)
   want = jax.block_until_ready(cands["triton"][0](*args[0]))
   for vname, kw in variants.items():
     fn = _named_jit(_wide_fn(kw), f"mgw_{vname}")
@@ -159,6 +186,9 @@ def main():
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--compile-only", action="store_true")
   ap.add_argument("--no-extra", action="store_true")
+  ap.add_argument("--fused", action="store_true")
+  ap.add_argument("--variants", default=None,
+                  help="comma-separated variant names to time (default: all)")
   args = ap.parse_args()
   if args.compile_only:
     compile_only()
@@ -166,14 +196,20 @@ def main():
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
   table = []
   shapes = [(s, d, VARIANTS) for s, d in SHAPES]
-  if not args.no_extra:
+  if args.fused:
+    shapes = [(s, d, FUSED_VARIANTS) for s, d in FUSED_SHAPES]
+  elif not args.no_extra:
     shapes += [(s, d, EXTRA_VARIANTS) for s, d in EXTRA_SHAPES]
   for (rows, hidden), dtype, variants in shapes:
+    if args.variants:
+      variants = {k: v for k, v in variants.items()
+                  if k in args.variants.split(",")}
     name = f"{rows}x{hidden} {np.dtype(dtype).name}"
     print(name, flush=True)
     t0 = time.perf_counter()
     try:
-      res, n_sets = time_shape(rows, hidden, dtype, args.reps, variants)
+      res, n_sets = time_shape(rows, hidden, dtype, args.reps, variants,
+                               args.fused)
     except Exception as e:  # report and go on
       print(f"{name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
       traceback.print_exc()

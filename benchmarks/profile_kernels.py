@@ -24,12 +24,15 @@ from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
 
 # (label, op, rows, hidden, dtype, impl): the misses named in
 # docs/gpu_perf_notes.md and docs/bench_h200_features.md, and the calls they
-# are compared with.
+# are compared with ("rmsnorm_jax_auto": the default call, where it runs a
+# Mosaic GPU kernel).
 CASES = [
     ("fwd_8192x4096_bf16", "fwd", 8192, 4096, "bfloat16", "rmsnorm_jax"),
     ("fwd_8192x4096_bf16_mosaic", "fwd", 8192, 4096, "bfloat16", "mosaic"),
     ("fwd_2048x8192_f16", "fwd", 2048, 8192, "float16", "rmsnorm_jax"),
     ("fwd_2048x32768_bf16", "fwd", 2048, 32768, "bfloat16", "rmsnorm_jax"),
+    ("fwd_2048x32768_bf16_auto", "fwd", 2048, 32768, "bfloat16",
+     "rmsnorm_jax_auto"),
     ("bwd_8192x4096_bf16", "bwd", 8192, 4096, "bfloat16", "rmsnorm_jax"),
     ("bwd_4096x16384_bf16", "bwd", 4096, 16384, "bfloat16", "rmsnorm_jax"),
     ("bwd_2048x8192_f16", "bwd", 2048, 8192, "float16", "rmsnorm_jax"),
@@ -41,6 +44,10 @@ CASES = [
      "rmsnorm_jax"),
     ("fused_bwd_4096x16384_bf16", "fused_bwd", 4096, 16384, "bfloat16",
      "rmsnorm_jax"),
+    ("fused_bwd_4096x16384_bf16_auto", "fused_bwd", 4096, 16384, "bfloat16",
+     "rmsnorm_jax_auto"),
+    ("bwd_4096x16384_bf16_auto", "bwd", 4096, 16384, "bfloat16",
+     "rmsnorm_jax_auto"),
     ("quant_fwd_4096x8192_bf16", "quant_fwd", 4096, 8192, "bfloat16",
      "rmsnorm_jax"),
     ("quant_fp8_fwd_4096x8192_bf16", "quant_fp8_fwd", 4096, 8192,

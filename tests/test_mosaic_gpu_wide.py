@@ -114,18 +114,26 @@ def test_backward_names_bad_arguments():
     mw.backward(x, None, r, x, fence="full")
   with pytest.raises(TypeError, match="dy must be float32, bfloat16"):
     mw.backward(x, None, r, x.astype(jnp.int8))
+  with pytest.raises(ValueError, match="dh must have x's shape"):
+    mw.backward(x, None, r, x, x[:2])
+  with pytest.raises(TypeError, match="dh must have x's dtype"):
+    mw.backward(x, None, r, x, x.astype(F16))
 
 
 def _export(rows, hidden, dtype, scale_dtype, **kw):
+  # kw["fused"]: the fused backward (a dh argument).
+  kw = dict(kw)
+  fused = kw.pop("fused", False)
   s = jax.ShapeDtypeStruct
   x = s((rows, hidden), dtype)
   w = None if scale_dtype is None else s((hidden,), scale_dtype)
 
-  def f(x, w, r, dy):
-    return mw.backward(x, w, r, dy, scale_offset=1.0, num_sms=132, **kw)
+  def f(x, w, r, dy, dh):
+    return mw.backward(x, w, r, dy, dh if fused else None, scale_offset=1.0,
+                       num_sms=132, **kw)
 
   return jax.export.export(jax.jit(f), platforms=["cuda"])(
-      x, w, s((rows,), F32), x)
+      x, w, s((rows,), F32), x, x)
 
 
 @pytest.mark.parametrize("rows,hidden,dtype,scale_dtype,kw", [
@@ -141,6 +149,9 @@ def _export(rows, hidden, dtype, scale_dtype, **kw):
     (4096, 16384, BF16, BF16, dict(fence=None, pass1_loop=False)),
     (4096, 16384, BF16, BF16, dict(fence="sync", pass1_loop=False)),
     (37, 16384, F16, None, dict(fence="sync")),
+    (4096, 16384, BF16, BF16, dict(fused=True)),
+    (37, 16384, F16, None, dict(fused=True)),
+    (300, 8192, F32, F32, dict(fused=True)),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_lowers_for_cuda(rows, hidden, dtype, scale_dtype, kw):
   exp = _export(rows, hidden, dtype, scale_dtype, **kw)
@@ -182,20 +193,35 @@ def _case(rows, hidden, dtype, scale_dtype, seed_tag):
     (129, 16384, BF16, BF16, dict(fence=None, pass1_loop=False)),
     (33, 13312, BF16, BF16, dict(fence="sync", pass1_loop=False)),
     (5, 16384, F16, None, dict(fence=None)),
+    (4099, 16384, BF16, BF16, dict(fused=True)),
+    (1000, 16384, F16, F16, dict(fused=True, pass1_loop=False)),
+    (5, 12288, BF16, None, dict(fused=True)),
+    (300, 8192, F32, F32, dict(fused=True)),
+    (1100, 1024, F16, F16, dict(fused=True, num_sms=4)),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_matches_float64(rows, hidden, dtype, scale_dtype, kw):
+  # kw["fused"]: the fused backward, dx = the norm's gradient + dh.
+  kw = dict(kw)
+  fused = kw.pop("fused", False)
   eps, offset = 1e-5, 1.0
-  x, scale, dy = _case(rows, hidden, dtype, scale_dtype, repr(kw))
+  x, scale, dy = _case(rows, hidden, dtype, scale_dtype, repr(kw) + repr(fused))
+  dh = (random(rng_for("wide dh", rows, hidden, _name(dtype)), (rows, hidden),
+               dtype) if fused else None)
   _, rstd = reference.rms_norm(x, eps=eps)
   rstd = jnp.asarray(rstd.astype(np.float32))
-  fn = jax.jit(lambda x, w, r, dy: mw.backward(
-      x, w, r, dy, scale_offset=offset, **kw))
-  dx, dscale = fn(x, scale, rstd, dy)
+  fn = jax.jit(lambda x, w, r, dy, dh: mw.backward(
+      x, w, r, dy, dh, scale_offset=offset, **kw))
+  dx, dscale = fn(x, scale, rstd, dy, dh)
   assert dx.dtype == x.dtype and dx.shape == x.shape
   dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy, eps=eps,
                                            scale_offset=offset)
-  assert_close(dx, dx_ref, tol(dtype), "dx",
-               dx_magnitude(x, scale, dy, eps=eps, scale_offset=offset))
+  magnitude = dx_magnitude(x, scale, dy, eps=eps, scale_offset=offset)
+  if fused:
+    # dh enters the float32 sum before dx's one rounding.
+    dx_ref = dx_ref + np.asarray(dh, np.float64)
+    magnitude = max(magnitude, float(np.linalg.norm(np.asarray(dh,
+                                                               np.float64))))
+  assert_close(dx, dx_ref, tol(dtype), "dx", magnitude)
   # Every row was written: a skipped row would leave zeros or garbage that
   # the norm above could hide under a loose tolerance on a large array.
   row_err = np.linalg.norm(np.asarray(dx, np.float64) - dx_ref, axis=1)
@@ -246,8 +272,27 @@ def test_mosaic_gpu_serves_the_plain_backward_of_wide_rows():
   assert "shared memory" in reason and "bias" in reason
   assert "shared memory" in impl.cannot_serve(
       _call("backward", 16384, scale_dtype=F32))
-  assert "shared memory" in impl.cannot_serve(
-      _call("residual_backward", 16384))
+
+
+def test_mosaic_gpu_serves_the_fused_backward_of_wide_rows():
+  # dx over dh's row: the fused backward fits wherever the plain one does.
+  impl = MosaicGpu()
+  for hidden, dtype in ((12288, BF16), (16384, BF16), (16384, F16),
+                        (8192, F32)):
+    call = _call("residual_backward", hidden, dtype)
+    assert impl.cannot_serve(call) is None
+    assert mg.wide_backward_reason(4096, hidden, dtype, scale_dtype=dtype,
+                                   has_dh=True) is None
+  # The module's fused plan holds float32 rows up to 5120 columns and 16-bit
+  # rows up to 9216, where it measured ahead of the wide kernel.
+  assert "plan" in mg.wide_backward_reason(4096, 4096, F32, has_dh=True)
+  assert "plan" in mg.wide_backward_reason(4096, 8192, BF16, has_dh=True)
+  assert mg.wide_backward_reason(4096, 8192, BF16) is None
+  reason = impl.cannot_serve(_call("residual_backward", 16384,
+                                   has_bias=True))
+  assert "shared memory" in reason and "bias" in reason
+  assert "dscale registers" in impl.cannot_serve(
+      _call("residual_backward", 32768))
 
 
 def test_auto_takes_the_wide_backward_where_it_measured_faster():
@@ -257,6 +302,20 @@ def test_auto_takes_the_wide_backward_where_it_measured_faster():
   # A tie with the Triton kernel at 8192 16-bit columns and in float32.
   assert "8192 columns" in impl.auto_declines(_call("backward", 8192))
   assert "8192 columns" in impl.auto_declines(_call("backward", 8192, F32))
+
+
+def test_auto_takes_the_wide_fused_backward_where_it_measured_faster():
+  impl = MosaicGpu()
+  for hidden, dtype in ((12288, BF16), (16384, BF16), (16384, F16),
+                        (8192, F32)):
+    assert impl.auto_declines(_call("residual_backward", hidden, dtype)) is None
+  # Triton (or the module's plan) measured ahead at 8192 16-bit columns;
+  # float32 rows of 6144 were not timed; a float32 scale beside bfloat16
+  # rows was not timed either.
+  for call in (_call("residual_backward", 8192),
+               _call("residual_backward", 6144, F32),
+               _call("residual_backward", 12288, scale_dtype=F32)):
+    assert "Triton" in impl.auto_declines(call)
 
 
 def test_auto_backward_of_wide_rows_lowers_for_cuda():
@@ -271,6 +330,23 @@ def test_auto_backward_of_wide_rows_lowers_for_cuda():
   assert "custom_call @mosaic_gpu" in lowered.as_text()
   assert dispatch.explain("auto", platform="cuda", shape=(4096, 16384),
                           dtype=BF16, op="backward") == "mosaic_gpu"
+
+
+def test_auto_fused_backward_of_wide_rows_lowers_for_cuda():
+  # The fused forward of 16384 columns stays with Triton, its backward is
+  # the wide kernel (dx over dh): the export holds one Mosaic GPU call.
+  s = jax.ShapeDtypeStruct
+
+  def loss(x, r, w):
+    y, h = rj.rms_norm_residual(x, r, w)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h.astype(jnp.float32))
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+      s((4096, 16384), BF16), s((4096, 16384), BF16),
+      s((16384,), BF16)).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
+  assert dispatch.explain("auto", platform="cuda", shape=(4096, 16384),
+                          dtype=BF16, op="residual_backward") == "mosaic_gpu"
 
 
 @hopper
@@ -450,12 +526,30 @@ def test_public_api_forward_of_32768_columns_matches_float64():
   dx_ref, ds_ref = reference.rms_norm_grad(x, scale, dy)
   assert_close(dx, dx_ref, tol(BF16), "dx", dx_magnitude(x, scale, dy))
   assert_close(dscale, ds_ref, tol(BF16), "dscale")
-  # The fused forward of MosaicGpu at 16384 columns (the public API with
-  # backend="mosaic_gpu" also needs the fused backward, which does not fit
-  # there).
-  x, scale, r = _fwd_case(77, 16384, BF16, BF16, True, "public")
-  norm = base.Norm(eps=1e-6, out_dtype=np.dtype(BF16))
-  y, h, _ = jax.jit(lambda x, r, w: MosaicGpu().residual_forward(
-      x, r, w, None, norm=norm))(x, r, scale)
-  np.testing.assert_array_equal(np.asarray(h), np.asarray(x + r))
-  assert_close(y, reference.rms_norm(x + r, scale)[0], tol(BF16), "y fused")
+
+
+@hopper
+@pytest.mark.parametrize("rows,hidden,dtype,backend", [
+    (77, 16384, BF16, "mosaic_gpu"), (300, 16384, BF16, "auto"),
+    (129, 12288, F16, "auto")])
+def test_public_api_fused_matches_float64(rows, hidden, dtype, backend):
+  # rms_norm_residual's forward and vjp. backend="mosaic_gpu" runs the wide
+  # fused forward (h over the residual's row) and the wide fused backward
+  # (dx over dh's row) at 16384 columns; "auto" the Triton forward and the
+  # wide fused backward.
+  x, scale, r = _fwd_case(rows, hidden, dtype, dtype, True, "public")
+  rng = rng_for("wide_fused_cotangents", rows, hidden)
+  dy, dh = (random(rng, x.shape, dtype) for _ in range(2))
+  (y, h), vjp = jax.vjp(jax.jit(lambda x, r, w: rj.rms_norm_residual(
+      x, r, w, backend=backend)), x, r, scale)
+  h_ref = np.asarray(x + r)  # one rounding of an exact sum, as XLA's add
+  np.testing.assert_array_equal(np.asarray(h), h_ref)
+  assert_close(y, reference.rms_norm(h_ref, scale)[0], tol(dtype), "y")
+  dx, dr, dscale = vjp((dy, dh))
+  dx_ref, ds_ref = reference.rms_norm_grad(h_ref, scale, dy)
+  dx_ref = dx_ref + np.asarray(dh, np.float64)
+  for name, got in (("dx", dx), ("dresidual", dr)):
+    assert_close(got, dx_ref, tol(dtype), name,
+                 max(dx_magnitude(h_ref, scale, dy),
+                     float(np.linalg.norm(np.asarray(dh, np.float64)))))
+  assert_close(dscale, ds_ref, tol(dtype), "dscale")

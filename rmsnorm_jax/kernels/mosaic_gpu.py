@@ -22,7 +22,8 @@ forward 3072, the fused backward 5120. The plain backward (no bias, cast
 mode "float32", dy in x's dtype) of 16-bit rows from ``WIDE_BWD_MIN_COLS``
 columns up to 16384, and of float32 rows too wide for the plans here (up to
 8192), runs ``mosaic_gpu_wide.backward``, which carries dscale in registers
-instead of shared memory. The plain forward and fused forward (the same
+instead of shared memory; so does the plain fused backward of rows the plans
+here cannot hold (the same widths), with dx written over dh's row. The plain forward and fused forward (the same
 restrictions, every array in x's dtype) of rows the plans here cannot hold
 run ``mosaic_gpu_wide.forward``, which writes y over x's shared memory: the
 forward up to 32768 16-bit columns, the fused forward up to 16384. Other
@@ -252,6 +253,16 @@ WIDE_BWD_MIN_COLS = 8192
 # figures above, and 2048x16384 f16 58.8 against 76.6, 8192x16384 bf16
 # 210.6 against 320.8).
 AUTO_WIDE_BWD_MIN_COLS = 12288
+# The fused backward of rows this module's plans cannot hold (16-bit rows
+# over 9216 columns, float32 over 5120) runs the wide kernel with dx written
+# over dh's row. backend="auto" takes it from AUTO_WIDE_BWD_MIN_COLS 16-bit
+# columns and from this many float32 columns: H200, us, wide kernel against
+# the Triton kernel: 4096x16384 bf16 140.9 against 176.8, 2048x16384 f16
+# 74.0 against 93.0, 4096x12288 bf16 105.5 against 148.0, 2048x8192 f32 70.2
+# against 99.8. At 8192 16-bit columns the module's plan was ahead of the
+# wide kernel (8192x8192 bf16 135.6 against 139.6, Triton 143.4; 2048x8192
+# f16 38.9 against 40.4, Triton 38.3).
+AUTO_WIDE_FUSED_BWD_MIN_COLS_F32 = 8192
 # The plain forward (and fused forward) of rows this module's plans cannot
 # hold runs the wide forward (mosaic_gpu_wide.forward), which writes y over
 # x's shared memory. backend="auto" takes the plain forward from this many
@@ -313,16 +324,18 @@ def _scale_shaped(outs, scale):
 
 def wide_backward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
                          has_scale: bool = True, dy_dtype=None,
-                         plain: bool = True) -> str | None:
-  """Why the backward of this call does not run ``mosaic_gpu_wide``, or
-  None when it does.
+                         plain: bool = True,
+                         has_dh: bool = False) -> str | None:
+  """Why the backward (or fused backward) of this call does not run
+  ``mosaic_gpu_wide.backward``, or None when it does.
 
   Args:
-    rows, hidden, dtype: x's shape and dtype.
+    rows, hidden, dtype: x's shape and dtype (h's for the fused backward).
     scale_dtype, has_scale: the scale's dtype, and whether there is one.
     dy_dtype: the cotangent's dtype (default dtype).
     plain: no bias, cast mode "float32" and a 1-D (or no) scale: the only
       calls the wide kernel computes.
+    has_dh: the fused residual backward (dh in h's dtype).
   """
   if not plain:
     return ("the wide backward has no bias, per-head scale or llama cast "
@@ -334,15 +347,19 @@ def wide_backward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
                            has_scale=has_scale)
   if reason is not None:
     return reason
-  if np.dtype(dtype).itemsize == 2 and hidden >= WIDE_BWD_MIN_COLS:
+  if (not has_dh and np.dtype(dtype).itemsize == 2
+      and hidden >= WIDE_BWD_MIN_COLS):
     return None
   try:
     s = _itemsize(dtype)
-    plan("bwd", rows, hidden, in_sizes=[s, s], out_sizes=[s],
+    plan("bwd", rows, hidden, in_sizes=[s] * (2 + has_dh), out_sizes=[s],
          sms=DEFAULT_NUM_SMS, has_scale=has_scale,
          scale_size=_itemsize(scale_dtype or dtype))
   except ValueError:
     return None  # only the wide kernel serves it
+  if has_dh:
+    return (f"rows of {hidden} columns take this module's fused backward "
+            "plan")
   return (f"rows of {hidden} columns take this module's backward plan (the "
           f"wide kernel from {WIDE_BWD_MIN_COLS} 16-bit columns)")
 
@@ -383,8 +400,10 @@ def wide_forward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
 
 def _wide_call_reason(call: base.Call) -> str | None:
   """``wide_forward_reason`` or ``wide_backward_reason`` of a forward,
-  fused forward or backward ``base.Call`` ("" for other ops)."""
-  if call.op not in ("forward", "residual_forward", "backward"):
+  fused forward, backward or fused backward ``base.Call`` ("" for other
+  ops)."""
+  if call.op not in ("forward", "residual_forward", "backward",
+                     "residual_backward"):
     return ""
   try:
     rows, hidden = int(call.rows), int(call.hidden)
@@ -394,12 +413,14 @@ def _wide_call_reason(call: base.Call) -> str | None:
       scale_dtype=call.scale_dtype, has_scale=bool(call.scale_shape),
       plain=(not call.has_bias and call.norm.cast_mode == "float32"
              and len(call.scale_shape) < 2))
-  if call.op != "backward":
+  if call.op.endswith("forward"):
     return wide_forward_reason(
         rows, hidden, call.dtype, out_dtype=call.norm.out_dtype,
         has_residual=call.op == "residual_forward", **common_args)
   return wide_backward_reason(rows, hidden, call.dtype,
-                              dy_dtype=call.norm.out_dtype, **common_args)
+                              dy_dtype=call.norm.out_dtype,
+                              has_dh=call.op == "residual_backward",
+                              **common_args)
 
 
 def _arith(norm: base.Norm, x_dtype, scale, quant_static=False) -> mk.Arith:
@@ -513,8 +534,11 @@ class MosaicGpu(base.Implementation):
 
     The plain backward of 16-bit rows of ``AUTO_WIDE_BWD_MIN_COLS`` columns
     or more runs the wide kernel, 20-40% faster than Triton there (see
-    ``WIDE_BWD_MIN_COLS``), and the plain forward of 16-bit rows of
-    ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 8-9% faster.
+    ``WIDE_BWD_MIN_COLS``), and so does the plain fused backward, 20-30%
+    faster (there and on float32 rows of
+    ``AUTO_WIDE_FUSED_BWD_MIN_COLS_F32`` columns); the plain forward of
+    16-bit rows of ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 8-9%
+    faster.
     """
     if len(call.scale_shape) == 2:
       return ("a per-head scale: not timed against the Triton kernel "
@@ -543,6 +567,11 @@ class MosaicGpu(base.Implementation):
         and not call.has_bias and call.static_rows
         and int(call.hidden) >= AUTO_WIDE_FWD_MIN_COLS
         and _wide_call_reason(call) is None):
+      return None
+    if (call.op == "residual_backward" and same_dtypes
+        and not call.has_bias and _wide_call_reason(call) is None
+        and int(call.hidden) >= (AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
+                                 else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32)):
       return None
     if call.op != "backward":
       return (f"{call.op}: the Triton kernel measured as fast or faster "
@@ -735,19 +764,25 @@ class MosaicGpu(base.Implementation):
         plain=(bias is None and cast_mode == "float32"
                and (scale is None or scale.ndim == 1))) is None
 
+  def _wide_backward(self, x, scale, dy, dh, has_bias, cast_mode):
+    """Whether a backward kernel call runs ``mosaic_gpu_wide.backward``."""
+    if any(v is not None for v in (self.block_rows, self.stages, self.grid)):
+      return False
+    return wide_backward_reason(
+        *x.shape, x.dtype, scale_dtype=None if scale is None else scale.dtype,
+        has_scale=scale is not None, dy_dtype=dy.dtype,
+        plain=(not has_bias and cast_mode == "float32"
+               and (scale is None or scale.ndim == 1)
+               and (dh is None or dh.dtype == x.dtype)),
+        has_dh=dh is not None) is None
+
   def backward_kernel(self, x, scale, rstd, dy, *, scale_offset,
                       has_bias=False, cast_mode="float32"):
     """-> (dx in x.dtype, dscale float32 (hidden,) or None), and dbias
     float32 (hidden,) last with ``has_bias``."""
     _check_dtype("x", x)
     scale, dy = _f32_if_wide(scale), _f32_if_wide(dy)
-    overrides = (self.block_rows, self.stages, self.grid)
-    if all(v is None for v in overrides) and wide_backward_reason(
-        *x.shape, x.dtype, scale_dtype=None if scale is None else scale.dtype,
-        has_scale=scale is not None, dy_dtype=dy.dtype,
-        plain=(not has_bias and cast_mode == "float32"
-               and (scale is None or scale.ndim == 1))
-    ) is None:
+    if self._wide_backward(x, scale, dy, None, has_bias, cast_mode):
       return mw.backward(x, scale, rstd, dy, scale_offset=scale_offset,
                          num_sms=self.num_sms)
     norm = base.Norm(eps=1e-6, scale_offset=scale_offset, cast_mode=cast_mode)
@@ -788,6 +823,9 @@ class MosaicGpu(base.Implementation):
     last with ``has_bias``."""
     _check_dtype("h", h)
     scale, dy, dh = _f32_if_wide(scale), _f32_if_wide(dy), _f32_if_wide(dh)
+    if self._wide_backward(h, scale, dy, dh, has_bias, cast_mode):
+      return mw.backward(h, scale, rstd, dy, dh, scale_offset=scale_offset,
+                         num_sms=self.num_sms)
     norm = base.Norm(eps=1e-6, scale_offset=scale_offset, cast_mode=cast_mode)
     arith = _arith(norm, h.dtype, scale)
     p = self._plan("bwd", *h.shape, [h.dtype, dy.dtype, dh.dtype],

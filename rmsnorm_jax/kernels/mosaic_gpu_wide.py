@@ -18,7 +18,12 @@ and Mosaic's cross-warp reduction scratch: for 16-bit rows of 16384 columns
 Hopper block may use, since every allocation is rounded up to 1 KB.
 
 One pipeline step is one row (x and dy in by TMA, dx out by TMA while the
-next row loads). A row is read from shared memory twice, in column chunks:
+next row loads). The fused residual backward (``dh`` given) reads dh as a
+third input and writes dx over dh's row, copying it out from there, so it
+needs no more shared memory than the plain backward: the step then waits
+for that copy to have read the row before returning, since the pipeline
+loads a later row into the buffer next. A row is read from shared memory
+twice, in column chunks:
 once for ``sum(g * x)``, once for dx and the dscale terms; DRAM sees each
 input once. The arithmetic is the one of ``mosaic_gpu_kernels.backward``
 (float32 throughout, each CTA summing its rows' ``dy * xhat`` in row order,
@@ -39,7 +44,10 @@ a thread, 279 us). An ``optimization_barrier`` on each chunk's results
 spills: 124.8 us), and walking the first pass in a loop (``pass1_loop``)
 took it to 110.1 us, against 146.6 for the Triton kernel (PallasGpu) and
 93.2 for a copy of the same bytes; both are the defaults. A warpgroup
-barrier per chunk instead (``fence="sync"``) still spilled.
+barrier per chunk instead (``fence="sync"``) still spilled. Writing the
+plain backward's dx over dy's row too (no dx buffer: three stages at 16384
+columns) was 3-4% slower (4096x16384 bf16 111.2 us against 107.5): the
+wait for each row's copy out costs more than the third stage gains.
 """
 
 from __future__ import annotations
@@ -111,6 +119,9 @@ def smem_bytes(hidden: int, stages: int, rstd_rows: int, *, x_size: int,
       held (``rstd_rows(rows per CTA)``).
     x_size, dy_size: itemsizes of x (and dx) and dy.
     scale_size: the scale's itemsize, or None without a scale.
+
+  The third row buffer is dx's own, or the fused backward's dh, which dx
+  overwrites: the same bytes.
   """
   fixed = (_align(hidden * scale_size) if scale_size else _align(128 * 4))
   fixed += _align(4 * rstd_rows)
@@ -180,7 +191,8 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
   """The launch of one ``backward`` call.
 
   Args:
-    rows, hidden: the 2-D problem.
+    rows, hidden: the 2-D problem (the fused backward's dh, in x's dtype,
+      takes the buffer dx would: the same plan).
     x_dtype: dtype of x (and dx); dy_dtype: of dy (default x's).
     scale_dtype: of the scale (default x's); has_scale: whether there is one.
     sms: SMs the persistent grid covers.
@@ -284,10 +296,10 @@ def _check_arrays(x, scale, **like_x):
   return rows, hidden
 
 
-def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
+def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
                  overlap_scale: bool, fence: str | None, pass1_loop: bool):
   rows, hidden = x.shape
-  has_scale = scale is not None
+  has_scale, has_dh = scale is not None, dh is not None
   k, C = plan.k, plan.chunk
   nch = hidden // C
   cta_rows = plan.cta_rows
@@ -311,13 +323,14 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
              plgpu.Barrier()]
 
   def kernel(*refs):
-    x_g, dy_g, rstd_g = refs[:3]
-    if has_scale:
-      w_g, dx_g, part_g = refs[3:6]
-    else:
-      w_g, part_g = None, None
-      dx_g = refs[3]
-    w_s, bar, rst_s, rbar = refs[-4:]
+    it = iter(refs)
+    x_g, dy_g = next(it), next(it)
+    dh_g = next(it) if has_dh else None
+    rstd_g = next(it)
+    w_g = next(it) if has_scale else None
+    dx_g = next(it)
+    part_g = next(it) if has_scale else None
+    w_s, bar, rst_s, rbar = next(it), next(it), next(it), next(it)
     cast = _Cast(plan)
     cta = lax.axis_index("cta")
     # The last CTA's piece may reach past the end of rstd: the copy engine
@@ -353,7 +366,13 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
         plgpu.commit_smem()
       return v
 
-    def body(idx, x_b, dy_b, dx_b, carry=None):
+    def body(idx, *args):
+      carry = args[-1] if has_scale else None
+      bufs = args[:-1] if has_scale else args
+      x_b, dy_b = bufs[:2]
+      # dx's row: its own output buffer, or (fused) dh's row, which dx
+      # overwrites: a fourth row buffer would not fit beside x, dy and dh.
+      dx_b = bufs[2]
       if overlap_scale:
         # The scale and rstd copies run beside the pipeline's first loads.
         pl.when(idx[0] == 0)(wait_inputs)
@@ -391,20 +410,33 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
         w = scale_chunk(c)
         gc = dyc if w is None else dyc * w
         dx = rb * (gc - xhat * proj)
+        if has_dh:
+          # Each thread reads back only what it wrote (same layout), so
+          # dh's chunk is read before dx replaces it.
+          dx = dx + cast.load(dx2, row, full)
         if has_scale:
           dx, acc_c = _fenced((dx, carry[c] + dyc * xhat))
           new.append(acc_c)
         else:
           dx = _fenced(dx)
         dx2[row, full] = dx.astype(dx2.dtype)
+      if has_dh:
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dx_b, dx_g.at[pl.ds(b0 + idx[0], 1)])
+        # The pipeline loads a later row into this buffer as soon as the
+        # step returns: the copy out must have read it by then.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       return new if has_scale else None
 
+    ins = (x_g, dy_g) + ((dh_g,) if has_dh else ())
+    outs = () if has_dh else (dx_g,)
+    pipe = dict(grid=(n,), in_specs=[block] * len(ins),
+                out_specs=[block] * len(outs),
+                max_concurrent_steps=plan.stages)
     if has_scale:
       zero = [plgpu.layout_cast(jnp.zeros(shape, _F32), cast.full)
               for _ in range(nch)]
-      final = plgpu.emit_pipeline(
-          body, grid=(n,), in_specs=[block] * 2, out_specs=[block],
-          max_concurrent_steps=plan.stages, init_carry=zero)(x_g, dy_g, dx_g)
+      final = plgpu.emit_pipeline(body, init_carry=zero, **pipe)(*ins, *outs)
 
       def store_partial(acc_s):
         for c in range(nch):
@@ -416,11 +448,14 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
       # The pipeline's buffers are released by now: this reuses them.
       pl.run_scoped(store_partial, plgpu.SMEM((nch, C), _F32))
     else:
-      plgpu.emit_pipeline(
-          body, grid=(n,), in_specs=[block] * 2, out_specs=[block],
-          max_concurrent_steps=plan.stages)(x_g, dy_g, dx_g)
+      plgpu.emit_pipeline(body, **pipe)(*ins, *outs)
+      if has_dh:
+        plgpu.wait_smem_to_gmem(0)
 
-  args = [_view3(x, k), _view3(dy, k), rstd]
+  args = [_view3(x, k), _view3(dy, k)]
+  if has_dh:
+    args.append(_view3(dh, k))
+  args.append(rstd)
   if has_scale:
     args.append(scale.reshape(nch, C))
   outs = run_kernel(kernel, args, out_types=out_types, scratch=scratch,
@@ -433,24 +468,30 @@ def _kernel_call(x, scale, rstd, dy, *, plan: Plan, offset: float,
   return dx, dscale
 
 
-def backward(x, scale, rstd, dy, *, scale_offset: float = 0.0,
+def backward(x, scale, rstd, dy, dh=None, *, scale_offset: float = 0.0,
              num_sms: int | None = None, stages: int | None = None,
              chunk: int | None = None, grid: int | None = None,
              overlap_scale: bool = True, fence: str | None = "value",
              pass1_loop: bool = True):
-  """RMSNorm backward of wide rows on Hopper: ``(dx, dscale)``.
+  """RMSNorm backward of wide rows on Hopper: ``(dx, dscale)``; with ``dh``,
+  the fused residual backward.
 
   ``dx = rstd * (g - xhat * mean(g * xhat))`` with ``g = dy * (scale +
-  scale_offset)`` and ``xhat = x * rstd``; ``dscale = sum over rows of dy *
-  xhat``, float32, summed per CTA in row order and over CTAs by XLA in a
-  fixed order (deterministic).
+  scale_offset)`` and ``xhat = x * rstd``, plus ``dh`` when given (the
+  cotangent of the fused forward's h, which then is x), in float32 and
+  rounded once to x's dtype; ``dscale = sum over rows of dy * xhat``,
+  float32, summed per CTA in row order and over CTAs by XLA in a fixed
+  order (deterministic).
 
   Args:
-    x: (rows, hidden) float32, bfloat16 or float16.
+    x: (rows, hidden) float32, bfloat16 or float16 (the fused forward's h).
     scale: None or (hidden,) float32/bfloat16/float16 (see ``plan`` for the
       shared-memory limit a float32 scale beside 16-bit rows meets).
     rstd: (rows,) float32, the forward's ``1 / sqrt(mean(x^2) + eps)``.
     dy: (rows, hidden) float32/bfloat16/float16, the cotangent of y.
+    dh: None or (rows, hidden) in x's dtype, the cotangent of h; dx is
+      written over its row in shared memory (so the fused backward fits
+      where the plain one does).
     scale_offset: added to the scale (e.g. 1.0 for Gemma's ``1 + scale``).
     num_sms: SMs the grid covers (default: the device's, else 132).
     stages, chunk, grid: launch overrides for sweeps (``plan``).
@@ -467,13 +508,16 @@ def backward(x, scale, rstd, dy, *, scale_offset: float = 0.0,
     ``(dx in x.dtype (rows, hidden), dscale float32 (hidden,) or None)``.
 
   Raises:
-    TypeError: an array of an unsupported dtype.
+    TypeError: an array of an unsupported dtype, or dh not in x's dtype.
     ValueError: shapes that disagree, or a shape ``plan`` cannot serve.
   """
-  rows, hidden = _check_arrays(x, scale, dy=dy)
+  rows, hidden = _check_arrays(x, scale, dy=dy, dh=dh)
   if tuple(rstd.shape) != (rows,) or np.dtype(rstd.dtype) != np.float32:
     raise ValueError(f"rstd must be float32 of shape {(rows,)}; got "
                      f"{rstd.dtype} of shape {tuple(rstd.shape)}.")
+  if dh is not None and dh.dtype != x.dtype:
+    raise TypeError(f"dh must have x's dtype {x.dtype} (dx is written over "
+                    f"it); got {dh.dtype}.")
   if fence not in (None, "value", "sync"):
     raise ValueError(f"fence must be None, 'value' or 'sync'; got {fence!r}.")
   sms = num_sms or gpu_tiling.num_sms()
@@ -481,12 +525,10 @@ def backward(x, scale, rstd, dy, *, scale_offset: float = 0.0,
            scale_dtype=None if scale is None else scale.dtype,
            has_scale=scale is not None, sms=sms, stages=stages, chunk=chunk,
            grid=grid)
-  return _kernel_call(x, scale, rstd, dy, plan=p, offset=float(scale_offset),
+  return _kernel_call(x, scale, rstd, dy, dh, plan=p,
+                      offset=float(scale_offset),
                       overlap_scale=overlap_scale, fence=fence,
                       pass1_loop=pass1_loop)
-
-
-
 
 
 # ---------------------------------------------------------------- forward --
