@@ -3,14 +3,17 @@
 Timings on a shared CPU are noise, so only their presence is checked.
 """
 
+import dataclasses
 import gzip
 import json
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from rmsnorm_jax import base
 from rmsnorm_jax import bench
 from rmsnorm_jax import reference
 
@@ -461,3 +464,28 @@ def test_mosaic_gpu_impl_runs_only_where_mosaic_gpu_does():
       continue
     assert [c.backend for c in cands] == ["mosaic_gpu"], (op, cands)
     jax.block_until_ready(cands[0].fn(*cands[0].arg_sets[0]))
+
+
+def test_a_candidate_that_fails_to_build_keeps_its_impl_name():
+  # The record of an impl that raised while its candidate was built names
+  # that impl (the tables put its "err" in the impl's own column).
+  @dataclasses.dataclass(frozen=True)
+  class Declines(base.Xla):
+    name: ClassVar[str] = "declines"
+
+    def cannot_serve(self, call):
+      return "this implementation serves no call"
+
+  records = bench.run_benchmark([((8, 256), jnp.float32)], ops=("bwd",),
+                                impls=("xla", ("declines", Declines())),
+                                reps=1, log=None)
+  by_impl = {r["impl"]: r for r in records}
+  assert {"xla", "declines"} <= set(by_impl), records
+  assert not by_impl["xla"].get("error")
+  assert "serves no call" in by_impl["declines"]["error"]
+  assert by_impl["declines"]["error"].startswith("ValueError: ")
+  cands = bench.build_candidates("bwd", [("declines", Declines())], 8, 256,
+                                 jnp.float32, 1)
+  assert [type(c).__name__ for c in cands] == ["BuildError"]
+  assert cands[0].impl == "declines"
+  assert isinstance(cands[0].error, ValueError)

@@ -301,6 +301,15 @@ def make_inputs(key, op, rows, hidden, dtype) -> dict:
               dh=rand((rows, hidden), dtype))
 
 
+class BuildError(Exception):
+  """A candidate that failed to build: ``impl`` names it, ``error`` is what
+  it raised."""
+
+  def __init__(self, impl: str, error: Exception):
+    super().__init__(f"{type(error).__name__}: {error}")
+    self.impl, self.error = impl, error
+
+
 def build_candidates(op, impls, rows, hidden, dtype, n_sets, seed=0,
                      uid=0) -> list:
   """Jitted callables with ``n_sets`` fresh argument sets each.
@@ -316,8 +325,8 @@ def build_candidates(op, impls, rows, hidden, dtype, n_sets, seed=0,
 
   Returns:
     A :class:`Candidate` per impl that applies to ``op`` (impls that do
-    not apply are left out); an impl that failed to build is the exception
-    it raised, in its place.
+    not apply are left out); an impl that failed to build is a
+    :class:`BuildError` naming it, in its place.
   """
   base_key = jax.random.fold_in(jax.random.key(seed), uid)
   inputs = [make_inputs(jax.random.fold_in(base_key, i), op, rows, hidden,
@@ -331,7 +340,7 @@ def build_candidates(op, impls, rows, hidden, dtype, n_sets, seed=0,
       if cand is not None:
         cand.inputs = inputs
     except Exception as e:  # pylint: disable=broad-except
-      cand = e
+      cand = BuildError(label, e)
     if cand is not None:
       out.append(cand)
   return out

@@ -161,10 +161,10 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
         first = len(records)
         for c in cands:
           if not isinstance(c, Candidate):
-            records.append(dict(op=op, impl="?", rows=rows, hidden=hidden,
-                                dtype=dt.name, bytes=None, time_us=None,
-                                gbps=None, timing=None,
-                                error=f"{type(c).__name__}: {c}"[:400]))
+            records.append(dict(op=op, impl=c.impl, rows=rows,
+                                hidden=hidden, dtype=dt.name, bytes=None,
+                                time_us=None, gbps=None, timing=None,
+                                error=str(c)[:400]))
             continue
           res = timed.get(c.fn.__name__, {})
           rec = dict(op=op, impl=c.impl, rows=rows, hidden=hidden,
