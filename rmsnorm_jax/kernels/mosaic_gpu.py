@@ -23,10 +23,11 @@ mode "float32", dy in x's dtype) of 16-bit rows from ``WIDE_BWD_MIN_COLS``
 columns up to 16384, and of float32 rows too wide for the plans here (up to
 8192), runs ``mosaic_gpu_wide.backward``, which carries dscale in registers
 instead of shared memory; so does the plain fused backward of rows the plans
-here cannot hold (the same widths), with dx written over dh's row. The plain forward and fused forward (the same
-restrictions, every array in x's dtype) of rows the plans here cannot hold
-run ``mosaic_gpu_wide.forward``, which writes y over x's shared memory: the
-forward up to 32768 16-bit columns, the fused forward up to 16384. Other
+here cannot hold (the same widths), with dx written over dh's row. The
+plain forward and fused forward (the same restrictions, every array in x's
+dtype) of rows the plans here cannot hold run ``mosaic_gpu_wide.forward``,
+which writes y over x's shared memory: the forward up to 32768 16-bit
+columns, the fused forward up to 16384. Other
 ops on rows that wide are left to ``PallasGpu``. The quantized forward
 writes 1-byte rows, so it needs hidden a multiple of 128, and is planned as
 the forward with a float32 y (whose values it quantizes). The per-head
