@@ -373,10 +373,10 @@ def _feature_backend(impl):
     return custom[1], custom[1].name
   if impl not in FEATURE_IMPLS:
     return None
-  kernel, kname = kernel_backend()
   if impl == "rmsnorm_jax_mosaic":
     mosaic = mosaic_backend()
     return None if mosaic is None else (mosaic, mosaic.name)
+  kernel, kname = kernel_backend()
   return {"xla": ("xla", "xla"), "rmsnorm_jax": (kernel, kname),
           "rmsnorm_jax_auto": ("auto", "auto")}[impl]
 

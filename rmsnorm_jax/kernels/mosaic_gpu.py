@@ -27,12 +27,12 @@ here cannot hold (the same widths), with dx written over dh's row. The
 plain forward and fused forward (the same restrictions, every array in x's
 dtype) of rows the plans here cannot hold run ``mosaic_gpu_wide.forward``,
 which writes y over x's shared memory: the forward up to 32768 16-bit
-columns, the fused forward up to 16384. Other
-ops on rows that wide are left to ``PallasGpu``. The quantized forward
-writes 1-byte rows, so it needs hidden a multiple of 128, and is planned as
-the forward with a float32 y (whose values it quantizes). The per-head
-scale (``Plan.head_rows``) and cast_mode "llama" (``mk.Arith``) are served
-by every op.
+columns, the fused forward up to 16384. Other ops on rows that wide are
+left to ``PallasGpu``. The quantized forward writes 1-byte rows, so it
+needs hidden a multiple of 128, and is planned as the forward with a
+float32 y (whose values it quantizes). The per-head scale
+(``Plan.head_rows``) and cast_mode "llama" (``mk.Arith``) are served by
+every op.
 """
 
 from __future__ import annotations
@@ -323,6 +323,12 @@ def _scale_shaped(outs, scale):
   return (outs[0], outs[1].reshape(scale.shape), *outs[2:])
 
 
+def _plain(has_bias: bool, cast_mode: str, scale_rank: int) -> bool:
+  """Whether a call is one the wide kernels compute: no bias, cast mode
+  "float32" and a 1-D (or no) scale."""
+  return not has_bias and cast_mode == "float32" and scale_rank < 2
+
+
 def wide_backward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
                          has_scale: bool = True, dy_dtype=None,
                          plain: bool = True,
@@ -412,8 +418,8 @@ def _wide_call_reason(call: base.Call) -> str | None:
     return "the shape is not static"
   common_args = dict(
       scale_dtype=call.scale_dtype, has_scale=bool(call.scale_shape),
-      plain=(not call.has_bias and call.norm.cast_mode == "float32"
-             and len(call.scale_shape) < 2))
+      plain=_plain(call.has_bias, call.norm.cast_mode,
+                   len(call.scale_shape)))
   if call.op.endswith("forward"):
     return wide_forward_reason(
         rows, hidden, call.dtype, out_dtype=call.norm.out_dtype,
@@ -564,13 +570,14 @@ class MosaicGpu(base.Implementation):
               "Triton kernel only on 16-bit rows of 1024-8192 columns (a "
               "multiple of 1024), 2048 rows or more, every array in x's "
               "dtype (docs/mosaic_gpu.md)")
+    # _wide_call_reason is None only for calls without a bias.
     if (call.op == "forward" and x_dt.itemsize == 2 and same_dtypes
-        and not call.has_bias and call.static_rows
+        and call.static_rows
         and int(call.hidden) >= AUTO_WIDE_FWD_MIN_COLS
         and _wide_call_reason(call) is None):
       return None
     if (call.op == "residual_backward" and same_dtypes
-        and not call.has_bias and _wide_call_reason(call) is None
+        and _wide_call_reason(call) is None
         and int(call.hidden) >= (AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
                                  else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32)):
       return None
@@ -753,29 +760,33 @@ class MosaicGpu(base.Implementation):
                          bias=bias, arith=arith)
     return y.astype(out_dtype), rstd
 
+  def _wide_args(self, scale, has_bias: bool, cast_mode: str):
+    """The scale and "plain" arguments of ``wide_forward_reason`` and
+    ``wide_backward_reason`` for a kernel call; None when a launch override
+    (block_rows, stages, grid) asks for this module's plans."""
+    if any(v is not None for v in (self.block_rows, self.stages, self.grid)):
+      return None
+    return dict(scale_dtype=None if scale is None else scale.dtype,
+                has_scale=scale is not None,
+                plain=_plain(has_bias, cast_mode,
+                             0 if scale is None else scale.ndim))
+
   def _wide_forward(self, x, residual, scale, out_dtype, bias, cast_mode):
     """Whether a forward kernel call runs ``mosaic_gpu_wide.forward``."""
-    if any(v is not None for v in (self.block_rows, self.stages, self.grid)):
-      return False
-    return wide_forward_reason(
-        *x.shape, x.dtype, scale_dtype=None if scale is None else scale.dtype,
-        has_scale=scale is not None, out_dtype=out_dtype,
+    kw = self._wide_args(scale, bias is not None, cast_mode)
+    return kw is not None and wide_forward_reason(
+        *x.shape, x.dtype, out_dtype=out_dtype,
         residual_dtype=None if residual is None else residual.dtype,
-        has_residual=residual is not None,
-        plain=(bias is None and cast_mode == "float32"
-               and (scale is None or scale.ndim == 1))) is None
+        has_residual=residual is not None, **kw) is None
 
   def _wide_backward(self, x, scale, dy, dh, has_bias, cast_mode):
     """Whether a backward kernel call runs ``mosaic_gpu_wide.backward``."""
-    if any(v is not None for v in (self.block_rows, self.stages, self.grid)):
+    kw = self._wide_args(scale, has_bias, cast_mode)
+    if kw is None or (dh is not None and dh.dtype != x.dtype):
+      # dx is written over dh's row: the kernel takes dh in x's dtype.
       return False
-    return wide_backward_reason(
-        *x.shape, x.dtype, scale_dtype=None if scale is None else scale.dtype,
-        has_scale=scale is not None, dy_dtype=dy.dtype,
-        plain=(not has_bias and cast_mode == "float32"
-               and (scale is None or scale.ndim == 1)
-               and (dh is None or dh.dtype == x.dtype)),
-        has_dh=dh is not None) is None
+    return wide_backward_reason(*x.shape, x.dtype, dy_dtype=dy.dtype,
+                                has_dh=dh is not None, **kw) is None
 
   def backward_kernel(self, x, scale, rstd, dy, *, scale_offset,
                       has_bias=False, cast_mode="float32"):

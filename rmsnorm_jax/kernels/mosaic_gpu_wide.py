@@ -366,13 +366,9 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
         plgpu.commit_smem()
       return v
 
-    def body(idx, *args):
-      carry = args[-1] if has_scale else None
-      bufs = args[:-1] if has_scale else args
-      x_b, dy_b = bufs[:2]
-      # dx's row: its own output buffer, or (fused) dh's row, which dx
+    def body(idx, x_b, dy_b, dx_b, carry=None):
+      # dx_b: dx's own output buffer, or (fused) dh's row, which dx
       # overwrites: a fourth row buffer would not fit beside x, dy and dh.
-      dx_b = bufs[2]
       if overlap_scale:
         # The scale and rstd copies run beside the pipeline's first loads.
         pl.when(idx[0] == 0)(wait_inputs)
