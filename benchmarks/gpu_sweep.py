@@ -152,8 +152,26 @@ PIECES = [
     ("fused_bwd", (2048, 32768), BF16, []),
     ("bwd", (1024, 65536), BF16, [dict(block_cols=65536)]),
 ]
+# Ninth round: where Liger-Kernel's Triton forward leads (docs/bench_h200.md),
+# its launch (one program per row, no persistent grid, its warps: 8 below
+# 8192 columns, 16 below 32768, 32 from there) against the default.
+def _one_row(warps, **kw):
+  one = dict(block_rows=1, persistent=False, num_warps=warps, **kw)
+  return [one, dict(one, cache_scale=False)]
+
+
+LIGER = [
+    ("fused_fwd", (8192, 4096), BF16, _one_row(8)),
+    ("fused_fwd", (4096, 16384), BF16, _one_row(16) + [
+        dict(block_rows=1, persistent=False, num_warps=32)]),
+    ("fused_fwd", (2048, 32768), BF16, _one_row(32, block_cols=32768)),
+    ("fused_fwd", (2048, 8192), F16, _one_row(16)),
+    ("fused_fwd", (2048, 4096), F16, _one_row(8)),
+    ("fwd", (8192, 4096), F16, _one_row(8)),
+    ("fwd", (2048, 32768), BF16, _one_row(32, block_cols=32768)),
+]
 ROUNDS = {2: FOCUSED, 3: CHECK, 4: WIDE, 5: WIDE32, 6: WIDER, 7: WIDEST,
-          8: PIECES}
+          8: PIECES, 9: LIGER}
 
 
 def _label(cfg):
@@ -246,9 +264,9 @@ def main():
   p.add_argument("--json")
   p.add_argument("--limit", type=int, default=len(CASES),
                  help="run only the first N (op, shape) cases")
-  p.add_argument("--round", type=int, default=1, choices=tuple(range(1, 9)),
+  p.add_argument("--round", type=int, default=1, choices=tuple(range(1, 10)),
                  help="1: configs around the default (CASES); 2: FOCUSED; "
-                      "3: CHECK; 4: WIDE; 5: WIDE32; 6: WIDER; 7: WIDEST; 8: PIECES")
+                      "3: CHECK; 4: WIDE; 5: WIDE32; 6: WIDER; 7: WIDEST; 8: PIECES; 9: LIGER")
   p.add_argument("--check", action="store_true",
                  help="first compare each config's fwd/bwd with a float64 "
                       "reference (fresh random inputs)")

@@ -70,6 +70,25 @@ FUSED_SHAPES = [((4096, 16384), jnp.bfloat16), ((2048, 16384), jnp.float16),
                 ((4096, 12288), jnp.bfloat16), ((8192, 8192), jnp.bfloat16),
                 ((2048, 8192), jnp.float16), ((2048, 8192), jnp.float32)]
 FUSED_VARIANTS = {"wide": {}, "unrolled": dict(pass1_loop=False)}
+# The forward (--forward, with --fused the fused residual forward): one CTA
+# a row against rows split over a cluster of 2 or 4 CTAs ("s2", "s4"), one
+# or two CTAs resident per SM ("c2").
+FWD_SHAPES = [((2048, 32768), jnp.bfloat16), ((1024, 65536), jnp.bfloat16),
+              ((1024, 32768), jnp.float16), ((4096, 16384), jnp.bfloat16),
+              ((2048, 16384), jnp.float16)]
+FUSED_FWD_SHAPES = [((2048, 32768), jnp.bfloat16),
+                    ((1024, 65536), jnp.bfloat16),
+                    ((4096, 16384), jnp.bfloat16)]
+FWD_VARIANTS = {"s1": dict(split=1), "s1c2": dict(split=1, ctas_per_sm=2),
+                "s2": dict(split=2), "s2c2": dict(split=2, ctas_per_sm=2),
+                "s4": dict(split=4), "s4c2": dict(split=4, ctas_per_sm=2)}
+# Rows too wide for one CTA's registers or shared memory (--split, with
+# --fused the fused backward): split over a cluster of 2 or 4 CTAs ("wide"
+# is the default, the fewest CTAs that fit).
+SPLIT_SHAPES = [((2048, 32768), jnp.bfloat16), ((1024, 65536), jnp.bfloat16),
+                ((1024, 32768), jnp.float16), ((4096, 16384), jnp.bfloat16),
+                ((1024, 16384), jnp.float32)]
+SPLIT_VARIANTS = {"wide": {}, "s2": dict(split=2), "s4": dict(split=4)}
 ROTATE_BYTES = 192 * 2**20
 MAX_SETS = 24
 EPS = 1e-6
@@ -153,11 +172,60 @@ def time_shape(rows, hidden, dtype, reps, variants, fused=False):
       continue
     p = mw.plan(rows, hidden, x_dtype=dtype, sms=mw.gpu_tiling.num_sms(),
                 has_scale=not kw.get("no_scale"),
-                **{k: v for k, v in kw.items() if k in ("chunk", "stages")})
-    print(f"  {vname}: first call {dt:.1f}s; stages={p.stages} "
+                **{k: v for k, v in kw.items()
+                   if k in ("chunk", "stages", "split")})
+    print(f"  {vname}: first call {dt:.1f}s; split={p.split} "
+          f"stages={p.stages} "
           f"chunk={p.chunk} grid={p.grid} steps={p.steps}; against triton: "
           f"{_diff('dx', got[0], want[0])}"
           + ("" if got[1] is None else f", {_diff('dscale', got[1], want[1])}"),
+          flush=True)
+    cands[vname] = (fn, args)
+  results, _ = device_times(cands, reps, error_chars=2000)
+  return results, n_sets
+
+
+def time_forward(rows, hidden, dtype, reps, variants, fused=False):
+  """The forward's (or fused forward's) candidates on one shape, each
+  variant's y (and h) and rstd first compared with the Triton kernel's."""
+  n_bytes = rows * hidden * np.dtype(dtype).itemsize * (1 + fused)
+  n_sets = int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / n_bytes))))
+  sets = _sets(rows, hidden, dtype, n_sets)
+  w = (jax.random.normal(jax.random.key(2), (hidden,), jnp.float32) * 0.1
+       + 1).astype(dtype)
+  norm = base.Norm(eps=EPS, out_dtype=np.dtype(dtype))
+  triton = PallasGpu()
+  if fused:
+    args = [(s["x"], w, s["dy"]) for s in sets]
+    cands = {
+        "copy": (_named_jit(lambda x, w, r: (x + r, x - r), "mgw_copy"),
+                 args),
+        "triton": (_named_jit(lambda x, w, r: triton.residual_forward(
+            x, r, w, None, norm=norm), "mgw_triton"), args)}
+  else:
+    args = [(s["x"], w) for s in sets]
+    cands = {
+        "copy": (_named_jit(lambda x, w: x + 1, "mgw_copy"), args),
+        "triton": (_named_jit(lambda x, w: triton.forward(
+            x, w, None, norm=norm), "mgw_triton"), args)}
+  want = jax.block_until_ready(cands["triton"][0](*args[0]))
+  for vname, kw in variants.items():
+    fn = _named_jit(lambda x, w, r=None, kw=kw: mw.forward(
+        x, w, r, eps=EPS, **kw), f"mgw_{vname}")
+    try:
+      p = mw.forward_plan(rows, hidden, x_dtype=dtype, has_residual=fused,
+                          sms=mw.gpu_tiling.num_sms(), **kw)
+      t0 = time.perf_counter()
+      got = jax.block_until_ready(fn(*args[0]))
+      dt = time.perf_counter() - t0
+    except Exception as e:  # report in full and go on
+      print(f"  {vname}: ERROR {type(e).__name__}: {str(e)[:1500]}",
+            flush=True)
+      continue
+    print(f"  {vname}: first call {dt:.1f}s; split={p.split} "
+          f"stages={p.stages} grid={p.grid} steps={p.steps}; against "
+          "triton: " + ", ".join(_diff(n, g, t) for n, g, t in zip(
+              ("y", "h", "rstd") if fused else ("y", "rstd"), got, want)),
           flush=True)
     cands[vname] = (fn, args)
   results, _ = device_times(cands, reps, error_chars=2000)
@@ -187,6 +255,10 @@ def main():
   ap.add_argument("--compile-only", action="store_true")
   ap.add_argument("--no-extra", action="store_true")
   ap.add_argument("--fused", action="store_true")
+  ap.add_argument("--split", action="store_true",
+                  help="rows split over clusters (SPLIT_SHAPES)")
+  ap.add_argument("--forward", action="store_true",
+                  help="the forward (with --fused, the fused forward)")
   ap.add_argument("--variants", default=None,
                   help="comma-separated variant names to time (default: all)")
   args = ap.parse_args()
@@ -196,7 +268,12 @@ def main():
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
   table = []
   shapes = [(s, d, VARIANTS) for s, d in SHAPES]
-  if args.fused:
+  if args.split and not args.forward:
+    shapes = [(s, d, SPLIT_VARIANTS) for s, d in SPLIT_SHAPES]
+  elif args.forward:
+    shapes = [(s, d, FWD_VARIANTS)
+              for s, d in (FUSED_FWD_SHAPES if args.fused else FWD_SHAPES)]
+  elif args.fused:
     shapes = [(s, d, FUSED_VARIANTS) for s, d in FUSED_SHAPES]
   elif not args.no_extra:
     shapes += [(s, d, EXTRA_VARIANTS) for s, d in EXTRA_SHAPES]
@@ -208,8 +285,9 @@ def main():
     print(name, flush=True)
     t0 = time.perf_counter()
     try:
-      res, n_sets = time_shape(rows, hidden, dtype, args.reps, variants,
-                               args.fused)
+      timer = time_forward if args.forward else time_shape
+      res, n_sets = timer(rows, hidden, dtype, args.reps, variants,
+                          args.fused)
     except Exception as e:  # report and go on
       print(f"{name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
       traceback.print_exc()

@@ -73,13 +73,17 @@ def test_plan_covers_every_row_once(rows):
 
 @pytest.mark.parametrize("hidden,kw,match", [
     (17408, dict(x_dtype=BF16), "float32 dscale registers"),
-    (16384, dict(x_dtype=F32), "shared memory"),
-    (16384, dict(x_dtype=BF16, scale_dtype=F32), "shared memory"),
-    (16384, dict(x_dtype=BF16, dy_dtype=F32), "shared memory"),
-    (20480, dict(x_dtype=BF16, has_scale=False), "shared memory"),
+    (16384, dict(x_dtype=F32, split=1), "shared memory"),
+    (16384, dict(x_dtype=BF16, scale_dtype=F32, split=1), "shared memory"),
+    (16384, dict(x_dtype=BF16, dy_dtype=F32, split=1), "shared memory"),
+    (20480, dict(x_dtype=BF16, has_scale=False, split=1), "shared memory"),
     (16384 + 512, dict(x_dtype=BF16), "multiple of 1024"),
     (8192, dict(x_dtype=BF16, stages=5), "stages=5"),
     (8192, dict(x_dtype=BF16, chunk=1536), "chunk=1536"),
+    (131072, dict(x_dtype=BF16), "split=4: rows of hidden=131072 need 256"),
+    (16384, dict(x_dtype=BF16, split=3), "split must be one of"),
+    (16384, dict(x_dtype=BF16, ctas_per_sm=3), "ctas_per_sm must be 1 or 2"),
+    (16384, dict(x_dtype=BF16, split=1, ctas_per_sm=2), "a CTA has 115712"),
 ])
 def test_plan_names_what_does_not_fit(hidden, kw, match):
   with pytest.raises(ValueError, match=match):
@@ -88,8 +92,8 @@ def test_plan_names_what_does_not_fit(hidden, kw, match):
 
 def test_shape_reason_names_the_limit():
   assert "dscale registers" in mw.shape_reason(64, 17408, BF16)
-  assert "shared memory" in mw.shape_reason(64, 16384, BF16, F32)
-  assert "shared memory" in mw.shape_reason(64, 20480, F16, has_scale=False)
+  assert "dscale registers" in mw.shape_reason(64, 131072, BF16)
+  assert "shared memory" in mw.shape_reason(64, 65536, F32)
   assert "float64" in mw.shape_reason(8, 16384, np.float64)
 
 
@@ -97,6 +101,39 @@ def test_shape_reason_serves_the_wide_rows():
   assert mw.shape_reason(4096, 16384, BF16) is None
   assert mw.shape_reason(2048, 16384, F16, has_scale=False) is None
   assert mw.shape_reason(2048, 8192, F32) is None
+  # Split over a cluster: 2 CTAs a row at 32768 16-bit columns (or with a
+  # float32 scale at 16384), 4 at 65536.
+  assert mw.shape_reason(2048, 32768, BF16) is None
+  assert mw.shape_reason(1024, 65536, F16) is None
+  assert mw.shape_reason(64, 16384, BF16, F32) is None
+
+
+@pytest.mark.parametrize("rows,hidden,dtype,kw,split", [
+    (4096, 16384, BF16, {}, 1), (2048, 32768, BF16, {}, 2),
+    (1024, 65536, BF16, {}, 4), (1024, 16384, F32, {}, 2),
+    (1024, 32768, F32, {}, 4), (4096, 16384, BF16, dict(split=2), 2),
+    (4096, 16384, BF16, dict(split=4, ctas_per_sm=2), 4),
+    (2048, 32768, F16, dict(has_scale=False), 2)])
+def test_plan_splits_rows_over_the_fewest_ctas(rows, hidden, dtype, kw,
+                                               split):
+  p = mw.plan(rows, hidden, x_dtype=dtype, sms=132, **kw)
+  cps = kw.get("ctas_per_sm", 1)
+  size = np.dtype(dtype).itemsize
+  scale_size = size if kw.get("has_scale", True) else None
+  assert p.split == split
+  cols = hidden // split
+  assert cols % p.chunk == 0 and cols // 128 <= mw.MAX_CARRY_VALUES
+  used = mw.smem_bytes(hidden, p.stages, mw.rstd_rows(p.cta_rows),
+                       x_size=size, dy_size=size, scale_size=scale_size,
+                       split=split)
+  assert used <= mw.smem_budget(cps)
+  # Clusters cover the rows exactly, and fill the SMs at most once over.
+  assert p.grid * p.steps >= rows > (p.grid - 1) * p.steps
+  assert p.grid * split <= 132 * cps
+  if "split" not in kw and split > 1:
+    with pytest.raises(ValueError):  # the fewest CTAs that fit
+      mw.plan(rows, hidden, x_dtype=dtype, sms=132, split=split // 2,
+              **{k: v for k, v in kw.items() if k != "split"})
 
 
 def test_backward_names_bad_arguments():
@@ -152,6 +189,11 @@ def _export(rows, hidden, dtype, scale_dtype, **kw):
     (4096, 16384, BF16, BF16, dict(fused=True)),
     (37, 16384, F16, None, dict(fused=True)),
     (300, 8192, F32, F32, dict(fused=True)),
+    # Rows split over a cluster of CTAs.
+    (2048, 32768, BF16, BF16, {}),
+    (1024, 65536, BF16, BF16, dict(fused=True)),
+    (37, 32768, F32, F32, {}),
+    (300, 16384, F16, None, dict(split=2, ctas_per_sm=2)),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_lowers_for_cuda(rows, hidden, dtype, scale_dtype, kw):
   exp = _export(rows, hidden, dtype, scale_dtype, **kw)
@@ -198,6 +240,16 @@ def _case(rows, hidden, dtype, scale_dtype, seed_tag):
     (5, 12288, BF16, None, dict(fused=True)),
     (300, 8192, F32, F32, dict(fused=True)),
     (1100, 1024, F16, F16, dict(fused=True, num_sms=4)),
+    # Rows split over a cluster: 2 CTAs a row at 32768 16-bit columns, 4 at
+    # 65536, forced on narrower rows, more clusters than SMs.
+    (1000, 32768, BF16, BF16, {}),
+    (5, 32768, BF16, None, dict(fused=True)),
+    (37, 65536, F16, F16, dict(fused=True)),
+    (130, 65536, BF16, BF16, {}),
+    (129, 16384, BF16, BF16, dict(split=4)),
+    (300, 16384, F32, F32, {}),
+    (1100, 16384, F16, F16, dict(split=2, num_sms=4)),
+    (257, 8192, BF16, BF16, dict(split=2, ctas_per_sm=2, fused=True)),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_matches_float64(rows, hidden, dtype, scale_dtype, kw):
   # kw["fused"]: the fused backward, dx = the norm's gradient + dh.
@@ -236,11 +288,13 @@ def test_matches_float64(rows, hidden, dtype, scale_dtype, kw):
 
 
 @hopper
-def test_dscale_is_deterministic():
-  x, scale, dy = _case(4099, 16384, BF16, BF16, "det")
+@pytest.mark.parametrize("hidden,split", [(16384, 1), (32768, 2),
+                                          (16384, 4)])
+def test_dscale_is_deterministic(hidden, split):
+  x, scale, dy = _case(4099, hidden, BF16, BF16, "det")
   _, rstd = reference.rms_norm(x, eps=1e-6)
   rstd = jnp.asarray(rstd.astype(np.float32))
-  fn = jax.jit(lambda x, w, r, dy: mw.backward(x, w, r, dy))
+  fn = jax.jit(lambda x, w, r, dy: mw.backward(x, w, r, dy, split=split))
   a = fn(x, scale, rstd, dy)
   b = fn(x, scale, rstd, dy)
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
@@ -270,8 +324,11 @@ def test_mosaic_gpu_serves_the_plain_backward_of_wide_rows():
   # both reasons.
   reason = impl.cannot_serve(_call("backward", 16384, has_bias=True))
   assert "shared memory" in reason and "bias" in reason
-  assert "shared memory" in impl.cannot_serve(
-      _call("backward", 16384, scale_dtype=F32))
+  # A float32 scale beside 16-bit rows of 16384 columns: split over 2 CTAs;
+  # not timed against Triton, so "auto" keeps Triton.
+  call = _call("backward", 16384, scale_dtype=F32)
+  assert impl.cannot_serve(call) is None
+  assert "not timed" in impl.auto_declines(call)
 
 
 def test_mosaic_gpu_serves_the_fused_backward_of_wide_rows():
@@ -291,14 +348,22 @@ def test_mosaic_gpu_serves_the_fused_backward_of_wide_rows():
   reason = impl.cannot_serve(_call("residual_backward", 16384,
                                    has_bias=True))
   assert "shared memory" in reason and "bias" in reason
+  # Split over a cluster of 2 CTAs at 32768 columns, of 4 at 65536; not
+  # beyond.
+  assert impl.cannot_serve(_call("residual_backward", 32768)) is None
+  assert impl.cannot_serve(_call("residual_backward", 65536)) is None
   assert "dscale registers" in impl.cannot_serve(
-      _call("residual_backward", 32768))
+      _call("residual_backward", 131072))
 
 
 def test_auto_takes_the_wide_backward_where_it_measured_faster():
   impl = MosaicGpu()
-  for hidden, dtype in ((12288, BF16), (16384, BF16), (16384, F16)):
+  for hidden, dtype in ((12288, BF16), (16384, BF16), (16384, F16),
+                        (32768, BF16), (32768, F16), (16384, F32)):
     assert impl.auto_declines(_call("backward", hidden, dtype)) is None
+  # Split over 4 CTAs a row (65536 columns) it was not faster than XLA.
+  assert mw.plan(4096, 65536, x_dtype=BF16).split == 4
+  assert "65536 columns" in impl.auto_declines(_call("backward", 65536))
   # A tie with the Triton kernel at 8192 16-bit columns and in float32.
   assert "8192 columns" in impl.auto_declines(_call("backward", 8192))
   assert "8192 columns" in impl.auto_declines(_call("backward", 8192, F32))
@@ -307,8 +372,9 @@ def test_auto_takes_the_wide_backward_where_it_measured_faster():
 def test_auto_takes_the_wide_fused_backward_where_it_measured_faster():
   impl = MosaicGpu()
   for hidden, dtype in ((12288, BF16), (16384, BF16), (16384, F16),
-                        (8192, F32)):
+                        (8192, F32), (32768, BF16), (16384, F32)):
     assert impl.auto_declines(_call("residual_backward", hidden, dtype)) is None
+  assert "Triton" in impl.auto_declines(_call("residual_backward", 65536))
   # Triton (or the module's plan) measured ahead at 8192 16-bit columns;
   # float32 rows of 6144 were not timed; a float32 scale beside bfloat16
   # rows was not timed either.
@@ -352,7 +418,9 @@ def test_auto_fused_backward_of_wide_rows_lowers_for_cuda():
 @hopper
 @pytest.mark.parametrize("rows,hidden,dtype,backends", [
     (300, 16384, BF16, ("auto",)),
-    (77, 12288, F16, ("mosaic_gpu", "auto"))])
+    (77, 12288, F16, ("mosaic_gpu", "auto")),
+    (300, 32768, BF16, ("mosaic_gpu", "auto")),
+    (64, 65536, BF16, ("mosaic_gpu",))])
 def test_public_api_backward_matches_float64(rows, hidden, dtype, backends):
   # Through rms_norm's vjp: "auto", which takes the wide kernel for the
   # backward at these widths, and backend="mosaic_gpu" where its forward
@@ -385,16 +453,38 @@ def test_forward_plan_fits_shared_memory(hidden, dtype, residual, stages):
 
   assert p.stages == stages and used(p.stages) <= mw.SMEM_LIMIT
   assert p.stages == mw.MAX_STAGES or used(p.stages + 1) > mw.SMEM_LIMIT
-  assert (p.block_rows, p.kind) == (1, "wide")
+  assert (p.block_rows, p.kind, p.split) == (1, "wide", 1)
   assert p.grid * p.steps >= 2048 > (p.grid - 1) * p.steps
+
+
+@pytest.mark.parametrize("rows,hidden,dtype,kw,split,grid", [
+    (1024, 65536, BF16, {}, 2, 64), (2048, 32768, BF16,
+                                     dict(has_residual=True), 2, 64),
+    (2048, 32768, BF16, dict(split=2, ctas_per_sm=2), 2, 128),
+    (4096, 16384, BF16, dict(ctas_per_sm=2), 1, 256),
+    (100, 16384, F16, dict(split=4), 4, 25)])
+def test_forward_plan_splits_rows_over_a_cluster(rows, hidden, dtype, kw,
+                                                 split, grid):
+  p = mw.forward_plan(rows, hidden, x_dtype=dtype, sms=132, **kw)
+  size = np.dtype(dtype).itemsize
+  assert (p.split, p.grid) == (split, grid)
+  assert p.grid * p.steps >= rows > (p.grid - 1) * p.steps
+  assert mw.forward_smem_bytes(
+      hidden, p.stages, x_size=size, scale_size=size,
+      has_residual=kw.get("has_residual", False),
+      split=split) <= mw.smem_budget(kw.get("ctas_per_sm", 1))
+  assert (hidden // split) % p.chunk == 0
 
 
 def test_forward_shape_reason_names_the_limit():
   assert mw.forward_shape_reason(2048, 32768, BF16) is None
-  assert "232448" in mw.forward_shape_reason(2048, 65536, BF16)
-  # A float32 scale doubles the scale's shared memory.
-  assert "232448" in mw.forward_shape_reason(2048, 32768, BF16,
-                                             scale_dtype=F32)
+  # Split over 2 CTAs: 65536 columns, or a float32 scale at 32768.
+  assert mw.forward_shape_reason(2048, 65536, BF16) is None
+  assert mw.forward_shape_reason(2048, 32768, BF16, scale_dtype=F32) is None
+  assert "split=4: rows of hidden=262144" in mw.forward_shape_reason(
+      2048, 262144, BF16)
+  assert "232448" in mw.forward_shape_reason(2048, 131072, BF16,
+                                             has_residual=True)
   assert "out_dtype float32" in mw.forward_shape_reason(
       8, 32768, BF16, out_dtype=F32)
   assert "residual dtype float32" in mw.forward_shape_reason(
@@ -421,7 +511,8 @@ def test_forward_names_bad_arguments():
 
 @pytest.mark.parametrize("rows,hidden,dtype,scale_dtype,residual", [
     (300, 32768, BF16, BF16, False), (37, 16384, F16, None, True),
-    (65, 8192, F32, F32, False)])
+    (65, 8192, F32, F32, False), (300, 65536, BF16, BF16, False),
+    (37, 32768, BF16, BF16, True)])
 def test_forward_lowers_for_cuda(rows, hidden, dtype, scale_dtype, residual):
   s = jax.ShapeDtypeStruct
   fn = lambda x, w, r: mw.forward(x, w, r, num_sms=132)
@@ -448,8 +539,14 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
   assert "Triton" in impl.auto_declines(_call("residual_forward", 16384))
   # What the wide forward does not compute, or cannot hold, stays declined.
   assert "bias" in impl.cannot_serve(_call("forward", 32768, has_bias=True))
-  assert "232448" in impl.cannot_serve(_call("forward", 65536))
-  assert "232448" in impl.cannot_serve(_call("residual_forward", 32768))
+  assert "232448" in impl.cannot_serve(_call("forward", 262144))
+  # Rows split over 2 CTAs: the forward of 65536 columns, which "auto"
+  # takes (faster than Triton), and the fused forward of 32768 (level with
+  # Triton, which "auto" keeps).
+  assert impl.cannot_serve(_call("forward", 65536)) is None
+  assert impl.auto_declines(_call("forward", 65536)) is None
+  assert impl.cannot_serve(_call("residual_forward", 32768)) is None
+  assert "Triton" in impl.auto_declines(_call("residual_forward", 32768))
   assert dispatch.explain("auto", platform="cuda", shape=(2048, 32768),
                           dtype=BF16, op="forward") == "mosaic_gpu"
   assert dispatch.explain("auto", platform="cuda", shape=(2048, 16384),
@@ -469,6 +566,12 @@ def _fwd_case(rows, hidden, dtype, scale_dtype, residual, tag):
 @pytest.mark.parametrize("rows,hidden,dtype,scale_dtype,residual,kw", [
     (300, 32768, BF16, BF16, False, {}),
     (2051, 32768, F16, F16, False, {}),
+    # Rows split over a cluster of CTAs.
+    (300, 65536, BF16, BF16, False, {}),
+    (2051, 32768, BF16, BF16, True, {}),
+    (129, 16384, F16, F16, False, dict(split=4, ctas_per_sm=2)),
+    (1000, 32768, F16, None, False, dict(split=2, grid=7)),
+    (77, 16384, BF16, F32, True, dict(split=2, store_chunks=True)),
     (37, 16384, BF16, BF16, False, {}),
     (133, 16384, F16, F32, False, {}),
     (65, 8192, F32, F32, False, {}),
@@ -516,7 +619,7 @@ def test_forward_matches_float64(rows, hidden, dtype, scale_dtype, residual,
 @hopper
 def test_public_api_forward_of_32768_columns_matches_float64():
   # "auto" runs the forward on the wide kernel here and the backward on
-  # the Triton kernel (the wide backward stops at 16384 columns).
+  # the wide backward split over 2 CTAs a row.
   x, scale, _ = _fwd_case(300, 32768, BF16, BF16, False, "public")
   dy = random(rng_for("wide_fwd_dy"), x.shape, BF16)
   y, vjp = jax.vjp(jax.jit(lambda x, w: rj.rms_norm(x, w)), x, scale)
@@ -531,7 +634,8 @@ def test_public_api_forward_of_32768_columns_matches_float64():
 @hopper
 @pytest.mark.parametrize("rows,hidden,dtype,backend", [
     (77, 16384, BF16, "mosaic_gpu"), (300, 16384, BF16, "auto"),
-    (129, 12288, F16, "auto")])
+    (129, 12288, F16, "auto"), (129, 32768, BF16, "auto"),
+    (77, 32768, BF16, "mosaic_gpu")])
 def test_public_api_fused_matches_float64(rows, hidden, dtype, backend):
   # rms_norm_residual's forward and vjp. backend="mosaic_gpu" runs the wide
   # fused forward (h over the residual's row) and the wide fused backward

@@ -264,6 +264,19 @@ AUTO_WIDE_BWD_MIN_COLS = 12288
 # wide kernel (8192x8192 bf16 135.6 against 139.6, Triton 143.4; 2048x8192
 # f16 38.9 against 40.4, Triton 38.3).
 AUTO_WIDE_FUSED_BWD_MIN_COLS_F32 = 8192
+# backend="auto" takes the plain backward of float32 rows from this many
+# columns, where the wide kernel splits each row over 2 CTAs: H200, us, wide
+# kernel against the Triton kernel: 1024x16384 f32 58.1 against 82.1 (the
+# fused backward there 72.5 against 96.8). At 8192 float32 columns it tied.
+AUTO_WIDE_BWD_MIN_COLS_F32 = 16384
+# backend="auto" takes the wide backward and fused backward where a row is
+# split over at most this many CTAs (mosaic_gpu_wide.SPLITS): H200, us, wide
+# kernel against the Triton kernel and XLA: 2048x32768 bf16 (2 CTAs a row)
+# 125.6 against 181.0 and 183.7, fused 144.2 against 221.9 and 233.4; at
+# 1024x65536 bf16 (4 CTAs a row, each waiting on the slowest at every row's
+# exchange) 221.0 against 221.2 and 186.9, fused 244.6 against 292.3 and
+# 237.3, so those calls keep the route they had.
+AUTO_WIDE_MAX_SPLIT = 2
 # The plain forward (and fused forward) of rows this module's plans cannot
 # hold runs the wide forward (mosaic_gpu_wide.forward), which writes y over
 # x's shared memory. backend="auto" takes the plain forward from this many
@@ -403,6 +416,18 @@ def wide_forward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
   except ValueError:
     return None  # only the wide kernel serves it
   return f"rows of {hidden} columns take this module's forward plan"
+
+
+def _auto_wide_backward(call: base.Call, min_cols: int) -> bool:
+  """Whether "auto" takes the wide backward (or fused backward) for a call
+  with every array in x's dtype: from ``min_cols`` columns, where the wide
+  kernel serves it, splitting rows over at most ``AUTO_WIDE_MAX_SPLIT``
+  CTAs."""
+  hidden = int(call.hidden)
+  if hidden < min_cols or _wide_call_reason(call) is not None:
+    return False
+  return mw.plan(int(call.rows), hidden, x_dtype=call.dtype,
+                 has_scale=bool(call.scale_shape)).split <= AUTO_WIDE_MAX_SPLIT
 
 
 def _wide_call_reason(call: base.Call) -> str | None:
@@ -545,7 +570,11 @@ class MosaicGpu(base.Implementation):
     faster (there and on float32 rows of
     ``AUTO_WIDE_FUSED_BWD_MIN_COLS_F32`` columns); the plain forward of
     16-bit rows of ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 8-9%
-    faster.
+    faster (11% at 65536 columns, split over 2 CTAs a row). The wide
+    backward and fused backward also take float32 rows of
+    ``AUTO_WIDE_BWD_MIN_COLS_F32`` columns, and rows the wide kernel splits
+    over 2 CTAs (32768 16-bit columns: 31-35% faster), not those it splits
+    over 4 (``AUTO_WIDE_MAX_SPLIT``).
     """
     if len(call.scale_shape) == 2:
       return ("a per-head scale: not timed against the Triton kernel "
@@ -577,9 +606,9 @@ class MosaicGpu(base.Implementation):
         and _wide_call_reason(call) is None):
       return None
     if (call.op == "residual_backward" and same_dtypes
-        and _wide_call_reason(call) is None
-        and int(call.hidden) >= (AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
-                                 else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32)):
+        and _auto_wide_backward(call, AUTO_WIDE_BWD_MIN_COLS
+                                if x_dt.itemsize == 2
+                                else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32)):
       return None
     if call.op != "backward":
       return (f"{call.op}: the Triton kernel measured as fast or faster "
@@ -603,8 +632,8 @@ class MosaicGpu(base.Implementation):
       return (f"backward: on fewer than {AUTO_BWD_MIN_ROWS} rows (or a "
               "symbolic row count) the Triton kernel measured as fast or "
               "faster (docs/bench_h200.md)")
-    if (x_dt.itemsize == 2 and hidden >= AUTO_WIDE_BWD_MIN_COLS
-        and _wide_call_reason(call) is None):
+    if _auto_wide_backward(call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
+                           else AUTO_WIDE_BWD_MIN_COLS_F32):
       return None
     return (f"backward: on rows of {hidden} columns the Triton kernel "
             "measured faster (docs/mosaic_gpu.md)")

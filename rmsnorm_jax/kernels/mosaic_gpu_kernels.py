@@ -86,6 +86,10 @@ class Plan:
       every block uses rows ``[(g * group_rows) % head_rows, ...)`` of it
       (a multiple of the heads and of ``group_rows``; ``block_rows`` is a
       multiple of it); 1 without a per-head scale.
+    split: CTAs (one thread-block cluster) sharing each row, each holding
+      ``hidden // split`` columns of it (``mosaic_gpu_wide``); ``grid``
+      then counts clusters. ``chunk``, ``vec`` and ``k`` are those of one
+      CTA's columns.
   """
 
   rows: int
@@ -101,6 +105,7 @@ class Plan:
   steps: int
   k: int
   head_rows: int = 1
+  split: int = 1
 
   @property
   def row_blocks(self) -> int:
@@ -180,9 +185,11 @@ REDUCTION_SCRATCH = 2048
 
 
 def run_kernel(kernel, args, *, out_types, scratch, grid: int,
-               reduction_scratch: int = REDUCTION_SCRATCH):
+               reduction_scratch: int = REDUCTION_SCRATCH, cluster: int = 1):
   """``kernel`` on a persistent grid of ``grid`` one-warpgroup CTAs (axis
-  "cta"), applied to ``args``; returns its outputs (``out_types``).
+  "cta"), applied to ``args``; returns its outputs (``out_types``). With
+  ``cluster`` > 1 each of the ``grid`` entries is a cluster of that many
+  CTAs (axis "cluster", their rank in it).
 
   Traced with 32-bit types even where ``jax_enable_x64`` is on: in 64-bit
   mode ``plgpu.emit_pipeline`` compares its Python step count, traced as
@@ -190,9 +197,11 @@ def run_kernel(kernel, args, *, out_types, scratch, grid: int,
   and outputs are float32, 16-bit or 8-bit either way.
   """
   with jax.enable_x64(False):
+    clusters = dict(cluster=(cluster,), cluster_names=("cluster",)) if (
+        cluster > 1) else {}
     return plgpu.kernel(
         kernel, out_type=tuple(out_types), scratch_types=scratch,
-        grid=(grid,), grid_names=("cta",),
+        grid=(grid,), grid_names=("cta",), **clusters,
         compiler_params=plgpu.CompilerParams(
             unsafe_no_auto_barriers=True,
             reduction_scratch_bytes=reduction_scratch))(*args)

@@ -93,10 +93,118 @@ MAX_STAGES = 4
 MAX_CTA_ROWS = 256
 THREADS = 128  # one warpgroup
 DEFAULT_NUM_SMS = gpu_tiling.DEFAULT_NUM_SMS
+# Shared memory of one Hopper SM, of which each resident CTA also takes
+# CTA_RESERVED_SMEM: what two CTAs a SM may each use (ctas_per_sm=2).
+SM_SMEM = 233472
+CTA_RESERVED_SMEM = 1024
+# CTAs a row may be split over (a thread-block cluster, ``split``): each
+# holds hidden / split columns and the row sums are exchanged through
+# distributed shared memory (``_cluster_row_sum``).
+SPLITS = (1, 2, 4)
 
 
 def _align(n: int) -> int:
   return -(-n // SMEM_ALIGN) * SMEM_ALIGN
+
+
+def smem_budget(ctas_per_sm: int) -> int:
+  """Shared memory one CTA may use with ``ctas_per_sm`` CTAs resident on a
+  Hopper SM."""
+  if ctas_per_sm not in (1, 2):
+    raise ValueError(f"ctas_per_sm must be 1 or 2; got {ctas_per_sm!r}.")
+  return min(SMEM_LIMIT, SM_SMEM // ctas_per_sm - CTA_RESERVED_SMEM)
+
+
+def _slot_count(split: int) -> int:
+  # Two pipeline steps' worth of the cluster's row sums (_cluster_row_sum).
+  return 2 * split if split > 1 else 0
+
+
+def _slots_bytes(split: int) -> int:
+  return _align(4 * _slot_count(split)) if split > 1 else 0
+
+
+def _split_cols(hidden: int, split: int) -> int:
+  """Columns each CTA of a row's cluster holds."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}; got {split!r}.")
+  if hidden % split:
+    raise ValueError(f"hidden={hidden} does not split into {split} equal "
+                     "parts.")
+  return hidden // split
+
+
+def _first_split(make, split: int | None, **overrides):
+  """``make(split, **overrides)`` for the given split, or else for the first
+  of ``SPLITS`` whose default launch (``make(split)``) plans: the fewest
+  CTAs per row, whatever the overrides (which are then checked there).
+
+  Raises:
+    ValueError: naming why no split serves (the one-CTA reason first).
+  """
+  if split is None:
+    errors = []
+    for sp in SPLITS:
+      try:
+        make(sp)
+      except ValueError as e:
+        errors.append(f"split={sp}: {e}")
+      else:
+        split = sp
+        break
+    else:
+      raise ValueError("; ".join(errors))
+  return make(split, **overrides)
+
+
+def _cluster_row_sum(part, slots, parity, split: int, row_layout):
+  """The sum over a row's cluster of each CTA's partial row sum ``part``
+  ((1,) float32 in ``row_layout``), added in rank order, so every CTA of the
+  cluster gets the same bits.
+
+  One thread of each CTA stores its partial into slot ``rank`` of every
+  CTA's ``slots`` (distributed shared memory), then the cluster barrier
+  (arrive with release, wait with acquire semantics) makes the stores
+  visible. ``slots`` holds two steps' slots (``parity``): a CTA that runs
+  ahead writes the next step's while a slower one still reads this one's;
+  it cannot run two ahead, since the next barrier waits for every CTA.
+  """
+  if split == 1:
+    return part
+  # Mosaic GPU's own MLIR bindings: Pallas has no store of a register value
+  # into another CTA's shared memory.
+  from jaxlib.mlir import ir  # pylint: disable=import-outside-toplevel
+  from jaxlib.mlir.dialects import arith, gpu, llvm, nvvm, vector  # pylint: disable=import-outside-toplevel
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=import-outside-toplevel
+
+  @plgpu.inline_mgpu(arg_types=(row_layout, plgpu.RefType()))
+  def send(ctx, p, ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    reg = p.registers.flat[0]
+    val = vector.extract(reg, dynamic_position=[],
+                         static_position=[0] * ir.VectorType(reg.type).rank)
+    rank = arith.index_cast(i32, gpu.cluster_block_id(gpu.Dimension.x))
+    addr = arith.addi(llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref)),
+                      arith.muli(rank, mgpu_utils.c(4, i32)))
+    one = mgpu_utils.single_thread_predicate(
+        mgpu_utils.ThreadSubset.WARPGROUP)
+    for peer in range(split):
+      llvm.inline_asm(
+          ir.Type.parse("!llvm.void"),
+          [one, addr, mgpu_utils.c(peer, i32), val],
+          "{\n .reg .b32 ra;\n @$0 mapa.shared::cluster.u32 ra, $1, $2;\n"
+          " @$0 st.shared::cluster.f32 [ra], $3;\n}",
+          "b,r,r,f", has_side_effects=True)
+    nvvm.cluster_arrive(aligned=True)
+    nvvm.cluster_wait(aligned=True)
+
+  base = parity * split
+  send(part, slots.at[pl.ds(base, split)])
+  total = slots[base]
+  for j in range(1, split):
+    total = total + slots[base + j]
+  return plgpu.layout_cast(jnp.broadcast_to(total, (1,)), row_layout)
 
 
 def _itemsize(dt) -> int:
@@ -111,7 +219,7 @@ def rstd_rows(cta_rows: int) -> int:
 
 
 def smem_bytes(hidden: int, stages: int, rstd_rows: int, *, x_size: int,
-               dy_size: int, scale_size: int | None) -> int:
+               dy_size: int, scale_size: int | None, split: int = 1) -> int:
   """Shared memory of one CTA, as the Mosaic GPU lowering allocates it.
 
   Args:
@@ -119,17 +227,21 @@ def smem_bytes(hidden: int, stages: int, rstd_rows: int, *, x_size: int,
       held (``rstd_rows(rows per CTA)``).
     x_size, dy_size: itemsizes of x (and dx) and dy.
     scale_size: the scale's itemsize, or None without a scale.
+    split: CTAs sharing each row (each holds ``hidden // split`` columns,
+      plus the cluster's row-sum slots).
 
   The third row buffer is dx's own, or the fused backward's dh, which dx
   overwrites: the same bytes.
   """
-  fixed = (_align(hidden * scale_size) if scale_size else _align(128 * 4))
-  fixed += _align(4 * rstd_rows)
-  pipeline = sum(_align(stages * hidden * s)
+  cols = _split_cols(hidden, split)
+  fixed = (_align(cols * scale_size) if scale_size else _align(128 * 4))
+  # The cluster's row-sum slots follow the rstd rows in one allocation.
+  fixed += _align(4 * (rstd_rows + _slot_count(split)))
+  pipeline = sum(_align(stages * cols * s)
                  for s in (x_size, dy_size, x_size))
   # The dscale partial is staged through shared memory once the pipeline's
   # buffers are released.
-  partial = _align(4 * hidden) if scale_size else 0
+  partial = _align(4 * cols) if scale_size else 0
   barriers = (2 + stages) * BARRIER_BYTES
   return fixed + max(pipeline + REDUCTION_SCRATCH, partial) + barriers
 
@@ -162,32 +274,35 @@ def _chunk(hidden: int, unit: int, chunk: int | None,
   return chunk
 
 
-def _stages(need, stages: int | None, hidden: int, arrays: str) -> int:
+def _stages(need, stages: int | None, hidden: int, arrays: str,
+            limit: int = SMEM_LIMIT) -> int:
   """The pipeline depth: the override, checked, or the deepest of
-  MIN_STAGES..MAX_STAGES whose shared memory ``need(stages)`` fits.
+  MIN_STAGES..MAX_STAGES whose shared memory ``need(stages)`` fits
+  ``limit`` bytes (``smem_budget``).
 
   Raises:
     ValueError: naming ``arrays`` (the rows' dtypes) and the bytes needed.
   """
   if stages is not None:
-    if stages < 1 or need(stages) > SMEM_LIMIT:
-      raise ValueError(f"stages={stages} does not fit {SMEM_LIMIT} bytes of "
+    if stages < 1 or need(stages) > limit:
+      raise ValueError(f"stages={stages} does not fit {limit} bytes of "
                        f"shared memory at hidden={hidden}.")
     return stages
   st = next((s for s in range(MAX_STAGES, MIN_STAGES - 1, -1)
-             if need(s) <= SMEM_LIMIT), None)
+             if need(s) <= limit), None)
   if st is None:
     raise ValueError(
         f"rows of hidden={hidden} ({arrays}) need {need(MIN_STAGES)} bytes "
-        f"of shared memory for {MIN_STAGES} pipeline stages; a Hopper block "
-        f"has {SMEM_LIMIT}.")
+        f"of shared memory for {MIN_STAGES} pipeline stages; a CTA has "
+        f"{limit}.")
   return st
 
 
 def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
          has_scale: bool = True, sms: int = DEFAULT_NUM_SMS,
          stages: int | None = None, chunk: int | None = None,
-         grid: int | None = None) -> Plan:
+         grid: int | None = None, split: int | None = None,
+         ctas_per_sm: int = 1) -> Plan:
   """The launch of one ``backward`` call.
 
   Args:
@@ -196,7 +311,11 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
     x_dtype: dtype of x (and dx); dy_dtype: of dy (default x's).
     scale_dtype: of the scale (default x's); has_scale: whether there is one.
     sms: SMs the persistent grid covers.
-    stages, chunk, grid: overrides (timing sweeps); chunk is in columns.
+    stages, chunk, grid: overrides (timing sweeps); chunk is in columns of
+      one CTA, grid counts clusters.
+    split: CTAs sharing each row (``SPLITS``); default the fewest whose
+      registers and shared memory hold their part.
+    ctas_per_sm: CTAs resident per SM (1 or 2), as in ``forward_plan``.
 
   Returns:
     A ``mosaic_gpu_kernels.Plan`` of one-row blocks and one-row groups.
@@ -211,30 +330,36 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
   scale_dtype = x_dtype if scale_dtype is None else scale_dtype
   xs, ds = _itemsize(x_dtype), _itemsize(dy_dtype)
   ws = _itemsize(scale_dtype) if has_scale else None
-  vec, unit = _vector(hidden, max(xs, ds))
-  if has_scale and hidden // THREADS > MAX_CARRY_VALUES:
-    raise ValueError(
-        f"rows of hidden={hidden} need {hidden // THREADS} float32 dscale "
-        f"registers per thread; at most {MAX_CARRY_VALUES} are carried.")
-  if (hidden * min(xs, ds, ws or 4)) % 128:
-    raise ValueError(f"rows of hidden={hidden} are not whole 128-byte pieces "
-                     "for the copy engine.")
-  chunk = _chunk(hidden, unit, chunk, CHUNK_VALUES)
-  k = box_cols(hidden)
-  g = grid or min(rows, sms)
-  # Each CTA's rstd starts on a 16-byte boundary (the copy engine's
-  # alignment): a multiple of 4 rows per CTA.
-  steps = min(-(-(-(-rows // g)) // 4) * 4, MAX_CTA_ROWS)
-  g = -(-rows // steps)
-  st = _stages(
-      lambda st: smem_bytes(hidden, st, rstd_rows(steps), x_size=xs,
-                            dy_size=ds, scale_size=ws),
-      stages, hidden,
-      f"{np.dtype(x_dtype).name} x and dx, {np.dtype(dy_dtype).name} dy"
-      + (f", {np.dtype(scale_dtype).name} scale" if has_scale else ""))
-  return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
-              chunk=chunk, vec=vec, kind="wide", lanes=32, stages=st,
-              grid=g, steps=steps, k=k)
+  limit = smem_budget(ctas_per_sm)
+
+  def make(sp, stages=None, chunk=None):
+    cols = _split_cols(hidden, sp)
+    vec, unit = _vector(cols, max(xs, ds))
+    if has_scale and cols // THREADS > MAX_CARRY_VALUES:
+      raise ValueError(
+          f"rows of hidden={hidden} need {cols // THREADS} float32 dscale "
+          f"registers per thread; at most {MAX_CARRY_VALUES} are carried.")
+    if (cols * min(xs, ds, ws or 4)) % 128:
+      raise ValueError(f"rows of hidden={hidden} are not whole 128-byte "
+                       "pieces for the copy engine.")
+    ch = _chunk(cols, unit, chunk, CHUNK_VALUES)
+    g = grid or min(rows, sms * ctas_per_sm // sp)
+    # Each cluster's rstd starts on a 16-byte boundary (the copy engine's
+    # alignment): a multiple of 4 rows per cluster.
+    steps = min(-(-(-(-rows // g)) // 4) * 4, MAX_CTA_ROWS)
+    st = _stages(
+        lambda st: smem_bytes(hidden, st, rstd_rows(steps), x_size=xs,
+                              dy_size=ds, scale_size=ws, split=sp),
+        stages, hidden,
+        f"{np.dtype(x_dtype).name} x and dx, {np.dtype(dy_dtype).name} dy"
+        + (f", {np.dtype(scale_dtype).name} scale" if has_scale else "")
+        + (f", {sp} CTAs a row" if sp > 1 else ""), limit)
+    return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
+                chunk=ch, vec=vec, kind="wide", lanes=32, stages=st,
+                grid=-(-rows // steps), steps=steps, k=box_cols(cols),
+                split=sp)
+
+  return _first_split(make, split, stages=stages, chunk=chunk)
 
 
 def shape_reason(rows: int, hidden: int, dtype, scale_dtype=None,
@@ -300,8 +425,10 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
                  overlap_scale: bool, fence: str | None, pass1_loop: bool):
   rows, hidden = x.shape
   has_scale, has_dh = scale is not None, dh is not None
+  split = plan.split
+  cols = hidden // split
   k, C = plan.k, plan.chunk
-  nch = hidden // C
+  nch = cols // C
   cta_rows = plan.cta_rows
   load_rows = rstd_rows(cta_rows)
   inv_h = 1.0 / hidden
@@ -312,14 +439,14 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     rstd = jnp.pad(rstd, (0, rows_pad - rows))
   out_types = [jax.ShapeDtypeStruct((rows, hidden // k, k), x.dtype)]
   if has_scale:
-    out_types.append(jax.ShapeDtypeStruct((plan.grid, nch, C), _F32))
+    out_types.append(jax.ShapeDtypeStruct((plan.grid, split, nch, C), _F32))
   # Rows are viewed as (chunks, chunk) in shared memory: a chunk is then a
   # contiguous one-row slice, which every Mosaic GPU release loads (a
   # (1, chunk) slice of a (1, hidden) view does not lower in jax 0.10).
   scratch = [plgpu.SMEM((nch, C) if has_scale else (128,),
                         scale.dtype if has_scale else _F32),
              plgpu.Barrier(),
-             plgpu.SMEM((load_rows,), _F32),
+             plgpu.SMEM((load_rows + _slot_count(split),), _F32),
              plgpu.Barrier()]
 
   def kernel(*refs):
@@ -331,15 +458,20 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     dx_g = next(it)
     part_g = next(it) if has_scale else None
     w_s, bar, rst_s, rbar = next(it), next(it), next(it), next(it)
+    slots = rst_s.at[pl.ds(load_rows, _slot_count(split))] if (
+        split > 1) else None
     cast = _Cast(plan)
     cta = lax.axis_index("cta")
+    # This CTA's columns of each row: piece ``rank`` of the row's cluster,
+    # whose CTAs all walk the same rows.
+    rank = lax.axis_index("cluster") if split > 1 else 0
     # The last CTA's piece may reach past the end of rstd: the copy engine
     # stops at the end, and those rows are never read.
     plgpu.copy_gmem_to_smem(rstd_g.at[pl.ds(cta * cta_rows, load_rows)],
-                            rst_s, rbar,
+                            rst_s.at[pl.ds(0, load_rows)], rbar,
                             oob_mode=plgpu.OOBFillMode.UNDEFINED)
     if has_scale:
-      plgpu.copy_gmem_to_smem(w_g, w_s, bar,
+      plgpu.copy_gmem_to_smem(w_g.at[rank], w_s, bar,
                               oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
 
     def wait_inputs():
@@ -351,7 +483,7 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
       wait_inputs()
     b0 = cta * plan.steps
     n = jnp.minimum(plan.steps, rows - b0)
-    block = pl.BlockSpec((1, hidden // k, k), lambda s: (b0 + s, 0, 0))
+    block = pl.BlockSpec((1, cols // k, k), lambda s: (b0 + s, rank, 0))
 
     def scale_chunk(c):
       return _scale_row(cast, w_s, c, offset) if has_scale else None
@@ -397,7 +529,9 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
         for c in range(nch):
           acc = _fenced(dot_chunk(c, acc))
       # mean(g * xhat) = rstd * mean(g * x): the projection the norm removes.
-      proj = cast.rows_b(jnp.sum(acc, axis=1) * r * inv_h, shape)
+      dot = _cluster_row_sum(jnp.sum(acc, axis=1), slots, idx[0] % 2, split,
+                             cast.row)
+      proj = cast.rows_b(dot * r * inv_h, shape)
       new = []
       for c in range(nch):
         row = pl.ds(c, 1)
@@ -418,7 +552,9 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
         dx2[row, full] = dx.astype(dx2.dtype)
       if has_dh:
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dx_b, dx_g.at[pl.ds(b0 + idx[0], 1)])
+        plgpu.copy_smem_to_gmem(
+            dx_b, dx_g.at[pl.ds(b0 + idx[0], 1),
+                          pl.ds(rank * (cols // k), cols // k)])
         # The pipeline loads a later row into this buffer as soon as the
         # step returns: the copy out must have read it by then.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -438,7 +574,7 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
         for c in range(nch):
           acc_s[pl.ds(c, 1), :] = final[c]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(acc_s, part_g.at[cta])
+        plgpu.copy_smem_to_gmem(acc_s, part_g.at[cta, rank])
         plgpu.wait_smem_to_gmem(0)
 
       # The pipeline's buffers are released by now: this reuses them.
@@ -453,9 +589,10 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     args.append(_view3(dh, k))
   args.append(rstd)
   if has_scale:
-    args.append(scale.reshape(nch, C))
+    args.append(scale.reshape(split, nch, C))
   outs = run_kernel(kernel, args, out_types=out_types, scratch=scratch,
-                    grid=plan.grid, reduction_scratch=REDUCTION_SCRATCH)
+                    grid=plan.grid, reduction_scratch=REDUCTION_SCRATCH,
+                    cluster=split)
   dx = outs[0].reshape(rows, hidden)
   if not has_scale:
     return dx, None
@@ -468,7 +605,8 @@ def backward(x, scale, rstd, dy, dh=None, *, scale_offset: float = 0.0,
              num_sms: int | None = None, stages: int | None = None,
              chunk: int | None = None, grid: int | None = None,
              overlap_scale: bool = True, fence: str | None = "value",
-             pass1_loop: bool = True):
+             pass1_loop: bool = True, split: int | None = None,
+             ctas_per_sm: int = 1):
   """RMSNorm backward of wide rows on Hopper: ``(dx, dscale)``; with ``dh``,
   the fused residual backward.
 
@@ -499,6 +637,10 @@ def backward(x, scale, rstd, dy, dh=None, *, scale_offset: float = 0.0,
       row in registers beside the dscale carry.
     pass1_loop: walk the chunks of ``sum(g * x)`` in a loop (dynamic chunk
       index) rather than unrolled.
+    split: CTAs (a cluster) sharing each row (1, 2 or 4): each carries the
+      dscale of its ``hidden // split`` columns and the row's ``sum(g * x)``
+      is exchanged between them; default the fewest that fit.
+    ctas_per_sm: CTAs resident per SM (1 or 2), see ``plan``.
 
   Returns:
     ``(dx in x.dtype (rows, hidden), dscale float32 (hidden,) or None)``.
@@ -520,7 +662,7 @@ def backward(x, scale, rstd, dy, dh=None, *, scale_offset: float = 0.0,
   p = plan(rows, hidden, x_dtype=x.dtype, dy_dtype=dy.dtype,
            scale_dtype=None if scale is None else scale.dtype,
            has_scale=scale is not None, sms=sms, stages=stages, chunk=chunk,
-           grid=grid)
+           grid=grid, split=split, ctas_per_sm=ctas_per_sm)
   return _kernel_call(x, scale, rstd, dy, dh, plan=p,
                       offset=float(scale_offset),
                       overlap_scale=overlap_scale, fence=fence,
@@ -542,15 +684,18 @@ RSTD_COLS = 4
 
 
 def forward_smem_bytes(hidden: int, stages: int, *, x_size: int,
-                       scale_size: int | None, has_residual: bool) -> int:
+                       scale_size: int | None, has_residual: bool,
+                       split: int = 1) -> int:
   """Shared memory of one forward CTA, as the Mosaic GPU lowering allocates
-  it: the scale (or a placeholder), the row's rstd tile (``RSTD_COLS``),
-  ``stages`` rows of x (and of the residual), the cross-warp reduction
-  scratch and the barriers."""
-  fixed = (_align(hidden * scale_size) if scale_size else _align(128 * 4))
-  fixed += _align(4 * THREADS * (16 // x_size))
+  it: its ``hidden // split`` columns of the scale (or a placeholder), the
+  row's rstd tile (``RSTD_COLS``), ``stages`` rows of x (and of the
+  residual), the cross-warp reduction scratch, the cluster's row-sum slots
+  and the barriers."""
+  cols = _split_cols(hidden, split)
+  fixed = (_align(cols * scale_size) if scale_size else _align(128 * 4))
+  fixed += _align(4 * THREADS * (16 // x_size)) + _slots_bytes(split)
   n_in = 1 + has_residual
-  pipeline = n_in * _align(stages * hidden * x_size)
+  pipeline = n_in * _align(stages * cols * x_size)
   barriers = (1 + stages) * BARRIER_BYTES
   return fixed + pipeline + REDUCTION_SCRATCH + barriers
 
@@ -558,7 +703,8 @@ def forward_smem_bytes(hidden: int, stages: int, *, x_size: int,
 def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
                  has_scale: bool = True, has_residual: bool = False,
                  sms: int = DEFAULT_NUM_SMS, stages: int | None = None,
-                 chunk: int | None = None, grid: int | None = None) -> Plan:
+                 chunk: int | None = None, grid: int | None = None,
+                 split: int | None = None, ctas_per_sm: int = 1) -> Plan:
   """The launch of one ``forward`` call.
 
   Args:
@@ -568,7 +714,11 @@ def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
     scale_dtype: of the scale (default x's); has_scale: whether there is one.
     has_residual: the fused residual forward.
     sms: SMs the persistent grid covers.
-    stages, chunk, grid: overrides (timing sweeps); chunk is in columns.
+    stages, chunk, grid: overrides (timing sweeps); chunk is in columns of
+      one CTA, grid counts clusters.
+    split: CTAs sharing each row (``SPLITS``); default the fewest that fit.
+    ctas_per_sm: CTAs resident per SM (1 or 2): the grid covers ``sms *
+      ctas_per_sm`` CTAs and each gets ``smem_budget(ctas_per_sm)`` bytes.
 
   Returns:
     A ``mosaic_gpu_kernels.Plan`` of one-row blocks and one-row groups.
@@ -582,20 +732,27 @@ def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
   scale_dtype = x_dtype if scale_dtype is None else scale_dtype
   xs = _itemsize(x_dtype)
   ws = _itemsize(scale_dtype) if has_scale else None
-  vec, unit = _vector(hidden, xs)
-  chunk = _chunk(hidden, unit, chunk, FWD_CHUNK_VALUES)
-  steps = -(-rows // (grid or min(rows, sms)))
-  g = -(-rows // steps)
-  st = _stages(
-      lambda st: forward_smem_bytes(hidden, st, x_size=xs, scale_size=ws,
-                                    has_residual=has_residual),
-      stages, hidden,
-      np.dtype(x_dtype).name
-      + (" x and residual" if has_residual else " x")
-      + (f", {np.dtype(scale_dtype).name} scale" if has_scale else ""))
-  return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
-              chunk=chunk, vec=vec, kind="wide", lanes=32, stages=st,
-              grid=g, steps=steps, k=box_cols(hidden))
+  limit = smem_budget(ctas_per_sm)
+
+  def make(sp, stages=None, chunk=None):
+    cols = _split_cols(hidden, sp)
+    vec, unit = _vector(cols, xs)
+    ch = _chunk(cols, unit, chunk, FWD_CHUNK_VALUES)
+    steps = -(-rows // (grid or min(rows, sms * ctas_per_sm // sp)))
+    st = _stages(
+        lambda st: forward_smem_bytes(hidden, st, x_size=xs, scale_size=ws,
+                                      has_residual=has_residual, split=sp),
+        stages, hidden,
+        np.dtype(x_dtype).name
+        + (" x and residual" if has_residual else " x")
+        + (f", {np.dtype(scale_dtype).name} scale" if has_scale else "")
+        + (f", {sp} CTAs a row" if sp > 1 else ""), limit)
+    return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
+                chunk=ch, vec=vec, kind="wide", lanes=32, stages=st,
+                grid=-(-rows // steps), steps=steps, k=box_cols(cols),
+                split=sp)
+
+  return _first_split(make, split, stages=stages, chunk=chunk)
 
 
 def forward_shape_reason(rows: int, hidden: int, dtype, scale_dtype=None,
@@ -631,8 +788,10 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
                   offset: float, store_chunks: bool):
   rows, hidden = x.shape
   has_scale, has_res = scale is not None, residual is not None
+  split = plan.split
+  cols = hidden // split
   k, C = plan.k, plan.chunk
-  nch = hidden // C
+  nch = cols // C
   inv_h = 1.0 / hidden
   shape = (1, C)
   tile = (1, THREADS * plan.vec)
@@ -643,6 +802,8 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
                         scale.dtype if has_scale else _F32),
              plgpu.Barrier(),
              plgpu.SMEM(tile, _F32)]
+  if split > 1:
+    scratch.append(plgpu.SMEM((2 * split,), _F32))
 
   def kernel(*refs):
     it = iter(refs)
@@ -653,14 +814,18 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
     h_g = next(it) if has_res else None
     rstd_g = next(it)
     w_s, bar, rst_s = next(it), next(it), next(it)
+    slots = next(it) if split > 1 else None
     cast = _Cast(plan)
     cta = lax.axis_index("cta")
+    # This CTA's columns of each row: piece ``rank`` of the row's cluster.
+    rank = lax.axis_index("cluster") if split > 1 else 0
     if has_scale:
-      plgpu.copy_gmem_to_smem(w_g, w_s, bar,
+      plgpu.copy_gmem_to_smem(w_g.at[rank], w_s, bar,
                               oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
     b0 = cta * plan.steps
     n = jnp.minimum(plan.steps, rows - b0)
-    block = pl.BlockSpec((1, hidden // k, k), lambda s: (b0 + s, 0, 0))
+    block = pl.BlockSpec((1, cols // k, k), lambda s: (b0 + s, rank, 0))
+    mine = pl.ds(rank * (cols // k), cols // k)
     full = slice(None)
 
     def body(idx, x_b, r_b=None):
@@ -684,12 +849,14 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
       acc = lax.fori_loop(0, nch, square,
                           plgpu.layout_cast(jnp.zeros(shape, _F32),
                                             cast.full))
-      rstd = lax.rsqrt(jnp.sum(acc, axis=1) * inv_h + eps)
+      sumsq = _cluster_row_sum(jnp.sum(acc, axis=1), slots, idx[0] % 2,
+                               split, cast.row)
+      rstd = lax.rsqrt(sumsq * inv_h + eps)
       rst_s[...] = cast.rows_b(rstd, tile)
       if has_res:
         # h leaves while y is computed.
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(r_b, h_g.at[row])
+        plgpu.copy_smem_to_gmem(r_b, h_g.at[row, mine])
       rb = cast.rows_b(rstd, shape)
       for c in range(nch):
         # Unrolled: a store at a dynamic chunk index does not lower. The
@@ -705,12 +872,21 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
           # left to drain when the step ends.
           plgpu.commit_smem()
           piece = pl.ds(c * (C // k), C // k)
-          plgpu.copy_smem_to_gmem(x_b.at[:, piece], y_g.at[row, piece])
+          plgpu.copy_smem_to_gmem(
+              x_b.at[:, piece],
+              y_g.at[row, pl.ds(rank * (cols // k) + c * (C // k), C // k)])
       plgpu.commit_smem()
       if not store_chunks:
-        plgpu.copy_smem_to_gmem(x_b, y_g.at[row])
-      plgpu.copy_smem_to_gmem(rst_s.at[:, pl.ds(0, RSTD_COLS)],
-                              rstd_g.at[row])
+        plgpu.copy_smem_to_gmem(x_b, y_g.at[row, mine])
+
+      def store_rstd():
+        plgpu.copy_smem_to_gmem(rst_s.at[:, pl.ds(0, RSTD_COLS)],
+                                rstd_g.at[row])
+
+      if split > 1:
+        pl.when(rank == 0)(store_rstd)  # every CTA of the row holds it
+      else:
+        store_rstd()
       # The pipeline loads the row after next into these buffers as soon as
       # this step returns, and the next step rewrites rst_s: the copies out
       # must have read them by then.
@@ -724,9 +900,10 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
 
   args = [_view3(x, k)] + ([_view3(residual, k)] if has_res else [])
   if has_scale:
-    args.append(scale.reshape(nch, C))
+    args.append(scale.reshape(split, nch, C))
   outs = list(run_kernel(kernel, args, out_types=out_types, scratch=scratch,
-                         grid=plan.grid, reduction_scratch=REDUCTION_SCRATCH))
+                         grid=plan.grid, reduction_scratch=REDUCTION_SCRATCH,
+                         cluster=split))
   outs[0] = outs[0].reshape(rows, hidden)
   if has_res:
     outs[1] = outs[1].reshape(rows, hidden)
@@ -737,14 +914,17 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
 def forward(x, scale, residual=None, *, eps: float = 1e-6,
             scale_offset: float = 0.0, num_sms: int | None = None,
             stages: int | None = None, chunk: int | None = None,
-            grid: int | None = None, store_chunks: bool = False):
+            grid: int | None = None, store_chunks: bool = False,
+            split: int | None = None, ctas_per_sm: int = 1):
   """RMSNorm forward of wide rows on Hopper: ``(y, rstd)`` or, with a
   residual, ``(y, h, rstd)``.
 
   ``h = x + residual`` (rounded to the residual's dtype) when a residual is
   given, else ``h = x``; ``rstd = 1 / sqrt(mean(h^2) + eps)`` and ``y = h *
   rstd * (scale + scale_offset)``, float32 throughout, rounded once to x's
-  dtype. Each row's sum of squares runs in column chunks in a fixed order.
+  dtype. Each row's sum of squares runs in column chunks in a fixed order;
+  split over a cluster of CTAs, each CTA's partial sums are added in rank
+  order (deterministic).
 
   Args:
     x: (rows, hidden) float32, bfloat16 or float16.
@@ -756,6 +936,9 @@ def forward(x, scale, residual=None, *, eps: float = 1e-6,
     stages, chunk, grid: launch overrides for sweeps (``forward_plan``).
     store_chunks: copy y out chunk by chunk as it is written, rather than
       the whole row at the end of the step.
+    split: CTAs (a cluster) sharing each row (1, 2 or 4); default the fewest
+      whose shared memory holds the row's part.
+    ctas_per_sm: CTAs resident per SM (1 or 2), see ``forward_plan``.
 
   Returns:
     y (rows, hidden) in x's dtype, h likewise (with a residual), and rstd
@@ -776,7 +959,8 @@ def forward(x, scale, residual=None, *, eps: float = 1e-6,
                    scale_dtype=None if scale is None else scale.dtype,
                    has_scale=scale is not None,
                    has_residual=residual is not None, sms=sms,
-                   stages=stages, chunk=chunk, grid=grid)
+                   stages=stages, chunk=chunk, grid=grid, split=split,
+                   ctas_per_sm=ctas_per_sm)
   return _forward_call(x, residual, scale, plan=p, eps=float(eps),
                        offset=float(scale_offset), store_chunks=store_chunks)
 
