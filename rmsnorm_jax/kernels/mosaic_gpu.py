@@ -418,16 +418,24 @@ def wide_forward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
   return f"rows of {hidden} columns take this module's forward plan"
 
 
-def _auto_wide_backward(call: base.Call, min_cols: int) -> bool:
-  """Whether "auto" takes the wide backward (or fused backward) for a call
-  with every array in x's dtype: from ``min_cols`` columns, where the wide
-  kernel serves it, splitting rows over at most ``AUTO_WIDE_MAX_SPLIT``
-  CTAs."""
+def _auto_wide_backward_reason(call: base.Call,
+                               min_cols: int) -> str | None:
+  """Why "auto" does not take the wide backward (or fused backward) for a
+  call with every array in x's dtype, or None when it does: from
+  ``min_cols`` columns, where the wide kernel serves it, splitting rows over
+  at most ``AUTO_WIDE_MAX_SPLIT`` CTAs."""
   hidden = int(call.hidden)
-  if hidden < min_cols or _wide_call_reason(call) is not None:
-    return False
-  return mw.plan(int(call.rows), hidden, x_dtype=call.dtype,
-                 has_scale=bool(call.scale_shape)).split <= AUTO_WIDE_MAX_SPLIT
+  if hidden < min_cols:
+    return f"below {min_cols} columns"
+  reason = _wide_call_reason(call)
+  if reason is not None:
+    return reason
+  split = mw.plan(int(call.rows), hidden, x_dtype=call.dtype,
+                  has_scale=bool(call.scale_shape)).split
+  if split > AUTO_WIDE_MAX_SPLIT:
+    return (f"{call.op}: rows of {hidden} columns split over {split} CTAs "
+            "measured no faster than XLA (AUTO_WIDE_MAX_SPLIT)")
+  return None
 
 
 def _wide_call_reason(call: base.Call) -> str | None:
@@ -605,11 +613,12 @@ class MosaicGpu(base.Implementation):
         and int(call.hidden) >= AUTO_WIDE_FWD_MIN_COLS
         and _wide_call_reason(call) is None):
       return None
-    if (call.op == "residual_backward" and same_dtypes
-        and _auto_wide_backward(call, AUTO_WIDE_BWD_MIN_COLS
-                                if x_dt.itemsize == 2
-                                else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32)):
-      return None
+    if call.op == "residual_backward" and same_dtypes:
+      reason = _auto_wide_backward_reason(
+          call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
+          else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32)
+      if reason is None or "CTAs" in reason:
+        return reason
     if call.op != "backward":
       return (f"{call.op}: the Triton kernel measured as fast or faster "
               "(docs/mosaic_gpu.md)")
@@ -632,9 +641,11 @@ class MosaicGpu(base.Implementation):
       return (f"backward: on fewer than {AUTO_BWD_MIN_ROWS} rows (or a "
               "symbolic row count) the Triton kernel measured as fast or "
               "faster (docs/bench_h200.md)")
-    if _auto_wide_backward(call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
-                           else AUTO_WIDE_BWD_MIN_COLS_F32):
-      return None
+    reason = _auto_wide_backward_reason(
+        call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
+        else AUTO_WIDE_BWD_MIN_COLS_F32)
+    if reason is None or "CTAs" in reason:
+      return reason
     return (f"backward: on rows of {hidden} columns the Triton kernel "
             "measured faster (docs/mosaic_gpu.md)")
 
