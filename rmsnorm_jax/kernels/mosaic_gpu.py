@@ -20,15 +20,17 @@ up to 12288 columns, the fused forward up to 6144, the fused backward up to
 9216; for float32 the forward up to 6144, the backward 6656, the fused
 forward 3072, the fused backward 5120. The plain backward (no bias, cast
 mode "float32", dy in x's dtype) of 16-bit rows from ``WIDE_BWD_MIN_COLS``
-columns up to 16384, and of float32 rows too wide for the plans here (up to
-8192), runs ``mosaic_gpu_wide.backward``, which carries dscale in registers
-instead of shared memory; so does the plain fused backward of rows the plans
-here cannot hold (the same widths), with dx written over dh's row. The
-plain forward and fused forward (the same restrictions, every array in x's
-dtype) of rows the plans here cannot hold run ``mosaic_gpu_wide.forward``,
-which writes y over x's shared memory: the forward up to 32768 16-bit
-columns, the fused forward up to 16384. Other ops on rows that wide are
-left to ``PallasGpu``. The quantized forward writes 1-byte rows, so it
+columns up to 65536, and of float32 rows too wide for the plans here (up to
+32768), runs ``mosaic_gpu_wide.backward``, which carries dscale in registers
+instead of shared memory (rows over 16384 16-bit or 8192 float32 columns
+split over a cluster of 2 or 4 CTAs); so does the plain fused backward of
+rows the plans here cannot hold (the same widths), with dx written over
+dh's row. The plain forward and fused forward (the same restrictions, every
+array in x's dtype) of rows the plans here cannot hold run
+``mosaic_gpu_wide.forward``, which writes y over x's shared memory: the
+forward up to 65536 16-bit columns, the fused forward up to 32768 (split
+over 2 CTAs past 32768 and 16384). Other ops on rows that wide are left to
+``PallasGpu``. The quantized forward writes 1-byte rows, so it
 needs hidden a multiple of 128, and is planned as the forward with a
 float32 y (whose values it quantizes). The per-head scale
 (``Plan.head_rows``) and cast_mode "llama" (``mk.Arith``) are served by

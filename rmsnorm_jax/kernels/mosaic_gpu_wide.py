@@ -34,7 +34,10 @@ hidden a multiple of ``128 * vec`` columns (16-byte vectors: 1024 for
 16-bit, 512 for float32) with at most ``MAX_CARRY_VALUES`` columns per
 thread and two stages fitting shared memory: 16-bit rows up to 16384
 columns (with a scale of at most 2 bytes), float32 rows up to 8192.
-``shape_reason`` names the reason otherwise.
+Wider rows split over a thread-block cluster of 2 or 4 CTAs (``split``),
+each holding ``hidden / split`` columns; the row's ``sum(g * x)`` is then
+exchanged between them (``_cluster_row_sum``): 16-bit rows up to 65536
+columns, float32 up to 32768. ``shape_reason`` names the reason otherwise.
 
 Registers: unrolled over a row's chunks, the compilers load every chunk of
 the row ahead of its arithmetic, which beside the 128-register carry spilled
