@@ -113,10 +113,14 @@ def test_shape_reason_serves_the_wide_rows():
     (1024, 65536, BF16, {}, 4), (1024, 16384, F32, {}, 2),
     (1024, 32768, F32, {}, 4), (4096, 16384, BF16, dict(split=2), 2),
     (4096, 16384, BF16, dict(split=4, ctas_per_sm=2), 4),
-    (2048, 32768, F16, dict(has_scale=False), 2)])
+    (2048, 32768, F16, dict(has_scale=False), 2),
+    # Fewer SMs than a cluster's CTAs: one cluster at a time.
+    (100, 65536, BF16, dict(sms=1), 4)])
 def test_plan_splits_rows_over_the_fewest_ctas(rows, hidden, dtype, kw,
                                                split):
-  p = mw.plan(rows, hidden, x_dtype=dtype, sms=132, **kw)
+  kw = dict(kw)
+  sms = kw.pop("sms", 132)
+  p = mw.plan(rows, hidden, x_dtype=dtype, sms=sms, **kw)
   cps = kw.get("ctas_per_sm", 1)
   size = np.dtype(dtype).itemsize
   scale_size = size if kw.get("has_scale", True) else None
@@ -129,10 +133,10 @@ def test_plan_splits_rows_over_the_fewest_ctas(rows, hidden, dtype, kw,
   assert used <= mw.smem_budget(cps)
   # Clusters cover the rows exactly, and fill the SMs at most once over.
   assert p.grid * p.steps >= rows > (p.grid - 1) * p.steps
-  assert p.grid * split <= 132 * cps
+  assert p.grid * split <= max(sms * cps, split)
   if "split" not in kw and split > 1:
     with pytest.raises(ValueError):  # the fewest CTAs that fit
-      mw.plan(rows, hidden, x_dtype=dtype, sms=132, split=split // 2,
+      mw.plan(rows, hidden, x_dtype=dtype, sms=sms, split=split // 2,
               **{k: v for k, v in kw.items() if k != "split"})
 
 

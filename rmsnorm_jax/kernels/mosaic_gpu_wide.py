@@ -346,7 +346,7 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
       raise ValueError(f"rows of hidden={hidden} are not whole 128-byte "
                        "pieces for the copy engine.")
     ch = _chunk(cols, unit, chunk, CHUNK_VALUES)
-    g = grid or min(rows, sms * ctas_per_sm // sp)
+    g = grid or min(rows, max(1, sms * ctas_per_sm // sp))
     # Each cluster's rstd starts on a 16-byte boundary (the copy engine's
     # alignment): a multiple of 4 rows per cluster.
     steps = min(-(-(-(-rows // g)) // 4) * 4, MAX_CTA_ROWS)
@@ -741,7 +741,7 @@ def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
     cols = _split_cols(hidden, sp)
     vec, unit = _vector(cols, xs)
     ch = _chunk(cols, unit, chunk, FWD_CHUNK_VALUES)
-    steps = -(-rows // (grid or min(rows, sms * ctas_per_sm // sp)))
+    steps = -(-rows // (grid or min(rows, max(1, sms * ctas_per_sm // sp))))
     st = _stages(
         lambda st: forward_smem_bytes(hidden, st, x_size=xs, scale_size=ws,
                                       has_residual=has_residual, split=sp),
@@ -806,7 +806,7 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
              plgpu.Barrier(),
              plgpu.SMEM(tile, _F32)]
   if split > 1:
-    scratch.append(plgpu.SMEM((2 * split,), _F32))
+    scratch.append(plgpu.SMEM((_slot_count(split),), _F32))
 
   def kernel(*refs):
     it = iter(refs)
@@ -887,7 +887,8 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
                                 rstd_g.at[row])
 
       if split > 1:
-        pl.when(rank == 0)(store_rstd)  # every CTA of the row holds it
+        # The cluster's CTAs hold the same rstd: one of them copies it out.
+        pl.when(rank == 0)(store_rstd)
       else:
         store_rstd()
       # The pipeline loads the row after next into these buffers as soon as
