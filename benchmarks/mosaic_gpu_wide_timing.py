@@ -122,6 +122,20 @@ def _diff(name, got, want):
   return f"{name} maxdiff/rms={np.max(np.abs(g - w)) / rms:.2e}"
 
 
+def _first_call(vname, fn, args):
+  """``(fn(*args), seconds)``, its first (compiling) call; None when it
+  fails, which is printed in full."""
+  try:
+    t0 = time.perf_counter()
+    got = jax.block_until_ready(fn(*args))
+    return got, time.perf_counter() - t0
+  except Exception as e:  # report in full and go on
+    print(f"  {vname}: COMPILE/RUN ERROR {type(e).__name__}:\n{e}",
+          flush=True)
+    traceback.print_exc()
+    return None
+
+
 def time_shape(rows, hidden, dtype, reps, variants, fused=False):
   n_bytes = rows * hidden * np.dtype(dtype).itemsize
   n_sets = int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / n_bytes))))
@@ -161,15 +175,10 @@ def time_shape(rows, hidden, dtype, reps, variants, fused=False):
   want = jax.block_until_ready(cands["triton"][0](*args[0]))
   for vname, kw in variants.items():
     fn = _named_jit(_wide_fn(kw), f"mgw_{vname}")
-    try:
-      t0 = time.perf_counter()
-      got = jax.block_until_ready(fn(*args[0]))
-      dt = time.perf_counter() - t0
-    except Exception as e:  # report in full and go on
-      print(f"  {vname}: COMPILE/RUN ERROR {type(e).__name__}:\n{e}",
-            flush=True)
-      traceback.print_exc()
+    first = _first_call(vname, fn, args[0])
+    if first is None:
       continue
+    got, dt = first
     p = mw.plan(rows, hidden, x_dtype=dtype, sms=mw.gpu_tiling.num_sms(),
                 has_scale=not kw.get("no_scale"),
                 **{k: v for k, v in kw.items()
@@ -215,13 +224,13 @@ def time_forward(rows, hidden, dtype, reps, variants, fused=False):
     try:
       p = mw.forward_plan(rows, hidden, x_dtype=dtype, has_residual=fused,
                           sms=mw.gpu_tiling.num_sms(), **kw)
-      t0 = time.perf_counter()
-      got = jax.block_until_ready(fn(*args[0]))
-      dt = time.perf_counter() - t0
-    except Exception as e:  # report in full and go on
-      print(f"  {vname}: ERROR {type(e).__name__}: {str(e)[:1500]}",
-            flush=True)
+    except ValueError as e:  # a variant the shape does not fit
+      print(f"  {vname}: not planned: {e}", flush=True)
       continue
+    first = _first_call(vname, fn, args[0])
+    if first is None:
+      continue
+    got, dt = first
     print(f"  {vname}: first call {dt:.1f}s; split={p.split} "
           f"stages={p.stages} grid={p.grid} steps={p.steps}; against "
           "triton: " + ", ".join(_diff(n, g, t) for n, g, t in zip(

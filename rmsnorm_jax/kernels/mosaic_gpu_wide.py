@@ -137,6 +137,22 @@ def _split_cols(hidden: int, split: int) -> int:
   return hidden // split
 
 
+def _row_plan(rows: int, hidden: int, *, chunk: int, vec: int, stages: int,
+              steps: int, split: int) -> Plan:
+  """The ``Plan`` of the wide kernels: one-row blocks and groups, ``steps``
+  rows a cluster of ``split`` CTAs."""
+  return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
+              chunk=chunk, vec=vec, kind="wide", lanes=32, stages=stages,
+              grid=-(-rows // steps), steps=steps,
+              k=box_cols(hidden // split), split=split)
+
+
+def _more_arrays(scale_dtype, has_scale: bool, split: int) -> str:
+  """The scale and the split, as the shared-memory errors name them."""
+  return ((f", {np.dtype(scale_dtype).name} scale" if has_scale else "")
+          + (f", {split} CTAs a row" if split > 1 else ""))
+
+
 def _first_split(make, split: int | None, **overrides):
   """``make(split, **overrides)`` for the given split, or else for the first
   of ``SPLITS`` whose default launch (``make(split)``) plans: the fewest
@@ -355,12 +371,9 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
                               dy_size=ds, scale_size=ws, split=sp),
         stages, hidden,
         f"{np.dtype(x_dtype).name} x and dx, {np.dtype(dy_dtype).name} dy"
-        + (f", {np.dtype(scale_dtype).name} scale" if has_scale else "")
-        + (f", {sp} CTAs a row" if sp > 1 else ""), limit)
-    return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
-                chunk=ch, vec=vec, kind="wide", lanes=32, stages=st,
-                grid=-(-rows // steps), steps=steps, k=box_cols(cols),
-                split=sp)
+        + _more_arrays(scale_dtype, has_scale, sp), limit)
+    return _row_plan(rows, hidden, chunk=ch, vec=vec, stages=st,
+                     steps=steps, split=sp)
 
   return _first_split(make, split, stages=stages, chunk=chunk)
 
@@ -748,12 +761,9 @@ def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
         stages, hidden,
         np.dtype(x_dtype).name
         + (" x and residual" if has_residual else " x")
-        + (f", {np.dtype(scale_dtype).name} scale" if has_scale else "")
-        + (f", {sp} CTAs a row" if sp > 1 else ""), limit)
-    return Plan(rows=rows, hidden=hidden, block_rows=1, group_rows=1,
-                chunk=ch, vec=vec, kind="wide", lanes=32, stages=st,
-                grid=-(-rows // steps), steps=steps, k=box_cols(cols),
-                split=sp)
+        + _more_arrays(scale_dtype, has_scale, sp), limit)
+    return _row_plan(rows, hidden, chunk=ch, vec=vec, stages=st,
+                     steps=steps, split=sp)
 
   return _first_split(make, split, stages=stages, chunk=chunk)
 
