@@ -115,7 +115,9 @@ def test_shape_reason_serves_the_wide_rows():
     (4096, 16384, BF16, dict(split=4, ctas_per_sm=2), 4),
     (2048, 32768, F16, dict(has_scale=False), 2),
     # Fewer SMs than a cluster's CTAs: one cluster at a time.
-    (100, 65536, BF16, dict(sms=1), 4)])
+    (100, 65536, BF16, dict(sms=1), 4),
+    # Clusters of 4 that fit at once: 26 on 132 SMs.
+    (5000, 65536, BF16, {}, 4)])
 def test_plan_splits_rows_over_the_fewest_ctas(rows, hidden, dtype, kw,
                                                split):
   kw = dict(kw)
@@ -134,6 +136,8 @@ def test_plan_splits_rows_over_the_fewest_ctas(rows, hidden, dtype, kw,
   # Clusters cover the rows exactly, and fill the SMs at most once over.
   assert p.grid * p.steps >= rows > (p.grid - 1) * p.steps
   assert p.grid * split <= max(sms * cps, split)
+  if split == 4 and cps == 1:
+    assert p.grid <= max(1, mw.CLUSTERS4_PER_132_SMS * sms // 132)
   if "split" not in kw and split > 1:
     with pytest.raises(ValueError):  # the fewest CTAs that fit
       mw.plan(rows, hidden, x_dtype=dtype, sms=sms, split=split // 2,
@@ -363,11 +367,10 @@ def test_mosaic_gpu_serves_the_fused_backward_of_wide_rows():
 def test_auto_takes_the_wide_backward_where_it_measured_faster():
   impl = MosaicGpu()
   for hidden, dtype in ((12288, BF16), (16384, BF16), (16384, F16),
-                        (32768, BF16), (32768, F16), (16384, F32)):
+                        (32768, BF16), (32768, F16), (16384, F32),
+                        (65536, BF16)):
     assert impl.auto_declines(_call("backward", hidden, dtype)) is None
-  # Split over 4 CTAs a row (65536 columns) it was not faster than XLA.
   assert mw.plan(4096, 65536, x_dtype=BF16).split == 4
-  assert "split over 4 CTAs" in impl.auto_declines(_call("backward", 65536))
   # A tie with the Triton kernel at 8192 16-bit columns and in float32.
   assert "8192 columns" in impl.auto_declines(_call("backward", 8192))
   assert "8192 columns" in impl.auto_declines(_call("backward", 8192, F32))
@@ -376,10 +379,9 @@ def test_auto_takes_the_wide_backward_where_it_measured_faster():
 def test_auto_takes_the_wide_fused_backward_where_it_measured_faster():
   impl = MosaicGpu()
   for hidden, dtype in ((12288, BF16), (16384, BF16), (16384, F16),
-                        (8192, F32), (32768, BF16), (16384, F32)):
+                        (8192, F32), (32768, BF16), (16384, F32),
+                        (65536, F16)):
     assert impl.auto_declines(_call("residual_backward", hidden, dtype)) is None
-  assert "split over 4 CTAs" in impl.auto_declines(
-      _call("residual_backward", 65536))
   # Triton (or the module's plan) measured ahead at 8192 16-bit columns;
   # float32 rows of 6144 were not timed; a float32 scale beside bfloat16
   # rows was not timed either.
@@ -425,7 +427,7 @@ def test_auto_fused_backward_of_wide_rows_lowers_for_cuda():
     (300, 16384, BF16, ("auto",)),
     (77, 12288, F16, ("mosaic_gpu", "auto")),
     (300, 32768, BF16, ("mosaic_gpu", "auto")),
-    (64, 65536, BF16, ("mosaic_gpu",))])
+    (64, 65536, BF16, ("mosaic_gpu", "auto"))])
 def test_public_api_backward_matches_float64(rows, hidden, dtype, backends):
   # Through rms_norm's vjp: "auto", which takes the wide kernel for the
   # backward at these widths, and backend="mosaic_gpu" where its forward
@@ -640,7 +642,7 @@ def test_public_api_forward_of_32768_columns_matches_float64():
 @pytest.mark.parametrize("rows,hidden,dtype,backend", [
     (77, 16384, BF16, "mosaic_gpu"), (300, 16384, BF16, "auto"),
     (129, 12288, F16, "auto"), (129, 32768, BF16, "auto"),
-    (77, 32768, BF16, "mosaic_gpu")])
+    (77, 32768, BF16, "mosaic_gpu"), (40, 65536, F16, "auto")])
 def test_public_api_fused_matches_float64(rows, hidden, dtype, backend):
   # rms_norm_residual's forward and vjp. backend="mosaic_gpu" runs the wide
   # fused forward (h over the residual's row) and the wide fused backward

@@ -271,14 +271,13 @@ AUTO_WIDE_FUSED_BWD_MIN_COLS_F32 = 8192
 # kernel against the Triton kernel: 1024x16384 f32 58.1 against 82.1 (the
 # fused backward there 72.5 against 96.8). At 8192 float32 columns it tied.
 AUTO_WIDE_BWD_MIN_COLS_F32 = 16384
-# backend="auto" takes the wide backward and fused backward where a row is
-# split over at most this many CTAs (mosaic_gpu_wide.SPLITS): H200, us, wide
-# kernel against the Triton kernel and XLA: 2048x32768 bf16 (2 CTAs a row)
-# 125.6 against 181.0 and 183.7, fused 144.2 against 221.9 and 233.4; at
-# 1024x65536 bf16 (4 CTAs a row, each waiting on the slowest at every row's
-# exchange) 221.0 against 221.2 and 186.9, fused 244.6 against 292.3 and
-# 237.3, so those calls keep the route they had.
-AUTO_WIDE_MAX_SPLIT = 2
+# Past 16384 16-bit (8192 float32) columns the wide backward splits rows
+# over a cluster of 2 or 4 CTAs (mosaic_gpu_wide.SPLITS), and "auto" takes
+# it there too: H200, us, wide kernel against the Triton kernel and XLA:
+# 2048x32768 bf16 (2 CTAs a row) 125.6 against 181.0 and 183.7, fused 144.2
+# against 221.9 and 233.4; 1024x65536 bf16 (4 CTAs a row) 145.9 against
+# 226.1 and 187.2, fused 163.7 against 297.8 and 242.8; 512x65536 f16 77.1
+# against 132.1 and 101.4, fused 87.4 against 161.8 and 128.0.
 # The plain forward (and fused forward) of rows this module's plans cannot
 # hold runs the wide forward (mosaic_gpu_wide.forward), which writes y over
 # x's shared memory. backend="auto" takes the plain forward from this many
@@ -420,24 +419,11 @@ def wide_forward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
   return f"rows of {hidden} columns take this module's forward plan"
 
 
-def _auto_wide_backward_reason(call: base.Call,
-                               min_cols: int) -> str | None:
-  """Why "auto" does not take the wide backward (or fused backward) for a
-  call with every array in x's dtype, or None when it does: from
-  ``min_cols`` columns, where the wide kernel serves it, splitting rows over
-  at most ``AUTO_WIDE_MAX_SPLIT`` CTAs."""
-  hidden = int(call.hidden)
-  if hidden < min_cols:
-    return f"below {min_cols} columns"
-  reason = _wide_call_reason(call)
-  if reason is not None:
-    return reason
-  split = mw.plan(int(call.rows), hidden, x_dtype=call.dtype,
-                  has_scale=bool(call.scale_shape)).split
-  if split > AUTO_WIDE_MAX_SPLIT:
-    return (f"{call.op}: rows of {hidden} columns split over {split} CTAs "
-            "measured no faster than XLA (AUTO_WIDE_MAX_SPLIT)")
-  return None
+def _auto_wide_backward(call: base.Call, min_cols: int) -> bool:
+  """Whether "auto" takes the wide backward (or fused backward) for a call
+  with every array in x's dtype: from ``min_cols`` columns, where the wide
+  kernel serves it."""
+  return int(call.hidden) >= min_cols and _wide_call_reason(call) is None
 
 
 def _wide_call_reason(call: base.Call) -> str | None:
@@ -583,8 +569,8 @@ class MosaicGpu(base.Implementation):
     faster (11% at 65536 columns, split over 2 CTAs a row). The wide
     backward and fused backward also take float32 rows of
     ``AUTO_WIDE_BWD_MIN_COLS_F32`` columns, and rows the wide kernel splits
-    over 2 CTAs (32768 16-bit columns: 31-35% faster), not those it splits
-    over 4 (``AUTO_WIDE_MAX_SPLIT``).
+    over a cluster of 2 or 4 CTAs (32768 and 65536 16-bit columns: 31-45%
+    faster than Triton, 22-33% than XLA).
     """
     if len(call.scale_shape) == 2:
       return ("a per-head scale: not timed against the Triton kernel "
@@ -615,12 +601,10 @@ class MosaicGpu(base.Implementation):
         and int(call.hidden) >= AUTO_WIDE_FWD_MIN_COLS
         and _wide_call_reason(call) is None):
       return None
-    if call.op == "residual_backward" and same_dtypes:
-      reason = _auto_wide_backward_reason(
-          call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
-          else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32)
-      if reason is None or "CTAs" in reason:
-        return reason
+    if call.op == "residual_backward" and same_dtypes and _auto_wide_backward(
+        call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
+        else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32):
+      return None
     if call.op != "backward":
       return (f"{call.op}: the Triton kernel measured as fast or faster "
               "(docs/mosaic_gpu.md)")
@@ -643,11 +627,9 @@ class MosaicGpu(base.Implementation):
       return (f"backward: on fewer than {AUTO_BWD_MIN_ROWS} rows (or a "
               "symbolic row count) the Triton kernel measured as fast or "
               "faster (docs/bench_h200.md)")
-    reason = _auto_wide_backward_reason(
-        call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
-        else AUTO_WIDE_BWD_MIN_COLS_F32)
-    if reason is None or "CTAs" in reason:
-      return reason
+    if _auto_wide_backward(call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
+                           else AUTO_WIDE_BWD_MIN_COLS_F32):
+      return None
     return (f"backward: on rows of {hidden} columns the Triton kernel "
             "measured faster (docs/mosaic_gpu.md)")
 

@@ -104,6 +104,12 @@ CTA_RESERVED_SMEM = 1024
 # holds hidden / split columns and the row sums are exchanged through
 # distributed shared memory (``_cluster_row_sum``).
 SPLITS = (1, 2, 4)
+# Clusters of 4 CTAs (one a SM, each with most of its shared memory) that
+# an H200's 132 SMs hold at once: a grid of 32 ran in two waves (backward
+# 1024x65536 bf16 219.2 us), one of 26 in one (143.7; 24 clusters 154.8).
+# Scaled by the SM count on other GPUs. Clusters of 2 fill the SMs (64 of
+# them: 125.6 us at 2048x32768 bf16, 57 clusters 133.9).
+CLUSTERS4_PER_132_SMS = 26
 
 
 def _align(n: int) -> int:
@@ -125,6 +131,15 @@ def _slot_count(split: int) -> int:
 
 def _slots_bytes(split: int) -> int:
   return _align(4 * _slot_count(split)) if split > 1 else 0
+
+
+def _max_clusters(sms: int, ctas_per_sm: int, split: int) -> int:
+  """Clusters of ``split`` CTAs the grid holds at most: all at once on the
+  SMs (``CLUSTERS4_PER_132_SMS`` for clusters of 4 CTAs)."""
+  n = sms * ctas_per_sm // split
+  if split == 4 and ctas_per_sm == 1:
+    n = min(n, sms * CLUSTERS4_PER_132_SMS // 132)
+  return max(1, n)
 
 
 def _split_cols(hidden: int, split: int) -> int:
@@ -362,7 +377,7 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
       raise ValueError(f"rows of hidden={hidden} are not whole 128-byte "
                        "pieces for the copy engine.")
     ch = _chunk(cols, unit, chunk, CHUNK_VALUES)
-    g = grid or min(rows, max(1, sms * ctas_per_sm // sp))
+    g = grid or min(rows, _max_clusters(sms, ctas_per_sm, sp))
     # Each cluster's rstd starts on a 16-byte boundary (the copy engine's
     # alignment): a multiple of 4 rows per cluster.
     steps = min(-(-(-(-rows // g)) // 4) * 4, MAX_CTA_ROWS)
@@ -754,7 +769,8 @@ def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
     cols = _split_cols(hidden, sp)
     vec, unit = _vector(cols, xs)
     ch = _chunk(cols, unit, chunk, FWD_CHUNK_VALUES)
-    steps = -(-rows // (grid or min(rows, max(1, sms * ctas_per_sm // sp))))
+    steps = -(-rows // (grid or min(rows, _max_clusters(sms, ctas_per_sm,
+                                                         sp))))
     st = _stages(
         lambda st: forward_smem_bytes(hidden, st, x_size=xs, scale_size=ws,
                                       has_residual=has_residual, split=sp),
