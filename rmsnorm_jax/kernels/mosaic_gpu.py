@@ -269,15 +269,9 @@ AUTO_WIDE_FUSED_BWD_MIN_COLS_F32 = 8192
 # backend="auto" takes the plain backward of float32 rows from this many
 # columns, where the wide kernel splits each row over 2 CTAs: H200, us, wide
 # kernel against the Triton kernel: 1024x16384 f32 58.1 against 82.1 (the
-# fused backward there 72.5 against 96.8). At 8192 float32 columns it tied.
+# fused backward there 72.5 against 96.8). At 8192 float32 columns it tied;
+# 32768 (4 CTAs a row) was not timed.
 AUTO_WIDE_BWD_MIN_COLS_F32 = 16384
-# Past 16384 16-bit (8192 float32) columns the wide backward splits rows
-# over a cluster of 2 or 4 CTAs (mosaic_gpu_wide.SPLITS), and "auto" takes
-# it there too: H200, us, wide kernel against the Triton kernel and XLA:
-# 2048x32768 bf16 (2 CTAs a row) 125.6 against 181.0 and 183.7, fused 144.2
-# against 221.9 and 233.4; 1024x65536 bf16 (4 CTAs a row) 145.9 against
-# 226.1 and 187.2, fused 163.7 against 297.8 and 242.8; 512x65536 f16 77.1
-# against 132.1 and 101.4, fused 87.4 against 161.8 and 128.0.
 # The plain forward (and fused forward) of rows this module's plans cannot
 # hold runs the wide forward (mosaic_gpu_wide.forward), which writes y over
 # x's shared memory. backend="auto" takes the plain forward from this many
@@ -422,7 +416,16 @@ def wide_forward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
 def _auto_wide_backward(call: base.Call, min_cols: int) -> bool:
   """Whether "auto" takes the wide backward (or fused backward) for a call
   with every array in x's dtype: from ``min_cols`` columns, where the wide
-  kernel serves it."""
+  kernel serves it.
+
+  Past 16384 16-bit (8192 float32) columns that kernel splits rows over a
+  cluster of 2 or 4 CTAs, and is taken there too: H200, us, against the
+  Triton kernel and XLA: 2048x32768 bf16 (2 CTAs a row) 125.6 against 181.0
+  and 183.7, fused 144.2 against 221.9 and 233.4; 1024x65536 bf16 (4 CTAs
+  a row) 145.9 against 226.1 and 187.2, fused 163.7 against 297.8 and
+  242.8; 512x65536 f16 77.1 against 132.1 and 101.4, fused 87.4 against
+  161.8 and 128.0.
+  """
   return int(call.hidden) >= min_cols and _wide_call_reason(call) is None
 
 
