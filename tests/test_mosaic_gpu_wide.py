@@ -391,6 +391,26 @@ def test_auto_takes_the_wide_fused_backward_where_it_measured_faster():
     assert "Triton" in impl.auto_declines(call)
 
 
+@pytest.mark.parametrize("op,has_bias", [
+    ("forward", False), ("backward", False), ("residual_backward", False),
+    ("residual_backward", True)])
+def test_auto_declines_symbolic_rows_with_a_reason(op, has_bias):
+  # int() of a symbolic dimension raises InconclusiveDimensionOperation,
+  # not TypeError: the wide rules must say "not static", not raise.
+  rows, = jax.export.symbolic_shape("b")
+  dt = np.dtype(BF16)
+  call = base.Call(op=op, rows=rows, hidden=32768, dtype=dt,
+                   scale_shape=(32768,), norm=base.Norm(eps=1e-6,
+                                                        out_dtype=dt),
+                   scale_dtype=dt, has_bias=has_bias)
+  reason = MosaicGpu().auto_declines(call)
+  if has_bias:
+    assert "not static" in reason
+  else:
+    assert "not static" in mg._wide_call_reason(call)
+    assert reason is not None
+
+
 def test_auto_backward_of_wide_rows_lowers_for_cuda():
   # "auto" runs the forward of 16384 columns on the Triton kernel and the
   # backward on Mosaic GPU; the module's own plans stop at 12288 16-bit

@@ -413,16 +413,16 @@ def wide_forward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
   return f"rows of {hidden} columns take this module's forward plan"
 
 
-def _auto_wide_backward(call: base.Call, min_cols: int) -> bool:
-  """Whether "auto" takes the wide backward (or fused backward) for a call
-  with every array in x's dtype: from ``min_cols`` columns, where the wide
-  kernel serves it.
+def _auto_wide(call: base.Call, min_cols: int) -> bool:
+  """Whether "auto" takes the wide forward or backward (or fused backward)
+  for a call with every array in x's dtype: from ``min_cols`` columns,
+  where the wide kernel serves it (static rows only).
 
-  Past 16384 16-bit (8192 float32) columns that kernel splits rows over a
-  cluster of 2 or 4 CTAs, and is taken there too: H200, us, against the
-  Triton kernel and XLA: 2048x32768 bf16 (2 CTAs a row) 125.6 against 181.0
-  and 183.7, fused 144.2 against 221.9 and 233.4; 1024x65536 bf16 (4 CTAs
-  a row) 145.9 against 226.1 and 187.2, fused 163.7 against 297.8 and
+  Past 16384 16-bit (8192 float32) columns the wide backward splits rows
+  over a cluster of 2 or 4 CTAs, and is taken there too: H200, us, against
+  the Triton kernel and XLA: 2048x32768 bf16 (2 CTAs a row) 125.6 against
+  181.0 and 183.7, fused 144.2 against 221.9 and 233.4; 1024x65536 bf16 (4
+  CTAs a row) 145.9 against 226.1 and 187.2, fused 163.7 against 297.8 and
   242.8; 512x65536 f16 77.1 against 132.1 and 101.4, fused 87.4 against
   161.8 and 128.0.
   """
@@ -436,10 +436,10 @@ def _wide_call_reason(call: base.Call) -> str | None:
   if call.op not in ("forward", "residual_forward", "backward",
                      "residual_backward"):
     return ""
-  try:
-    rows, hidden = int(call.rows), int(call.hidden)
-  except TypeError:
+  if not call.static_rows:
+    # int() of a symbolic dimension raises (not a TypeError).
     return "the shape is not static"
+  rows, hidden = int(call.rows), int(call.hidden)
   common_args = dict(
       scale_dtype=call.scale_dtype, has_scale=bool(call.scale_shape),
       plain=_plain(call.has_bias, call.norm.cast_mode,
@@ -587,10 +587,9 @@ class MosaicGpu(base.Implementation):
                    and np.dtype(call.norm.out_dtype) == x_dt)
     if call.op == "residual_backward" and call.has_bias:
       lo, hi = AUTO_BIAS_FUSED_BWD_COLS
-      try:
-        rows, hidden = int(call.rows), int(call.hidden)
-      except TypeError:
+      if not call.static_rows:
         return "residual_backward: the shape is not static"
+      rows, hidden = int(call.rows), int(call.hidden)
       if (x_dt.itemsize == 2 and same_dtypes and lo <= hidden <= hi
           and hidden % 1024 == 0 and rows >= AUTO_BIAS_FUSED_BWD_MIN_ROWS):
         return None
@@ -600,11 +599,9 @@ class MosaicGpu(base.Implementation):
               "dtype (docs/mosaic_gpu.md)")
     # _wide_call_reason is None only for calls without a bias.
     if (call.op == "forward" and x_dt.itemsize == 2 and same_dtypes
-        and call.static_rows
-        and int(call.hidden) >= AUTO_WIDE_FWD_MIN_COLS
-        and _wide_call_reason(call) is None):
+        and _auto_wide(call, AUTO_WIDE_FWD_MIN_COLS)):
       return None
-    if call.op == "residual_backward" and same_dtypes and _auto_wide_backward(
+    if call.op == "residual_backward" and same_dtypes and _auto_wide(
         call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
         else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32):
       return None
@@ -630,8 +627,8 @@ class MosaicGpu(base.Implementation):
       return (f"backward: on fewer than {AUTO_BWD_MIN_ROWS} rows (or a "
               "symbolic row count) the Triton kernel measured as fast or "
               "faster (docs/bench_h200.md)")
-    if _auto_wide_backward(call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
-                           else AUTO_WIDE_BWD_MIN_COLS_F32):
+    if _auto_wide(call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
+                  else AUTO_WIDE_BWD_MIN_COLS_F32):
       return None
     return (f"backward: on rows of {hidden} columns the Triton kernel "
             "measured faster (docs/mosaic_gpu.md)")

@@ -130,7 +130,7 @@ def _slot_count(split: int) -> int:
 
 
 def _slots_bytes(split: int) -> int:
-  return _align(4 * _slot_count(split)) if split > 1 else 0
+  return _align(4 * _slot_count(split))
 
 
 def _max_clusters(sms: int, ctas_per_sm: int, split: int) -> int:
@@ -176,19 +176,19 @@ def _first_split(make, split: int | None, **overrides):
   Raises:
     ValueError: naming why no split serves (the one-CTA reason first).
   """
-  if split is None:
-    errors = []
-    for sp in SPLITS:
-      try:
-        make(sp)
-      except ValueError as e:
-        errors.append(f"split={sp}: {e}")
-      else:
-        split = sp
-        break
-    else:
-      raise ValueError("; ".join(errors))
-  return make(split, **overrides)
+  if split is not None:
+    return make(split, **overrides)
+  errors = []
+  for sp in SPLITS:
+    try:
+      default = make(sp)
+    except ValueError as e:
+      errors.append(f"split={sp}: {e}")
+      continue
+    if all(v is None for v in overrides.values()):
+      return default
+    return make(sp, **overrides)
+  raise ValueError("; ".join(errors))
 
 
 def _cluster_row_sum(part, slots, parity, split: int, row_layout):
