@@ -15,7 +15,10 @@ dtypes) and tags saying who uses it:
 * ``launch_bound``: under 1 MB per array, where launch latency dominates;
 * ``bench_features``: the benchmark's shapes for the feature ops (bias,
   per-head scale, quantized output; ``--cases tag:bench_features``), every
-  one 8 MB or more per array and a multiple of :data:`HEAD_DIM` wide.
+  one 8 MB or more per array and a multiple of :data:`HEAD_DIM` wide;
+* ``bench_widths``: model widths that are not powers of two (Qwen2's 3584
+  and 5120, Gemma 2's 4608, Gemma 3's 5376, DeepSeek-V3's 7168;
+  ``--cases tag:bench_widths``), where the kernels pad or change layout.
 
 A per-head case keeps the two numbers of every case: ``rows`` tokens of
 ``hidden = heads * HEAD_DIM`` columns, normalized as ``(rows, heads,
@@ -38,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 TAGS = frozenset({"bench", "smoke", "tpu_aot", "correctness", "wide",
-                  "narrow", "launch_bound", "bench_features"})
+                  "narrow", "launch_bound", "bench_features",
+                  "bench_widths"})
 # The per-head ops' head size: attention heads of 128 (LLaMA, Qwen, Mistral).
 HEAD_DIM = 128
 
@@ -139,6 +143,14 @@ SPECS: tuple[Spec, ...] = (
     _spec(16384, 4096, _BF16, ["bench_features"]),
     _spec(4096, 8192, _BF16, ["bench_features"]),
     _spec(16384, 2048, _BF16, ["bench_features"]),
+    # Model widths that are not powers of two, 8192 tokens (4096 at 7168
+    # columns), in bfloat16, and one float16 case on 2048 tokens.
+    _spec(8192, 3584, _BF16, ["bench_widths"]),
+    _spec(8192, 4608, _BF16, ["bench_widths"]),
+    _spec(8192, 5120, _BF16, ["bench_widths"]),
+    _spec(8192, 5376, _BF16, ["bench_widths"]),
+    _spec(4096, 7168, _BF16, ["bench_widths"]),
+    _spec(2048, 5120, _F16, ["bench_widths"]),
     # CPU smoke run of the benchmark: one tiny case, seconds not minutes
     # (the layer ops run it in bfloat16, the others in float32).
     _spec(8, 256, _F32, ["smoke", "launch_bound"]),

@@ -43,7 +43,9 @@ DTYPES = [pytest.param(d, id=np.dtype(d).name)
           for d in (jnp.float32, jnp.bfloat16, jnp.float16)]
 # Ragged rows (partial last block, uneven CTAs), narrow and wide layouts.
 SHAPES = [(1, 128), (37, 128), (300, 768), (129, 896), (67, 1024),
-          (19, 4096), (1000, 2048), (45, 320)]
+          (19, 4096), (1000, 2048), (45, 320),
+          # Model widths in the wide layout with 8- and 4-byte vectors.
+          (37, 4608), (21, 5376)]
 
 
 def _ids(shapes):
@@ -52,7 +54,8 @@ def _ids(shapes):
 
 # The fused residual checks: shapes, and (x, residual stream) dtypes.
 RESIDUAL_SHAPES = pytest.mark.parametrize(
-    "shape", _ids([(37, 128), (300, 768), (19, 4096), (1000, 2048)]))
+    "shape", _ids([(37, 128), (300, 768), (19, 4096), (1000, 2048),
+                   (37, 4608), (21, 5376), (19, 7168)]))
 RESIDUAL_DTYPES = pytest.mark.parametrize("x_dtype,res_dtype", [
     (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32),
     (jnp.float32, jnp.float32)], ids=["bf16", "f16+f32", "f32"])
@@ -65,6 +68,12 @@ RESIDUAL_DTYPES = pytest.mark.parametrize("x_dtype,res_dtype", [
                                         (7, 96)]))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lowers_for_cuda(shape, dtype):
+  _lowered_ops(shape, dtype)
+
+
+def _lowered_ops(shape, dtype):
+  """Exports each op MosaicGpu serves at this shape for ``cuda``; returns
+  the ops lowered."""
   impl = MosaicGpu(num_sms=132)
   rows, hidden = shape
   s = jax.ShapeDtypeStruct
@@ -81,11 +90,33 @@ def test_lowers_for_cuda(shape, dtype):
       "residual_bwd": (lambda h, w, r, dy, dh: impl.residual_backward_kernel(
           h, w, r, dy, dh, scale_offset=0.0), (x, w, rs, x, x)),
   }
+  lowered = []
   for op, (fn, args) in calls.items():
     if impl.shape_reason(rows, hidden, dtype, op) is not None:
       continue
     exp = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exp.mlir_module()
+    lowered.append(op)
+  return lowered
+
+
+@pytest.mark.parametrize("shape", _ids([(300, 4608), (7, 3584),
+                                        (33, 5376)]))
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_model_widths_lower_for_cuda(shape, dtype):
+  # 16-bit rows of widths that are not whole 16-byte vectors of the 128
+  # threads (Gemma's 4608, Qwen's 3584, 5376) run the wide layout with
+  # narrower vectors. (Their float32 backward takes one-row groups, which
+  # jax 0.10.2 does not lower: see FEATURE_SHAPES.)
+  rows, hidden = shape
+  for kind, ins, outs in (("fwd", 1, 1), ("bwd", 2, 1), ("fwd", 2, 2),
+                          ("bwd", 3, 1)):
+    p = mg.plan(kind, rows, hidden, in_sizes=[2] * ins, out_sizes=[2] * outs,
+                sms=132, scale_size=2)
+    assert p.kind == "wide" and hidden % (128 * p.vec) == 0
+    assert p.vec == {4608: 4, 3584: 4, 5376: 2}[hidden]
+  assert _lowered_ops(shape, dtype) == ["fwd", "bwd", "residual_fwd",
+                                        "residual_bwd"]
 
 
 QUANT_DTYPES = [pytest.param(np.dtype(d), id=np.dtype(d).name)
@@ -385,6 +416,47 @@ def test_auto_keeps_triton_where_it_measured_faster():
                                             out=jnp.float32))
 
 
+def test_auto_takes_mosaic_at_model_widths_where_it_measured_faster():
+  # H200 (docs/mosaic_gpu.md, "Model widths"): the backward of 4608-7168
+  # 16-bit columns (8-byte vectors or wider) on 4096 rows or more, and up to
+  # 5120 columns on 2048; the fused backward of 4608-8192 columns on 4096
+  # rows or more, up to 6144 on 2048.
+  impl = MosaicGpu()
+
+  def call(op, rows, hidden, dtype=jnp.bfloat16, **kw):
+    return base.Call(op=op, rows=rows, hidden=hidden, dtype=np.dtype(dtype),
+                     scale_shape=(hidden,), has_bias=kw.get("bias", False),
+                     norm=base.Norm(eps=1e-6, out_dtype=np.dtype(dtype)),
+                     scale_dtype=np.dtype(kw.get("scale", dtype)))
+
+  taken = [("backward", 8192, h) for h in (4608, 5120, 6144, 7168)]
+  taken += [("backward", 2048, h) for h in (4608, 5120)]
+  taken += [("residual_backward", 4096, h)
+            for h in (4608, 5120, 5376, 6144, 7168, 8192)]
+  taken += [("residual_backward", 2048, h) for h in (4608, 6144)]
+  for op, rows, hidden in taken:
+    assert impl.auto_declines(call(op, rows, hidden)) is None, (op, rows,
+                                                                hidden)
+    assert impl.auto_declines(call(op, rows, hidden, jnp.float16)) is None
+  kept = [("backward", 8192, 5376),  # 4-byte vectors
+          ("backward", 8192, 3584), ("residual_backward", 8192, 3584),
+          ("backward", 2048, 6144), ("residual_backward", 2048, 7168),
+          ("backward", 1024, 4608), ("residual_backward", 1024, 4608),
+          ("forward", 8192, 5120), ("residual_forward", 8192, 5120)]
+  for op, rows, hidden in kept:
+    assert impl.auto_declines(call(op, rows, hidden)) is not None, (op, rows,
+                                                                    hidden)
+  # float32 rows, a float32 scale and a bias were not timed there.
+  for c in (call("backward", 8192, 5120, jnp.float32),
+            call("residual_backward", 8192, 5120, scale=jnp.float32),
+            call("backward", 8192, 5120, bias=True)):
+    assert impl.auto_declines(c) is not None
+  # Symbolic rows decline with a reason rather than raise.
+  sym = jax.export.symbolic_shape("n")[0]
+  for op in ("backward", "residual_backward"):
+    assert impl.auto_declines(call(op, sym, 5120)) is not None
+
+
 @hopper
 @pytest.mark.parametrize("x_dtype,scale_dtype,out_dtype", [
     (jnp.bfloat16, jnp.float32, jnp.bfloat16),
@@ -423,10 +495,19 @@ def test_plan_covers_rows_and_limits():
   # Rows that are not whole 32-lane vectors of 16 bytes take narrower
   # vectors (a row split over fewer lanes fails jax 0.11's layout
   # inference): 128 bfloat16 columns in vectors of 4, 96 float32 in 1.
-  for hidden, size, vec in ((128, 2, 4), (320, 2, 2), (96, 4, 1)):
+  for hidden, size, vec in ((128, 2, 4), (320, 2, 2), (96, 4, 1),
+                            (768, 2, 8)):
     p = mg.plan("bwd", 37, hidden, in_sizes=[size] * 2, out_sizes=[size],
                 sms=132)
     assert (p.kind, p.lanes, p.vec) == ("narrow", 32, vec)
+  # From WIDE_NARROW_VEC_MIN_COLS columns such rows take the wide layout
+  # with 8- or 4-byte vectors instead (the narrow layout's four-row tiles
+  # left no room for two stages at 8192x3584 bf16).
+  for hidden, size, vec in ((3584, 2, 4), (4608, 2, 4), (5376, 2, 2),
+                            (5376, 4, 2)):
+    p = mg.plan("bwd", 8192, hidden, in_sizes=[size] * 2, out_sizes=[size],
+                sms=132)
+    assert (p.kind, p.vec) == ("wide", vec), hidden
   # The backward with a scale keeps two-row groups where two stages fit.
   p = mg.plan("bwd", 8192, 4096, in_sizes=[2] * 3, out_sizes=[2], sms=132,
               scale_size=2)
@@ -496,6 +577,30 @@ def test_residual_matches_float64(shape, x_dtype, res_dtype):
   (y, h), vjp = jax.vjp(f, x, res, scale)
   outs = (y, h, *vjp((dy, dh)))
   assert_residual_matches_reference(inputs, outs)
+
+
+@hopper
+@pytest.mark.parametrize("shape", _ids([(19, 7168), (37, 4608), (21, 5376)]))
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_residual_backward_at_model_widths_matches_float64(shape, dtype):
+  # "auto" runs this fused backward at model widths where the module's
+  # fused forward does not fit (7168 columns), so it is checked on its own:
+  # dx = the norm's gradient + dh, and dscale, from a saved rstd.
+  impl = MosaicGpu()
+  _skip_unserved(impl, shape, dtype, ("residual_bwd",), has_bias=False)
+  rng = rng_for("res_bwd", shape, np.dtype(dtype).name)
+  h = random(rng, shape, dtype, mean=0.3)
+  scale = random(rng, (shape[1],), dtype, mean=1.0, scale=0.5)
+  dy, dh = random(rng, shape, dtype), random(rng, shape, dtype)
+  norm = base.Norm(eps=1e-5, out_dtype=np.dtype(dtype))
+  rstd = base.Xla().forward(h, scale, None, norm=norm)[1]
+  dx, dscale = jax.jit(lambda *a: impl.residual_backward(*a, norm=norm)[:2])(
+      h, scale, None, rstd, dy, dh)
+  assert dx.dtype == h.dtype
+  dx_ref, ds_ref = reference.rms_norm_grad(h, scale, dy, eps=1e-5)
+  assert_close(dx, dx_ref + np.asarray(dh, np.float64), tol(dtype), "dx",
+               dx_magnitude(h, scale, dy, eps=1e-5))
+  assert_close(dscale, ds_ref, tol(dtype), "dscale")
 
 
 @hopper

@@ -382,11 +382,13 @@ def test_auto_takes_the_wide_fused_backward_where_it_measured_faster():
                         (8192, F32), (32768, BF16), (16384, F32),
                         (65536, F16)):
     assert impl.auto_declines(_call("residual_backward", hidden, dtype)) is None
-  # Triton (or the module's plan) measured ahead at 8192 16-bit columns;
+  # At 8192 16-bit columns the module's plan measured ahead of both the
+  # wide kernel and Triton (the model-width rule of mosaic_gpu._auto_mid);
   # float32 rows of 6144 were not timed; a float32 scale beside bfloat16
   # rows was not timed either.
-  for call in (_call("residual_backward", 8192),
-               _call("residual_backward", 6144, F32),
+  assert mg.wide_backward_reason(4096, 8192, BF16, has_dh=True) is not None
+  assert impl.auto_declines(_call("residual_backward", 8192)) is None
+  for call in (_call("residual_backward", 6144, F32),
                _call("residual_backward", 12288, scale_dtype=F32)):
     assert "Triton" in impl.auto_declines(call)
 

@@ -70,6 +70,13 @@ MAX_STAGES = 4
 STAGE_IN_BYTES = 32 * 1024
 # float32 values per thread per register chunk.
 CHUNK_VALUES = 32
+# Rows of this many columns or more that are not whole 16-byte vectors of
+# the 128 threads take the wide layout with vectors down to this many bytes
+# (plan): from about here the narrow layout's four-row tiles and the
+# backward's four-row dscale accumulator leave no room for two stages
+# (16-bit rows of 3584 columns: 236 KB), and narrower rows keep it.
+WIDE_NARROW_VEC_MIN_COLS = 3584
+MIN_WIDE_VEC_BYTES = 4
 MAX_BOX = mk.MAX_BOX
 DEFAULT_NUM_SMS = gpu_tiling.DEFAULT_NUM_SMS
 
@@ -137,9 +144,17 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
   isz = max(max(in_sizes), max(out_sizes))
   vec = 16 // isz
   lanes = 32
+  if hidden >= WIDE_NARROW_VEC_MIN_COLS:
+    # Rows of a model's width that is not a multiple of 1024 16-bit
+    # columns (3584, 4608, 5376, ...) keep the wide layout with 8- or
+    # 4-byte vectors: the narrow layout's four-row tiles (and the backward's
+    # four-row dscale accumulator) do not fit two stages there.
+    while vec * isz > MIN_WIDE_VEC_BYTES and hidden % (128 * vec):
+      vec //= 2
   if hidden % (128 * vec) == 0:
     layout = "wide"
   else:
+    vec = 16 // isz
     layout = "narrow"
     # A row spread over fewer than 32 lanes (two or more rows per warp
     # tile) fails Mosaic's layout inference in jax 0.11 (seen on an H200),
@@ -288,6 +303,27 @@ AUTO_WIDE_FWD_MIN_COLS = 32768
 # 64x4096 f32 (7.0 / 4.3) and 1x4096 f32 (3.5 / 1.8), where a CTA's fixed
 # cost (the scale's copy, the pipeline's start) is not amortized.
 AUTO_BWD_MIN_ROWS = 8192
+# backend="auto" takes the backward and the fused backward of 16-bit rows
+# of model widths between 4096 and the wide kernels' (Qwen's 5120, Gemma's
+# 4608, DeepSeek's 7168, ...) where they measured faster (_auto_mid): H200,
+# us, this kernel against the Triton kernel, bfloat16 (docs/mosaic_gpu.md,
+# "Model widths"): backward 8192x4608 61.6 against 72.4, 8192x5120 67.6
+# against 76.5, 4096x6144 44.5 against 45.2, 8192x7168 93.7 against 97.4;
+# fused backward 8192x4608 79.0 against 95.4, 8192x5376 92.3 against
+# 107.5, 8192x8192 135.5 against 144.4. Slower or level: the backward of
+# 5376 columns (4-byte vectors: 81.5 against 78.8) and of 6144-7168 columns
+# on 2048 rows, both ops at 3584 columns, and the fused backward of
+# 7168-8192 float16 columns on 2048 rows (36.2 against 35.8).
+AUTO_MID_MIN_COLS = 4096  # exclusive
+AUTO_MID_BWD_MAX_COLS = 7168
+AUTO_MID_FUSED_BWD_MAX_COLS = 8192
+AUTO_MID_MIN_ROWS = 4096
+# On fewer rows (down to AUTO_MID_FEW_ROWS) only up to these widths.
+AUTO_MID_FEW_ROWS = 2048
+AUTO_MID_BWD_FEW_ROWS_MAX_COLS = 5120
+AUTO_MID_FUSED_BWD_FEW_ROWS_MAX_COLS = 6144
+# The plain backward needs vectors of at least this many bytes (plan).
+AUTO_MID_BWD_MIN_VEC_BYTES = 8
 
 
 def _check_dtype(name: str, a):
@@ -427,6 +463,31 @@ def _auto_wide(call: base.Call, min_cols: int) -> bool:
   161.8 and 128.0.
   """
   return int(call.hidden) >= min_cols and _wide_call_reason(call) is None
+
+
+def _auto_mid(call: base.Call) -> bool:
+  """Whether "auto" takes the backward or fused backward of a call with
+  every array in x's 16-bit dtype and no bias on rows between 4096 columns
+  and the wide kernels' (``AUTO_MID_*``)."""
+  if np.dtype(call.dtype).itemsize != 2 or not call.static_rows:
+    return False
+  rows, hidden = int(call.rows), int(call.hidden)
+  fused = call.op == "residual_backward"
+  top = AUTO_MID_FUSED_BWD_MAX_COLS if fused else AUTO_MID_BWD_MAX_COLS
+  few = (AUTO_MID_FUSED_BWD_FEW_ROWS_MAX_COLS if fused
+         else AUTO_MID_BWD_FEW_ROWS_MAX_COLS)
+  if not AUTO_MID_MIN_COLS < hidden <= top:
+    return False
+  try:
+    p = plan("bwd", rows, hidden, in_sizes=[2] * (3 if fused else 2),
+             out_sizes=[2], sms=DEFAULT_NUM_SMS, scale_size=2)
+  except ValueError:  # not served: cannot_serve says why
+    return False
+  if p.kind != "wide" or (not fused
+                          and p.vec * 2 < AUTO_MID_BWD_MIN_VEC_BYTES):
+    return False
+  return rows >= AUTO_MID_MIN_ROWS or (rows >= AUTO_MID_FEW_ROWS
+                                       and hidden <= few)
 
 
 def _wide_call_reason(call: base.Call) -> str | None:
@@ -605,6 +666,8 @@ class MosaicGpu(base.Implementation):
         call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
         else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32):
       return None
+    if call.op == "residual_backward" and same_dtypes and _auto_mid(call):
+      return None
     if call.op != "backward":
       return (f"{call.op}: the Triton kernel measured as fast or faster "
               "(docs/mosaic_gpu.md)")
@@ -627,11 +690,13 @@ class MosaicGpu(base.Implementation):
       return (f"backward: on fewer than {AUTO_BWD_MIN_ROWS} rows (or a "
               "symbolic row count) the Triton kernel measured as fast or "
               "faster (docs/bench_h200.md)")
-    if _auto_wide(call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
-                  else AUTO_WIDE_BWD_MIN_COLS_F32):
+    if _auto_mid(call) or _auto_wide(
+        call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
+        else AUTO_WIDE_BWD_MIN_COLS_F32):
       return None
-    return (f"backward: on rows of {hidden} columns the Triton kernel "
-            "measured faster (docs/mosaic_gpu.md)")
+    return (f"backward: on rows of {hidden} columns (and {call.rows} rows) "
+            "the Triton kernel measured faster or as fast "
+            "(docs/mosaic_gpu.md)")
 
   def shape_reason(self, rows: int, hidden: int, dtype,
                    op: str = "all", *, has_bias: bool = False,
