@@ -10,7 +10,9 @@ itemsize x padded row width, measured at one row count that fills the GPU),
 it times a small set of launch configurations around the heuristic of
 ``rmsnorm_jax.kernels.gpu_tiling`` (the heuristic itself twice, to show the
 noise; the row block halved and doubled; the warps halved and doubled; the
-programs per SM and the next-block prefetch of the persistent grids). Times
+programs per SM and the next-block prefetch of the persistent grids; for a
+width that pads to its class, fewer warps with more programs). A width
+that is not a power of two gets entries of its own (``hidden``). Times
 are device kernel time from the ``jax.profiler`` trace, median over calls
 rotating over input sets larger than the L2 (``rmsnorm_jax.bench.timing``).
 A candidate is adopted only when it beats the better of the two heuristic
@@ -108,7 +110,8 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
   Returns:
     ``[(label, Config), ...]``: first the heuristic (resolved without any
     tuning file), then distinct configs each differing from it in one
-    choice, at most 6.
+    choice (for a width that pads to its class, first two that also change
+    the programs or rows with the warps), at most 6.
 
   Raises:
     ValueError: unknown op, or rows wider than whole-row tiles.
@@ -137,6 +140,15 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
     overrides.append(dict(prefetch=not h.prefetch))
   else:
     overrides.append(dict(persistent=True))
+  if hidden < gpu_tiling.next_pow2(hidden) and h.num_warps >= 8:
+    # A padded row (e.g. 4608 in 8192-wide tiles) holds fewer values per
+    # thread than the tile: fewer warps a program and more programs an SM,
+    # on a persistent grid (H200 forward 8192x4608 bf16: 4 warps and 4
+    # programs 39.2 us, 2 rows of 8 warps 39.9, the class's 16 warps 42.9).
+    overrides.insert(0, dict(num_warps=h.num_warps // 4, programs_per_sm=4,
+                             persistent=True))
+    overrides.insert(1, dict(block_rows=h.block_rows * 2,
+                             num_warps=h.num_warps // 2, persistent=True))
   out, seen = [("heuristic", h)], {h}
   for ov in overrides:
     c = res(**ov)
@@ -181,7 +193,7 @@ def dumps(data: dict) -> str:
 
 
 def entry_key(e: dict) -> tuple:
-  return (e["op"], e["itemsize"], e["cols"], e["rows"])
+  return (e["op"], e["itemsize"], e["cols"], e.get("hidden"), e["rows"])
 
 
 def merge(old: dict | None, new: dict) -> dict:
@@ -201,7 +213,7 @@ def merge(old: dict | None, new: dict) -> dict:
   entries = [e for e in old.get("entries", [])
              if entry_key(e) not in replaced] + new["entries"]
   entries.sort(key=lambda e: (OPS.index(e["op"]), e["itemsize"], e["cols"],
-                              e["rows"]))
+                              e.get("hidden") or 0, e["rows"]))
   used = {e.get("run") for e in entries}
   runs = [r for r in old.get("runs", []) + new["runs"] if r["run"] in used]
   return dict(new, runs=runs, entries=entries)
@@ -359,8 +371,11 @@ def measure(op: str, rows: int, hidden: int, dtype, *, num_sms: int,
   heur = [rows_out[0]["us"], rows_out[1]["us"]]
   pick = decide(heur, [(j, r["us"]) for j, r in enumerate(rows_out)
                        if j > 1 and r["us"]], min_gain)
+  cols = gpu_tiling.next_pow2(hidden)
+  # A width that pads to cols gets an entry of its own (tuned_knobs).
+  exact = dict(hidden=hidden) if hidden != cols else {}
   entry = dict(op=op, itemsize=dt.itemsize if dt.itemsize >= 4 else 2,
-               cols=gpu_tiling.next_pow2(hidden), rows=rows, dtype=dt.name,
+               cols=cols, **exact, rows=rows, dtype=dt.name,
                decision="heuristic" if pick is None else "tuned",
                chosen=rows_out[0 if pick is None else pick]["config"],
                candidates=rows_out)

@@ -21,8 +21,11 @@ def _heuristic(op, rows, hidden, itemsize=2):
                             device_kind=None)
 
 
-def _entry(op, rows, hidden, chosen, itemsize=2, decision="tuned"):
-  return dict(op=op, itemsize=itemsize, cols=gpu_tiling.next_pow2(hidden),
+def _entry(op, rows, hidden, chosen, itemsize=2, decision="tuned",
+           exact=False):
+  cols = gpu_tiling.next_pow2(hidden)
+  return dict(op=op, itemsize=itemsize, cols=cols,
+              **(dict(hidden=hidden) if exact else {}),
               rows=rows, dtype="bfloat16", decision=decision, chosen=chosen,
               candidates=[dict(label="heuristic", config=tune.knobs_of(
                   _heuristic(op, rows, hidden, itemsize)), us=10.0)], run=1)
@@ -77,6 +80,43 @@ def test_file_knobs_are_used(tuning_dir):
     assert gpu_tiling.resolve(HEURISTIC, op, 8192, hidden, itemsize=isz,
                               device_kind=KIND) == _heuristic(
                                   op, 8192, hidden, isz)
+
+
+def test_exact_width_entry_serves_that_width_only(tuning_dir):
+  # 4608 columns run 8192-wide tiles: an entry measured at 4608 serves
+  # 4608 alone; other widths of the class keep the class's entry, or the
+  # heuristic without one.
+  h = _heuristic("forward", 8192, 4608)
+  padded = dict(tune.knobs_of(h), num_warps=4, programs_per_sm=4,
+                persistent=True)
+  wide = dict(tune.knobs_of(h), num_warps=32)
+  _write(tuning_dir, _table(_entry("forward", 8192, 4608, padded,
+                                   exact=True)))
+  resolve = lambda hidden, rows=8192: tune.knobs_of(gpu_tiling.resolve(
+      HEURISTIC, "forward", rows, hidden, device_kind=KIND))
+  assert resolve(4608) == padded
+  # Rows within a factor of two of the entry's (EXACT_WIDTH_ROWS_LOG2).
+  assert resolve(4608, rows=4096) == resolve(4608, rows=16384) == padded
+  assert resolve(4608, rows=2048) == tune.knobs_of(
+      _heuristic("forward", 2048, 4608))
+  assert resolve(5120) == tune.knobs_of(_heuristic("forward", 8192, 5120))
+  assert resolve(8192) == tune.knobs_of(_heuristic("forward", 8192, 8192))
+  gpu_tiling.clear_cache()
+  _write(tuning_dir, _table(
+      _entry("forward", 8192, 4608, padded, exact=True),
+      _entry("forward", 8192, 8192, wide)))
+  assert resolve(4608) == padded and resolve(4608, rows=1024) == wide
+  assert resolve(5120) == wide and resolve(8192) == wide
+
+
+@pytest.mark.parametrize("hidden", [8192, 3000, 0])
+def test_exact_width_must_pad_to_its_class(tuning_dir, hidden):
+  entry = _entry("forward", 8192, 4608, tune.knobs_of(
+      _heuristic("forward", 8192, 4608)), exact=True)
+  path = _write(tuning_dir, _table(dict(entry, hidden=hidden)))
+  with pytest.raises(gpu_tiling.TuningFileError) as err:
+    gpu_tiling.resolve(HEURISTIC, "forward", 8192, 4608, device_kind=KIND)
+  assert str(path) in str(err.value) and err.match(r"entries\[0\]\.hidden")
 
 
 def test_quantized_residual_forward_has_its_own_key(tuning_dir):
@@ -199,6 +239,13 @@ def test_file_round_trips_and_merges(tmp_path):
   assert [(e["op"], e["run"]) for e in merged["entries"]] == [
       ("forward", 2), ("backward", 1)]
   assert [r["run"] for r in merged["runs"]] == [1, 2]
+  # An entry of an exact width is its own key beside its class's.
+  exact = dict(_entry("forward", 8192, 4608, tune.knobs_of(h), exact=True),
+               run=2)
+  both = tune.merge(merged, dict(second, entries=[exact]))
+  assert [(e["op"], e.get("hidden")) for e in both["entries"]] == [
+      ("forward", None), ("forward", 4608), ("backward", None)]
+  tune.write(path, both)
   with pytest.raises(ValueError, match="device_kind"):
     tune.merge(first, _table(newer, kind="Other GPU"))
   with pytest.raises(gpu_tiling.TuningFileError):
@@ -215,6 +262,12 @@ def test_candidates_around_the_heuristic():
     assert all(c.resolved and c.block_cols == 4096 for c in configs)
   with pytest.raises(ValueError, match="hidden must be at most"):
     tune.candidates("forward", 8, 32768, 2, 132)
+  # A padded width (4608 in 8192-wide tiles) also tries fewer warps with
+  # more programs an SM, and two rows of half the warps, first.
+  labels = [lab for lab, _ in tune.candidates("forward", 8192, 4608, 2, 132)]
+  assert labels[1:3] == ["w4_p4_ps1", "br2_w8_ps1"] and len(labels) == 7
+  assert "w4_p4_ps1" not in dict(tune.candidates("forward", 8192, 8192, 2,
+                                                 132))
 
 
 def test_decide_needs_more_than_noise():

@@ -304,6 +304,12 @@ TUNED_KNOBS = ("block_rows", "num_warps", "programs_per_sm", "persistent",
 _INT_KNOBS = frozenset(("block_rows", "num_warps", "programs_per_sm",
                         "num_stages"))
 DECISIONS = ("tuned", "heuristic")
+# An entry measured at an exact width that pads to its class serves calls
+# of that width on rows within this many powers of two of its own; others
+# take the class's entries. H200, forward 5120 16-bit columns, us: the
+# launch chosen on 8192 rows (4 warps, 4 programs an SM) 43.3 against the
+# class entry's 47.6 there, but 12.3 against 11.1 on 2048 float16 rows.
+EXACT_WIDTH_ROWS_LOG2 = 1
 # resolve's device_kind default: the kind of the GPU the kernels run on.
 AUTO = "auto"
 
@@ -384,12 +390,16 @@ def validate_table(data, path: str = "<tuning data>") -> dict:
   Args:
     data: the file's JSON: ``{"schema": 1, "device_kind": str, "runs":
       [...], "entries": [{"op", "itemsize", "cols", "rows", "decision",
-      "chosen", "candidates", ...}, ...]}`` (docs/tuning.md).
+      "chosen", "candidates", ...}, ...]}`` (docs/tuning.md). An entry may
+      name the exact ``hidden`` it was measured at, a width below ``cols``
+      that pads to it (e.g. 4608 in the 8192 class); it then serves that
+      width only.
     path: named in errors.
 
   Returns:
-    ``{(op, itemsize, cols): [(rows, knobs), ...]}`` sorted by rows; knobs
-    is ``{}`` where the heuristic was kept (``decision == "heuristic"``).
+    ``{(op, itemsize, cols): [(rows, hidden or None, knobs), ...]}`` sorted;
+    knobs is ``{}`` where the heuristic was kept (``decision ==
+    "heuristic"``).
 
   Raises:
     TuningFileError: any field missing or of the wrong type or value,
@@ -419,6 +429,12 @@ def validate_table(data, path: str = "<tuning data>") -> dict:
       raise _bad(path, f"{key}.cols", f"at most {MAX_RESIDENT_COLS} (whole-"
                  "row tiles)", e["cols"])
     _check_int(path, f"{key}.rows", e.get("rows"))
+    hidden = e.get("hidden")
+    if hidden is not None:
+      _check_int(path, f"{key}.hidden", hidden)
+      if hidden >= e["cols"] or next_pow2(hidden) != e["cols"]:
+        raise _bad(path, f"{key}.hidden", f"a width that pads to cols="
+                   f"{e['cols']} (below it)", hidden)
     if e.get("decision") not in DECISIONS:
       raise _bad(path, f"{key}.decision", " or ".join(DECISIONS),
                  e.get("decision"))
@@ -436,13 +452,14 @@ def validate_table(data, path: str = "<tuning data>") -> dict:
                              or not isinstance(us, (int, float))):
         raise _bad(path, f"{ck}.us", "a number or null", us)
     slot = index.setdefault((e["op"], e["itemsize"], e["cols"]), [])
-    if any(r == e["rows"] for r, _ in slot):
-      raise _bad(path, key, "one entry per (op, itemsize, cols, rows)",
-                 (e["op"], e["itemsize"], e["cols"], e["rows"]))
-    slot.append((e["rows"], dict(chosen) if e["decision"] == "tuned"
-                 else {}))
+    if any(r == e["rows"] and h == hidden for r, h, _ in slot):
+      raise _bad(path, key, "one entry per (op, itemsize, cols, hidden, "
+                 "rows)", (e["op"], e["itemsize"], e["cols"], hidden,
+                           e["rows"]))
+    slot.append((e["rows"], hidden, dict(chosen)
+                 if e["decision"] == "tuned" else {}))
   for slot in index.values():
-    slot.sort()
+    slot.sort(key=lambda rhk: (rhk[0], rhk[1] or 0))
   return index
 
 
@@ -470,19 +487,23 @@ def clear_cache() -> None:
 
 
 def tuned_knobs(kind: str | None, op: str, rows: int, cols: int,
-                itemsize: int) -> dict:
+                itemsize: int, hidden: int | None = None) -> dict:
   """The knobs the tuning file of ``kind`` chose for this call.
 
   Matching: the same op, itemsize class (2 or 4 bytes) and padded width
-  ``cols``; of those entries, the one whose row count is nearest in log2
-  (ties: the larger). Rows are only matched loosely because the row block
-  is still shrunk for the grid (see ``resolve``).
+  ``cols``; among those, the entries measured at this exact ``hidden`` (a
+  width that pads to ``cols``) on rows within ``EXACT_WIDTH_ROWS_LOG2``
+  powers of two of the call's where there are any, else the entries of the
+  whole class; of those, the one whose row count is nearest in log2 (ties:
+  the larger). Rows are only matched loosely because the row block is
+  still shrunk for the grid (see ``resolve``).
 
   Args:
     kind: a device kind (None: no device, so no knobs).
     op: one of ``OPS``.
     rows, cols: the call's rows and padded width (a power of two).
     itemsize: 2 or 4.
+    hidden: the call's row width (default ``cols``).
 
   Returns:
     ``{knob: value}`` (empty: no file, no entry for the key, or the
@@ -496,10 +517,13 @@ def tuned_knobs(kind: str | None, op: str, rows: int, cols: int,
   table = _table(kind)
   if not table:
     return {}
-  slot = table.get((op, itemsize, cols))
+  slot = table.get((op, itemsize, cols), [])
+  target = math.log2(max(1, rows))
+  exact = [(r, k) for r, h, k in slot if h is not None and h == hidden
+           and abs(math.log2(r) - target) <= EXACT_WIDTH_ROWS_LOG2]
+  slot = exact or [(r, k) for r, h, k in slot if h is None]
   if not slot:
     return {}
-  target = math.log2(max(1, rows))
   _, knobs = min(slot, key=lambda rk: (abs(math.log2(rk[0]) - target),
                                        -rk[0]))
   return knobs
@@ -574,7 +598,7 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
   tuned = {}
   if resident:
     kind = gpu_kind() if device_kind == AUTO else device_kind
-    tuned = tuned_knobs(kind, op, rows, padded, isz)
+    tuned = tuned_knobs(kind, op, rows, padded, isz, hidden)
   per_sm = None
   max_warps = MAX_WARPS
   if not resident:
