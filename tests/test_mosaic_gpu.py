@@ -503,11 +503,14 @@ def test_plan_covers_rows_and_limits():
   # From WIDE_NARROW_VEC_MIN_COLS columns such rows take the wide layout
   # with 8- or 4-byte vectors instead (the narrow layout's four-row tiles
   # left no room for two stages at 8192x3584 bf16).
-  for hidden, size, vec in ((3584, 2, 4), (4608, 2, 4), (5376, 2, 2),
-                            (5376, 4, 2)):
+  for hidden, size, vec in ((3584, 2, 4), (4608, 2, 4), (5376, 2, 2)):
     p = mg.plan("bwd", 8192, hidden, in_sizes=[size] * 2, out_sizes=[size],
                 sms=132)
     assert (p.kind, p.vec) == ("wide", vec), hidden
+  # float32 rows keep the narrow layout there (not run on a GPU in the
+  # wide one): 5376 float32 columns do not fit its two backward stages.
+  with pytest.raises(ValueError, match="5376 columns"):
+    mg.plan("bwd", 8192, 5376, in_sizes=[4] * 2, out_sizes=[4], sms=132)
   # The backward with a scale keeps two-row groups where two stages fit.
   p = mg.plan("bwd", 8192, 4096, in_sizes=[2] * 3, out_sizes=[2], sms=132,
               scale_size=2)

@@ -144,11 +144,13 @@ def plan(kind: str, rows: int, hidden: int, *, in_sizes, out_sizes,
   isz = max(max(in_sizes), max(out_sizes))
   vec = 16 // isz
   lanes = 32
-  if hidden >= WIDE_NARROW_VEC_MIN_COLS:
+  if hidden >= WIDE_NARROW_VEC_MIN_COLS and isz == 2:
     # Rows of a model's width that is not a multiple of 1024 16-bit
     # columns (3584, 4608, 5376, ...) keep the wide layout with 8- or
     # 4-byte vectors: the narrow layout's four-row tiles (and the backward's
-    # four-row dscale accumulator) do not fit two stages there.
+    # four-row dscale accumulator) do not fit two stages there. (16-bit
+    # rows only: float32 rows of such widths take one-row backward groups,
+    # not yet run on a GPU in this layout.)
     while vec * isz > MIN_WIDE_VEC_BYTES and hidden % (128 * vec):
       vec //= 2
   if hidden % (128 * vec) == 0:
