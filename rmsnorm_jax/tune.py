@@ -11,7 +11,8 @@ it times a small set of launch configurations around the heuristic of
 ``rmsnorm_jax.kernels.gpu_tiling`` (the heuristic itself twice, to show the
 noise; the row block halved and doubled; the warps halved and doubled; the
 programs per SM and the next-block prefetch of the persistent grids; for a
-width that pads to its class, fewer warps with more programs). A width
+width that pads to its class, fewer warps with more programs; and the
+launch the device's tuning file gives the call now, where it differs). A width
 that is not a power of two gets entries of its own (``hidden``). Times
 are device kernel time from the ``jax.profiler`` trace, median over calls
 rotating over input sets larger than the L2 (``rmsnorm_jax.bench.timing``).
@@ -98,7 +99,8 @@ def label(override: dict) -> str:
 
 
 def candidates(op: str, rows: int, hidden: int, itemsize: int,
-               num_sms: int) -> list[tuple[str, gpu_tiling.Config]]:
+               num_sms: int, device_kind: str | None = None
+               ) -> list[tuple[str, gpu_tiling.Config]]:
   """Resolved configs to time: the heuristic, then single-knob changes.
 
   Args:
@@ -106,12 +108,17 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
     rows, hidden, itemsize: the shape class's measured case (hidden at most
       ``gpu_tiling.MAX_RESIDENT_COLS``: whole-row tiles).
     num_sms: SMs the grids are sized for.
+    device_kind: the GPU kind whose tuning file gives the launch the call
+      runs with now (None: no file).
 
   Returns:
     ``[(label, Config), ...]``: first the heuristic (resolved without any
-    tuning file), then distinct configs each differing from it in one
-    choice (for a width that pads to its class, first two that also change
-    the programs or rows with the warps), at most 6.
+    tuning file); then, where it differs, the launch the device's file
+    resolves to now (``"current"``: a re-tune weighs its choice against what
+    it replaces, e.g. a padded width's class entry); then distinct configs
+    each differing from the heuristic in one choice (for a width that pads
+    to its class, first two that also change the programs or rows with the
+    warps); at most 7 in all.
 
   Raises:
     ValueError: unknown op, or rows wider than whole-row tiles.
@@ -150,6 +157,13 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
     overrides.insert(1, dict(block_rows=h.block_rows * 2,
                              num_warps=h.num_warps // 2, persistent=True))
   out, seen = [("heuristic", h)], {h}
+  if device_kind is not None:
+    now = gpu_tiling.resolve(gpu_tiling.Config(num_sms=num_sms), op, rows,
+                             hidden, itemsize=itemsize,
+                             device_kind=device_kind)
+    if now not in seen:
+      seen.add(now)
+      out.append(("current", now))
   for ov in overrides:
     c = res(**ov)
     if c not in seen:
@@ -343,7 +357,8 @@ def measure(op: str, rows: int, hidden: int, dtype, *, num_sms: int,
   from rmsnorm_jax.bench.cases import Candidate
   from rmsnorm_jax.kernels.gpu import PallasGpu
   dt = jnp.dtype(dtype)
-  cands = candidates(op, rows, hidden, dt.itemsize, num_sms)
+  cands = candidates(op, rows, hidden, dt.itemsize, num_sms,
+                     None if interpret else gpu_tiling.gpu_kind())
   # The heuristic twice: the spread between the two is the noise floor.
   runs = [cands[0]] + cands
   args = _inputs(op, rows, hidden, dt, n_sets(op, rows, hidden, dt), uid)

@@ -270,6 +270,24 @@ def test_candidates_around_the_heuristic():
                                                  132))
 
 
+def test_candidates_include_the_current_launch(tuning_dir):
+  # A re-tune weighs its choice against the launch the call runs with now:
+  # here 4608 columns take the 8192 class's entry, which differs from the
+  # heuristic.
+  h = _heuristic("forward", 8192, 8192)
+  chosen = dict(tune.knobs_of(h), num_warps=32, persistent=True)
+  _write(tuning_dir, _table(_entry("forward", 8192, 8192, chosen)))
+  cands = tune.candidates("forward", 8192, 4608, 2, 132, device_kind=KIND)
+  assert [lab for lab, _ in cands[:2]] == ["heuristic", "current"]
+  assert tune.knobs_of(cands[1][1]) == chosen and len(cands) == 7
+  assert cands[2][0] == "w4_p4_ps1"
+  # Where the file changes nothing (or there is none), no such candidate.
+  for kind in (KIND, None):
+    labels = [lab for lab, _ in tune.candidates("backward", 8192, 4608, 2,
+                                                132, device_kind=kind)]
+    assert "current" not in labels
+
+
 def test_decide_needs_more_than_noise():
   # 2% under the better heuristic time and beyond the two timings' spread.
   assert tune.decide([100.0, 101.0], [(2, 97.0), (3, 99.0)]) == 2
