@@ -129,10 +129,10 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
     raise ValueError(f"hidden must be at most {gpu_tiling.MAX_RESIDENT_COLS}"
                      f" (whole-row tiles are tuned); got {hidden}.")
 
-  def res(**kw):
+  def res(kind=None, **kw):
     return gpu_tiling.resolve(gpu_tiling.Config(num_sms=num_sms, **kw), op,
                               rows, hidden, itemsize=itemsize,
-                              device_kind=None)
+                              device_kind=kind)
   h = res()
   overrides = [dict(block_rows=h.block_rows * 2)]
   if h.block_rows > 1:
@@ -158,9 +158,7 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
                              num_warps=h.num_warps // 2, persistent=True))
   out, seen = [("heuristic", h)], {h}
   if device_kind is not None:
-    now = gpu_tiling.resolve(gpu_tiling.Config(num_sms=num_sms), op, rows,
-                             hidden, itemsize=itemsize,
-                             device_kind=device_kind)
+    now = res(device_kind)
     if now not in seen:
       seen.add(now)
       out.append(("current", now))

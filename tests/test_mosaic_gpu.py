@@ -367,13 +367,19 @@ def test_cannot_serve_calls():
       norm=base.Norm(eps=1e-6, out_dtype=np.dtype(jnp.float32))))
 
 
+def _auto_call(op, hidden, dtype=jnp.bfloat16, *, rows=8192, has_bias=False,
+               scale=None, out=None):
+  """The ``base.Call`` that "auto" asks MosaicGpu about: a (hidden,) scale
+  and the output in x's dtype unless ``scale`` or ``out`` say otherwise."""
+  return base.Call(op=op, rows=rows, hidden=hidden, dtype=np.dtype(dtype),
+                   scale_shape=(hidden,), has_bias=has_bias,
+                   norm=base.Norm(eps=1e-6, out_dtype=np.dtype(out or dtype)),
+                   scale_dtype=np.dtype(scale or dtype))
+
+
 def test_auto_keeps_triton_where_it_measured_faster():
   impl = MosaicGpu()
-  call = lambda op, hidden, dtype=jnp.bfloat16, has_bias=False, **kw: base.Call(
-      op=op, rows=8192, hidden=hidden, dtype=np.dtype(dtype),
-      scale_shape=(hidden,), has_bias=has_bias, norm=base.Norm(
-          eps=1e-6, out_dtype=np.dtype(kw.get("out", dtype))),
-      scale_dtype=np.dtype(kw.get("scale", dtype)))
+  call = _auto_call
   # Measured on an H200 (docs/mosaic_gpu.md): the backward of wide rows up
   # to 4096 columns as fast or faster; rows of 8192 or 128 columns, the
   # forward and the fused ops slower or no faster.
@@ -424,10 +430,7 @@ def test_auto_takes_mosaic_at_model_widths_where_it_measured_faster():
   impl = MosaicGpu()
 
   def call(op, rows, hidden, dtype=jnp.bfloat16, **kw):
-    return base.Call(op=op, rows=rows, hidden=hidden, dtype=np.dtype(dtype),
-                     scale_shape=(hidden,), has_bias=kw.get("bias", False),
-                     norm=base.Norm(eps=1e-6, out_dtype=np.dtype(dtype)),
-                     scale_dtype=np.dtype(kw.get("scale", dtype)))
+    return _auto_call(op, hidden, dtype, rows=rows, **kw)
 
   taken = [("backward", 8192, h) for h in (4608, 5120, 6144, 7168)]
   taken += [("backward", 2048, h) for h in (4608, 5120)]
@@ -449,7 +452,7 @@ def test_auto_takes_mosaic_at_model_widths_where_it_measured_faster():
   # float32 rows, a float32 scale and a bias were not timed there.
   for c in (call("backward", 8192, 5120, jnp.float32),
             call("residual_backward", 8192, 5120, scale=jnp.float32),
-            call("backward", 8192, 5120, bias=True)):
+            call("backward", 8192, 5120, has_bias=True)):
     assert impl.auto_declines(c) is not None
   # Symbolic rows decline with a reason rather than raise.
   sym = jax.export.symbolic_shape("n")[0]
