@@ -119,6 +119,29 @@ def test_model_widths_lower_for_cuda(shape, dtype):
                                         "residual_bwd"]
 
 
+@pytest.mark.parametrize("hidden", [4608, 5120])
+def test_model_width_default_grads_lower_under_strict_settings(hidden):
+  # "auto" picks the Mosaic GPU backward and fused backward at these widths
+  # (_auto_mid): the default calls' gradients lower for cuda under rank
+  # promotion "raise", strict dtype promotion and x64, as users run them.
+  s = jax.ShapeDtypeStruct
+  x, w = s((4096, hidden), jnp.bfloat16), s((hidden,), jnp.bfloat16)
+
+  def loss(x, w):
+    return jnp.sum(rj.rms_norm(x, w).astype(jnp.float32))
+
+  def loss_res(x, r, w):
+    y, h = rj.rms_norm_residual(x, r, w)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h.astype(jnp.float32))
+
+  for fn, args in ((loss, (x, w)), (loss_res, (x, x, w))):
+    grad = jax.jit(jax.grad(fn, argnums=tuple(range(len(args)))))
+    with jax.numpy_rank_promotion("raise"), \
+        jax.numpy_dtype_promotion("strict"), jax.enable_x64(True):
+      text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @mosaic_gpu" in text, fn.__name__
+
+
 QUANT_DTYPES = [pytest.param(np.dtype(d), id=np.dtype(d).name)
                 for d in (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2)]
 # Narrow and wide layouts, one- and two-row backward groups (4096 float32
