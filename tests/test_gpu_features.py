@@ -473,8 +473,11 @@ def test_quantized_forward(mode, qdt, static, with_residual):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("config", [dict(block_cols=64),
                                     dict(block_rows=2, num_sms=2,
-                                         persistent=True)],
-                         ids=["chunked", "persistent"])
+                                         persistent=True),
+                                    dict(block_rows=1, num_warps=1,
+                                         persistent=False,
+                                         cache_scale=False)],
+                         ids=["chunked", "persistent", "one_warp"])
 def test_quantized_tilings_and_per_head(mode, config):
   impl = impl_for(mode, **config)
   heads, head_dim, tokens = 4, 100, 5

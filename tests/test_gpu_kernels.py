@@ -205,9 +205,11 @@ def test_scale_and_output_variants(mode, dtype, variant):
     dict(block_rows=2, num_sms=3, reload=True, prefetch=False,
          cache_scale=False),
     dict(block_rows=4, num_sms=2, reload=True),
+    # One warp a row, the scale re-read per row (tune's one-warp candidate).
+    dict(block_rows=1, num_warps=1, persistent=False, cache_scale=False),
 ], ids=["chunk64", "chunk32_rows4", "persistent", "one_program",
         "no_prefetch_no_cache", "persistent_fwd", "persistent_fwd_plain",
-        "reload", "reload_prefetch_cached"])
+        "reload", "reload_prefetch_cached", "one_warp"])
 def test_tiling_overrides(mode, config):
   impl = impl_for(mode, **config)
   _check_norm(impl, (45, 200), jnp.bfloat16, jnp.float32, key=config)

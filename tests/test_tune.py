@@ -268,6 +268,21 @@ def test_candidates_around_the_heuristic():
   assert labels[1:3] == ["w4_p4_ps1", "br2_w8_ps1"] and len(labels) == 7
   assert "w4_p4_ps1" not in dict(tune.candidates("forward", 8192, 8192, 2,
                                                  132))
+  # Forward ops of rows up to 4096 columns try one warp a row (no shared
+  # memory), with the scale re-read each row; wider rows and the backward
+  # (whose two accumulators spill) do not.
+  one_warp = dict(block_rows=1, num_warps=1, persistent=False,
+                  cache_scale=False)
+  for op, hidden, tried in [("residual_forward", 4096, True),
+                            ("quantized_forward", 2048, True),
+                            ("forward", 8192, False),
+                            ("backward", 4096, False)]:
+    cands = tune.candidates(op, 8192, hidden, 2, 132)
+    hit = [c for _, c in cands
+           if all(getattr(c, k) == v for k, v in one_warp.items())]
+    assert bool(hit) == tried, (op, hidden)
+    if tried:
+      assert cands[1] == ("br1_w1_ps0_cs0", hit[0])
 
 
 def test_candidates_include_the_current_launch(tuning_dir):
