@@ -11,14 +11,17 @@ it times a small set of launch configurations around the heuristic of
 ``rmsnorm_jax.kernels.gpu_tiling`` (the heuristic itself twice, to show the
 noise; the row block halved and doubled; the warps halved and doubled; the
 programs per SM and the next-block prefetch of the persistent grids; for a
-width that pads to its class, fewer warps with more programs; and the
+width that pads to its class, fewer warps with more programs; for the
+forward ops of rows up to 4096 columns, one warp a row; and the
 launch the device's tuning file gives the call now, where it differs). A width
 that is not a power of two gets entries of its own (``hidden``). Times
 are device kernel time from the ``jax.profiler`` trace, median over calls
 rotating over input sets larger than the L2 (``rmsnorm_jax.bench.timing``).
 A candidate is adopted only when it beats the better of the two heuristic
 timings by more than ``--min-gain`` (2%) and by more than their spread;
-otherwise the heuristic is recorded as chosen.
+otherwise the heuristic is recorded as chosen. Re-measuring a case the
+file already chose another launch for, that launch is the one to beat
+(``decide``).
 
 The result is ``kernels/tuning/<device slug>.json`` in the package (or
 ``--out``), merged with the entries already there: afterwards
@@ -259,25 +262,39 @@ def write(path: str, data: dict) -> None:
   os.replace(tmp, path)
 
 
-def decide(heuristic_us: list, timed: list, min_gain: float = MIN_GAIN
-           ) -> int | None:
+def decide(heuristic_us: list, timed: list, min_gain: float = MIN_GAIN,
+           incumbent: int | None = None) -> int | None:
   """Which candidate to adopt, or None to keep the heuristic.
 
   Args:
     heuristic_us: the heuristic's timings (two, for their spread).
     timed: ``(index, us)`` of the other candidates that ran.
     min_gain: the least relative gain adopted.
+    incumbent: the index (in ``timed``) of the launch the file's entry for
+      this very case chose before, when it is not the heuristic: the
+      launch to beat, with the heuristic one more challenger. A re-tune
+      then changes an entry only for a measured gain, not on noise (an
+      entry shared by ops the tune does not time, as the bias forward
+      shares the forward's, would otherwise flip with it).
 
   Returns:
-    The index of the fastest candidate when it beats the best heuristic
-    time by more than ``min_gain`` and by more than the heuristic's spread,
-    else None.
+    The index of the fastest candidate when it beats the baseline (the
+    best heuristic time, or the incumbent's) by more than ``min_gain`` and
+    by more than the heuristic's spread; else None (the heuristic), or the
+    incumbent's index where there is one.
   """
   good = [t for t in heuristic_us if t]
   if not good or not timed:
     return None
   base = min(good)
   spread = max(good) - base
+  held = dict(timed).get(incumbent) if incumbent is not None else None
+  if held:
+    challengers = [(None, base)] + [t for t in timed if t[0] != incumbent]
+    idx, us = min(challengers, key=lambda t: t[1])
+    if us < held * (1 - min_gain) and held - us > spread:
+      return idx
+    return incumbent
   idx, us = min(timed, key=lambda t: t[1])
   if us < base * (1 - min_gain) and base - us > spread:
     return idx
@@ -367,8 +384,8 @@ def measure(op: str, rows: int, hidden: int, dtype, *, num_sms: int,
   from rmsnorm_jax.bench.cases import Candidate
   from rmsnorm_jax.kernels.gpu import PallasGpu
   dt = jnp.dtype(dtype)
-  cands = candidates(op, rows, hidden, dt.itemsize, num_sms,
-                     None if interpret else gpu_tiling.gpu_kind())
+  kind = None if interpret else gpu_tiling.gpu_kind()
+  cands = candidates(op, rows, hidden, dt.itemsize, num_sms, kind)
   # The heuristic twice: the spread between the two is the noise floor.
   runs = [cands[0]] + cands
   args = _inputs(op, rows, hidden, dt, n_sets(op, rows, hidden, dt), uid)
@@ -394,13 +411,20 @@ def measure(op: str, rows: int, hidden: int, dtype, *, num_sms: int,
       rec["error"] = str(r.get("error", "no time"))[:200]
     rows_out.append(rec)
   heur = [rows_out[0]["us"], rows_out[1]["us"]]
-  pick = decide(heur, [(j, r["us"]) for j, r in enumerate(rows_out)
-                       if j > 1 and r["us"]], min_gain)
   cols = gpu_tiling.next_pow2(hidden)
+  itemsize = dt.itemsize if dt.itemsize >= 4 else 2
+  # "current" is this very entry's earlier choice only where the file has
+  # an entry for the case (else it is a neighbouring or class entry's).
+  incumbent = next((j for j, r in enumerate(rows_out)
+                    if r["label"] == "current"), None) if (
+                        gpu_tiling.has_entry(kind, op, rows, cols, itemsize,
+                                             hidden)) else None
+  pick = decide(heur, [(j, r["us"]) for j, r in enumerate(rows_out)
+                       if j > 1 and r["us"]], min_gain, incumbent)
   # A width that pads to cols gets an entry of its own (tuned_knobs).
   exact = dict(hidden=hidden) if hidden != cols else {}
-  entry = dict(op=op, itemsize=dt.itemsize if dt.itemsize >= 4 else 2,
-               cols=cols, **exact, rows=rows, dtype=dt.name,
+  entry = dict(op=op, itemsize=itemsize, cols=cols, **exact, rows=rows,
+               dtype=dt.name,
                decision="heuristic" if pick is None else "tuned",
                chosen=rows_out[0 if pick is None else pick]["config"],
                candidates=rows_out)

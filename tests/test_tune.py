@@ -311,6 +311,33 @@ def test_decide_needs_more_than_noise():
   assert tune.decide([None, None], [(2, 50.0)]) is None
 
 
+def test_decide_keeps_the_incumbent_within_noise():
+  # Re-measuring an entry whose earlier choice (index 2) is not the
+  # heuristic: it stays unless a launch, the heuristic included, beats it
+  # by the margin. The same timings without an incumbent keep the heuristic.
+  assert tune.decide([35.0, 35.3], [(2, 34.6), (3, 35.5)], incumbent=2) == 2
+  assert tune.decide([35.0, 35.3], [(2, 34.6), (3, 35.5)]) is None
+  assert tune.decide([33.0, 33.2], [(2, 34.6)], incumbent=2) is None
+  assert tune.decide([35.0, 35.3], [(2, 34.6), (3, 33.0)], incumbent=2) == 3
+  assert tune.decide([35.0, 35.3], [(2, 34.6), (3, 33.95)],
+                     incumbent=2) == 2
+
+
+def test_has_entry(tuning_dir):
+  knobs = tune.knobs_of(_heuristic("forward", 8192, 4096))
+  _write(tuning_dir, _table(_entry("forward", 8192, 4096, knobs),
+                            _entry("forward", 8192, 3584, knobs, exact=True)))
+  assert gpu_tiling.has_entry(KIND, "forward", 8192, 4096, 2)
+  assert gpu_tiling.has_entry(KIND, "forward", 8192, 4096, 2, hidden=4096)
+  assert gpu_tiling.has_entry(KIND, "forward", 8192, 4096, 2, hidden=3584)
+  assert not gpu_tiling.has_entry(KIND, "forward", 8192, 4096, 2,
+                                  hidden=3840)
+  assert not gpu_tiling.has_entry(KIND, "forward", 4096, 4096, 2)
+  assert not gpu_tiling.has_entry(KIND, "backward", 8192, 4096, 2)
+  assert not gpu_tiling.has_entry(KIND, "forward", 8192, 4096, 4)
+  assert not gpu_tiling.has_entry(None, "forward", 8192, 4096, 2)
+
+
 def test_cli_refuses_without_gpu(tmp_path, capsys):
   out = tmp_path / "x.json"
   assert tune.main(["--out", str(out)]) == 2

@@ -529,6 +529,16 @@ def tuned_knobs(kind: str | None, op: str, rows: int, cols: int,
   return knobs
 
 
+def has_entry(kind: str | None, op: str, rows: int, cols: int, itemsize: int,
+              hidden: int | None = None) -> bool:
+  """Whether the tuning file of ``kind`` has an entry measured at exactly
+  this case (``hidden`` None or ``cols``: a class entry)."""
+  table = _table(kind) if kind is not None else None
+  exact = None if hidden in (None, cols) else hidden
+  return any(r == rows and h == exact
+             for r, h, _ in (table or {}).get((op, itemsize, cols), []))
+
+
 def fold_cols(hidden: int, heads: int) -> int:
   """Padded width of one token's heads in a folded tile."""
   return next_pow2(heads) * next_pow2(hidden)
