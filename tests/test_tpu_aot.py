@@ -56,10 +56,12 @@ def _kernel_calls(hlo_text):
 
 
 # (rows, hidden), x dtype, residual dtype, scale, config: ragged rows with
-# odd hidden, tiny rows, float16 with a float32 residual, no scale, a user
-# block_rows, and the forced two-pass path (ragged lane chunks).
+# odd hidden, a model width that is not a power of two (Gemma 3's 5376, 21
+# lane tiles of 256), tiny rows, float16 with a float32 residual, no scale,
+# a user block_rows, and the forced two-pass path (ragged lane chunks).
 AOT_CASES = [
     pytest.param((1000, 2880), BF16, BF16, True, {}, id="1000x2880_bf16"),
+    pytest.param((4096, 5376), BF16, BF16, True, {}, id="4096x5376_bf16"),
     pytest.param((1, 1), F16, F16, True, {}, id="1x1_f16"),
     pytest.param((3, 8), F32, F32, False, {}, id="3x8_f32_no_scale"),
     pytest.param((33, 129), F16, F32, True, dict(block_rows=16),
