@@ -361,7 +361,7 @@ def _layer_fn(impl, param_dtype, dtype):
   def f(x, s):
     layer = cls(x.shape[-1], epsilon=EPS, dtype=dtype,
                 param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    layer.scale.value = s
+    layer.scale[...] = s
     return layer(x)
   return f
 
