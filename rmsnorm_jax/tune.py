@@ -289,16 +289,15 @@ def decide(heuristic_us: list, timed: list, min_gain: float = MIN_GAIN,
   base = min(good)
   spread = max(good) - base
   held = dict(timed).get(incumbent) if incumbent is not None else None
-  if held:
-    challengers = [(None, base)] + [t for t in timed if t[0] != incumbent]
-    idx, us = min(challengers, key=lambda t: t[1])
-    if us < held * (1 - min_gain) and held - us > spread:
-      return idx
-    return incumbent
-  idx, us = min(timed, key=lambda t: t[1])
-  if us < base * (1 - min_gain) and base - us > spread:
+  # The launch to beat: the incumbent (the heuristic then one more rival),
+  # else the heuristic.
+  keep, ref = (incumbent, held) if held else (None, base)
+  rivals = ([(None, base)] if held else []) + [t for t in timed
+                                               if t[0] != keep]
+  idx, us = min(rivals, key=lambda t: t[1])
+  if us < ref * (1 - min_gain) and ref - us > spread:
     return idx
-  return None
+  return keep
 
 
 # ------------------------------------------------------------- measuring --
