@@ -1,6 +1,7 @@
 """Per-device tuning files: lookup in gpu_tiling.resolve, the file format,
 and the tuning command's refusal without a GPU (CPU only, nothing timed)."""
 
+import dataclasses
 import json
 import os
 
@@ -283,6 +284,18 @@ def test_candidates_around_the_heuristic():
     assert bool(hit) == tried, (op, hidden)
     if tried:
       assert cands[1] == ("br1_w1_ps0_cs0", hit[0])
+  # Forward ops whose heuristic runs a persistent grid (16384 columns) try
+  # one program a row with the scale re-read, first; the backward does not.
+  for op in gpu_tiling.OPS:
+    h = _heuristic(op, 4096, 16384)
+    cands = tune.candidates(op, 4096, 16384, 2, 132)
+    tried = cands[1][0] == "ps0_pf0_cs0"
+    assert h.persistent and tried == (not op.endswith("backward")), op
+    if tried:
+      assert cands[1][1] == dataclasses.replace(
+          h, persistent=False, prefetch=False, cache_scale=False)
+  assert "ps0_pf0_cs0" not in dict(tune.candidates("residual_forward", 8192,
+                                                   4096, 2, 132))
 
 
 def test_candidates_include_the_current_launch(tuning_dir):
