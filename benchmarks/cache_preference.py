@@ -21,6 +21,9 @@ Modes (run on the GPU machine, from the repository root):
   through a CUPTI driver-API callback, which is unsubscribed before each
   timing (``jax.profiler`` needs CUPTI to itself); the kernels, inputs and
   launches are otherwise the same.
+* ``--liger-launch``: beside each forward and fused forward, the same
+  kernels launched as Liger-Kernel launches its own (``liger_launch``), so
+  that the two libraries' kernels are compared under one cache preference.
 * ``--peer liger``: the reverse, in a torch process: Liger-Kernel's RMSNorm
   forward and fused add+RMSNorm forward launched directly, timed with CUDA
   events under the default and under ``PREFER_SHARED``.
@@ -29,6 +32,7 @@ Modes (run on the GPU machine, from the repository root):
 
   PYTHONPATH=. python3 benchmarks/cache_preference.py \\
       [--ops fwd,fused_fwd,bwd,quant_fwd] [--cases 8192x4096:bfloat16,...]
+      [--liger-launch]
   PYTHONPATH=. python3 benchmarks/cache_preference.py --peer liger
 
 Not library code: the library never touches a kernel's cache configuration
@@ -127,7 +131,23 @@ class PreferenceSwitch:
       self.cupti.cuptiUnsubscribe(sub)
 
 
-def run_jax(ops, cases_text, reps):
+def liger_launch(hidden: int):
+  """``(label, PallasGpu)``: this library's kernel with Liger-Kernel's
+  forward launch: one program a row of the whole padded width, the scale
+  re-read each row, and Liger's warps for that width (4, 8 from 2048
+  columns, 16 from 8192, 32 from 32768)."""
+  from rmsnorm_jax.kernels import gpu_tiling  # pylint: disable=import-outside-toplevel
+  from rmsnorm_jax.kernels.gpu import PallasGpu  # pylint: disable=import-outside-toplevel
+  cols = gpu_tiling.next_pow2(hidden)
+  warps = 32 if cols >= 32768 else 16 if cols >= 8192 else (
+      8 if cols >= 2048 else 4)
+  config = gpu_tiling.Config(block_rows=1, block_cols=cols, num_warps=warps,
+                             persistent=False, prefetch=False,
+                             cache_scale=False)
+  return f"liger launch (w{warps})", PallasGpu(config=config)
+
+
+def run_jax(ops, cases_text, reps, with_liger_launch=False):
   import jax  # pylint: disable=import-outside-toplevel
   from rmsnorm_jax.bench import cases as bench_cases  # pylint: disable=import-outside-toplevel
   from rmsnorm_jax.bench import timing  # pylint: disable=import-outside-toplevel
@@ -141,13 +161,18 @@ def run_jax(ops, cases_text, reps):
     for op in ops:
       dt = bench_cases.op_dtype(op, dtype)
       n = bench_cases.n_sets(op, rows, hidden, dt)
-      for c in bench_cases.build_candidates(op, ["rmsnorm_jax"], rows,
-                                            hidden, dt, n, uid=uid):
+      impls = ["rmsnorm_jax"]
+      if with_liger_launch and op in ("fwd", "fused_fwd"):
+        impls.append(liger_launch(hidden))
+      for c in bench_cases.build_candidates(op, impls, rows, hidden, dt, n,
+                                            uid=uid):
         if isinstance(c, Exception):
           print(f"{op} {rows}x{hidden}: {c!r}", file=sys.stderr)
           continue
         cands.append(c)
-        labels.append(f"{op} {rows}x{hidden} {jax.numpy.dtype(dt).name}")
+        launch = "" if c.impl == "rmsnorm_jax" else f", {c.impl}"
+        labels.append(f"{op} {rows}x{hidden} {jax.numpy.dtype(dt).name}"
+                      + launch)
 
   def run_once():
     for c in cands:
@@ -254,11 +279,15 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--peer", choices=("liger",), default=None,
                   help="time the peer's kernels instead (torch process)")
+  ap.add_argument("--liger-launch", action="store_true",
+                  help="also time the forward ops with Liger-Kernel's "
+                  "launch (liger_launch)")
   args = ap.parse_args(argv)
   if args.peer == "liger":
     run_liger(args.reps)
   else:
-    run_jax([o for o in args.ops.split(",") if o], args.cases, args.reps)
+    run_jax([o for o in args.ops.split(",") if o], args.cases, args.reps,
+            args.liger_launch)
 
 
 if __name__ == "__main__":
