@@ -153,7 +153,7 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
     # One program a row with the scale re-read from L1 each row, the launch
     # of Liger-Kernel's forward kernels, which holds fewer registers than a
     # persistent program with the cached scale and the prefetched row. On
-    # an H200 it is the faster launch under the driver's default L1
+    # an H200 it is as fast or faster under the driver's default L1
     # carveout, and 2% faster or slower under XLA's launcher (fused forward
     # 4096x16384 bf16: 137.6 against the heuristic's 140.4 us; forward
     # 73.6 against 69.8), so the tune weighs it per device.
