@@ -154,7 +154,7 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
     # of Liger-Kernel's forward kernels, which holds fewer registers than a
     # persistent program with the cached scale and the prefetched row. On
     # an H200 it is as fast or faster under the driver's default L1
-    # carveout, and 2% faster or slower under XLA's launcher (fused forward
+    # carveout, and 2% faster to 5% slower under XLA's launcher (fused forward
     # 4096x16384 bf16: 137.6 against the heuristic's 140.4 us; forward
     # 73.6 against 69.8), so the tune weighs it per device.
     overrides.insert(0, dict(persistent=False, prefetch=False,
