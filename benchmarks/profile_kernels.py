@@ -65,6 +65,18 @@ CASES = [
      "rmsnorm_jax"),
     ("head_bwd_2048x64x128_f16", "head_bwd", 2048, 8192, "float16",
      "rmsnorm_jax"),
+    # The default calls of rows split over a cluster (Mosaic GPU) and of a
+    # model width the Triton kernel serves.
+    ("bwd_2048x32768_bf16_auto", "bwd", 2048, 32768, "bfloat16",
+     "rmsnorm_jax_auto"),
+    ("bwd_1024x65536_bf16_auto", "bwd", 1024, 65536, "bfloat16",
+     "rmsnorm_jax_auto"),
+    ("fused_bwd_1024x65536_bf16_auto", "fused_bwd", 1024, 65536,
+     "bfloat16", "rmsnorm_jax_auto"),
+    ("fwd_1024x65536_bf16_auto", "fwd", 1024, 65536, "bfloat16",
+     "rmsnorm_jax_auto"),
+    ("bwd_8192x5376_bf16_auto", "bwd", 8192, 5376, "bfloat16",
+     "rmsnorm_jax_auto"),
 ]
 
 
