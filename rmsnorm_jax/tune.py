@@ -149,17 +149,18 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
     overrides.append(dict(num_warps=h.num_warps * 2))
   if h.num_warps > 2:
     overrides.append(dict(num_warps=h.num_warps // 2))
-  if h.persistent and not op.endswith("backward"):
-    # One program a row with the scale re-read from L1 each row, the launch
-    # of Liger-Kernel's forward kernels, which holds fewer registers than a
-    # persistent program with the cached scale and the prefetched row. On
-    # an H200 it is as fast or faster under the driver's default L1
-    # carveout, and 2% faster to 5% slower under XLA's launcher (fused forward
-    # 4096x16384 bf16: 137.6 against the heuristic's 140.4 us; forward
-    # 73.6 against 69.8), so the tune weighs it per device.
-    overrides.insert(0, dict(persistent=False, prefetch=False,
-                             cache_scale=False))
   if h.persistent:
+    if not op.endswith("backward"):
+      # One program a row with the scale re-read from L1 each row, the
+      # launch of Liger-Kernel's forward kernels, which holds fewer
+      # registers than a persistent program with the cached scale and the
+      # prefetched row. On an H200 it is as fast or faster under the
+      # driver's default L1 carveout, and 2% faster to 5% slower under
+      # XLA's launcher (fused forward 4096x16384 bf16: 137.6 against the
+      # heuristic's 140.4 us; forward 73.6 against 69.8), so the tune
+      # weighs it per device.
+      overrides.insert(0, dict(persistent=False, prefetch=False,
+                               cache_scale=False))
     p = h.programs_per_sm
     overrides.append(dict(programs_per_sm=p * 2 if p < 4 else p // 2))
     overrides.append(dict(prefetch=not h.prefetch))
