@@ -299,7 +299,8 @@ AUTO_WIDE_BWD_MIN_COLS_F32 = 16384
 # 12288-16384 (4096x16384 bf16 143.6 against 141.0).
 AUTO_WIDE_FWD_MIN_COLS = 32768
 # backend="auto" takes the backward of rows up to 4096 columns from this
-# many rows. H200 benchmark (docs/bench_h200.md), us, this kernel against
+# many rows. H200 benchmark (docs/bench_h200.md: the full run of commit
+# 219efb0, which the later one repeats within 3%), us, this kernel against
 # the Triton kernel: 8192x4096 bf16 54.4 / 55.7, f16 53.5 / 55.9; level at
 # 1024x4096 f32 (16.5 / 16.5); slower at 2048x4096 f16 (18.2 / 16.8),
 # 64x4096 f32 (7.0 / 4.3) and 1x4096 f32 (3.5 / 1.8), where a CTA's fixed
