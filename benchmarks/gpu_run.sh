@@ -17,7 +17,10 @@
 # time on: the whole compiled suite took 376 s with 14 workers on a
 # 16-core H200 machine, so give it T_TESTS=480 or more),
 # BENCH_CASES (default: the benchmark set of rmsnorm_jax/shapes.py, largest
-# first), BENCH_OPS, BENCH_IMPLS, BENCH_PEERS (default: all), BENCH_REPS.
+# first), BENCH_OPS, BENCH_IMPLS, BENCH_PEERS (default: all), BENCH_REPS,
+# BENCH_RESUME (the bench.json of a run cut short by T_BENCH, e.g. carried
+# from an earlier machine session: its cases are kept and the rest timed,
+# python -m rmsnorm_jax.bench --resume).
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -68,10 +71,14 @@ for part in $parts; do
         | quiet > "$OUT/tests.log"
       tail -n 15 "$OUT/tests.log" | tee -a "$LOG" ;;
     bench)
+      RESUME_ARG=()
+      if [ -n "${BENCH_RESUME:-}" ]; then
+        cp "$BENCH_RESUME" "$OUT/bench.json" && RESUME_ARG=(--resume)
+      fi
       timeout "${T_BENCH:-540}" "$PY" -m rmsnorm_jax.bench "${CASES_ARG[@]}" \
         ${BENCH_OPS:+--ops "$BENCH_OPS"} ${BENCH_IMPLS:+--impls "$BENCH_IMPLS"} \
         ${BENCH_PEERS:+--peers "$BENCH_PEERS"} --reps "${BENCH_REPS:-5}" \
-        --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
+        --json "$OUT/bench.json" "${RESUME_ARG[@]}" --markdown "$OUT/bench.md" \
         --plot "$OUT/bench.png" 2>&1 | quiet | tee -a "$LOG" ;;
     sweep|sweep[2-9])
       round=${part#sweep}

@@ -449,6 +449,45 @@ def test_cli_takes_the_feature_ops_and_keeps_the_default_set(tmp_path):
     bench.main(["--small", "--ops", "quant"])
 
 
+def test_resume_times_only_the_cases_a_cut_short_run_left(tmp_path):
+  # A run stopped after its first case (as by a time limit) is continued:
+  # that case's records are kept as they were, the next case is added, and
+  # a layer op done on the bfloat16 case is not repeated on a float32 case
+  # of the same shape (as in one uninterrupted run).
+  path = tmp_path / "run.json"
+  common = ["--ops", "fwd,linen_fwd", "--impls", "xla", "--reps", "1",
+            "--json", str(path), "--resume"]
+  first = bench.main(["--cases", "8x128:bfloat16"] + common)
+  assert {r["case"] for r in first} == {"8x128:bfloat16"}
+  again = bench.main(["--cases", "8x128:bfloat16,8x128:float32"] + common)
+  saved = json.loads(path.read_text())
+  assert saved["records"] == again
+  assert [r for r in again if r["case"] == "8x128:bfloat16"] == first
+  added = [r for r in again if r["case"] == "8x128:float32"]
+  assert {r["op"] for r in added} == {"fwd"}  # linen_fwd: bf16's run
+  assert {r["impl"] for r in added} == {"roofline", "xla"}
+  assert len(saved["commands"]) == 2
+  assert saved["command"] == saved["commands"][0]
+  # Nothing left: the third call times nothing and changes nothing.
+  assert bench.main(["--cases", "8x128:bfloat16,8x128:float32"]
+                    + common) == again
+  # Other settings, no --json, or a file from elsewhere: clear errors.
+  with pytest.raises(SystemExit, match=r"impls=\['xla'\].*impls="):
+    bench.main(["--cases", "8x128:float32", "--ops", "fwd,linen_fwd",
+                "--impls", "xla,rmsnorm_jax", "--reps", "1", "--json",
+                str(path), "--resume"])
+  with pytest.raises(SystemExit, match="expected --json PATH"):
+    bench.main(["--small", "--resume"])
+  other = tmp_path / "other.json"
+  other.write_text(json.dumps({"records": []}))
+  with pytest.raises(SystemExit, match="no run settings"):
+    bench.main(["--small", "--json", str(other), "--resume"])
+  with pytest.raises(ValueError, match="'case'"):
+    bench.run_benchmark([((8, 128), jnp.float32)], ops=["fwd"],
+                        impls=["xla"], reps=1, log=None,
+                        previous=[{"op": "fwd"}])
+
+
 def test_mosaic_gpu_impl_runs_only_where_mosaic_gpu_does():
   # rmsnorm_jax_mosaic names the Mosaic GPU kernels: on a Hopper GPU each
   # op's candidate runs them; elsewhere (no interpret mode) it is left out.

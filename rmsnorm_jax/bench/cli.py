@@ -108,7 +108,15 @@ def parse_args(argv):
                  help="passes over the rotated input sets; the median is "
                       "over all calls (default: 5; 2 with --small)")
   p.add_argument("--json", metavar="PATH", default=None,
-                 help="write every record as JSON here (default: none)")
+                 help="write every record as JSON here, after each case "
+                      "(default: none)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the run that --json PATH holds (one cut "
+                      "short, e.g. by a time limit): its cases are kept, "
+                      "not timed again, and the rest are added; the "
+                      "settings (ops, impls, peers, copy, reps) must be "
+                      "that run's; a missing file starts a new run "
+                      "(default: off)")
   p.add_argument("--markdown", metavar="PATH", default=None,
                  help="write the tables, the device and the command here "
                       "(default: none)")
@@ -116,6 +124,40 @@ def parse_args(argv):
                  help="write a bandwidth plot (PNG; needs matplotlib) here "
                       "(default: none)")
   return p.parse_args(argv)
+
+
+def _resumed(args, settings) -> dict:
+  """What ``--json``'s file holds for ``--resume``: its records, notes and
+  commands; empty when there is no file yet.
+
+  Raises:
+    SystemExit: --resume without --json; a file that is not a benchmark
+      record, or written with other settings or without the settings.
+  """
+  if not args.json:
+    raise SystemExit("--resume: expected --json PATH, the file of the run "
+                     "to continue; got no --json")
+  if not os.path.exists(args.json):
+    return {}
+  try:
+    with open(args.json) as fp:
+      saved = json.load(fp)
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"--resume: could not read {args.json} as JSON: "
+                     f"{e}") from e
+  if not isinstance(saved, dict) or "settings" not in saved:
+    raise SystemExit(f"--resume: {args.json} holds no run settings (not "
+                     "written by this benchmark, or by a version before "
+                     "--resume); start a new file")
+  for key, value in settings.items():
+    if saved["settings"].get(key) != value:
+      raise SystemExit(
+          f"--resume: {args.json} was written with {key}="
+          f"{saved['settings'].get(key)!r}; this command has {key}="
+          f"{value!r}. Resume with that run's settings, or start a new "
+          "file")
+  saved.setdefault("commands", [saved.get("command")])
+  return saved
 
 
 def main(argv=None):
@@ -143,17 +185,25 @@ def main(argv=None):
   peers = (list(PEERS) if gpu else []) if peers is None else peers
   copy = gpu if copy is None else copy
   command = "python -m rmsnorm_jax.bench " + " ".join(argv)
+  settings = dict(ops=ops, impls=impls, peers=peers, copy=copy, reps=reps)
   notes: list[str] = []
   if not gpu and not peers and not copy:
     notes.append("no GPU: the device-copy reference and the PyTorch peers "
                  "are timed on a GPU only (--peers, --copy on to force)")
+  saved = _resumed(args, settings) if args.resume else {}
+  previous = saved.get("records", [])
+  commands = saved.get("commands", []) + [command]
+  notes[:0] = [n for n in saved.get("notes", []) if n not in notes]
   t0 = time.perf_counter()
 
   def write(records):
+    # A resumed run's notes and this one's can repeat each other.
+    notes[:] = list(dict.fromkeys(notes))
     text = report.table(records, notes)
     if args.json:
       with open(args.json, "w") as fp:
-        json.dump(dict(command=command, notes=notes, records=records), fp,
+        json.dump(dict(command=commands[0], commands=commands,
+                       settings=settings, notes=notes, records=records), fp,
                   indent=1)
     if args.markdown:
       device = sorted({r["device"] for r in records if r.get("device")})
@@ -165,7 +215,7 @@ def main(argv=None):
 
   records = run_benchmark(cases, ops=ops, impls=impls, reps=reps,
                           small=args.small, peers=peers, copy=copy,
-                          notes=notes, on_case=write)
+                          notes=notes, on_case=write, previous=previous)
   print(write(records))
   if args.plot:
     report.plot(records, args.plot)

@@ -19,6 +19,12 @@ from rmsnorm_jax.bench.cases import (DEFAULT_OPS, EPS, FEATURE_OPS,
 from rmsnorm_jax import shapes
 
 
+def case_key(shape, dtype) -> str:
+  """A case as the command line writes it: ``"ROWSxHIDDEN:DTYPE"``."""
+  rows, hidden = shape
+  return f"{rows}x{hidden}:{np.dtype(dtype).name}"
+
+
 def _peer_records(worker, rows, hidden, dt_name, ops, reps, device, copy):
   plain = [op for op in ops if op not in LINEN_OPS]
   req_ops = {op: n_sets(op, rows, hidden, dt_name) for op in plain}
@@ -61,7 +67,8 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
                   copy: bool = False,
                   notes: list[str] | None = None,
                   log: Callable[[str], None] | None = print,
-                  on_case: Callable[[list[dict]], None] | None = None
+                  on_case: Callable[[list[dict]], None] | None = None,
+                  previous: Sequence[dict] = ()
                   ) -> list[dict]:
   """Times every (op, impl) on every case.
 
@@ -87,10 +94,13 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
     log: progress printer, or None.
     on_case: called with the records so far after each case (so that a
       long run that is cut short still leaves its results).
+    previous: the records of an earlier run with the same settings (see
+      ``case_key``), e.g. one cut short: its cases are not timed again, and
+      the result starts with its records.
 
   Returns:
-    One dict per (case, op, impl) with: op, impl, rows, hidden, dtype,
-    bytes (the op's minimum traffic; the roofline op's own for it),
+    One dict per (case, op, impl) with: case (``case_key``), op, impl,
+    rows, hidden, dtype (the op's: a layer op's is bfloat16), bytes (the op's minimum traffic; the roofline op's own for it),
     time_us (median), time_min, time_max (spread over calls, where
     measured), gbps, timing, kernels (device kernels per call), breakdown
     (median time of each), ratio_to_roofline, ratio_to_copy,
@@ -99,11 +109,18 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
     implementation could not run).
 
   Raises:
-    ValueError: an op not in ``OPS``.
+    ValueError: an op not in ``OPS``; a record of ``previous`` without its
+      case.
   """
   if cases is None:
     cases = SMALL if small else shapes.BENCHMARK
-  cases = list(cases)
+  records = [dict(r) for r in previous]
+  if any("case" not in r for r in records):
+    raise ValueError("previous: every record needs its 'case' (records "
+                     "written by an earlier version of the benchmark have "
+                     "none)")
+  done = {r["case"] for r in records}
+  cases = [c for c in cases if case_key(*c) not in done]
   ops, impls = list(ops), list(impls)
   bad = [op for op in ops if op not in OPS]
   if bad:
@@ -125,13 +142,13 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
     notes.extend(worker.notes)
     worker.notes.clear()
   device = jax.devices()[0].device_kind
-  records = []
   uid = 0
   t_start = time.perf_counter()
   try:
     for index, ((rows, hidden), dtype) in enumerate(cases):
       t_case = time.perf_counter()
       dt_name = np.dtype(dtype).name
+      first_of_case = len(records)
       if log:
         log(f"[{index + 1}/{len(cases)}] {rows}x{hidden} {dt_name} "
             f"(elapsed {t_case - t_start:.0f} s)")
@@ -204,6 +221,8 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
             + (f"{r['time_us']:.1f}" if r.get("time_us") else "ERR")
             for r in extra))
       records.extend(extra)
+      for r in records[first_of_case:]:
+        r["case"] = case_key((rows, hidden), dtype)
       for r in records:
         if r.get("time_us") and r.get("bytes"):
           r["gbps"] = r["bytes"] / (r["time_us"] * 1e3)
