@@ -100,13 +100,13 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
 
   Returns:
     One dict per (case, op, impl) with: case (``case_key``), op, impl,
-    rows, hidden, dtype (the op's: a layer op's is bfloat16), bytes (the op's minimum traffic; the roofline op's own for it),
-    time_us (median), time_min, time_max (spread over calls, where
-    measured), gbps, timing, kernels (device kernels per call), breakdown
-    (median time of each), ratio_to_roofline, ratio_to_copy,
-    speedup_vs_xla, noise (ratios the spread does not support), backend
-    (what ran), device, jax (version), input_sets, error (when an
-    implementation could not run).
+    rows, hidden, dtype (the op's: a layer op's is bfloat16), bytes (the
+    op's minimum traffic; the roofline op's own for it), time_us (median),
+    time_min, time_max (spread over calls, where measured), gbps, timing,
+    kernels (device kernels per call), breakdown (median time of each),
+    ratio_to_roofline, ratio_to_copy, speedup_vs_xla, noise (ratios the
+    spread does not support), backend (what ran), device, jax (version),
+    input_sets, error (when an implementation could not run).
 
   Raises:
     ValueError: an op not in ``OPS``; a record of ``previous`` without its
