@@ -156,7 +156,6 @@ def _resumed(args, settings) -> dict:
           f"{saved['settings'].get(key)!r}; this command has {key}="
           f"{value!r}. Resume with that run's settings, or start a new "
           "file")
-  saved.setdefault("commands", [saved.get("command")])
   return saved
 
 
@@ -193,7 +192,7 @@ def main(argv=None):
   saved = _resumed(args, settings) if args.resume else {}
   previous = saved.get("records", [])
   commands = saved.get("commands", []) + [command]
-  notes[:0] = [n for n in saved.get("notes", []) if n not in notes]
+  notes[:0] = saved.get("notes", [])
   t0 = time.perf_counter()
 
   def write(records):
