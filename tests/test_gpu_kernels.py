@@ -246,6 +246,7 @@ def test_default_calls_lower_without_deprecation_warnings():
 
 
 def _call(op, rows, hidden, dtype, **kw):
+  kw.setdefault("norm", base.Norm(eps=1e-6, out_dtype=np.dtype(dtype)))
   return base.Call(op=op, rows=rows, hidden=hidden, dtype=np.dtype(dtype),
                    scale_shape=(hidden,), **kw)
 
@@ -286,6 +287,24 @@ def test_auto_declines_crossover():
     assert impl.auto_declines(_call(op, 2048, 32768, jnp.float32))
     assert impl.auto_declines(_call(op, 2048, 32768, jnp.bfloat16)) is None
     assert impl.auto_declines(_call(op, 4096, 16384, jnp.bfloat16)) is None
+  # A float32 output (flax's default layer over bfloat16 x): XLA from 32768
+  # columns, for both forward ops; the kernel at 16384. A float32 scale
+  # with y in x's dtype: XLA only on chunked rows.
+  f32 = np.dtype(jnp.float32)
+  for op in ("forward", "residual_forward"):
+    for dtype in (jnp.bfloat16, jnp.float16):
+      f32_out = lambda rows, hidden: impl.auto_declines(_call(
+          op, rows, hidden, dtype, scale_dtype=f32,
+          norm=base.Norm(eps=1e-6, out_dtype=f32)))
+      assert "float32 output" in f32_out(2048, 32768)
+      assert "float32 output" in f32_out(2048, 20000)  # padded to 32768
+      assert f32_out(4096, 16384) is None
+    assert impl.auto_declines(_call(op, 4096, 16384, f32)) is None
+  f32_scale = lambda hidden: impl.auto_declines(_call(
+      "forward", 1024, hidden, jnp.bfloat16, scale_dtype=f32,
+      norm=base.Norm(eps=1e-6, out_dtype=np.dtype(jnp.bfloat16))))
+  assert "float32 scale" in f32_scale(65536)
+  assert f32_scale(32768) is None
   # Per-head forward (rows are tokens x heads): XLA from 32 MiB of x up;
   # the per-head backward and a plain forward of the same size: the kernel.
   heads = dict(scale_shape=(32, 128))

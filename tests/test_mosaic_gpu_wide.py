@@ -19,6 +19,8 @@
   exact sum).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -576,6 +578,20 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
   assert impl.auto_declines(_call("forward", 65536)) is None
   assert impl.cannot_serve(_call("residual_forward", 32768)) is None
   assert "Triton" in impl.auto_declines(_call("residual_forward", 32768))
+  # The fused forward of 65536 columns (4 CTAs a row), which no Triton
+  # tiling holds whole: "auto" takes it for 16-bit rows.
+  for dtype in (BF16, F16):
+    assert impl.auto_declines(_call("residual_forward", 65536, dtype)) is None
+  assert "Triton" in impl.auto_declines(
+      _call("residual_forward", 65536, scale_dtype=F32))
+  assert dispatch.explain("auto", platform="cuda", shape=(1024, 65536),
+                          dtype=BF16, op="residual_forward") == "mosaic_gpu"
+  # A float32 scale with y in x's dtype (flax's float32 parameters with
+  # dtype=bfloat16): the forward at 32768 columns too; a float32 y never.
+  assert impl.auto_declines(_call("forward", 32768, scale_dtype=F32)) is None
+  f32_y = dataclasses.replace(_call("forward", 32768, scale_dtype=F32),
+                              norm=base.Norm(eps=1e-6, out_dtype=F32))
+  assert impl.auto_declines(f32_y) is not None
   assert dispatch.explain("auto", platform="cuda", shape=(2048, 32768),
                           dtype=BF16, op="forward") == "mosaic_gpu"
   assert dispatch.explain("auto", platform="cuda", shape=(2048, 16384),
@@ -597,6 +613,9 @@ def _fwd_case(rows, hidden, dtype, scale_dtype, residual, tag):
     (2051, 32768, F16, F16, False, {}),
     # Rows split over a cluster of CTAs.
     (300, 65536, BF16, BF16, False, {}),
+    (300, 65536, BF16, BF16, True, {}),  # "auto"'s fused forward: 4 CTAs
+    (300, 32768, BF16, F32, False, {}),  # "auto"'s with float32 params
+    (133, 65536, F16, F16, True, {}),
     (2051, 32768, BF16, BF16, True, {}),
     (129, 16384, F16, F16, False, dict(split=4, ctas_per_sm=2)),
     (1000, 32768, F16, None, False, dict(split=2, grid=7)),

@@ -296,8 +296,16 @@ AUTO_WIDE_BWD_MIN_COLS_F32 = 16384
 # bf16 76.7-77.7 against 83.4-83.6, 1024x32768 f16 40.0 against 43.7; at
 # 16384 columns it was slower (4096x16384 bf16 73.9-78.3 against 68.9-69.0,
 # 2048x16384 f16 39.1-40.6 against 36.0), and so was the fused forward at
-# 12288-16384 (4096x16384 bf16 143.6 against 141.0).
+# 12288-16384 (4096x16384 bf16 143.6 against 141.0). With a float32 scale
+# and y in x's dtype too: 2048x32768 bf16 102.4 against 117.8 (XLA 122.2);
+# at 65536 columns the wide forward cannot hold such rows.
 AUTO_WIDE_FWD_MIN_COLS = 32768
+# backend="auto" takes the fused forward of 16-bit rows from this many
+# columns, where the wide forward splits each row over a cluster of 4 CTAs
+# and no Triton tiling holds the row (XLA runs it otherwise): H200, us, wide
+# kernel against XLA and the Triton kernel: 1024x65536 bf16 154.6 against
+# 193.8 and 187.9, 512x65536 f16 79.9 against 106.5 and 100.0.
+AUTO_WIDE_FUSED_FWD_MIN_COLS = 65536
 # backend="auto" takes the backward of rows up to 4096 columns from this
 # many rows. H200 benchmark (docs/bench_h200.md: the full run of commit
 # 219efb0, which the later one repeats within 3%), us, this kernel against
@@ -633,7 +641,10 @@ class MosaicGpu(base.Implementation):
     faster (there and on float32 rows of
     ``AUTO_WIDE_FUSED_BWD_MIN_COLS_F32`` columns); the plain forward of
     16-bit rows of ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 8-9%
-    faster (11% at 65536 columns, split over 2 CTAs a row). The wide
+    faster (11% at 65536 columns, split over 2 CTAs a row; 13% with a
+    float32 scale), and the fused forward of 16-bit rows of
+    ``AUTO_WIDE_FUSED_FWD_MIN_COLS`` columns (4 CTAs a row), 20-25% faster
+    than XLA, which runs it otherwise. The wide
     backward and fused backward also take float32 rows of
     ``AUTO_WIDE_BWD_MIN_COLS_F32`` columns, and rows the wide kernel splits
     over a cluster of 2 or 4 CTAs (32768 and 65536 16-bit columns: 31-45%
@@ -662,8 +673,16 @@ class MosaicGpu(base.Implementation):
               "multiple of 1024), 2048 rows or more, every array in x's "
               "dtype (docs/mosaic_gpu.md)")
     # _wide_call_reason is None only for calls without a bias.
-    if (call.op == "forward" and x_dt.itemsize == 2 and same_dtypes
+    # The wide forward also takes a float32 scale (flax's float32
+    # parameters with dtype=x's): AUTO_WIDE_FWD_MIN_COLS.
+    scale_f32_or_x = np.dtype(call.scale_dtype or x_dt) in (
+        x_dt, np.dtype(jnp.float32))
+    if (call.op == "forward" and x_dt.itemsize == 2 and scale_f32_or_x
+        and np.dtype(call.norm.out_dtype) == x_dt
         and _auto_wide(call, AUTO_WIDE_FWD_MIN_COLS)):
+      return None
+    if (call.op == "residual_forward" and x_dt.itemsize == 2 and same_dtypes
+        and _auto_wide(call, AUTO_WIDE_FUSED_FWD_MIN_COLS)):
       return None
     if call.op == "residual_backward" and same_dtypes and _auto_wide(
         call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
