@@ -287,11 +287,11 @@ def test_auto_declines_crossover():
     assert impl.auto_declines(_call(op, 2048, 32768, jnp.float32))
     assert impl.auto_declines(_call(op, 2048, 32768, jnp.bfloat16)) is None
     assert impl.auto_declines(_call(op, 4096, 16384, jnp.bfloat16)) is None
-  # A float32 output (flax's default layer over bfloat16 x): XLA from 32768
-  # columns, for both forward ops; the kernel at 16384. A float32 scale
-  # with y in x's dtype: XLA only on chunked rows.
+  # A float32 output (flax's default layer over bfloat16 x: a float32 y and
+  # dy): XLA from 32768 columns, for the four ops; the kernel at 16384. A
+  # float32 scale with y in x's dtype: XLA only on chunked rows.
   f32 = np.dtype(jnp.float32)
-  for op in ("forward", "residual_forward"):
+  for op in ("forward", "residual_forward", "backward", "residual_backward"):
     for dtype in (jnp.bfloat16, jnp.float16):
       f32_out = lambda rows, hidden: impl.auto_declines(_call(
           op, rows, hidden, dtype, scale_dtype=f32,

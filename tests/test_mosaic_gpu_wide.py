@@ -258,6 +258,9 @@ def _case(rows, hidden, dtype, scale_dtype, seed_tag):
     (130, 65536, BF16, BF16, {}),
     (129, 16384, BF16, BF16, dict(split=4)),
     (300, 16384, F32, F32, {}),
+    # A float32 scale (flax's float32 parameters) on split 16-bit rows.
+    (1000, 32768, BF16, F32, {}),
+    (129, 32768, F16, F32, dict(fused=True)),
     (1100, 16384, F16, F16, dict(split=2, num_sms=4)),
     (257, 8192, BF16, BF16, dict(split=2, ctas_per_sm=2, fused=True)),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
@@ -319,6 +322,23 @@ def _call(op, hidden, dtype=BF16, *, scale_dtype=None, **kw):
                    scale_shape=(hidden,), norm=base.Norm(eps=1e-6,
                                                          out_dtype=dt),
                    scale_dtype=np.dtype(scale_dtype or dtype), **kw)
+
+
+def test_auto_takes_the_wide_backward_with_a_float32_scale():
+  # Split rows (32768 16-bit columns) for the backward, from 16384 for the
+  # fused backward; dy (the output dtype) in x's dtype only.
+  impl = MosaicGpu()
+  wide = lambda op, hidden, dtype=BF16: impl.auto_declines(
+      _call(op, hidden, dtype, scale_dtype=F32))
+  for dtype in (BF16, F16):
+    assert wide("backward", 32768, dtype) is None
+    assert wide("residual_backward", 16384, dtype) is None
+    assert wide("residual_backward", 32768, dtype) is None
+  assert wide("backward", 16384) is not None
+  assert wide("residual_backward", 8192) is not None
+  f32_dy = dataclasses.replace(_call("backward", 32768, scale_dtype=F32),
+                               norm=base.Norm(eps=1e-6, out_dtype=F32))
+  assert impl.auto_declines(f32_dy) is not None
 
 
 def test_mosaic_gpu_serves_the_plain_backward_of_wide_rows():

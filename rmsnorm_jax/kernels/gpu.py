@@ -70,18 +70,18 @@ AUTO_CHUNKED_XLA_OPS = ("backward", "residual_backward", "residual_forward")
 # XLA's 1.95-2.31x).
 AUTO_PER_HEAD_FWD_MIN_BYTES = 32 * 2**20
 # 16-bit rows of this many padded columns or more with a float32 output
-# (flax's default layer: float32 parameters, bfloat16 x, dtype=None): XLA's
-# two fusions (x read twice) measured faster than the kernel's one pass
-# under every launch tried; H200, bfloat16 x, float32 scale, us, XLA against
-# the kernel: 2048x32768 141.0 against 178.8 (best launch, 16 warps with
-# the scale kept in registers, 159.9), 1024x65536 139.5 against 172.4;
-# fused forward 225.6 against 240.4 and 224.5 against 278.3. At 16384
-# columns the kernel is ahead (4096x16384: 106.7 against 136.6, fused 219.7
-# against 280.5), so "auto" sends the forward ops to XLA from this width.
+# (flax's default layer: float32 parameters, bfloat16 x, dtype=None, so a
+# float32 y and dy): XLA's fusions (x read twice) measured faster than the
+# kernel's one pass under every launch tried; H200, bfloat16 x, float32
+# scale, us, XLA against the kernel: 2048x32768 141.0 against 178.8 (best
+# launch, 16 warps with the scale kept in registers, 159.9), 1024x65536
+# 139.5 against 172.4; fused forward 225.6 against 240.4 and 224.5 against
+# 278.3; backward 2048x32768 239.0 against 357.2, fused backward 284.3
+# against 471.3. At 16384 columns the kernel is ahead or level (4096x16384:
+# forward 106.7 against 136.6, fused 219.7 against 280.5, backward 183.1
+# against 232.8, fused backward 278.8 against 277.5), so "auto" sends the
+# four ops to XLA from this width.
 AUTO_F32_OUT_XLA_MIN_COLS = 32768
-# The forward of chunked 16-bit rows (past 32768 columns) with a float32
-# scale: XLA ahead as well (1024x65536 bfloat16, bfloat16 y: 121.7 against
-# 126.7 us).
 # The features beyond the plain norm the kernels serve (kernels/common.py
 # FEATURES); cannot_serve declines a call needing any other.
 IMPLEMENTED = frozenset(("bias", "llama", "per_head", "quantized"))
@@ -160,17 +160,19 @@ class PallasGpu(base.Implementation):
     if call.op in AUTO_CHUNKED_XLA_OPS and padded > resident_cols:
       return (f"XLA measured faster for {call.op} on rows wider than "
               f"{resident_cols} columns (chunked tiling)")
-    if call.op in ("forward", "residual_forward") and itemsize == 2:
-      if (np.dtype(call.norm.out_dtype).itemsize == 4
-          and padded >= AUTO_F32_OUT_XLA_MIN_COLS):
-        return (f"XLA measured faster for {call.op} of 16-bit rows of "
-                f"{AUTO_F32_OUT_XLA_MIN_COLS} or more columns with a "
-                "float32 output")
-      if (call.scale_dtype is not None
-          and np.dtype(call.scale_dtype).itemsize == 4
-          and padded > resident_cols):
-        return (f"XLA measured faster for {call.op} of 16-bit rows wider "
-                f"than {resident_cols} columns with a float32 scale")
+    if (call.op != "quantized_forward" and itemsize == 2
+        and np.dtype(call.norm.out_dtype).itemsize == 4
+        and padded >= AUTO_F32_OUT_XLA_MIN_COLS):
+      return (f"XLA measured faster for {call.op} of 16-bit rows of "
+              f"{AUTO_F32_OUT_XLA_MIN_COLS} or more columns with a float32 "
+              "output")
+    if (call.op == "forward" and itemsize == 2 and padded > resident_cols
+        and call.scale_dtype is not None
+        and np.dtype(call.scale_dtype).itemsize == 4):
+      # XLA ahead here too: 1024x65536 bfloat16, bfloat16 y, 121.7 against
+      # 126.7 us (H200).
+      return ("XLA measured faster for the forward of 16-bit rows wider "
+              f"than {resident_cols} columns with a float32 scale")
     return None
 
   # ------------------------------------------------------------- plumbing --

@@ -289,6 +289,15 @@ AUTO_WIDE_FUSED_BWD_MIN_COLS_F32 = 8192
 # fused backward there 72.5 against 96.8). At 8192 float32 columns it tied;
 # 32768 (4 CTAs a row) was not timed.
 AUTO_WIDE_BWD_MIN_COLS_F32 = 16384
+# 16-bit rows with a float32 scale (flax's float32 parameters, dy in x's
+# dtype): backend="auto" takes the wide fused backward from this many
+# columns and the wide backward from AUTO_WIDE_F32_SCALE_BWD_MIN_COLS. H200,
+# bf16 x, us, wide kernel against the Triton kernel and XLA: fused backward
+# 4096x16384 169.0 against 230.5 and 229.6, 2048x32768 195.1 against 359.5
+# and 235.0; backward 2048x32768 174.5 against 276.1 and 185.8, level at
+# 4096x16384 (145.5 against 146.3). At 65536 columns such rows do not fit.
+AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS = 16384
+AUTO_WIDE_F32_SCALE_BWD_MIN_COLS = 32768
 # The plain forward (and fused forward) of rows this module's plans cannot
 # hold runs the wide forward (mosaic_gpu_wide.forward), which writes y over
 # x's shared memory. backend="auto" takes the plain forward from this many
@@ -644,7 +653,11 @@ class MosaicGpu(base.Implementation):
     faster (11% at 65536 columns, split over 2 CTAs a row; 13% with a
     float32 scale), and the fused forward of 16-bit rows of
     ``AUTO_WIDE_FUSED_FWD_MIN_COLS`` columns (4 CTAs a row), 20-25% faster
-    than XLA, which runs it otherwise. The wide
+    than XLA, which runs it otherwise. With a float32 scale and dy in x's
+    dtype the wide fused backward is taken from
+    ``AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS`` 16-bit columns and the wide
+    backward from ``AUTO_WIDE_F32_SCALE_BWD_MIN_COLS`` (27-45% faster than
+    Triton, 6-17% than XLA). The wide
     backward and fused backward also take float32 rows of
     ``AUTO_WIDE_BWD_MIN_COLS_F32`` columns, and rows the wide kernel splits
     over a cluster of 2 or 4 CTAs (32768 and 65536 16-bit columns: 31-45%
@@ -673,10 +686,18 @@ class MosaicGpu(base.Implementation):
               "multiple of 1024), 2048 rows or more, every array in x's "
               "dtype (docs/mosaic_gpu.md)")
     # _wide_call_reason is None only for calls without a bias.
-    # The wide forward also takes a float32 scale (flax's float32
-    # parameters with dtype=x's): AUTO_WIDE_FWD_MIN_COLS.
+    # The wide kernels also take a float32 scale (flax's float32 parameters
+    # with dtype=x's): AUTO_WIDE_FWD_MIN_COLS, AUTO_WIDE_F32_SCALE_*.
     scale_f32_or_x = np.dtype(call.scale_dtype or x_dt) in (
         x_dt, np.dtype(jnp.float32))
+    f32_scale = (x_dt.itemsize == 2 and call.scale_dtype is not None
+                 and np.dtype(call.scale_dtype) == np.dtype(jnp.float32)
+                 and np.dtype(call.norm.out_dtype) == x_dt)
+    if f32_scale and call.op in ("backward", "residual_backward"):
+      if _auto_wide(call, AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS
+                    if call.op == "residual_backward"
+                    else AUTO_WIDE_F32_SCALE_BWD_MIN_COLS):
+        return None
     if (call.op == "forward" and x_dt.itemsize == 2 and scale_f32_or_x
         and np.dtype(call.norm.out_dtype) == x_dt
         and _auto_wide(call, AUTO_WIDE_FWD_MIN_COLS)):
