@@ -237,7 +237,8 @@ FEATURE_OPS = ("quant_fwd", "quant_fp8_fwd", "quant_fused_fwd", "bias_fwd",
                "bias_bwd", "head_fwd", "head_bwd")
 MIN_BYTES_OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd", "res_fwd", "res_bwd",
                  "linen_fwd", "linen_fwd_mixed", "linen_fwd_default",
-                 "linen_bwd") + FEATURE_OPS
+                 "linen_bwd", "linen_bwd_mixed",
+                 "linen_bwd_default") + FEATURE_OPS
 # Bytes an element of the quantized output takes (int8 and float8 alike).
 QUANT_ITEMSIZE = 1
 
@@ -276,6 +277,9 @@ def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
   * linen_fwd_mixed: the same with a float32 scale.
   * linen_fwd_default: flax's defaults on bfloat16 x: float32 y and scale.
   * linen_bwd: bfloat16 x, dy, dx, rstd, a bfloat16 scale and dscale.
+  * linen_bwd_mixed: the same with a float32 scale and dscale (float32
+    parameters, ``dtype=bfloat16``: mixed-precision training).
+  * linen_bwd_default: flax's defaults: a float32 dy, scale and dscale.
   * quant_fwd, quant_fp8_fwd: read x (N), write q (one byte an element)
     and its float32 scale per row, read scale; no rstd (forward only).
   * quant_fused_fwd: read x and residual, write h (3N), q and the per-row
@@ -319,6 +323,8 @@ def min_bytes(op: str, rows: int, hidden: int, dtype) -> int:
       "linen_fwd_mixed": n * 4 + stat + hidden * 4,
       "linen_fwd_default": n * 6 + stat + hidden * 4,
       "linen_bwd": 6 * n + stat + hidden * 4,
+      "linen_bwd_mixed": 6 * n + stat + hidden * 8,
+      "linen_bwd_default": 8 * n + stat + hidden * 8,
       "quant_fwd": n * s + q + stat + vec,
       "quant_fp8_fwd": n * s + q + stat + vec,
       "quant_fused_fwd": 3 * n * s + q + stat + vec,

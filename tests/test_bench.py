@@ -105,15 +105,16 @@ def test_trace_without_device_events_falls_back_to_host_timing():
 
 def test_layer_ops_time_every_layer_forward_and_backward():
   layers = ["flax_linen", "rmsnorm_jax_linen", "flax_nnx", "rmsnorm_jax_nnx"]
-  records = bench.run_benchmark([((8, 256), jnp.bfloat16)],
-                                ops=["linen_fwd", "linen_bwd",
-                                     "linen_fwd_default"],
+  ops = ["linen_fwd", "linen_bwd", "linen_fwd_default", "linen_bwd_mixed",
+         "linen_bwd_default"]
+  records = bench.run_benchmark([((8, 256), jnp.bfloat16)], ops=ops,
                                 impls=layers + ["xla"], reps=1, log=None)
   by = {(r["op"], r["impl"]): r for r in records}
   # xla is not a layer: the layer ops time only the layers and the roofline.
-  assert set(by) == {(op, i) for op in ("linen_fwd", "linen_bwd",
-                                        "linen_fwd_default")
-                     for i in layers + ["roofline"]}
+  # (A cotangent in another dtype than the layer's y would fail the vjp: the
+  # backward ops ran with dy in float32 for flax's defaults, in bfloat16
+  # with dtype=bfloat16.)
+  assert set(by) == {(op, i) for op in ops for i in layers + ["roofline"]}
   for r in records:
     assert not r.get("error") and r["time_us"] > 0, r
   n = 8 * 256
@@ -122,6 +123,13 @@ def test_layer_ops_time_every_layer_forward_and_backward():
   # flax's defaults: bfloat16 x in, float32 y out, float32 scale.
   assert by[("linen_fwd_default", "rmsnorm_jax_nnx")]["bytes"] == (
       n * 6 + 8 * 4 + 256 * 4)
+  # Float32 parameters: a float32 scale read and dscale written; with
+  # flax's defaults a float32 dy read too.
+  assert by[("linen_bwd_mixed", "flax_linen")]["bytes"] == (
+      3 * n * 2 + 8 * 4 + 256 * 8)
+  assert by[("linen_bwd_default", "flax_linen")]["bytes"] == (
+      n * 8 + 8 * 4 + 256 * 8)
+  assert by[("linen_bwd_default", "roofline")]["bytes"] == n * 8
   flax_bwd = by[("linen_bwd", "flax_linen")]["time_us"]
   assert math.isclose(by[("linen_bwd", "rmsnorm_jax_nnx")]["speedup_vs_xla"],
                       flax_bwd / by[("linen_bwd", "rmsnorm_jax_nnx")]["time_us"])

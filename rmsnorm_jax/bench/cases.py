@@ -21,7 +21,8 @@ from rmsnorm_jax.shapes import FEATURE_OPS, heads_shape, min_bytes
 # The default set (a run without --ops): the plain norm, the fused residual
 # forms and the layers.
 DEFAULT_OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd", "linen_fwd",
-               "linen_fwd_mixed", "linen_fwd_default", "linen_bwd")
+               "linen_fwd_mixed", "linen_fwd_default", "linen_bwd",
+               "linen_bwd_mixed", "linen_bwd_default")
 # Every op; the feature ops (bias, per-head scale, quantized output) are
 # timed when asked for, on shapes of their own (tag "bench_features").
 OPS = DEFAULT_OPS + FEATURE_OPS
@@ -37,12 +38,15 @@ HEAD_OPS = ("head_fwd", "head_bwd")
 FEATURE_IMPLS = ("xla", "rmsnorm_jax", "rmsnorm_jax_auto",
                  "rmsnorm_jax_mosaic")
 LINEN_OPS = ("linen_fwd", "linen_fwd_mixed", "linen_fwd_default",
-             "linen_bwd")
+             "linen_bwd", "linen_bwd_mixed", "linen_bwd_default")
+LINEN_BWD_OPS = ("linen_bwd", "linen_bwd_mixed", "linen_bwd_default")
 # Layer ops: (param dtype, layer dtype); the input is bfloat16 throughout.
 LAYER_DTYPES = {"linen_fwd": (jnp.bfloat16, jnp.bfloat16),
                 "linen_fwd_mixed": (jnp.float32, jnp.bfloat16),
                 "linen_fwd_default": (jnp.float32, None),
-                "linen_bwd": (jnp.bfloat16, jnp.bfloat16)}
+                "linen_bwd": (jnp.bfloat16, jnp.bfloat16),
+                "linen_bwd_mixed": (jnp.float32, jnp.bfloat16),
+                "linen_bwd_default": (jnp.float32, None)}
 IMPLS = ("roofline", "xla", "flax_linen", "jax_pallas_example",
          "rmsnorm_jax", "rmsnorm_jax_auto", "rmsnorm_jax_mosaic",
          "rmsnorm_jax_linen", "flax_nnx", "rmsnorm_jax_nnx")
@@ -75,7 +79,8 @@ def roofline_bytes(op: str, rows: int, hidden: int, dtype) -> int:
   return {"fwd": 2 * n * s, "bwd": 3 * n * s, "fused_fwd": 4 * n * s,
           "fused_bwd": 4 * n * s, "linen_fwd": 4 * n,
           "linen_fwd_mixed": 4 * n, "linen_fwd_default": 6 * n,
-          "linen_bwd": 6 * n, "quant_fwd": n * s + q,
+          "linen_bwd": 6 * n, "linen_bwd_mixed": 6 * n,
+          "linen_bwd_default": 8 * n, "quant_fwd": n * s + q,
           "quant_fp8_fwd": n * s + q, "quant_fused_fwd": 3 * n * s + q,
           "bias_fwd": 2 * n * s, "bias_bwd": 3 * n * s,
           "head_fwd": 2 * n * s, "head_bwd": 3 * n * s}[op]
@@ -215,6 +220,10 @@ _ROOFLINE = {
     "linen_fwd_mixed": (lambda x, s: x * 2, ("x", "s")),
     "linen_fwd_default": (lambda x, s: x.astype(jnp.float32) * 2, ("x", "s")),
     "linen_bwd": (lambda x, s, dy: x + dy, ("x", "s", "dy")),
+    "linen_bwd_mixed": (lambda x, s, dy: x + dy, ("x", "s", "dy")),
+    # A float32 dy in, a bfloat16 dx out.
+    "linen_bwd_default": (lambda x, s, dy: (x.astype(jnp.float32) + dy)
+                          .astype(x.dtype), ("x", "s", "dy")),
     "quant_fwd": (lambda x, s: (x * 2).astype(jnp.int8), ("x", "s")),
     "quant_fp8_fwd": (lambda x, s: (x * 2).astype(jnp.float8_e4m3fn),
                       ("x", "s")),
@@ -286,8 +295,10 @@ def make_inputs(key, op, rows, hidden, dtype) -> dict:
   if op in LINEN_OPS:
     sdt = LAYER_DTYPES[op][0]
     d = dict(x=x, s=rand((hidden,), sdt, 1.0, 0.5))
-    if op == "linen_bwd":
-      d["dy"] = rand((rows, hidden), dtype)
+    if op in LINEN_BWD_OPS:
+      # dy has the layer's output dtype: float32 under flax's defaults.
+      d["dy"] = rand((rows, hidden), jnp.float32
+                     if LAYER_DTYPES[op][1] is None else dtype)
     return d
   s = rand((hidden,), dtype, 1.0, 0.5)
   if op == "fwd":
@@ -431,7 +442,7 @@ def _candidate(op, impl, label, inputs, name):
     if f is None:
       return None
     backend = "flax" if impl.startswith("flax") else "auto"
-    if op == "linen_bwd":
+    if op in LINEN_BWD_OPS:
       sets = [_vjp_runner(f, (d["x"], d["s"]), d["dy"]) for d in inputs]
       return Candidate(op, label, _named_jit(_call_vjp, name), sets, backend)
     return Candidate(op, label, _named_jit(f, name),

@@ -30,7 +30,9 @@ ops: fwd (y and rstd from x, scale), bwd (dx, dscale from dy and the
 residuals each implementation's own forward saved), fused_fwd (y and
 h = x + residual), fused_bwd (gradients of residual and scale), linen_fwd,
 linen_fwd_mixed (float32 params), linen_fwd_default (flax's defaults:
-float32 params and output), linen_bwd (the layers, bfloat16 input).
+float32 params and output), linen_bwd (the layers, bfloat16 input),
+linen_bwd_mixed and linen_bwd_default (their backward with float32
+params; under flax's defaults dy is float32).
 Feature ops, timed when named (the group "features" names them all;
 "default" the ops above, "all" both): quant_fwd (rms_norm_quantized,
 dynamic per-row int8: q and its float32 row scales), quant_fp8_fwd (the
