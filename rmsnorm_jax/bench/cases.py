@@ -37,9 +37,9 @@ HEAD_OPS = ("head_fwd", "head_bwd")
 # output.
 FEATURE_IMPLS = ("xla", "rmsnorm_jax", "rmsnorm_jax_auto",
                  "rmsnorm_jax_mosaic")
-LINEN_OPS = ("linen_fwd", "linen_fwd_mixed", "linen_fwd_default",
-             "linen_bwd", "linen_bwd_mixed", "linen_bwd_default")
 LINEN_BWD_OPS = ("linen_bwd", "linen_bwd_mixed", "linen_bwd_default")
+LINEN_OPS = ("linen_fwd", "linen_fwd_mixed", "linen_fwd_default"
+             ) + LINEN_BWD_OPS
 # Layer ops: (param dtype, layer dtype); the input is bfloat16 throughout.
 LAYER_DTYPES = {"linen_fwd": (jnp.bfloat16, jnp.bfloat16),
                 "linen_fwd_mixed": (jnp.float32, jnp.bfloat16),

@@ -687,19 +687,18 @@ class MosaicGpu(base.Implementation):
               "dtype (docs/mosaic_gpu.md)")
     # _wide_call_reason is None only for calls without a bias.
     # The wide kernels also take a float32 scale (flax's float32 parameters
-    # with dtype=x's): AUTO_WIDE_FWD_MIN_COLS, AUTO_WIDE_F32_SCALE_*.
-    scale_f32_or_x = np.dtype(call.scale_dtype or x_dt) in (
-        x_dt, np.dtype(jnp.float32))
-    f32_scale = (x_dt.itemsize == 2 and call.scale_dtype is not None
-                 and np.dtype(call.scale_dtype) == np.dtype(jnp.float32)
-                 and np.dtype(call.norm.out_dtype) == x_dt)
-    if f32_scale and call.op in ("backward", "residual_backward"):
-      if _auto_wide(call, AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS
-                    if call.op == "residual_backward"
-                    else AUTO_WIDE_F32_SCALE_BWD_MIN_COLS):
-        return None
-    if (call.op == "forward" and x_dt.itemsize == 2 and scale_f32_or_x
-        and np.dtype(call.norm.out_dtype) == x_dt
+    # with dtype=x's) on 16-bit rows: AUTO_WIDE_FWD_MIN_COLS,
+    # AUTO_WIDE_F32_SCALE_*.
+    f32 = np.dtype(jnp.float32)
+    scale_dt = np.dtype(call.scale_dtype or x_dt)
+    out_is_x = x_dt.itemsize == 2 and np.dtype(call.norm.out_dtype) == x_dt
+    if (out_is_x and scale_dt == f32
+        and call.op in ("backward", "residual_backward")
+        and _auto_wide(call, AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS
+                       if call.op == "residual_backward"
+                       else AUTO_WIDE_F32_SCALE_BWD_MIN_COLS)):
+      return None
+    if (call.op == "forward" and out_is_x and scale_dt in (x_dt, f32)
         and _auto_wide(call, AUTO_WIDE_FWD_MIN_COLS)):
       return None
     if (call.op == "residual_forward" and x_dt.itemsize == 2 and same_dtypes
