@@ -179,17 +179,19 @@ def _serves_or_raise(impl: base.Implementation, call: base.Call):
 
 
 def explain(backend: Backend = "auto", *, platform: str, shape, dtype,
-            op: str = "forward", **norm_args) -> str:
+            op: str = "forward", scale_dtype=None, **norm_args) -> str:
   """What ``backend`` runs for an input of ``shape``/``dtype`` on ``platform``.
 
   Returns e.g. ``"pallas_gpu"`` or ``"xla (pallas_gpu: ...reason...)"``.
-  ``norm_args`` are ``base.Norm`` fields (eps, cast_mode, ...).
+  ``scale_dtype`` is the scale's dtype (default x's; float32 parameters
+  route differently on some GPU shapes); ``norm_args`` are ``base.Norm``
+  fields (eps, cast_mode, out_dtype, ...; out_dtype defaults to x's).
   """
   rows = int(np.prod(shape[:-1], dtype=np.int64))
   norm = base.Norm(**{"eps": 1e-6, "out_dtype": np.dtype(dtype),
                       **norm_args})
   call = base.Call(op, rows, int(shape[-1]), np.dtype(dtype), (shape[-1],),
-                   False, norm)
+                   False, norm, scale_dtype=np.dtype(scale_dtype or dtype))
   return route(backend, call).describe(platform)
 
 

@@ -20,6 +20,7 @@
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -612,6 +613,14 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
   f32_y = dataclasses.replace(_call("forward", 32768, scale_dtype=F32),
                               norm=base.Norm(eps=1e-6, out_dtype=F32))
   assert impl.auto_declines(f32_y) is not None
+  # The same through dispatch.explain: float32 parameters, y in bfloat16 or
+  # (flax's defaults) in float32, where XLA runs it.
+  explain = functools.partial(dispatch.explain, "auto", platform="cuda",
+                              shape=(2048, 32768), dtype=BF16,
+                              scale_dtype=F32)
+  assert explain() == "mosaic_gpu"
+  assert "float32 output" in explain(out_dtype=F32)
+  assert explain(op="backward", out_dtype=F32).startswith("xla")
   assert dispatch.explain("auto", platform="cuda", shape=(2048, 32768),
                           dtype=BF16, op="forward") == "mosaic_gpu"
   assert dispatch.explain("auto", platform="cuda", shape=(2048, 16384),
