@@ -603,8 +603,8 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
   # tiling holds whole: "auto" takes it for 16-bit rows.
   for dtype in (BF16, F16):
     assert impl.auto_declines(_call("residual_forward", 65536, dtype)) is None
-  assert "Triton" in impl.auto_declines(
-      _call("residual_forward", 65536, scale_dtype=F32))
+  assert impl.auto_declines(
+      _call("residual_forward", 65536, scale_dtype=F32)) is not None
   assert dispatch.explain("auto", platform="cuda", shape=(1024, 65536),
                           dtype=BF16, op="residual_forward") == "mosaic_gpu"
   # A float32 scale with y in x's dtype (flax's float32 parameters with
