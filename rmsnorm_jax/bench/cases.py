@@ -296,9 +296,10 @@ def make_inputs(key, op, rows, hidden, dtype) -> dict:
     sdt = LAYER_DTYPES[op][0]
     d = dict(x=x, s=rand((hidden,), sdt, 1.0, 0.5))
     if op in LINEN_BWD_OPS:
-      # dy has the layer's output dtype: float32 under flax's defaults.
-      d["dy"] = rand((rows, hidden), jnp.float32
-                     if LAYER_DTYPES[op][1] is None else dtype)
+      # dy has the layer's output dtype: its dtype field, or else x's
+      # promoted with the params' (float32 under flax's defaults).
+      ydt = LAYER_DTYPES[op][1] or jnp.promote_types(dtype, sdt)
+      d["dy"] = rand((rows, hidden), ydt)
     return d
   s = rand((hidden,), dtype, 1.0, 0.5)
   if op == "fwd":

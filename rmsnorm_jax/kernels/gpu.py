@@ -146,8 +146,8 @@ class PallasGpu(base.Implementation):
     if rows * hidden > AUTO_MAX_ELEMENTS:
       return (f"{rows}x{hidden} elements need 64-bit offsets, which the "
               "kernel does not use")
-    if (gpu_tiling.next_pow2(hidden) >= AUTO_WIDE_COLS
-        and rows < AUTO_WIDE_MIN_ROWS):
+    padded = gpu_tiling.next_pow2(hidden)
+    if padded >= AUTO_WIDE_COLS and rows < AUTO_WIDE_MIN_ROWS:
       return (f"XLA measured faster for fewer than {AUTO_WIDE_MIN_ROWS} rows "
               f"of {AUTO_WIDE_COLS} or more columns")
     itemsize = np.dtype(call.dtype).itemsize
@@ -156,7 +156,6 @@ class PallasGpu(base.Implementation):
       return ("XLA measured faster for the per-head forward of "
               f"{AUTO_PER_HEAD_FWD_MIN_BYTES >> 20} MiB or more")
     resident_cols = gpu_tiling.heuristic_resident_cols(itemsize)
-    padded = gpu_tiling.next_pow2(hidden)
     if call.op in AUTO_CHUNKED_XLA_OPS and padded > resident_cols:
       return (f"XLA measured faster for {call.op} on rows wider than "
               f"{resident_cols} columns (chunked tiling)")

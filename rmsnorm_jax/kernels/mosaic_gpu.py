@@ -671,8 +671,9 @@ class MosaicGpu(base.Implementation):
               "10% of the Triton kernel either way, the fused ops not timed "
               "(docs/mosaic_gpu.md)")
     x_dt = np.dtype(call.dtype)
-    same_dtypes = (np.dtype(call.scale_dtype or x_dt) == x_dt
-                   and np.dtype(call.norm.out_dtype) == x_dt)
+    scale_dt = np.dtype(call.scale_dtype or x_dt)
+    y_in_x = np.dtype(call.norm.out_dtype) == x_dt
+    same_dtypes = scale_dt == x_dt and y_in_x
     if call.op == "residual_backward" and call.has_bias:
       lo, hi = AUTO_BIAS_FUSED_BWD_COLS
       if not call.static_rows:
@@ -690,15 +691,14 @@ class MosaicGpu(base.Implementation):
     # with dtype=x's) on 16-bit rows: AUTO_WIDE_FWD_MIN_COLS,
     # AUTO_WIDE_F32_SCALE_*.
     f32 = np.dtype(jnp.float32)
-    scale_dt = np.dtype(call.scale_dtype or x_dt)
-    out_is_x = x_dt.itemsize == 2 and np.dtype(call.norm.out_dtype) == x_dt
-    if (out_is_x and scale_dt == f32
+    y_in_x16 = x_dt.itemsize == 2 and y_in_x
+    if (y_in_x16 and scale_dt == f32
         and call.op in ("backward", "residual_backward")
         and _auto_wide(call, AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS
                        if call.op == "residual_backward"
                        else AUTO_WIDE_F32_SCALE_BWD_MIN_COLS)):
       return None
-    if (call.op == "forward" and out_is_x and scale_dt in (x_dt, f32)
+    if (call.op == "forward" and y_in_x16 and scale_dt in (x_dt, f32)
         and _auto_wide(call, AUTO_WIDE_FWD_MIN_COLS)):
       return None
     if (call.op == "residual_forward" and x_dt.itemsize == 2 and same_dtypes
