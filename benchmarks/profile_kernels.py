@@ -77,6 +77,17 @@ CASES = [
      "rmsnorm_jax_auto"),
     ("bwd_8192x5376_bf16_auto", "bwd", 8192, 5376, "bfloat16",
      "rmsnorm_jax_auto"),
+    # The layers with float32 parameters on wide rows: flax's default dtypes
+    # (a float32 y from bfloat16 x, run by XLA from 32768 columns) and the
+    # mixed-precision backward (float32 scale, dy in bfloat16).
+    ("linen_fwd_default_2048x32768_bf16", "linen_fwd_default", 2048, 32768,
+     "bfloat16", "rmsnorm_jax_linen"),
+    ("linen_bwd_default_2048x32768_bf16", "linen_bwd_default", 2048, 32768,
+     "bfloat16", "rmsnorm_jax_linen"),
+    ("linen_bwd_mixed_4096x16384_bf16", "linen_bwd_mixed", 4096, 16384,
+     "bfloat16", "rmsnorm_jax_linen"),
+    ("linen_bwd_4096x16384_bf16", "linen_bwd", 4096, 16384, "bfloat16",
+     "rmsnorm_jax_linen"),
 ]
 
 

@@ -8,8 +8,9 @@ costs its columns, not the benchmark.
 Protocol: the worker prints one hello line, then reads one JSON request per
 line on stdin and answers each with one line; answer lines start with
 :data:`MARK` (anything else on stdout is the peers' own printing). A
-request holds rows, hidden, dtype, eps, reps, peers (names), ops
-({op: input sets}) and copy ({op: bytes}); the answer holds records
+request holds rows, hidden, dtype, eps, reps, head_dim (the per-head
+ops' heads are hidden // head_dim), peers (names), ops ({op: input sets})
+and copy ({op: bytes}); the answer holds records
 (impl, op, time_us, time_min, time_max, timing, kernels, breakdown, or
 error) and notes.
 
@@ -32,10 +33,13 @@ import traceback
 
 MARK = "@@rmsnorm_bench@@ "
 PEERS = ("torch", "liger", "quack")
-# Fused add+norm: only the peers that have one.
+# Fused add+norm: only the peers that have one; the bias and the per-head
+# scale (QK-norm): quack alone.
 PEER_OPS = {"torch": ("fwd", "bwd"),
             "liger": ("fwd", "bwd", "fused_fwd", "fused_bwd"),
-            "quack": ("fwd", "bwd", "fused_fwd", "fused_bwd")}
+            "quack": ("fwd", "bwd", "fused_fwd", "fused_bwd", "bias_fwd",
+                      "bias_bwd", "head_fwd", "head_bwd")}
+HEAD_OPS = ("head_fwd", "head_bwd")
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 ROTATE_BYTES = 150 * 2**20
 
@@ -75,15 +79,21 @@ def _load_peers(torch):
   return found, missing
 
 
-def _inputs(torch, op, rows, hidden, dtype, gen, dev):
+def _inputs(torch, op, rows, hidden, dtype, gen, dev, head_dim):
+  """x, s and as ``op`` needs r, b, dy, dh; the head ops' x and dy are
+  ``(rows, hidden // head_dim, head_dim)`` and their s
+  ``(hidden // head_dim, head_dim)``, as the JAX candidates'."""
   def rand(shape, mean=0.0, scale=1.0):
     v = torch.randn(shape, generator=gen, device=dev, dtype=torch.float32)
     return (v * scale + mean).to(dtype)
-  d = dict(x=rand((rows, hidden), 0.3), s=rand((hidden,), 1.0, 0.5))
+  row = ((hidden // head_dim, head_dim) if op in HEAD_OPS else (hidden,))
+  d = dict(x=rand((rows,) + row, 0.3), s=rand(row, 1.0, 0.5))
   if op in ("fused_fwd", "fused_bwd"):
     d["r"] = rand((rows, hidden), 0.5)
-  if op in ("bwd", "fused_bwd"):
-    d["dy"] = rand((rows, hidden))
+  if op in ("bias_fwd", "bias_bwd"):
+    d["b"] = rand((hidden,), 0.1, 0.5)
+  if op in ("bwd", "fused_bwd", "bias_bwd", "head_bwd"):
+    d["dy"] = rand((rows,) + row)
   if op == "fused_bwd":
     d["dh"] = rand((rows, hidden))
   return d
@@ -130,11 +140,18 @@ def _call(torch, peer, mod, op, d, eps):
     return lambda: torch.autograd.grad((y, h), (r, w), (d["dy"], d["dh"]),
                                        retain_graph=True)
   if peer == "quack":
-    if op == "fwd":
+    if op in ("fwd", "head_fwd"):
       return lambda: mod(x, w, eps=eps)
-    if op == "bwd":
+    if op in ("bwd", "head_bwd"):
       y = mod(x, w, eps=eps)
       return lambda: torch.autograd.grad(y, (x, w), d["dy"],
+                                         retain_graph=True)
+    if op in ("bias_fwd", "bias_bwd"):
+      b = d["b"].detach().requires_grad_(grad)
+      if op == "bias_fwd":
+        return lambda: mod(x, w, bias=b, eps=eps)
+      y = mod(x, w, bias=b, eps=eps)
+      return lambda: torch.autograd.grad(y, (x, w, b), d["dy"],
                                          retain_graph=True)
     r = d["r"].detach().requires_grad_(grad)
     if op == "fused_fwd":
@@ -236,7 +253,8 @@ def run_case(torch, peers, req):
       label = f"{peer}|{op}"
       try:
         calls = [_call(torch, peer, peers[peer], op,
-                       _inputs(torch, op, rows, hidden, dtype, gen, dev), eps)
+                       _inputs(torch, op, rows, hidden, dtype, gen, dev,
+                               req["head_dim"]), eps)
                  for _ in range(sets)]
         for c in calls:  # compile (Triton, CuTe) and warm every set
           c()

@@ -21,6 +21,7 @@ import sys
 import threading
 from typing import Callable
 
+from rmsnorm_jax import shapes
 from rmsnorm_jax.bench import peer_worker
 
 PEERS = peer_worker.PEERS
@@ -121,7 +122,8 @@ class PeerWorker:
     if not self.usable:
       return []
     req = dict(rows=rows, hidden=hidden, dtype=dtype, ops=ops, copy=copy,
-               reps=reps, eps=eps, peers=self.peers)
+               reps=reps, eps=eps, head_dim=shapes.HEAD_DIM,
+               peers=self.peers)
     try:
       self.proc.stdin.write(json.dumps(req) + "\n")
       self.proc.stdin.flush()

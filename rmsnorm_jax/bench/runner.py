@@ -132,10 +132,10 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
   peers = list(peers)
   no_peer = [op for op in ops if op in FEATURE_OPS]
   if peers and no_peer:
-    notes.append(f"{', '.join(no_peer)}: no peer column "
+    notes.append(f"{', '.join(no_peer)}: quack the only peer "
                  "(torch.nn.functional.rms_norm and Liger's RMSNorm have no "
-                 "bias, per-head scale or quantized output; quack is timed "
-                 "on the plain and fused ops only)")
+                 "bias, per-head scale or quantized output; quack has the "
+                 "first two, and no quantized output)")
   worker = None
   if peers or copy:
     worker = peer_lib.PeerWorker(peers, log=log)
