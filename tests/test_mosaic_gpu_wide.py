@@ -451,8 +451,9 @@ def test_auto_backward_of_wide_rows_lowers_for_cuda():
 
 
 def test_auto_fused_backward_of_wide_rows_lowers_for_cuda():
-  # The fused forward of 16384 columns stays with Triton, its backward is
-  # the wide kernel (dx over dh): the export holds one Mosaic GPU call.
+  # The fused forward of 16384 columns is the wide forward (one row a
+  # CTA), its backward the wide backward (dx over dh): two Mosaic GPU
+  # calls, no Triton kernel.
   s = jax.ShapeDtypeStruct
 
   def loss(x, r, w):
@@ -462,9 +463,12 @@ def test_auto_fused_backward_of_wide_rows_lowers_for_cuda():
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
       s((4096, 16384), BF16), s((4096, 16384), BF16),
       s((16384,), BF16)).lower(lowering_platforms=("cuda",))
-  assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
-  assert dispatch.explain("auto", platform="cuda", shape=(4096, 16384),
-                          dtype=BF16, op="residual_backward") == "mosaic_gpu"
+  text = lowered.as_text()
+  assert text.count("custom_call @mosaic_gpu") == 2
+  assert "triton" not in text.lower()
+  for op in ("residual_forward", "residual_backward"):
+    assert dispatch.explain("auto", platform="cuda", shape=(4096, 16384),
+                            dtype=BF16, op=op) == "mosaic_gpu"
 
 
 @hopper
@@ -495,8 +499,9 @@ def test_public_api_backward_matches_float64(rows, hidden, dtype, backends):
     (32768, BF16, False, 2), (32768, F16, False, 2), (16384, BF16, False, 4),
     (16384, BF16, True, 2), (16384, F32, False, 2), (12288, F16, True, 4)])
 def test_forward_plan_fits_shared_memory(hidden, dtype, residual, stages):
+  # The persistent grid: as many stages as fit.
   p = mw.forward_plan(2048, hidden, x_dtype=dtype, has_residual=residual,
-                      sms=132)
+                      sms=132, per_row=False)
   size = np.dtype(dtype).itemsize
 
   def used(st):
@@ -510,8 +515,8 @@ def test_forward_plan_fits_shared_memory(hidden, dtype, residual, stages):
 
 
 @pytest.mark.parametrize("rows,hidden,dtype,kw,split,grid", [
-    (1024, 65536, BF16, {}, 2, 64), (2048, 32768, BF16,
-                                     dict(has_residual=True), 2, 64),
+    (1024, 65536, BF16, dict(per_row=False), 2, 64),
+    (2048, 32768, BF16, dict(has_residual=True, per_row=False), 2, 64),
     (2048, 32768, BF16, dict(split=2, ctas_per_sm=2), 2, 128),
     (4096, 16384, BF16, dict(ctas_per_sm=2), 1, 256),
     (100, 16384, F16, dict(split=4), 4, 25)])
@@ -526,6 +531,58 @@ def test_forward_plan_splits_rows_over_a_cluster(rows, hidden, dtype, kw,
       has_residual=kw.get("has_residual", False),
       split=split) <= mw.smem_budget(kw.get("ctas_per_sm", 1))
   assert (hidden // split) % p.chunk == 0
+
+
+@pytest.mark.parametrize("rows,hidden,dtype,kw,split", [
+    # The measured defaults: 16-bit fused rows from 16384 columns, the
+    # forward at 65536, at most PER_ROW_CTA_COLS columns a CTA.
+    (4096, 16384, BF16, dict(has_residual=True), 1),
+    (2048, 32768, F16, dict(has_residual=True), 2),
+    (1000, 24576, BF16, dict(has_residual=True), 2),
+    (1024, 65536, BF16, dict(has_residual=True), 4),
+    (1024, 65536, F16, {}, 4),
+    (7, 65536, BF16, dict(has_scale=False), 4),
+    # Asked for: a split, two stages.
+    (300, 32768, BF16, dict(per_row=True, split=4), 4),
+    (300, 16384, F16, dict(per_row=True, stages=2), 1),
+])
+def test_forward_plan_launches_one_row_a_cluster(rows, hidden, dtype, kw,
+                                                 split):
+  p = mw.forward_plan(rows, hidden, x_dtype=dtype, sms=132, **kw)
+  assert (p.split, p.grid, p.steps) == (split, rows, 1)
+  assert p.stages == kw.get("stages", 1)
+  size = np.dtype(dtype).itemsize
+  assert mw.forward_smem_bytes(
+      hidden, p.stages, x_size=size,
+      scale_size=size if kw.get("has_scale", True) else None,
+      has_residual=kw.get("has_residual", False),
+      split=split) <= mw.SMEM_LIMIT
+  assert (hidden // split) % p.chunk == 0
+
+
+@pytest.mark.parametrize("rows,hidden,dtype,kw", [
+    (2048, 32768, BF16, {}),  # the plain forward below 65536 columns
+    (4096, 12288, BF16, dict(has_residual=True)),
+    (1024, 16384, F32, dict(has_residual=True)),
+    (1024, 16384, BF16, dict(has_residual=True, scale_dtype=F32)),
+    # 17408 columns split in two are not whole vectors of the warpgroup.
+    (300, 17408, BF16, dict(has_residual=True)),
+    (2048, 131072, BF16, {}),  # 32768 columns a CTA: not measured
+    # A launch override asks for the persistent grid.
+    (2048, 32768, BF16, dict(has_residual=True, split=2)),
+    (2048, 32768, BF16, dict(has_residual=True, ctas_per_sm=2)),
+])
+def test_forward_plan_keeps_the_persistent_grid(rows, hidden, dtype, kw):
+  p = mw.forward_plan(rows, hidden, x_dtype=dtype, sms=132, **kw)
+  assert p.grid <= 132 * kw.get("ctas_per_sm", 1) and p.stages >= 2
+  assert p.grid * p.steps >= rows > (p.grid - 1) * p.steps
+
+
+def test_forward_plan_per_row_names_what_does_not_apply():
+  with pytest.raises(ValueError, match=r"per_row=True .* grid \(7\)"):
+    mw.forward_plan(100, 32768, x_dtype=BF16, per_row=True, grid=7)
+  with pytest.raises(ValueError, match=r"ctas_per_sm \(2\)"):
+    mw.forward_plan(100, 32768, x_dtype=BF16, per_row=True, ctas_per_sm=2)
 
 
 def test_forward_shape_reason_names_the_limit():
@@ -584,21 +641,22 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
     assert impl.cannot_serve(_call(op, hidden)) is None, (op, hidden)
   assert mg.wide_forward_reason(2048, 32768, BF16) is None
   assert "plan" in mg.wide_forward_reason(2048, 8192, BF16)
-  # Only the forward at 32768 columns measured faster than Triton.
+  # The forward from 32768 columns and the fused forward from 16384 (one
+  # row a cluster) measured faster than Triton.
   assert impl.auto_declines(_call("forward", 32768)) is None
   assert impl.auto_declines(_call("forward", 32768, F16)) is None
   assert "Triton" in impl.auto_declines(_call("forward", 16384))
-  assert "Triton" in impl.auto_declines(_call("residual_forward", 16384))
+  assert impl.auto_declines(_call("residual_forward", 16384)) is None
+  assert "Triton" in impl.auto_declines(_call("residual_forward", 12288))
   # What the wide forward does not compute, or cannot hold, stays declined.
   assert "bias" in impl.cannot_serve(_call("forward", 32768, has_bias=True))
   assert "232448" in impl.cannot_serve(_call("forward", 262144))
-  # Rows split over 2 CTAs: the forward of 65536 columns, which "auto"
-  # takes (faster than Triton), and the fused forward of 32768 (level with
-  # Triton, which "auto" keeps).
+  # Rows split over a cluster: the forward of 65536 columns and the fused
+  # forward of 32768, both faster than Triton.
   assert impl.cannot_serve(_call("forward", 65536)) is None
   assert impl.auto_declines(_call("forward", 65536)) is None
   assert impl.cannot_serve(_call("residual_forward", 32768)) is None
-  assert "Triton" in impl.auto_declines(_call("residual_forward", 32768))
+  assert impl.auto_declines(_call("residual_forward", 32768)) is None
   # The fused forward of 65536 columns (4 CTAs a row), which no Triton
   # tiling holds whole: "auto" takes it for 16-bit rows.
   for dtype in (BF16, F16):
@@ -625,6 +683,23 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
                           dtype=BF16, op="forward") == "mosaic_gpu"
   assert dispatch.explain("auto", platform="cuda", shape=(2048, 16384),
                           dtype=BF16, op="forward").startswith("pallas_gpu")
+
+
+@pytest.mark.parametrize("op,hidden,least", [
+    ("residual_forward", 16384, 256), ("residual_forward", 24576, 256),
+    ("residual_forward", 32768, 1024), ("residual_forward", 65536, 1),
+    ("forward", 32768, 512), ("forward", 65536, 1)])
+def test_auto_leaves_few_rows_of_the_wide_forward_to_triton(op, hidden,
+                                                           least):
+  impl = MosaicGpu()
+  rows = lambda n: dataclasses.replace(_call(op, hidden), rows=n)
+  assert impl.auto_declines(rows(least)) is None
+  assert impl.auto_declines(rows(4 * least)) is None
+  if least > 1:
+    reason = impl.auto_declines(rows(least - 1))
+    assert f"fewer than {least} rows of {hidden} columns" in reason
+    assert dispatch.explain("auto", platform="cuda", shape=(least - 1, hidden),
+                            dtype=BF16, op=op).startswith("pallas_gpu")
 
 
 def _fwd_case(rows, hidden, dtype, scale_dtype, residual, tag):
@@ -656,6 +731,13 @@ def _fwd_case(rows, hidden, dtype, scale_dtype, residual, tag):
     (101, 16384, BF16, BF16, True, {}),
     (300, 12288, F16, F16, True, {}),
     (1000, 32768, BF16, BF16, False, dict(grid=7)),  # many rows a CTA
+    # The persistent grid where one row a cluster is the default, and one
+    # row a cluster asked for with other splits and stages.
+    (300, 65536, BF16, BF16, True, dict(per_row=False)),
+    (2051, 32768, F16, F16, True, dict(per_row=False)),
+    (257, 32768, F16, F16, True, dict(per_row=True, split=4)),
+    (129, 16384, BF16, None, False, dict(per_row=True, stages=2)),
+    (33, 32768, BF16, F32, True, dict(per_row=True)),
     (257, 16384, BF16, BF16, True, dict(stages=2, chunk=2048)),
     (129, 32768, BF16, BF16, False, dict(store_chunks=True)),
     (5, 16384, BF16, F32, True, dict(store_chunks=True)),

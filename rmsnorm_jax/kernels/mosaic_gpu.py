@@ -27,9 +27,11 @@ split over a cluster of 2 or 4 CTAs); so does the plain fused backward of
 rows the plans here cannot hold (the same widths), with dx written over
 dh's row. The plain forward and fused forward (the same restrictions, every
 array in x's dtype) of rows the plans here cannot hold run
-``mosaic_gpu_wide.forward``, which writes y over x's shared memory: the
-forward up to 65536 16-bit columns, the fused forward up to 32768 (split
-over 2 CTAs past 32768 and 16384). Other ops on rows that wide are left to
+``mosaic_gpu_wide.forward``, which writes y over x's shared memory: both
+up to 65536 16-bit columns, split over a cluster of 2 or 4 CTAs where one
+does not hold the row (the fused forward from 16384 16-bit columns and the
+forward at 65536 launch one row a cluster: ``mosaic_gpu_wide.per_row_default``).
+Other ops on rows that wide are left to
 ``PallasGpu``. The quantized forward writes 1-byte rows, so it
 needs hidden a multiple of 128, and is planned as the forward with a
 float32 y (whose values it quantizes). The per-head scale
@@ -309,12 +311,40 @@ AUTO_WIDE_F32_SCALE_BWD_MIN_COLS = 32768
 # and y in x's dtype too: 2048x32768 bf16 102.4 against 117.8 (XLA 122.2);
 # at 65536 columns the wide forward cannot hold such rows.
 AUTO_WIDE_FWD_MIN_COLS = 32768
-# backend="auto" takes the fused forward of 16-bit rows from this many
-# columns, where the wide forward splits each row over a cluster of 4 CTAs
-# and no Triton tiling holds the row (XLA runs it otherwise): H200, us, wide
-# kernel against XLA and the Triton kernel: 1024x65536 bf16 154.6 against
-# 193.8 and 187.9, 512x65536 f16 79.9 against 106.5 and 100.0.
-AUTO_WIDE_FUSED_FWD_MIN_COLS = 65536
+# backend="auto" takes the fused forward of 16-bit rows (every array in x's
+# dtype) from this many columns, where the wide forward launches one row a
+# cluster of 1, 2 or 4 CTAs (mosaic_gpu_wide.PER_ROW_CTA_COLS): H200, us,
+# wide kernel against the Triton kernel: 4096x16384 bf16 133.6 against
+# 138.3, 2048x32768 137.5 against 142.7, 1024x32768 f16 71.1 against 71.6;
+# at 65536 columns, where no Triton tiling holds the row and XLA ran it,
+# 1024x65536 bf16 141.4 against XLA's 193.8 (the persistent grid's 154.6).
+AUTO_WIDE_FUSED_FWD_MIN_COLS = 16384
+# On few rows the Triton kernel's launch is ahead of the wide forward's: the
+# least rows "auto" gives the wide forward, by the narrowest width (columns)
+# each applies from. H200, jax 0.11.2, us, bf16, wide forward against the
+# Triton kernel: fused forward at 16384 columns 64 rows 4.48 against 3.84,
+# 128 5.97 against 5.02, 256 8.42 against 9.25, 512 18.56 against 20.26;
+# at 32768 columns 128 rows 9.98 against 8.96, 256 21.18 against 19.74, 512
+# 38.10 against 37.41, 1024 (f16) 70.6 against 72.6; at 65536 the wide
+# forward is ahead from 32 rows (7.81 against XLA's 9.25 and 12.56). The
+# forward at 32768 columns (the persistent grid): 64 rows 5.73 against
+# 4.50, 256 11.49 against 10.53, 512 20.90 against 23.01; at 65536 (one row
+# a cluster) ahead from 32 rows (5.66 against 7.78) but for one case of
+# four (128 rows 12.64 against 11.20).
+AUTO_WIDE_FWD_MIN_ROWS = ((65536, 1), (0, 512))
+AUTO_WIDE_FUSED_FWD_MIN_ROWS = ((65536, 1), (32768, 1024), (0, 256))
+
+
+def _too_few_rows(call: base.Call, table) -> str | None:
+  """Why "auto" leaves a wide forward call of few rows to the Triton
+  kernel (``AUTO_WIDE_FWD_MIN_ROWS``), or None when it has enough."""
+  hidden = int(call.hidden)
+  least = next(r for cols, r in table if hidden >= cols)
+  if int(call.rows) >= least:
+    return None
+  return (f"{call.op}: on fewer than {least} rows of {hidden} columns the "
+          "Triton kernel measured faster than the wide forward "
+          "(mosaic_gpu.AUTO_WIDE_FWD_MIN_ROWS)")
 # backend="auto" takes the backward of rows up to 4096 columns from this
 # many rows. H200 benchmark (docs/bench_h200.md: the full run of commit
 # 219efb0, which the later one repeats within 3%), us, this kernel against
@@ -650,9 +680,10 @@ class MosaicGpu(base.Implementation):
     faster (there and on float32 rows of
     ``AUTO_WIDE_FUSED_BWD_MIN_COLS_F32`` columns); the plain forward of
     16-bit rows of ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 8-9%
-    faster (11% at 65536 columns, split over 2 CTAs a row; 13% with a
+    faster (11% at 65536 columns, one row a cluster of 4 CTAs; 13% with a
     float32 scale), and the fused forward of 16-bit rows of
-    ``AUTO_WIDE_FUSED_FWD_MIN_COLS`` columns (4 CTAs a row), 20-25% faster
+    ``AUTO_WIDE_FUSED_FWD_MIN_COLS`` columns (one row a cluster of 1, 2 or
+    4 CTAs), 0.7-4% faster than Triton and at 65536 columns 27% faster
     than XLA, which runs it otherwise. With a float32 scale and dy in x's
     dtype the wide fused backward is taken from
     ``AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS`` 16-bit columns and the wide
@@ -700,10 +731,10 @@ class MosaicGpu(base.Implementation):
       return None
     if (call.op == "forward" and y_in_x16 and scale_dt in (x_dt, f32)
         and _auto_wide(call, AUTO_WIDE_FWD_MIN_COLS)):
-      return None
+      return _too_few_rows(call, AUTO_WIDE_FWD_MIN_ROWS)
     if (call.op == "residual_forward" and x_dt.itemsize == 2 and same_dtypes
         and _auto_wide(call, AUTO_WIDE_FUSED_FWD_MIN_COLS)):
-      return None
+      return _too_few_rows(call, AUTO_WIDE_FUSED_FWD_MIN_ROWS)
     if call.op == "residual_backward" and same_dtypes and _auto_wide(
         call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
         else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32):

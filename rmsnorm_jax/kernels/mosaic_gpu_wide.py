@@ -712,6 +712,45 @@ FWD_CHUNK_VALUES = 32
 # vector nor a scalar from registers stores to shared memory in jax 0.11's
 # Mosaic GPU (an unsatisfiable layout, or a failed transfer plan).
 RSTD_COLS = 4
+# One row a cluster (``per_row``): a grid of ``rows`` clusters, each CTA
+# with one pipeline stage of its columns, so that the small CTAs of several
+# rows share each SM and one's loads run while another reduces, exchanges
+# its row sum and copies out: what the persistent grid, one row load in
+# flight a SM, leaves idle. Each CTA then holds at most this many columns
+# (the fewest CTAs a row that keep to it). H200, jax 0.11.2, us, one row a
+# cluster against the persistent grid (and the Triton kernel), bf16: fused
+# forward 4096x16384 (1 CTA a row) 133.6 against 143.0 (138.3), 2048x32768
+# (2) 137.5 against 143.7 (142.7), 1024x65536 (4) 141.4 against 156.0
+# (187.5); forward 1024x65536 (4) 80.6 against 83.0 (90.9). Level or
+# slower: the forward of 2048x32768 (2 CTAs a row 76.9 against 76.0; 4
+# CTAs 85.2) and of 4096x16384 (68.4 against 76.4 and Triton's 68.6), 8
+# CTAs a row (97.7-105.2 at 2048x32768), two stages (85.7) or two rows a
+# cluster (82.3). So ``per_row`` is the default for 16-bit rows (and a
+# scale of at most 2 bytes) in the fused forward from PER_ROW_FUSED_MIN_COLS
+# and in the forward from PER_ROW_MIN_COLS.
+PER_ROW_CTA_COLS = 16384
+PER_ROW_FUSED_MIN_COLS = 16384
+PER_ROW_MIN_COLS = 65536
+
+
+def _per_row_split(hidden: int, x_size: int) -> int | None:
+  """The fewest CTAs a row (``SPLITS``) whose equal parts are whole
+  16-byte vectors of the warpgroup and at most ``PER_ROW_CTA_COLS``
+  columns; None if there is none."""
+  unit = THREADS * (16 // x_size)
+  return next((sp for sp in SPLITS if hidden % (sp * unit) == 0
+               and hidden // sp <= PER_ROW_CTA_COLS), None)
+
+
+def per_row_default(hidden: int, x_size: int, scale_size: int | None,
+                    has_residual: bool) -> bool:
+  """Whether ``forward_plan`` launches one row a cluster by default (see
+  ``PER_ROW_CTA_COLS``): the measured cases, where some split keeps each
+  CTA's part to ``PER_ROW_CTA_COLS`` columns."""
+  return (x_size == 2 and (scale_size or 0) <= 2
+          and hidden >= (PER_ROW_FUSED_MIN_COLS if has_residual
+                         else PER_ROW_MIN_COLS)
+          and _per_row_split(hidden, x_size) is not None)
 
 
 def forward_smem_bytes(hidden: int, stages: int, *, x_size: int,
@@ -735,7 +774,8 @@ def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
                  has_scale: bool = True, has_residual: bool = False,
                  sms: int = DEFAULT_NUM_SMS, stages: int | None = None,
                  chunk: int | None = None, grid: int | None = None,
-                 split: int | None = None, ctas_per_sm: int = 1) -> Plan:
+                 split: int | None = None, ctas_per_sm: int = 1,
+                 per_row: bool | None = None) -> Plan:
   """The launch of one ``forward`` call.
 
   Args:
@@ -750,27 +790,46 @@ def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
     split: CTAs sharing each row (``SPLITS``); default the fewest that fit.
     ctas_per_sm: CTAs resident per SM (1 or 2): the grid covers ``sms *
       ctas_per_sm`` CTAs and each gets ``smem_budget(ctas_per_sm)`` bytes.
+    per_row: one row a cluster (a grid of ``rows`` clusters, one pipeline
+      stage unless ``stages`` says otherwise, and by default the fewest
+      CTAs a row holding at most ``PER_ROW_CTA_COLS`` columns each); False:
+      the persistent grid above. None: ``per_row_default`` when no launch
+      override (split, stages, grid, ctas_per_sm) is given, else False.
 
   Returns:
     A ``mosaic_gpu_kernels.Plan`` of one-row blocks and one-row groups.
 
   Raises:
-    ValueError: the shape or an override cannot be served (the message says
-      why).
+    ValueError: the shape or an override cannot be served, or ``grid`` or
+      ``ctas_per_sm`` given with ``per_row=True`` (the message says why).
   """
   if rows < 1 or hidden < 1:
     raise ValueError(f"empty problem: rows={rows}, hidden={hidden}.")
   scale_dtype = x_dtype if scale_dtype is None else scale_dtype
   xs = _itemsize(x_dtype)
   ws = _itemsize(scale_dtype) if has_scale else None
-  limit = smem_budget(ctas_per_sm)
+  if per_row is None:
+    per_row = (split is None and stages is None and grid is None
+               and ctas_per_sm == 1
+               and per_row_default(hidden, xs, ws, has_residual))
+  if per_row:
+    if grid is not None or ctas_per_sm != 1:
+      raise ValueError(f"per_row=True launches one cluster a row: grid "
+                       f"({grid!r}) and ctas_per_sm ({ctas_per_sm!r}) do "
+                       "not apply.")
+    if split is None:
+      split = _per_row_split(hidden, xs) or SPLITS[-1]
+    stages = 1 if stages is None else stages
+  # One row a cluster sizes no grid: each CTA may take a block's whole
+  # shared memory, and the SM holds as many as fit.
+  limit = SMEM_LIMIT if per_row else smem_budget(ctas_per_sm)
 
   def make(sp, stages=None, chunk=None):
     cols = _split_cols(hidden, sp)
     vec, unit = _vector(cols, xs)
     ch = _chunk(cols, unit, chunk, FWD_CHUNK_VALUES)
-    steps = -(-rows // (grid or min(rows, _max_clusters(sms, ctas_per_sm,
-                                                         sp))))
+    steps = 1 if per_row else -(-rows // (
+        grid or min(rows, _max_clusters(sms, ctas_per_sm, sp))))
     st = _stages(
         lambda st: forward_smem_bytes(hidden, st, x_size=xs, scale_size=ws,
                                       has_residual=has_residual, split=sp),
@@ -945,7 +1004,8 @@ def forward(x, scale, residual=None, *, eps: float = 1e-6,
             scale_offset: float = 0.0, num_sms: int | None = None,
             stages: int | None = None, chunk: int | None = None,
             grid: int | None = None, store_chunks: bool = False,
-            split: int | None = None, ctas_per_sm: int = 1):
+            split: int | None = None, ctas_per_sm: int = 1,
+            per_row: bool | None = None):
   """RMSNorm forward of wide rows on Hopper: ``(y, rstd)`` or, with a
   residual, ``(y, h, rstd)``.
 
@@ -969,6 +1029,7 @@ def forward(x, scale, residual=None, *, eps: float = 1e-6,
     split: CTAs (a cluster) sharing each row (1, 2 or 4); default the fewest
       whose shared memory holds the row's part.
     ctas_per_sm: CTAs resident per SM (1 or 2), see ``forward_plan``.
+    per_row: one row a cluster, see ``forward_plan`` (None: its default).
 
   Returns:
     y (rows, hidden) in x's dtype, h likewise (with a residual), and rstd
@@ -990,11 +1051,11 @@ def forward(x, scale, residual=None, *, eps: float = 1e-6,
                    has_scale=scale is not None,
                    has_residual=residual is not None, sms=sms,
                    stages=stages, chunk=chunk, grid=grid, split=split,
-                   ctas_per_sm=ctas_per_sm)
+                   ctas_per_sm=ctas_per_sm, per_row=per_row)
   return _forward_call(x, residual, scale, plan=p, eps=float(eps),
                        offset=float(scale_offset), store_chunks=store_chunks)
 
 
 __all__ = ["backward", "forward", "forward_plan", "forward_shape_reason",
-           "forward_smem_bytes", "plan", "rstd_rows", "shape_reason",
-           "smem_bytes"]
+           "forward_smem_bytes", "per_row_default", "plan", "rstd_rows",
+           "shape_reason", "smem_bytes"]
