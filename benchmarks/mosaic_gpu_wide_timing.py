@@ -72,16 +72,23 @@ FUSED_SHAPES = [((4096, 16384), jnp.bfloat16), ((2048, 16384), jnp.float16),
 FUSED_VARIANTS = {"wide": {}, "unrolled": dict(pass1_loop=False)}
 # The forward (--forward, with --fused the fused residual forward): one CTA
 # a row against rows split over a cluster of 2 or 4 CTAs ("s2", "s4"), one
-# or two CTAs resident per SM ("c2").
+# or two CTAs resident per SM ("c2"), on the persistent grid; and one row a
+# cluster ("row": per_row, the default split; "row_s2", "row_s4"; "row_st2"
+# with two pipeline stages).
 FWD_SHAPES = [((2048, 32768), jnp.bfloat16), ((1024, 65536), jnp.bfloat16),
               ((1024, 32768), jnp.float16), ((4096, 16384), jnp.bfloat16),
               ((2048, 16384), jnp.float16)]
 FUSED_FWD_SHAPES = [((2048, 32768), jnp.bfloat16),
                     ((1024, 65536), jnp.bfloat16),
                     ((4096, 16384), jnp.bfloat16)]
-FWD_VARIANTS = {"s1": dict(split=1), "s1c2": dict(split=1, ctas_per_sm=2),
+FWD_VARIANTS = {"s1": dict(split=1, per_row=False),
+                "s1c2": dict(split=1, ctas_per_sm=2),
                 "s2": dict(split=2), "s2c2": dict(split=2, ctas_per_sm=2),
-                "s4": dict(split=4), "s4c2": dict(split=4, ctas_per_sm=2)}
+                "s4": dict(split=4), "s4c2": dict(split=4, ctas_per_sm=2),
+                "row": dict(per_row=True),
+                "row_s2": dict(per_row=True, split=2),
+                "row_s4": dict(per_row=True, split=4),
+                "row_st2": dict(per_row=True, stages=2)}
 # Rows too wide for one CTA's registers or shared memory (--split, with
 # --fused the fused backward): split over a cluster of 2 or 4 CTAs ("wide"
 # is the default, the fewest CTAs that fit).
