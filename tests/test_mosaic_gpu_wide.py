@@ -536,6 +536,7 @@ def test_forward_plan_splits_rows_over_a_cluster(rows, hidden, dtype, kw,
 @pytest.mark.parametrize("rows,hidden,dtype,kw,split", [
     # The measured defaults: 16-bit fused rows from 16384 columns, the
     # forward at 65536, at most PER_ROW_CTA_COLS columns a CTA.
+    (4096, 12288, BF16, dict(has_residual=True), 1),
     (4096, 16384, BF16, dict(has_residual=True), 1),
     (2048, 32768, F16, dict(has_residual=True), 2),
     (1000, 24576, BF16, dict(has_residual=True), 2),
@@ -562,7 +563,8 @@ def test_forward_plan_launches_one_row_a_cluster(rows, hidden, dtype, kw,
 
 @pytest.mark.parametrize("rows,hidden,dtype,kw", [
     (2048, 32768, BF16, {}),  # the plain forward below 65536 columns
-    (4096, 12288, BF16, dict(has_residual=True)),
+    (4096, 11264, BF16, dict(has_residual=True)),
+    (2048, 24576, BF16, {}),  # the forward below 65536 columns
     (1024, 16384, F32, dict(has_residual=True)),
     (1024, 16384, BF16, dict(has_residual=True, scale_dtype=F32)),
     # 17408 columns split in two are not whole vectors of the warpgroup.
@@ -641,13 +643,15 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
     assert impl.cannot_serve(_call(op, hidden)) is None, (op, hidden)
   assert mg.wide_forward_reason(2048, 32768, BF16) is None
   assert "plan" in mg.wide_forward_reason(2048, 8192, BF16)
-  # The forward from 32768 columns and the fused forward from 16384 (one
-  # row a cluster) measured faster than Triton.
-  assert impl.auto_declines(_call("forward", 32768)) is None
+  # The forward of rows wider than 16384 columns and the fused forward from
+  # 12288 (one row a cluster) measured faster than Triton.
+  for hidden in (20480, 24576, 32768):
+    assert impl.auto_declines(_call("forward", hidden)) is None, hidden
   assert impl.auto_declines(_call("forward", 32768, F16)) is None
   assert "Triton" in impl.auto_declines(_call("forward", 16384))
-  assert impl.auto_declines(_call("residual_forward", 16384)) is None
-  assert "Triton" in impl.auto_declines(_call("residual_forward", 12288))
+  for hidden in (12288, 16384, 20480):
+    assert impl.auto_declines(_call("residual_forward", hidden)) is None
+  assert "Triton" in impl.auto_declines(_call("residual_forward", 8192))
   # What the wide forward does not compute, or cannot hold, stays declined.
   assert "bias" in impl.cannot_serve(_call("forward", 32768, has_bias=True))
   assert "232448" in impl.cannot_serve(_call("forward", 262144))
@@ -686,7 +690,8 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
 
 
 @pytest.mark.parametrize("op,hidden,least", [
-    ("residual_forward", 16384, 256), ("residual_forward", 24576, 256),
+    ("residual_forward", 12288, 256), ("residual_forward", 16384, 256),
+    ("residual_forward", 24576, 256), ("forward", 20480, 512),
     ("residual_forward", 32768, 1024), ("residual_forward", 65536, 1),
     ("forward", 32768, 512), ("forward", 65536, 1)])
 def test_auto_leaves_few_rows_of_the_wide_forward_to_triton(op, hidden,
@@ -729,7 +734,9 @@ def _fwd_case(rows, hidden, dtype, scale_dtype, residual, tag):
     (65, 8192, F32, F32, False, {}),
     (270, 32768, F16, None, False, {}),
     (101, 16384, BF16, BF16, True, {}),
-    (300, 12288, F16, F16, True, {}),
+    (300, 12288, F16, F16, True, {}),  # one row a CTA
+    (257, 20480, BF16, BF16, False, {}),  # "auto"'s forward past 16384
+    (129, 24576, F16, F32, False, {}),
     (1000, 32768, BF16, BF16, False, dict(grid=7)),  # many rows a CTA
     # The persistent grid where one row a cluster is the default, and one
     # row a cluster asked for with other splits and stages.

@@ -29,7 +29,7 @@ dh's row. The plain forward and fused forward (the same restrictions, every
 array in x's dtype) of rows the plans here cannot hold run
 ``mosaic_gpu_wide.forward``, which writes y over x's shared memory: both
 up to 65536 16-bit columns, split over a cluster of 2 or 4 CTAs where one
-does not hold the row (the fused forward from 16384 16-bit columns and the
+does not hold the row (the fused forward from 12288 16-bit columns and the
 forward at 65536 launch one row a cluster: ``mosaic_gpu_wide.per_row_default``).
 Other ops on rows that wide are left to
 ``PallasGpu``. The quantized forward writes 1-byte rows, so it
@@ -309,16 +309,22 @@ AUTO_WIDE_F32_SCALE_BWD_MIN_COLS = 32768
 # 2048x16384 f16 39.1-40.6 against 36.0), and so was the fused forward at
 # 12288-16384 (4096x16384 bf16 143.6 against 141.0). With a float32 scale
 # and y in x's dtype too: 2048x32768 bf16 102.4 against 117.8 (XLA 122.2);
-# at 65536 columns the wide forward cannot hold such rows.
-AUTO_WIDE_FWD_MIN_COLS = 32768
+# at 65536 columns the wide forward cannot hold such rows. Between 16384 and
+# 32768 columns the Triton kernel pads rows to 32768-column tiles, and the
+# wide forward is ahead: 2048x20480 bf16 49.0 against 61.1, 2048x24576 59.3
+# against 67.7; so "auto" takes it for rows wider than 16384 columns (the
+# next multiple of the 1024 it needs).
+AUTO_WIDE_FWD_MIN_COLS = 17408
 # backend="auto" takes the fused forward of 16-bit rows (every array in x's
 # dtype) from this many columns, where the wide forward launches one row a
 # cluster of 1, 2 or 4 CTAs (mosaic_gpu_wide.PER_ROW_CTA_COLS): H200, us,
-# wide kernel against the Triton kernel: 4096x16384 bf16 133.6 against
-# 138.3, 2048x32768 137.5 against 142.7, 1024x32768 f16 71.1 against 71.6;
-# at 65536 columns, where no Triton tiling holds the row and XLA ran it,
-# 1024x65536 bf16 141.4 against XLA's 193.8 (the persistent grid's 154.6).
-AUTO_WIDE_FUSED_FWD_MIN_COLS = 16384
+# wide kernel against the Triton kernel: 4096x12288 bf16 100.9 against
+# 104.1, 2048x12288 f16 52.3 against 57.7, 4096x16384 bf16 133.6 against
+# 138.3, 2048x20480 89.0 against 95.0, 2048x32768 137.5 against 142.7,
+# 1024x32768 f16 71.1 against 71.6; at 65536 columns, where no Triton tiling
+# holds the row and XLA ran it, 1024x65536 bf16 141.4 against XLA's 193.8
+# (the persistent grid's 154.6).
+AUTO_WIDE_FUSED_FWD_MIN_COLS = 12288
 # On few rows the Triton kernel's launch is ahead of the wide forward's: the
 # least rows "auto" gives the wide forward, by the narrowest width (columns)
 # each applies from. H200, jax 0.11.2, us, bf16, wide forward against the
@@ -328,9 +334,11 @@ AUTO_WIDE_FUSED_FWD_MIN_COLS = 16384
 # 38.10 against 37.41, 1024 (f16) 70.6 against 72.6; at 65536 the wide
 # forward is ahead from 32 rows (7.81 against XLA's 9.25 and 12.56). The
 # forward at 32768 columns (the persistent grid): 64 rows 5.73 against
-# 4.50, 256 11.49 against 10.53, 512 20.90 against 23.01; at 65536 (one row
-# a cluster) ahead from 32 rows (5.66 against 7.78) but for one case of
-# four (128 rows 12.64 against 11.20).
+# 4.50, 256 11.49 against 10.53, 512 20.90 against 23.01 (the same bound is
+# kept for 17408-32767 columns, not timed on few rows); at 65536 (one row a
+# cluster) ahead from 32 rows (5.66 against 7.78) but for one case of four
+# (128 rows 12.64 against 11.20). The fused forward's bound below 32768
+# columns was timed at 16384.
 AUTO_WIDE_FWD_MIN_ROWS = ((65536, 1), (0, 512))
 AUTO_WIDE_FUSED_FWD_MIN_ROWS = ((65536, 1), (32768, 1024), (0, 256))
 
@@ -681,10 +689,11 @@ class MosaicGpu(base.Implementation):
     ``AUTO_WIDE_FUSED_BWD_MIN_COLS_F32`` columns); the plain forward of
     16-bit rows of ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 8-9%
     faster (11% at 65536 columns, one row a cluster of 4 CTAs; 13% with a
-    float32 scale), and the fused forward of 16-bit rows of
-    ``AUTO_WIDE_FUSED_FWD_MIN_COLS`` columns (one row a cluster of 1, 2 or
-    4 CTAs), 0.7-4% faster than Triton and at 65536 columns 27% faster
-    than XLA, which runs it otherwise. With a float32 scale and dy in x's
+    float32 scale; 12-20% at 20480-24576, which Triton pads to 32768), and
+    the fused forward of 16-bit rows of ``AUTO_WIDE_FUSED_FWD_MIN_COLS``
+    columns (one row a cluster of 1, 2 or 4 CTAs), 0.7-9% faster than
+    Triton and at 65536 columns 27% faster than XLA, which runs it
+    otherwise; both on enough rows (``AUTO_WIDE_FWD_MIN_ROWS``). With a float32 scale and dy in x's
     dtype the wide fused backward is taken from
     ``AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS`` 16-bit columns and the wide
     backward from ``AUTO_WIDE_F32_SCALE_BWD_MIN_COLS`` (27-45% faster than

@@ -725,11 +725,15 @@ RSTD_COLS = 4
 # slower: the forward of 2048x32768 (2 CTAs a row 76.9 against 76.0; 4
 # CTAs 85.2) and of 4096x16384 (68.4 against 76.4 and Triton's 68.6), 8
 # CTAs a row (97.7-105.2 at 2048x32768), two stages (85.7) or two rows a
-# cluster (82.3). So ``per_row`` is the default for 16-bit rows (and a
-# scale of at most 2 bytes) in the fused forward from PER_ROW_FUSED_MIN_COLS
-# and in the forward from PER_ROW_MIN_COLS.
+# cluster (82.3). Narrower fused rows too: 4096x12288 bf16 (1 CTA a row)
+# 100.9 against 109.9 (Triton 104.1), 2048x12288 f16 52.3 against 57.2
+# (57.7), 2048x20480 bf16 (2) 89.0 against 91.0 (95.0). So ``per_row`` is
+# the default for 16-bit rows (and a scale of at most 2 bytes) in the fused
+# forward from PER_ROW_FUSED_MIN_COLS and in the forward from
+# PER_ROW_MIN_COLS (at 20480-24576 columns the forward's persistent grid is
+# level or ahead: 2048x20480 bf16 49.0 against 52.0).
 PER_ROW_CTA_COLS = 16384
-PER_ROW_FUSED_MIN_COLS = 16384
+PER_ROW_FUSED_MIN_COLS = 12288
 PER_ROW_MIN_COLS = 65536
 
 
