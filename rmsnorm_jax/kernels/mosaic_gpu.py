@@ -30,9 +30,9 @@ array in x's dtype) of rows the plans here cannot hold run
 ``mosaic_gpu_wide.forward``, which writes y over x's shared memory: both
 up to 65536 16-bit columns, split over a cluster of 2 or 4 CTAs where one
 does not hold the row (the fused forward from 12288 16-bit columns and the
-forward at 65536 launch one row a cluster: ``mosaic_gpu_wide.per_row_default``).
-Other ops on rows that wide are left to
-``PallasGpu``. The quantized forward writes 1-byte rows, so it
+forward at 65536 launch one row a cluster:
+``mosaic_gpu_wide.per_row_default``). Other ops on rows that wide are left
+to ``PallasGpu``. The quantized forward writes 1-byte rows, so it
 needs hidden a multiple of 128, and is planned as the forward with a
 float32 y (whose values it quantizes). The per-head scale
 (``Plan.head_rows``) and cast_mode "llama" (``mk.Arith``) are served by
@@ -343,16 +343,21 @@ AUTO_WIDE_FWD_MIN_ROWS = ((65536, 1), (0, 512))
 AUTO_WIDE_FUSED_FWD_MIN_ROWS = ((65536, 1), (32768, 1024), (0, 256))
 
 
-def _too_few_rows(call: base.Call, table) -> str | None:
-  """Why "auto" leaves a wide forward call of few rows to the Triton
-  kernel (``AUTO_WIDE_FWD_MIN_ROWS``), or None when it has enough."""
+def _too_few_rows(call: base.Call) -> str | None:
+  """Why "auto" leaves a wide forward or fused forward call of few rows to
+  the Triton kernel (``AUTO_WIDE_FWD_MIN_ROWS``,
+  ``AUTO_WIDE_FUSED_FWD_MIN_ROWS``), or None when it has enough."""
+  fused = call.op == "residual_forward"
+  table = AUTO_WIDE_FUSED_FWD_MIN_ROWS if fused else AUTO_WIDE_FWD_MIN_ROWS
   hidden = int(call.hidden)
   least = next(r for cols, r in table if hidden >= cols)
   if int(call.rows) >= least:
     return None
+  name = "AUTO_WIDE_FUSED_FWD_MIN_ROWS" if fused else "AUTO_WIDE_FWD_MIN_ROWS"
   return (f"{call.op}: on fewer than {least} rows of {hidden} columns the "
-          "Triton kernel measured faster than the wide forward "
-          "(mosaic_gpu.AUTO_WIDE_FWD_MIN_ROWS)")
+          f"Triton kernel measured faster than the wide forward "
+          f"(mosaic_gpu.{name})")
+
 # backend="auto" takes the backward of rows up to 4096 columns from this
 # many rows. H200 benchmark (docs/bench_h200.md: the full run of commit
 # 219efb0, which the later one repeats within 3%), us, this kernel against
@@ -693,7 +698,8 @@ class MosaicGpu(base.Implementation):
     the fused forward of 16-bit rows of ``AUTO_WIDE_FUSED_FWD_MIN_COLS``
     columns (one row a cluster of 1, 2 or 4 CTAs), 0.7-9% faster than
     Triton and at 65536 columns 27% faster than XLA, which runs it
-    otherwise; both on enough rows (``AUTO_WIDE_FWD_MIN_ROWS``). With a float32 scale and dy in x's
+    otherwise; both on enough rows (``AUTO_WIDE_FWD_MIN_ROWS``,
+    ``AUTO_WIDE_FUSED_FWD_MIN_ROWS``). With a float32 scale and dy in x's
     dtype the wide fused backward is taken from
     ``AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS`` 16-bit columns and the wide
     backward from ``AUTO_WIDE_F32_SCALE_BWD_MIN_COLS`` (27-45% faster than
@@ -740,10 +746,10 @@ class MosaicGpu(base.Implementation):
       return None
     if (call.op == "forward" and y_in_x16 and scale_dt in (x_dt, f32)
         and _auto_wide(call, AUTO_WIDE_FWD_MIN_COLS)):
-      return _too_few_rows(call, AUTO_WIDE_FWD_MIN_ROWS)
+      return _too_few_rows(call)
     if (call.op == "residual_forward" and x_dt.itemsize == 2 and same_dtypes
         and _auto_wide(call, AUTO_WIDE_FUSED_FWD_MIN_COLS)):
-      return _too_few_rows(call, AUTO_WIDE_FUSED_FWD_MIN_ROWS)
+      return _too_few_rows(call)
     if call.op == "residual_backward" and same_dtypes and _auto_wide(
         call, AUTO_WIDE_BWD_MIN_COLS if x_dt.itemsize == 2
         else AUTO_WIDE_FUSED_BWD_MIN_COLS_F32):
