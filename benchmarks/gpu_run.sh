@@ -38,6 +38,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -n 3 | tee -a "$LOG"
   export PYTHONPATH=$PYTHONPATH:/tmp/site
+  # quack's CUTLASS DSL finds its packages through a .pth file, which
+  # --target installs do not read.
+  if [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]; then
+    export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+  fi
 fi
 
 {
