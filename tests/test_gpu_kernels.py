@@ -274,6 +274,13 @@ def test_auto_declines_crossover():
   assert preferred(32768, 128, jnp.bfloat16)
   assert not preferred(1, 16384, jnp.bfloat16)
   assert not preferred(4, 16384, jnp.bfloat16)
+  # The forward of 8 such rows too; the fused forward of 8 stays.
+  assert not preferred(8, 16384, jnp.bfloat16)
+  assert preferred(64, 16384, jnp.bfloat16)
+  assert impl.auto_declines(
+      _call("residual_forward", 8, 16384, jnp.bfloat16)) is None
+  assert "fewer than 8 rows" in impl.auto_declines(
+      _call("residual_forward", 7, 16384, jnp.bfloat16))
   assert not preferred(2, 65536, jnp.float32)
   assert preferred(4096, 16384, jnp.bfloat16)
   assert not preferred(2**20, 2**12, jnp.bfloat16)  # > 2**31 elems

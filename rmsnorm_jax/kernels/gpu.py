@@ -47,8 +47,13 @@ SUPPORTED_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16),
 # padded columns or more. The kernel wins again at 4096 such rows; 8 to
 # 4096 rows of that width, and wider rows (walked in chunks), were not
 # measured: the boundary sits just above the rows where XLA was seen ahead.
+# Later (H200, jax 0.11.2, bf16, us, XLA against the kernel): the forward of
+# 8x16384 1.73 against 2.30, so the plain forward keeps XLA up to 8 rows
+# (AUTO_WIDE_FWD_MIN_ROWS); 64x16384 3.33 against 2.50. The fused forward
+# of 8x16384 stays with the kernel (4.22 against 2.91).
 AUTO_WIDE_COLS = 16384
 AUTO_WIDE_MIN_ROWS = 8
+AUTO_WIDE_FWD_MIN_ROWS = 9
 # Element offsets past 2**31 would need 64-bit pointer arithmetic in every
 # tile; such inputs (8 GiB of float32) stay on XLA under "auto".
 AUTO_MAX_ELEMENTS = 2**31 - 1
@@ -147,9 +152,11 @@ class PallasGpu(base.Implementation):
       return (f"{rows}x{hidden} elements need 64-bit offsets, which the "
               "kernel does not use")
     padded = gpu_tiling.next_pow2(hidden)
-    if padded >= AUTO_WIDE_COLS and rows < AUTO_WIDE_MIN_ROWS:
-      return (f"XLA measured faster for fewer than {AUTO_WIDE_MIN_ROWS} rows "
-              f"of {AUTO_WIDE_COLS} or more columns")
+    least = (AUTO_WIDE_FWD_MIN_ROWS if call.op == "forward"
+             else AUTO_WIDE_MIN_ROWS)
+    if padded >= AUTO_WIDE_COLS and rows < least:
+      return (f"XLA measured faster for fewer than {least} rows of "
+              f"{AUTO_WIDE_COLS} or more columns")
     itemsize = np.dtype(call.dtype).itemsize
     if (call.op == "forward" and len(call.scale_shape) == 2
         and rows * hidden * itemsize >= AUTO_PER_HEAD_FWD_MIN_BYTES):
