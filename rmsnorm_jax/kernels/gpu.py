@@ -49,11 +49,11 @@ SUPPORTED_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16),
 # measured: the boundary sits just above the rows where XLA was seen ahead.
 # Later (H200, jax 0.11.2, bf16, us, XLA against the kernel): the forward of
 # 8x16384 1.73 against 2.30, so the plain forward keeps XLA up to 8 rows
-# (AUTO_WIDE_FWD_MIN_ROWS); 64x16384 3.33 against 2.50. The fused forward
+# (AUTO_WIDE_MIN_ROWS_FORWARD); 64x16384 3.33 against 2.50. The fused forward
 # of 8x16384 stays with the kernel (4.22 against 2.91).
 AUTO_WIDE_COLS = 16384
 AUTO_WIDE_MIN_ROWS = 8
-AUTO_WIDE_FWD_MIN_ROWS = 9
+AUTO_WIDE_MIN_ROWS_FORWARD = 9
 # Element offsets past 2**31 would need 64-bit pointer arithmetic in every
 # tile; such inputs (8 GiB of float32) stay on XLA under "auto".
 AUTO_MAX_ELEMENTS = 2**31 - 1
@@ -152,7 +152,7 @@ class PallasGpu(base.Implementation):
       return (f"{rows}x{hidden} elements need 64-bit offsets, which the "
               "kernel does not use")
     padded = gpu_tiling.next_pow2(hidden)
-    least = (AUTO_WIDE_FWD_MIN_ROWS if call.op == "forward"
+    least = (AUTO_WIDE_MIN_ROWS_FORWARD if call.op == "forward"
              else AUTO_WIDE_MIN_ROWS)
     if padded >= AUTO_WIDE_COLS and rows < least:
       return (f"XLA measured faster for fewer than {least} rows of "
