@@ -12,6 +12,9 @@ cupy), so the report holds only the timed call's kernels: the kernel(s) of
 ``rmsnorm_jax`` and, as the rate the card reaches for the same bytes, the
 benchmark's "roofline" XLA elementwise op. The order of the cases and of
 their kernels is printed on stderr (``case <n> <label>``) to read the CSV by.
+
+``--peer quack`` profiles a peer's kernels instead (``PEER_CASES``), called
+as the benchmark's peer worker calls them, on the same inputs.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import sys
 import jax
 
 from rmsnorm_jax.bench import cases as bench_cases
+from rmsnorm_jax.bench import peer_worker
 from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
 
 # (label, op, rows, hidden, dtype, impl): the misses named in
@@ -75,6 +79,8 @@ CASES = [
      "bfloat16", "rmsnorm_jax_auto"),
     ("fwd_1024x65536_bf16_auto", "fwd", 1024, 65536, "bfloat16",
      "rmsnorm_jax_auto"),
+    ("fwd_4096x16384_bf16_auto", "fwd", 4096, 16384, "bfloat16",
+     "rmsnorm_jax_auto"),
     ("bwd_8192x5376_bf16_auto", "bwd", 8192, 5376, "bfloat16",
      "rmsnorm_jax_auto"),
     # The layers with float32 parameters on wide rows: flax's default dtypes
@@ -88,6 +94,13 @@ CASES = [
      "bfloat16", "rmsnorm_jax_linen"),
     ("linen_bwd_4096x16384_bf16", "linen_bwd", 4096, 16384, "bfloat16",
      "rmsnorm_jax_linen"),
+]
+
+# (label, op, rows, hidden, dtype) for ``--peer``: where a peer is ahead.
+PEER_CASES = [
+    ("fwd_4096x16384_bf16", "fwd", 4096, 16384, "bfloat16"),
+    ("fwd_2048x32768_bf16", "fwd", 2048, 32768, "bfloat16"),
+    ("fwd_1024x65536_bf16", "fwd", 1024, 65536, "bfloat16"),
 ]
 
 
@@ -107,9 +120,14 @@ def main(argv=None):
                   help="comma-separated labels (default: all)")
   ap.add_argument("--roofline", action=argparse.BooleanOptionalAction,
                   default=True, help="also profile the roofline op")
+  ap.add_argument("--peer", choices=peer_worker.PEERS,
+                  help="profile this peer's kernels (PEER_CASES) instead")
   args = ap.parse_args(argv)
   wanted = set(filter(None, args.cases.split(",")))
   start, stop = _profiler()
+  if args.peer:
+    _profile_peer(args.peer, wanted, start, stop)
+    return
   n = 0
   for label, op, rows, hidden, dtype, impl in CASES:
     if wanted and label not in wanted:
@@ -129,6 +147,28 @@ def main(argv=None):
       stop()
       print(f"case {n} {label} {cand.impl}", file=sys.stderr, flush=True)
       n += 1
+
+
+def _profile_peer(peer, wanted, start, stop):
+  import torch  # pylint: disable=import-outside-toplevel
+  found, missing = peer_worker._load_peers(torch)  # pylint: disable=protected-access
+  if peer not in found:
+    sys.exit(f"{peer} is not importable: {missing.get(peer)}")
+  gen = torch.Generator(device="cuda").manual_seed(0)
+  for n, (label, op, rows, hidden, dtype) in enumerate(PEER_CASES):
+    if wanted and label not in wanted:
+      continue
+    d = peer_worker._inputs(  # pylint: disable=protected-access
+        torch, op, rows, hidden, getattr(torch, dtype), gen, "cuda", 128)
+    fn = peer_worker._call(  # pylint: disable=protected-access
+        torch, peer, found[peer], op, d, 1e-6)
+    fn()
+    torch.cuda.synchronize()
+    start()
+    fn()
+    torch.cuda.synchronize()
+    stop()
+    print(f"case {n} {label} {peer}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

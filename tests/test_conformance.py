@@ -19,6 +19,7 @@ from rmsnorm_jax import base
 from rmsnorm_jax import reference
 
 from implementations import IMPLEMENTATIONS
+from gpu_test_util import hopper
 from numerics_util import assert_close, random, tol
 
 BACKENDS = [pytest.param(make, id=name) for name, make in IMPLEMENTATIONS]
@@ -251,3 +252,62 @@ def test_quantized_output_exports_with_symbolic_dims():
     x = random(rng, (*shape, hidden), jnp.float32)
     s = jnp.linspace(0.5, 1.5, hidden)
     _assert_same(exp.call(x, s), jax.jit(fn)(x, s), f"quantized at {shape}")
+
+
+# The default call's GPU routes ("auto" on a Hopper GPU), a shape each, and
+# the kernels its forward, fused forward and gradient lower to there ("xla":
+# none). The routes are gpu.py's and mosaic_gpu.py's tables
+# (tests/test_dispatch.py, tests/test_mosaic_gpu_wide.py); pinning them here
+# keeps the check below on every route.
+T, M = "triton", "mosaic_gpu"
+HOPPER_ROUTES = [
+    pytest.param((8, 16384), ({"xla"}, {T}, {M}), id="few_wide_rows"),
+    pytest.param((257, 4096), ({T}, {T}, {T}), id="triton"),
+    pytest.param((4096, 5120), ({T}, {T}, {T, M}), id="model_width"),
+    pytest.param((300, 16384), ({T}, {M}, {T, M}), id="wide_bwd"),
+    pytest.param((256, 12288), ({T}, {M}, {T, M}), id="fused_per_row"),
+    pytest.param((512, 32768), ({M}, {T}, {M}), id="wide_fwd"),
+    pytest.param((1024, 32768), ({M}, {M}, {M}), id="wide_split"),
+    pytest.param((64, 65536), ({M}, {M}, {M}), id="fwd_per_row"),
+]
+
+
+def _kernels(fn, *args) -> set[str]:
+  text = jax.jit(fn).trace(*args).lower().as_text()
+  found = {name for name, mark in ((M, "mosaic_gpu"),
+                                   (T, "__gpu$xla.gpu.triton"))
+           if mark in text}
+  return found or {"xla"}
+
+
+def _routes(x, res, scale):
+  """The kernels of the forward, the fused forward and the gradient."""
+  grad = jax.grad(lambda x, s: rj.rms_norm(x, s).astype(jnp.float32).sum(),
+                  argnums=(0, 1))
+  return (_kernels(lambda x, s: rj.rms_norm(x, s), x, scale),
+          _kernels(lambda x, s: rj.rms_norm_residual(x, res, s), x, scale),
+          _kernels(grad, x, scale))
+
+
+@hopper
+@pytest.mark.parametrize("shape,routes", HOPPER_ROUTES)
+def test_default_gpu_routes_under_strict_settings_match(shape, routes):
+  # Compiled, on the kernels "auto" picks: rank promotion "raise", strict
+  # dtype promotion, x64, debug_nans and debug_infs together change neither
+  # the route nor a bit of any entry point's outputs and gradients, and
+  # raise no false alarm (the wide kernels leave out-of-bounds tile reads
+  # undefined and mask them).
+  rng = np.random.default_rng(shape[0] * 7 + shape[1])
+  x = random(rng, shape, jnp.bfloat16, mean=0.3)
+  res = random(rng, shape, jnp.bfloat16, mean=0.5)
+  scale = random(rng, shape[-1:], jnp.bfloat16, mean=1.0, scale=0.3)
+  assert _routes(x, res, scale) == routes
+  want = _every_entry_point("auto", x, res, scale)
+  with jax.numpy_rank_promotion("raise"), \
+      jax.numpy_dtype_promotion("strict"), jax.enable_x64(True), \
+      jax.debug_nans(True), jax.debug_infs(True):
+    got = _every_entry_point("auto", x, res, scale)
+    assert _routes(x, res, scale) == routes
+  _assert_same(got, want, f"strict settings, routes {routes}")
+  for leaf in jax.tree.leaves(got):
+    assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
