@@ -534,7 +534,7 @@ def test_forward_plan_splits_rows_over_a_cluster(rows, hidden, dtype, kw,
 
 
 @pytest.mark.parametrize("rows,hidden,dtype,kw,split", [
-    # The measured defaults: 16-bit fused rows from 16384 columns, the
+    # The measured defaults: 16-bit fused rows from 12288 columns, the
     # forward at 65536, at most PER_ROW_CTA_COLS columns a CTA.
     (4096, 12288, BF16, dict(has_residual=True), 1),
     (4096, 16384, BF16, dict(has_residual=True), 1),

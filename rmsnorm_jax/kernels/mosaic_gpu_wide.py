@@ -732,6 +732,19 @@ RSTD_COLS = 4
 # forward from PER_ROW_FUSED_MIN_COLS and in the forward from
 # PER_ROW_MIN_COLS (at 20480-24576 columns the forward's persistent grid is
 # level or ahead: 2048x20480 bf16 49.0 against 52.0).
+# A CTA of one row holds the row's values in registers between its two
+# passes: these CTAs issue from one warpgroup, 4-12 warps a SM, and Nsight
+# Compute finds the issue slots 29-30% busy with one warp a scheduler
+# (docs/gpu_profile_h200.md), so an instruction less an element is time.
+# H200, us, held against read again from shared memory: forward 1024x65536
+# bf16 78.1 against 79.5 and 512x65536 f16 41.5 against 41.9 (the
+# benchmark); a sweep of one session 77.9 against 80.6; the fused forward
+# level (the benchmark, seven shapes: 0.99-1.02x). Held on the persistent
+# grid, whose CTAs loop over rows, the forward of 2048x32768 was slower
+# (78.3 against 77.2): not kept. One row a cluster with the row held takes
+# the forward of 2048x32768 bf16 from 75.0 to 73.2 but of 1024x32768 from
+# 37.8 to 39.3 and of 512x32768 from 20.5 to 22.2 (not profiled), so the
+# forward keeps the persistent grid below PER_ROW_MIN_COLS.
 PER_ROW_CTA_COLS = 16384
 PER_ROW_FUSED_MIN_COLS = 12288
 PER_ROW_MIN_COLS = 65536
@@ -887,6 +900,11 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
   inv_h = 1.0 / hidden
   shape = (1, C)
   tile = (1, THREADS * plan.vec)
+  # A CTA of one row (one row a cluster) keeps the row's values in
+  # registers, in x's dtype, between the sum of squares and y; one that
+  # loops over rows reads them again from shared memory (see
+  # PER_ROW_CTA_COLS).
+  hold = plan.steps == 1
   view = jax.ShapeDtypeStruct((rows, hidden // k, k), x.dtype)
   out_types = [view] + ([view] if has_res else []) + [
       jax.ShapeDtypeStruct((rows, RSTD_COLS), _F32)]
@@ -928,19 +946,27 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
       x2 = x_b.reshape(nch, C)
       r2 = r_b.reshape(nch, C) if has_res else None
 
-      def square(c, acc):
+      def square(c, acc, held=None):
         sl = pl.ds(c, 1)
-        v = cast.load(x2, sl, full)
+        v = plgpu.layout_cast(x2[sl, full], cast.full)
         if has_res:
-          h = (v + cast.load(r2, sl, full)).astype(r2.dtype)
+          v = (v.astype(_F32) + cast.load(r2, sl, full)).astype(r2.dtype)
           # Each thread reads back only what it wrote (same layout).
-          r2[sl, full] = h
-          v = h.astype(_F32)
+          r2[sl, full] = v
+        if held is not None:
+          held.append(v)
+        v = v.astype(_F32)
         return acc + v * v
 
-      acc = lax.fori_loop(0, nch, square,
-                          plgpu.layout_cast(jnp.zeros(shape, _F32),
-                                            cast.full))
+      zero = plgpu.layout_cast(jnp.zeros(shape, _F32), cast.full)
+      held = [] if hold else None
+      if hold:
+        # Unrolled, so that each chunk's values stay in registers for y.
+        acc = zero
+        for c in range(nch):
+          acc = square(c, acc, held)
+      else:
+        acc = lax.fori_loop(0, nch, square, zero)
       sumsq = _cluster_row_sum(jnp.sum(acc, axis=1), slots, idx[0] % 2,
                                split, cast.row)
       rstd = lax.rsqrt(sumsq * inv_h + eps)
@@ -955,7 +981,9 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
         # barrier keeps the compilers from loading later chunks early
         # (``backward``'s ``fence``).
         sl = pl.ds(c, 1)
-        y = cast.load(r2 if has_res else x2, sl, full) * rb
+        v = (held[c].astype(_F32) if hold
+             else cast.load(r2 if has_res else x2, sl, full))
+        y = v * rb
         if has_scale:
           y = y * _scale_row(cast, w_s, c, offset)
         x2[sl, full] = lax.optimization_barrier(y).astype(x2.dtype)
