@@ -274,9 +274,16 @@ def test_auto_declines_crossover():
   assert preferred(32768, 128, jnp.bfloat16)
   assert not preferred(1, 16384, jnp.bfloat16)
   assert not preferred(4, 16384, jnp.bfloat16)
-  # The forward of 8 such rows too; the fused forward of 8 stays.
+  # The forward of up to 48 such rows too, of 8 rows from 32768 columns;
+  # the fused forward of 8 stays.
   assert not preferred(8, 16384, jnp.bfloat16)
-  assert preferred(64, 16384, jnp.bfloat16)
+  assert "fewer than 49 rows of 16384" in impl.auto_declines(
+      _call("forward", 48, 16384, jnp.bfloat16))
+  assert preferred(49, 16384, jnp.bfloat16)
+  assert "fewer than 9 rows of 32768" in impl.auto_declines(
+      _call("forward", 8, 32768, jnp.bfloat16))
+  assert preferred(9, 32768, jnp.bfloat16)
+  assert preferred(16, 65536, jnp.bfloat16)
   assert impl.auto_declines(
       _call("residual_forward", 8, 16384, jnp.bfloat16)) is None
   assert "fewer than 8 rows" in impl.auto_declines(

@@ -382,3 +382,21 @@ def test_shipped_files_pass_the_schema():
       data = json.load(fp)
     assert gpu_tiling.validate_table(data, path)
     assert gpu_tiling.device_slug(data["device_kind"]) + ".json" == name
+
+
+def test_shipped_entries_serve_the_calls_they_were_measured_on():
+  # No shipped entry is shadowed by another of its class: the call each
+  # was measured on (its op, rows and width) gets its knobs, e.g. the few
+  # wide rows of a class whose other entry was measured on 4096 rows.
+  for name in os.listdir(gpu_tiling.TUNING_DIR):
+    if not name.endswith(".json"):
+      continue
+    with open(os.path.join(gpu_tiling.TUNING_DIR, name)) as fp:
+      data = json.load(fp)
+    for e in data["entries"]:
+      want = e["chosen"] if e["decision"] == "tuned" else {}
+      got = gpu_tiling.tuned_knobs(data["device_kind"], e["op"], e["rows"],
+                                   e["cols"], e["itemsize"],
+                                   e.get("hidden", e["cols"]))
+      assert got == want, (name, e["op"], e["rows"], e.get("hidden"),
+                           e["cols"])

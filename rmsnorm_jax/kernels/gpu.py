@@ -47,13 +47,19 @@ SUPPORTED_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16),
 # padded columns or more. The kernel wins again at 4096 such rows; 8 to
 # 4096 rows of that width, and wider rows (walked in chunks), were not
 # measured: the boundary sits just above the rows where XLA was seen ahead.
-# Later (H200, jax 0.11.2, bf16, us, XLA against the kernel): the forward of
-# 8x16384 1.73 against 2.30, so the plain forward keeps XLA up to 8 rows
-# (AUTO_WIDE_MIN_ROWS_FORWARD); 64x16384 3.33 against 2.50. The fused forward
-# of 8x16384 stays with the kernel (4.22 against 2.91).
+# Later (H200, jax 0.11.2, bf16, us, XLA against the kernel), the plain
+# forward: 8x16384 1.73 against 2.30, 16x16384 1.8 against 2.3, 32x16384
+# 1.9 against 2.4, 48x16384 2.29 against 2.40, 64x16384 3.33 against 2.50;
+# wider rows favour the kernel sooner: 16x32768 3.87 against 3.42, 48x32768
+# 6.34 against 4.30, 16x65536 5.02 against 3.71. So the plain forward keeps
+# XLA below AUTO_WIDE_MIN_ROWS_FORWARD rows: (least padded width, least rows
+# of the kernel), the first that applies; the bound at 32768 columns and
+# more is the 8 rows of 16384 carried over (fewer than 16 rows not timed
+# there). The fused forward of 8x16384 stays with the kernel (4.22 against
+# 2.91).
 AUTO_WIDE_COLS = 16384
 AUTO_WIDE_MIN_ROWS = 8
-AUTO_WIDE_MIN_ROWS_FORWARD = 9
+AUTO_WIDE_MIN_ROWS_FORWARD = ((2 * AUTO_WIDE_COLS, 9), (AUTO_WIDE_COLS, 49))
 # Element offsets past 2**31 would need 64-bit pointer arithmetic in every
 # tile; such inputs (8 GiB of float32) stay on XLA under "auto".
 AUTO_MAX_ELEMENTS = 2**31 - 1
@@ -152,11 +158,13 @@ class PallasGpu(base.Implementation):
       return (f"{rows}x{hidden} elements need 64-bit offsets, which the "
               "kernel does not use")
     padded = gpu_tiling.next_pow2(hidden)
-    least = (AUTO_WIDE_MIN_ROWS_FORWARD if call.op == "forward"
-             else AUTO_WIDE_MIN_ROWS)
-    if padded >= AUTO_WIDE_COLS and rows < least:
+    wide, least = AUTO_WIDE_COLS, AUTO_WIDE_MIN_ROWS
+    if call.op == "forward":
+      wide, least = next(((c, n) for c, n in AUTO_WIDE_MIN_ROWS_FORWARD
+                          if padded >= c), (wide, least))
+    if padded >= wide and rows < least:
       return (f"XLA measured faster for fewer than {least} rows of "
-              f"{AUTO_WIDE_COLS} or more columns")
+              f"{wide} or more columns")
     itemsize = np.dtype(call.dtype).itemsize
     if (call.op == "forward" and len(call.scale_shape) == 2
         and rows * hidden * itemsize >= AUTO_PER_HEAD_FWD_MIN_BYTES):
