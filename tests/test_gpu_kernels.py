@@ -55,9 +55,11 @@ DTYPES = [pytest.param(d, id=np.dtype(d).name) for d in shapes.DTYPES]
 SHAPES = [pytest.param(s, id="x".join(map(str, s)))
           for s in shapes.CORRECTNESS]
 # Only compiled: sizes that need a real SM count to exercise multi-step
-# persistent programs, and rows wider than the resident limit.
+# persistent programs, rows wider than the resident limit, and the tuned
+# launches of a few hundred wide rows (the H200 file's 256-row entries).
 GPU_SHAPES = [pytest.param(s, id="x".join(map(str, s)))
-              for s in ((4099, 1024), (300, 16384), (5, 32771), (2, 65536))]
+              for s in ((4099, 1024), (300, 16384), (257, 12288), (5, 32771),
+                        (2, 65536))]
 
 
 def _rows_view(shape):
