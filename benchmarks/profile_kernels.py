@@ -155,9 +155,9 @@ def _profile_peer(peer, wanted, start, stop):
   if peer not in found:
     sys.exit(f"{peer} is not importable: {missing.get(peer)}")
   gen = torch.Generator(device="cuda").manual_seed(0)
-  for n, (label, op, rows, hidden, dtype) in enumerate(PEER_CASES):
-    if wanted and label not in wanted:
-      continue
+  cases = [c for c in PEER_CASES if not wanted or c[0] in wanted]
+  # n counts the profiled calls, as in main: the CSV's order.
+  for n, (label, op, rows, hidden, dtype) in enumerate(cases):
     d = peer_worker._inputs(  # pylint: disable=protected-access
         torch, op, rows, hidden, getattr(torch, dtype), gen, "cuda", 128)
     fn = peer_worker._call(  # pylint: disable=protected-access
