@@ -74,7 +74,7 @@ FUSED_VARIANTS = {"wide": {}, "unrolled": dict(pass1_loop=False)}
 # a row against rows split over a cluster of 2 or 4 CTAs ("s2", "s4"), one
 # or two CTAs resident per SM ("c2"), on the persistent grid; and one row a
 # cluster ("row": per_row, the default split; "row_s2", "row_s4"; "row_st2"
-# with two pipeline stages).
+# with two pipeline stages). ``--shapes`` times other shapes instead.
 FWD_SHAPES = [((2048, 32768), jnp.bfloat16), ((1024, 65536), jnp.bfloat16),
               ((1024, 32768), jnp.float16), ((4096, 16384), jnp.bfloat16),
               ((2048, 16384), jnp.float16)]
@@ -275,6 +275,9 @@ def main():
                   help="rows split over clusters (SPLIT_SHAPES)")
   ap.add_argument("--forward", action="store_true",
                   help="the forward (with --fused, the fused forward)")
+  ap.add_argument("--shapes", default=None,
+                  help="comma-separated RxH:dtype shapes instead of the "
+                  "built-in lists")
   ap.add_argument("--variants", default=None,
                   help="comma-separated variant names to time (default: all)")
   args = ap.parse_args()
@@ -293,6 +296,13 @@ def main():
     shapes = [(s, d, FUSED_VARIANTS) for s, d in FUSED_SHAPES]
   elif not args.no_extra:
     shapes += [(s, d, EXTRA_VARIANTS) for s, d in EXTRA_SHAPES]
+  if args.shapes:
+    table_variants = shapes[0][2]
+    shapes = []
+    for spec in args.shapes.split(","):
+      dims, dt = spec.split(":")
+      r, h = (int(v) for v in dims.split("x"))
+      shapes.append(((r, h), jnp.dtype(dt), table_variants))
   for (rows, hidden), dtype, variants in shapes:
     if args.variants:
       variants = {k: v for k, v in variants.items()

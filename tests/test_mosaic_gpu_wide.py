@@ -543,6 +543,10 @@ def test_forward_plan_splits_rows_over_a_cluster(rows, hidden, dtype, kw,
     (1024, 65536, BF16, dict(has_residual=True), 4),
     (1024, 65536, F16, {}, 4),
     (7, 65536, BF16, dict(has_scale=False), 4),
+    # The forward of 12288-16384 columns, one row a CTA.
+    (4096, 16384, BF16, {}, 1),
+    (2048, 12288, F16, {}, 1),
+    (384, 13312, BF16, dict(has_scale=False), 1),
     # Asked for: a split, two stages.
     (300, 32768, BF16, dict(per_row=True, split=4), 4),
     (300, 16384, F16, dict(per_row=True, stages=2), 1),
@@ -565,6 +569,7 @@ def test_forward_plan_launches_one_row_a_cluster(rows, hidden, dtype, kw,
     (2048, 32768, BF16, {}),  # the plain forward below 65536 columns
     (4096, 11264, BF16, dict(has_residual=True)),
     (2048, 24576, BF16, {}),  # the forward below 65536 columns
+    (2048, 16384, BF16, dict(scale_dtype=F32)),  # not measured per row
     (1024, 16384, F32, dict(has_residual=True)),
     (1024, 16384, BF16, dict(has_residual=True, scale_dtype=F32)),
     # 17408 columns split in two are not whole vectors of the warpgroup.
@@ -648,7 +653,15 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
   for hidden in (20480, 24576, 32768):
     assert impl.auto_declines(_call("forward", hidden)) is None, hidden
   assert impl.auto_declines(_call("forward", 32768, F16)) is None
-  assert "Triton" in impl.auto_declines(_call("forward", 16384))
+  # From 12288 columns to 16384 the forward runs one row a CTA, which
+  # measured faster than Triton with the scale in x's dtype; "auto" keeps
+  # the Triton kernel for narrower rows and a float32 scale there.
+  assert mg.wide_forward_reason(2048, 12288, BF16) is None
+  for hidden in (12288, 13312, 16384):
+    assert impl.auto_declines(_call("forward", hidden)) is None, hidden
+  assert "Triton" in impl.auto_declines(_call("forward", 8192))
+  assert "Triton" in impl.auto_declines(
+      _call("forward", 16384, scale_dtype=F32))
   for hidden in (12288, 16384, 20480):
     assert impl.auto_declines(_call("residual_forward", hidden)) is None
   assert "Triton" in impl.auto_declines(_call("residual_forward", 8192))
@@ -686,6 +699,8 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
   assert dispatch.explain("auto", platform="cuda", shape=(2048, 32768),
                           dtype=BF16, op="forward") == "mosaic_gpu"
   assert dispatch.explain("auto", platform="cuda", shape=(2048, 16384),
+                          dtype=BF16, op="forward") == "mosaic_gpu"
+  assert dispatch.explain("auto", platform="cuda", shape=(2048, 8192),
                           dtype=BF16, op="forward").startswith("pallas_gpu")
 
 
@@ -693,7 +708,8 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
     ("residual_forward", 12288, 256), ("residual_forward", 16384, 256),
     ("residual_forward", 24576, 256), ("forward", 20480, 512),
     ("residual_forward", 32768, 1024), ("residual_forward", 65536, 1),
-    ("forward", 32768, 512), ("forward", 65536, 1)])
+    ("forward", 32768, 512), ("forward", 65536, 1), ("forward", 16384, 384),
+    ("forward", 12288, 384)])
 def test_auto_leaves_few_rows_of_the_wide_forward_to_triton(op, hidden,
                                                            least):
   impl = MosaicGpu()
@@ -735,6 +751,8 @@ def _fwd_case(rows, hidden, dtype, scale_dtype, residual, tag):
     (270, 32768, F16, None, False, {}),
     (101, 16384, BF16, BF16, True, {}),
     (300, 12288, F16, F16, True, {}),  # one row a CTA
+    (301, 12288, BF16, BF16, False, {}),  # the forward, one row a CTA
+    (129, 13312, F16, F16, False, {}),  # 13 chunks of 1024 columns
     (257, 20480, BF16, BF16, False, {}),  # "auto"'s forward past 16384
     (129, 24576, F16, F32, False, {}),
     (1000, 32768, BF16, BF16, False, dict(grid=7)),  # many rows a CTA

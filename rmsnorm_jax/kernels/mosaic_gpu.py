@@ -30,8 +30,9 @@ array in x's dtype) of rows the plans here cannot hold run
 ``mosaic_gpu_wide.forward``, which writes y over x's shared memory: both
 up to 65536 16-bit columns, split over a cluster of 2 or 4 CTAs where one
 does not hold the row (the fused forward from 12288 16-bit columns and the
-forward at 65536 launch one row a cluster:
-``mosaic_gpu_wide.per_row_default``). Other ops on rows that wide are left
+forward at 12288-16384 and 65536 launch one row a cluster:
+``mosaic_gpu_wide.per_row_default``; the forward of 12288 16-bit columns
+runs it too, though the plans here hold such rows). Other ops on rows that wide are left
 to ``PallasGpu``. The quantized forward writes 1-byte rows, so it
 needs hidden a multiple of 128, and is planned as the forward with a
 float32 y (whose values it quantizes). The per-head scale
@@ -313,8 +314,15 @@ AUTO_WIDE_F32_SCALE_BWD_MIN_COLS = 32768
 # 32768 columns the Triton kernel pads rows to 32768-column tiles, and the
 # wide forward is ahead: 2048x20480 bf16 49.0 against 61.1, 2048x24576 59.3
 # against 67.7; so "auto" takes it for rows wider than 16384 columns (the
-# next multiple of the 1024 it needs).
-AUTO_WIDE_FWD_MIN_COLS = 17408
+# next multiple of the 1024 it needs) with a float32 scale
+# (AUTO_WIDE_F32_SCALE_FWD_MIN_COLS). With the scale in x's dtype it runs
+# from 12288 columns: there the wide forward launches one row a CTA and
+# holds the row in registers (mosaic_gpu_wide.PER_ROW_FWD_MIN_COLS), ahead
+# of the Triton kernel by 3-8% (4096x16384 bf16 66.6 against 68.7,
+# 4096x12288 52.4 against 54.2, 2048x13312 28.0 against 30.5); at 12288
+# columns it also takes rows this module's plans hold.
+AUTO_WIDE_FWD_MIN_COLS = 12288
+AUTO_WIDE_F32_SCALE_FWD_MIN_COLS = 17408
 # backend="auto" takes the fused forward of 16-bit rows (every array in x's
 # dtype) from this many columns, where the wide forward launches one row a
 # cluster of 1, 2 or 4 CTAs (mosaic_gpu_wide.PER_ROW_CTA_COLS): H200, us,
@@ -338,8 +346,10 @@ AUTO_WIDE_FUSED_FWD_MIN_COLS = 12288
 # kept for 17408-32767 columns, not timed on few rows); at 65536 (one row a
 # cluster) ahead from 32 rows (5.66 against 7.78) but for one case of four
 # (128 rows 12.64 against 11.20). The fused forward's bound below 32768
-# columns was timed at 16384.
-AUTO_WIDE_FWD_MIN_ROWS = ((65536, 1), (0, 512))
+# columns was timed at 16384. The forward of 12288-16384 columns (one row
+# a CTA): 384 rows of 16384 7.3 against 8.7, 512 9.7 against 9.6, 256 5.7
+# against the tuned Triton launch's 5.4.
+AUTO_WIDE_FWD_MIN_ROWS = ((65536, 1), (17408, 512), (0, 384))
 AUTO_WIDE_FUSED_FWD_MIN_ROWS = ((65536, 1), (32768, 1024), (0, 256))
 
 
@@ -509,6 +519,10 @@ def wide_forward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
          has_scale=has_scale, scale_size=_itemsize(scale_dtype or dtype))
   except ValueError:
     return None  # only the wide kernel serves it
+  if not has_residual and mw.per_row_default(
+      hidden, s, _itemsize(scale_dtype or dtype) if has_scale else None,
+      False):
+    return None  # one row a CTA measured faster (mw.PER_ROW_FWD_MIN_COLS)
   return f"rows of {hidden} columns take this module's forward plan"
 
 
@@ -692,9 +706,11 @@ class MosaicGpu(base.Implementation):
     ``WIDE_BWD_MIN_COLS``), and so does the plain fused backward, 20-30%
     faster (there and on float32 rows of
     ``AUTO_WIDE_FUSED_BWD_MIN_COLS_F32`` columns); the plain forward of
-    16-bit rows of ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 8-9%
-    faster (11% at 65536 columns, one row a cluster of 4 CTAs; 13% with a
-    float32 scale; 12-20% at 20480-24576, which Triton pads to 32768), and
+    16-bit rows of ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 3-8%
+    faster at 12288-16384 (one row a CTA), 8-9% at 32768 (11% at 65536
+    columns, one row a cluster of 4 CTAs; 13% with a float32 scale, from
+    ``AUTO_WIDE_F32_SCALE_FWD_MIN_COLS``; 12-20% at 20480-24576, which
+    Triton pads to 32768), and
     the fused forward of 16-bit rows of ``AUTO_WIDE_FUSED_FWD_MIN_COLS``
     columns (one row a cluster of 1, 2 or 4 CTAs), 0.7-9% faster than
     Triton and at 65536 columns 27% faster than XLA, which runs it
@@ -745,7 +761,8 @@ class MosaicGpu(base.Implementation):
                        else AUTO_WIDE_F32_SCALE_BWD_MIN_COLS)):
       return None
     if (call.op == "forward" and y_in_x16 and scale_dt in (x_dt, f32)
-        and _auto_wide(call, AUTO_WIDE_FWD_MIN_COLS)):
+        and _auto_wide(call, AUTO_WIDE_FWD_MIN_COLS if scale_dt == x_dt
+                       else AUTO_WIDE_F32_SCALE_FWD_MIN_COLS)):
       return _too_few_rows(call)
     if (call.op == "residual_forward" and x_dt.itemsize == 2 and same_dtypes
         and _auto_wide(call, AUTO_WIDE_FUSED_FWD_MIN_COLS)):

@@ -744,10 +744,26 @@ RSTD_COLS = 4
 # (78.3 against 77.2): not kept. One row a cluster with the row held takes
 # the forward of 2048x32768 bf16 from 75.0 to 73.2 but of 1024x32768 from
 # 37.8 to 39.3 and of 512x32768 from 20.5 to 22.2 (not profiled), so the
-# forward keeps the persistent grid below PER_ROW_MIN_COLS.
+# forward keeps the persistent grid from 17408 columns below
+# PER_ROW_MIN_COLS.
+# With the row held, one row a CTA is the forward's default from
+# PER_ROW_FWD_MIN_COLS to PER_ROW_CTA_COLS columns too (three CTAs of 168
+# registers a thread a SM). H200, jax 0.11.2, us, against the Triton kernel
+# "auto" ran there before: 4096x16384 bf16 66.6 against 68.7, 8192x16384
+# 130.4 against 136.4, 4096x16384 f16 66.4 against 70.0, 4096x15360 bf16
+# 61.8 against 65.8, 2048x13312 28.0 against 30.5, 4096x12288 52.4 against
+# 54.2, 2048x12288 f16 27.9 against 29.0 (the benchmark and the timing
+# script); at 8192 columns and fewer it is behind (8192x8192 bf16 68.0
+# against 67.2, 2048x8192 f16 19.0 against 18.1, 8192x4096 35.7 against
+# 34.7). Reading the scale into registers from global memory instead of
+# shared memory (fewer bytes a CTA, more CTAs a SM) was slower at every
+# width timed (forward 1024x65536 88.4 against 78.9, fused forward
+# 4096x16384 142.5 against 133.6; early loads spilled or held 254
+# registers): not kept.
 PER_ROW_CTA_COLS = 16384
 PER_ROW_FUSED_MIN_COLS = 12288
 PER_ROW_MIN_COLS = 65536
+PER_ROW_FWD_MIN_COLS = 12288
 
 
 def _per_row_split(hidden: int, x_size: int) -> int | None:
@@ -763,10 +779,16 @@ def per_row_default(hidden: int, x_size: int, scale_size: int | None,
                     has_residual: bool) -> bool:
   """Whether ``forward_plan`` launches one row a cluster by default (see
   ``PER_ROW_CTA_COLS``): the measured cases, where some split keeps each
-  CTA's part to ``PER_ROW_CTA_COLS`` columns."""
-  return (x_size == 2 and (scale_size or 0) <= 2
-          and hidden >= (PER_ROW_FUSED_MIN_COLS if has_residual
-                         else PER_ROW_MIN_COLS)
+  CTA's part to ``PER_ROW_CTA_COLS`` columns: 16-bit rows with a scale of
+  at most 2 bytes, the fused forward from ``PER_ROW_FUSED_MIN_COLS``
+  columns, the forward from ``PER_ROW_FWD_MIN_COLS`` to
+  ``PER_ROW_CTA_COLS`` and from ``PER_ROW_MIN_COLS``."""
+  if has_residual:
+    wide_enough = hidden >= PER_ROW_FUSED_MIN_COLS
+  else:
+    wide_enough = (hidden >= PER_ROW_MIN_COLS
+                   or PER_ROW_FWD_MIN_COLS <= hidden <= PER_ROW_CTA_COLS)
+  return (x_size == 2 and (scale_size or 0) <= 2 and wide_enough
           and _per_row_split(hidden, x_size) is not None)
 
 
