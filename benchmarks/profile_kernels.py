@@ -81,6 +81,10 @@ CASES = [
      "rmsnorm_jax_auto"),
     ("fwd_4096x16384_bf16_auto", "fwd", 4096, 16384, "bfloat16",
      "rmsnorm_jax_auto"),
+    ("fused_fwd_2048x32768_bf16_auto", "fused_fwd", 2048, 32768,
+     "bfloat16", "rmsnorm_jax_auto"),
+    ("fused_fwd_1024x65536_bf16_auto", "fused_fwd", 1024, 65536,
+     "bfloat16", "rmsnorm_jax_auto"),
     ("bwd_8192x5376_bf16_auto", "bwd", 8192, 5376, "bfloat16",
      "rmsnorm_jax_auto"),
     # The layers with float32 parameters on wide rows: flax's default dtypes
@@ -101,6 +105,8 @@ PEER_CASES = [
     ("fwd_4096x16384_bf16", "fwd", 4096, 16384, "bfloat16"),
     ("fwd_2048x32768_bf16", "fwd", 2048, 32768, "bfloat16"),
     ("fwd_1024x65536_bf16", "fwd", 1024, 65536, "bfloat16"),
+    ("fused_fwd_2048x32768_bf16", "fused_fwd", 2048, 32768, "bfloat16"),
+    ("fused_fwd_1024x65536_bf16", "fused_fwd", 1024, 65536, "bfloat16"),
 ]
 
 
