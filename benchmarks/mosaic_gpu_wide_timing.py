@@ -201,14 +201,16 @@ def time_shape(rows, hidden, dtype, reps, variants, fused=False):
   return results, n_sets
 
 
-def time_forward(rows, hidden, dtype, reps, variants, fused=False):
+def time_forward(rows, hidden, dtype, reps, variants, fused=False,
+                 scale_dtype=None):
   """The forward's (or fused forward's) candidates on one shape, each
-  variant's y (and h) and rstd first compared with the Triton kernel's."""
+  variant's y (and h) and rstd first compared with the Triton kernel's;
+  the scale in ``scale_dtype`` (default x's)."""
   n_bytes = rows * hidden * np.dtype(dtype).itemsize * (1 + fused)
   n_sets = int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / n_bytes))))
   sets = _sets(rows, hidden, dtype, n_sets)
   w = (jax.random.normal(jax.random.key(2), (hidden,), jnp.float32) * 0.1
-       + 1).astype(dtype)
+       + 1).astype(scale_dtype or dtype)
   norm = base.Norm(eps=EPS, out_dtype=np.dtype(dtype))
   triton = PallasGpu()
   if fused:
@@ -230,6 +232,7 @@ def time_forward(rows, hidden, dtype, reps, variants, fused=False):
         x, w, r, eps=EPS, **kw), f"mgw_{vname}")
     try:
       p = mw.forward_plan(rows, hidden, x_dtype=dtype, has_residual=fused,
+                          scale_dtype=w.dtype,
                           sms=mw.gpu_tiling.num_sms(), **kw)
     except ValueError as e:  # a variant the shape does not fit
       print(f"  {vname}: not planned: {e}", flush=True)
@@ -278,6 +281,8 @@ def main():
   ap.add_argument("--shapes", default=None,
                   help="comma-separated RxH:dtype shapes instead of the "
                   "built-in lists")
+  ap.add_argument("--scale-dtype", default=None,
+                  help="the forward's scale dtype (default x's)")
   ap.add_argument("--variants", default=None,
                   help="comma-separated variant names to time (default: all)")
   args = ap.parse_args()
@@ -311,9 +316,12 @@ def main():
     print(name, flush=True)
     t0 = time.perf_counter()
     try:
-      timer = time_forward if args.forward else time_shape
-      res, n_sets = timer(rows, hidden, dtype, args.reps, variants,
-                          args.fused)
+      if args.forward:
+        res, n_sets = time_forward(rows, hidden, dtype, args.reps, variants,
+                                   args.fused, args.scale_dtype)
+      else:
+        res, n_sets = time_shape(rows, hidden, dtype, args.reps, variants,
+                                 args.fused)
     except Exception as e:  # report and go on
       print(f"{name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
       traceback.print_exc()
