@@ -547,6 +547,9 @@ def test_forward_plan_splits_rows_over_a_cluster(rows, hidden, dtype, kw,
     (4096, 16384, BF16, {}, 1),
     (2048, 12288, F16, {}, 1),
     (384, 13312, BF16, dict(has_scale=False), 1),
+    # The forward of 17408-65535 columns on PER_ROW_WIDE_MIN_ROWS rows.
+    (2048, 32768, BF16, {}, 2),
+    (1536, 20480, F16, {}, 2),
     # Asked for: a split, two stages.
     (300, 32768, BF16, dict(per_row=True, split=4), 4),
     (300, 16384, F16, dict(per_row=True, stages=2), 1),
@@ -566,9 +569,10 @@ def test_forward_plan_launches_one_row_a_cluster(rows, hidden, dtype, kw,
 
 
 @pytest.mark.parametrize("rows,hidden,dtype,kw", [
-    (2048, 32768, BF16, {}),  # the plain forward below 65536 columns
+    (1024, 32768, BF16, {}),  # the plain forward below 65536 columns
+    (1535, 20480, F16, {}),  # on fewer than PER_ROW_WIDE_MIN_ROWS rows
     (4096, 11264, BF16, dict(has_residual=True)),
-    (2048, 24576, BF16, {}),  # the forward below 65536 columns
+    (1024, 24576, BF16, {}),  # the forward below 65536 columns
     (2048, 16384, BF16, dict(scale_dtype=F32)),  # not measured per row
     (1024, 16384, F32, dict(has_residual=True)),
     (1024, 16384, BF16, dict(has_residual=True, scale_dtype=F32)),
@@ -752,6 +756,7 @@ def _fwd_case(rows, hidden, dtype, scale_dtype, residual, tag):
     (101, 16384, BF16, BF16, True, {}),
     (300, 12288, F16, F16, True, {}),  # one row a CTA
     (301, 12288, BF16, BF16, False, {}),  # the forward, one row a CTA
+    (1537, 20480, BF16, BF16, False, {}),  # one row a cluster of 2 CTAs
     (129, 13312, F16, F16, False, {}),  # 13 chunks of 1024 columns
     (257, 20480, BF16, BF16, False, {}),  # "auto"'s forward past 16384
     (129, 24576, F16, F32, False, {}),

@@ -30,8 +30,8 @@ array in x's dtype) of rows the plans here cannot hold run
 ``mosaic_gpu_wide.forward``, which writes y over x's shared memory: both
 up to 65536 16-bit columns, split over a cluster of 2 or 4 CTAs where one
 does not hold the row (the fused forward from 12288 16-bit columns and the
-forward at 12288-16384 and 65536 launch one row a cluster:
-``mosaic_gpu_wide.per_row_default``; the forward of 12288 16-bit columns
+forward at 12288-16384 and 65536, and in between on 1536 rows or more,
+launch one row a cluster: ``mosaic_gpu_wide.per_row_default``; the forward of 12288 16-bit columns
 runs it too, though the plans here hold such rows). Other ops on rows that wide are left
 to ``PallasGpu``. The quantized forward writes 1-byte rows, so it
 needs hidden a multiple of 128, and is planned as the forward with a
@@ -522,8 +522,8 @@ def wide_forward_reason(rows: int, hidden: int, dtype, *, scale_dtype=None,
   except ValueError:
     return None  # only the wide kernel serves it
   if not has_residual and mw.per_row_default(
-      hidden, s, _itemsize(scale_dtype or dtype) if has_scale else None,
-      False):
+      rows, hidden, s,
+      _itemsize(scale_dtype or dtype) if has_scale else None, False):
     return None  # one row a CTA measured faster (mw.PER_ROW_FWD_MIN_COLS)
   return f"rows of {hidden} columns take this module's forward plan"
 

@@ -745,7 +745,7 @@ RSTD_COLS = 4
 # the forward of 2048x32768 bf16 from 75.0 to 73.2 but of 1024x32768 from
 # 37.8 to 39.3 and of 512x32768 from 20.5 to 22.2 (not profiled), so the
 # forward keeps the persistent grid from 17408 columns below
-# PER_ROW_MIN_COLS.
+# PER_ROW_MIN_COLS on fewer than PER_ROW_WIDE_MIN_ROWS rows.
 # With the row held, one row a CTA is the forward's default from
 # PER_ROW_FWD_MIN_COLS to PER_ROW_CTA_COLS columns too (three CTAs of 168
 # registers a thread a SM). H200, jax 0.11.2, us, against the Triton kernel
@@ -760,10 +760,20 @@ RSTD_COLS = 4
 # width timed (forward 1024x65536 88.4 against 78.9, fused forward
 # 4096x16384 142.5 against 133.6; early loads spilled or held 254
 # registers): not kept.
+# Between PER_ROW_CTA_COLS and PER_ROW_MIN_COLS columns (2 CTAs a row) the
+# forward runs one row a cluster from PER_ROW_WIDE_MIN_ROWS rows: the
+# timing script, H200, us, one row a cluster against the persistent grid:
+# 32768 columns bf16 1536 rows 58.3 against 60.2, 2048 75.4 against 77.1,
+# 4096 142.8 against 147.4, f16 2048 74.3 against 77.5, 4096 142.5 against
+# 149.3; 4096x24576 109.6 against 114.9, 2048x24576 58.2 against 59.2,
+# 4096x20480 94.5 against 95.8, 8192x20480 182.7 against 184.9; level at
+# 2048x20480 (50.0 against 49.8) and behind on fewer rows (1024x32768 40.9
+# against 40.5; 512x32768 23.1 against 22.1).
 PER_ROW_CTA_COLS = 16384
 PER_ROW_FUSED_MIN_COLS = 12288
 PER_ROW_MIN_COLS = 65536
 PER_ROW_FWD_MIN_COLS = 12288
+PER_ROW_WIDE_MIN_ROWS = 1536
 
 
 def _per_row_split(hidden: int, x_size: int) -> int | None:
@@ -775,19 +785,22 @@ def _per_row_split(hidden: int, x_size: int) -> int | None:
                and hidden // sp <= PER_ROW_CTA_COLS), None)
 
 
-def per_row_default(hidden: int, x_size: int, scale_size: int | None,
-                    has_residual: bool) -> bool:
+def per_row_default(rows: int, hidden: int, x_size: int,
+                    scale_size: int | None, has_residual: bool) -> bool:
   """Whether ``forward_plan`` launches one row a cluster by default (see
   ``PER_ROW_CTA_COLS``): the measured cases, where some split keeps each
   CTA's part to ``PER_ROW_CTA_COLS`` columns: 16-bit rows with a scale of
   at most 2 bytes, the fused forward from ``PER_ROW_FUSED_MIN_COLS``
   columns, the forward from ``PER_ROW_FWD_MIN_COLS`` to
-  ``PER_ROW_CTA_COLS`` and from ``PER_ROW_MIN_COLS``."""
+  ``PER_ROW_CTA_COLS``, from ``PER_ROW_MIN_COLS``, and in between on
+  ``PER_ROW_WIDE_MIN_ROWS`` rows or more."""
   if has_residual:
     wide_enough = hidden >= PER_ROW_FUSED_MIN_COLS
   else:
     wide_enough = (hidden >= PER_ROW_MIN_COLS
-                   or PER_ROW_FWD_MIN_COLS <= hidden <= PER_ROW_CTA_COLS)
+                   or PER_ROW_FWD_MIN_COLS <= hidden <= PER_ROW_CTA_COLS
+                   or (hidden > PER_ROW_CTA_COLS
+                       and rows >= PER_ROW_WIDE_MIN_ROWS))
   return (x_size == 2 and (scale_size or 0) <= 2 and wide_enough
           and _per_row_split(hidden, x_size) is not None)
 
@@ -850,7 +863,7 @@ def forward_plan(rows: int, hidden: int, *, x_dtype, scale_dtype=None,
   if per_row is None:
     per_row = (split is None and stages is None and grid is None
                and ctas_per_sm == 1
-               and per_row_default(hidden, xs, ws, has_residual))
+               and per_row_default(rows, hidden, xs, ws, has_residual))
   if per_row:
     if grid is not None or ctas_per_sm != 1:
       raise ValueError(f"per_row=True launches one cluster a row: grid "
