@@ -33,9 +33,10 @@ does not hold the row (the fused forward from 12288 16-bit columns and the
 forward at 12288-16384 and 65536, and in between on 1536 rows or more,
 launch one row a cluster: ``mosaic_gpu_wide.per_row_default``; the
 forward of 12288 16-bit columns runs it too, though the plans here hold
-such rows). Other ops on rows that wide are left to ``PallasGpu``. The quantized forward writes 1-byte rows, so it
-needs hidden a multiple of 128, and is planned as the forward with a
-float32 y (whose values it quantizes). The per-head scale
+such rows). Other ops on rows that wide are left to ``PallasGpu``. The
+quantized forward writes 1-byte rows, so it needs hidden a multiple of
+128, and is planned as the forward with a float32 y (whose values it
+quantizes). The per-head scale
 (``Plan.head_rows``) and cast_mode "llama" (``mk.Arith``) are served by
 every op.
 """
