@@ -573,7 +573,8 @@ def test_forward_plan_launches_one_row_a_cluster(rows, hidden, dtype, kw,
     (1535, 20480, F16, {}),  # on fewer than PER_ROW_WIDE_MIN_ROWS rows
     (4096, 11264, BF16, dict(has_residual=True)),
     (1024, 24576, BF16, {}),  # the forward below 65536 columns
-    (2048, 16384, BF16, dict(scale_dtype=F32)),  # not measured per row
+    # A float32 scale: one row a CTA measured behind the persistent grid.
+    (2048, 16384, BF16, dict(scale_dtype=F32)),
     (1024, 16384, F32, dict(has_residual=True)),
     (1024, 16384, BF16, dict(has_residual=True, scale_dtype=F32)),
     # 17408 columns split in two are not whole vectors of the warpgroup.
