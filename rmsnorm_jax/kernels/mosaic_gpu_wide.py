@@ -125,8 +125,9 @@ def smem_budget(ctas_per_sm: int) -> int:
 
 
 def _slot_count(split: int) -> int:
-  # Two pipeline steps' worth of the cluster's row sums (_cluster_row_sum).
-  return 2 * split if split > 1 else 0
+  # Two pipeline steps' worth of the cluster's row sums, after the two
+  # mbarriers (8 bytes each) that count them in (_cluster_row_sum).
+  return 2 * split + _BARRIER_WORDS if split > 1 else 0
 
 
 def _slots_bytes(split: int) -> int:
@@ -191,50 +192,130 @@ def _first_split(make, split: int | None, **overrides):
   raise ValueError("; ".join(errors))
 
 
-def _cluster_row_sum(part, slots, parity, split: int, row_layout):
+# float32 words the two mbarriers of _cluster_row_sum take at the front of
+# the slots.
+_BARRIER_WORDS = 4
+
+
+def _mlir():
+  """Mosaic GPU's own MLIR bindings: Pallas has no store of a register
+  value into another CTA's shared memory."""
+  # pylint: disable=import-outside-toplevel
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, gpu, llvm, nvvm, vector
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  return ir, arith, gpu, llvm, nvvm, vector, mgpu_utils
+
+
+def _asm(args, text: str, constraints: str):
+  ir, _, _, llvm, _, _, _ = _mlir()
+  llvm.inline_asm(ir.Type.parse("!llvm.void"), list(args), text, constraints,
+                  has_side_effects=True)
+
+
+def _scalar(fa):
+  """The one value a thread holds of a (1,) array in a row layout."""
+  ir, _, _, _, _, vector, _ = _mlir()
+  reg = fa.registers.flat[0]
+  return vector.extract(reg, dynamic_position=[],
+                        static_position=[0] * ir.VectorType(reg.type).rank)
+
+
+def _cluster_start(slots):
+  """Readies ``slots`` for ``_cluster_row_sum``: one thread initialises its
+  two mbarriers, then every thread arrives (relaxed) at the cluster barrier
+  that the first exchange waits on, so that no CTA signals a peer's
+  mbarrier before the peer has initialised it. Called once, at the start
+  of the kernel, so that the wait overlaps the first loads."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def start(ctx, ref):
+    del ctx
+    ir, arith, _, llvm, nvvm, _, mu = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    base = llvm.ptrtoint(i32, mu.memref_ptr(ref))
+    one = mu.single_thread_predicate(mu.ThreadSubset.WARPGROUP)
+    for b in range(2):
+      _asm([one, arith.addi(base, mu.c(8 * b, i32))],
+           "@$0 mbarrier.init.shared::cta.b64 [$1], 1;", "b,r")
+    _asm([], "fence.mbarrier_init.release.cluster;", "~{memory}")
+    nvvm.cluster_arrive_relaxed(aligned=True)
+
+  start(slots)
+
+
+def _cluster_row_sum(part, slots, step, split: int, row_layout):
   """The sum over a row's cluster of each CTA's partial row sum ``part``
   ((1,) float32 in ``row_layout``), added in rank order, so every CTA of the
   cluster gets the same bits.
 
   One thread of each CTA stores its partial into slot ``rank`` of every
-  CTA's ``slots`` (distributed shared memory), then the cluster barrier
-  (arrive with release, wait with acquire semantics) makes the stores
-  visible. ``slots`` holds two steps' slots (``parity``): a CTA that runs
-  ahead writes the next step's while a slower one still reads this one's;
-  it cannot run two ahead, since the next barrier waits for every CTA.
+  CTA's ``slots`` (distributed shared memory) with ``st.async``, which
+  counts its 4 bytes in on the receiver's mbarrier; each CTA waits on its
+  own mbarrier for the ``split`` partials, so no CTA waits for the whole
+  cluster at a barrier (a cluster barrier a row cost more, docs/mosaic_gpu.md).
+  Steps alternate between two mbarriers and two sets of slots
+  (``step`` % 2): a CTA that runs ahead sends the next step's partials
+  while a slower one still reads this one's; it cannot run two ahead, since
+  it first waits for the slower one's next partial. ``slots`` must have been
+  readied by ``_cluster_start``; the first step waits for the cluster
+  barrier it arrived at.
   """
   if split == 1:
     return part
-  # Mosaic GPU's own MLIR bindings: Pallas has no store of a register value
-  # into another CTA's shared memory.
-  from jaxlib.mlir import ir  # pylint: disable=import-outside-toplevel
-  from jaxlib.mlir.dialects import arith, gpu, llvm, nvvm, vector  # pylint: disable=import-outside-toplevel
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=import-outside-toplevel
 
-  @plgpu.inline_mgpu(arg_types=(row_layout, plgpu.RefType()))
-  def send(ctx, p, ref):
+  def cluster_wait():
+    @plgpu.inline_mgpu()
+    def wait(ctx):
+      del ctx
+      _, _, _, _, nvvm, _, _ = _mlir()
+      nvvm.cluster_wait(aligned=True)
+    wait()
+
+  pl.when(step == 0)(cluster_wait)
+  steps = plgpu.layout_cast(
+      jnp.broadcast_to(step.astype(jnp.int32), (1,)), row_layout)
+
+  @plgpu.inline_mgpu(arg_types=(row_layout, row_layout, plgpu.RefType()))
+  def exchange(ctx, p, s, ref):
     del ctx
+    ir, arith, gpu, llvm, _, _, mu = _mlir()
     i32 = ir.IntegerType.get_signless(32)
-    reg = p.registers.flat[0]
-    val = vector.extract(reg, dynamic_position=[],
-                         static_position=[0] * ir.VectorType(reg.type).rank)
+    val = arith.bitcast(i32, _scalar(p))
+    s = _scalar(s)
+    parity = arith.andi(s, mu.c(1, i32))
+    phase = arith.andi(arith.shrui(s, mu.c(1, i32)), mu.c(1, i32))
+    base = llvm.ptrtoint(i32, mu.memref_ptr(ref))
+    bar = arith.addi(base, arith.muli(parity, mu.c(8, i32)))
     rank = arith.index_cast(i32, gpu.cluster_block_id(gpu.Dimension.x))
-    addr = arith.addi(llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref)),
-                      arith.muli(rank, mgpu_utils.c(4, i32)))
-    one = mgpu_utils.single_thread_predicate(
-        mgpu_utils.ThreadSubset.WARPGROUP)
+    slot = arith.addi(
+        base, arith.muli(arith.addi(
+            mu.c(_BARRIER_WORDS, i32),
+            arith.addi(arith.muli(parity, mu.c(split, i32)), rank)),
+            mu.c(4, i32)))
+    one = mu.single_thread_predicate(mu.ThreadSubset.WARPGROUP)
+    _asm([one, bar, mu.c(4 * split, i32)],
+         "{\n .reg .b64 state;\n"
+         " @$0 mbarrier.arrive.expect_tx.shared::cta.b64 state, [$1], $2;\n}",
+         "b,r,r,~{memory}")
     for peer in range(split):
-      llvm.inline_asm(
-          ir.Type.parse("!llvm.void"),
-          [one, addr, mgpu_utils.c(peer, i32), val],
-          "{\n .reg .b32 ra;\n @$0 mapa.shared::cluster.u32 ra, $1, $2;\n"
-          " @$0 st.shared::cluster.f32 [ra], $3;\n}",
-          "b,r,r,f", has_side_effects=True)
-    nvvm.cluster_arrive(aligned=True)
-    nvvm.cluster_wait(aligned=True)
+      _asm([one, slot, bar, mu.c(peer, i32), val],
+           "{\n .reg .b32 ra, rb;\n"
+           " @$0 mapa.shared::cluster.u32 ra, $1, $3;\n"
+           " @$0 mapa.shared::cluster.u32 rb, $2, $3;\n"
+           " @$0 st.async.shared::cluster.mbarrier::complete_tx::bytes.b32"
+           " [ra], $4, [rb];\n}",
+           "b,r,r,r,r,~{memory}")
+    # The slots are read after this (acquire) wait; the memory clobber
+    # keeps the compiler from loading them earlier.
+    _asm([bar, phase],
+         "{\n .reg .pred P1;\n LAB_WAIT:\n"
+         " mbarrier.try_wait.parity.shared::cta.b64 P1, [$0], $1;\n"
+         " @!P1 bra LAB_WAIT;\n}",
+         "r,r,~{memory}")
 
-  base = parity * split
-  send(part, slots.at[pl.ds(base, split)])
+  exchange(part, steps, slots)
+  base = _BARRIER_WORDS + (step % 2) * split
   total = slots[base]
   for j in range(1, split):
     total = total + slots[base + j]
@@ -491,6 +572,8 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     w_s, bar, rst_s, rbar = next(it), next(it), next(it), next(it)
     slots = rst_s.at[pl.ds(load_rows, _slot_count(split))] if (
         split > 1) else None
+    if split > 1:
+      _cluster_start(slots)
     cast = _Cast(plan)
     cta = lax.axis_index("cta")
     # This CTA's columns of each row: piece ``rank`` of the row's cluster,
@@ -560,7 +643,7 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
         for c in range(nch):
           acc = _fenced(dot_chunk(c, acc))
       # mean(g * xhat) = rstd * mean(g * x): the projection the norm removes.
-      dot = _cluster_row_sum(jnp.sum(acc, axis=1), slots, idx[0] % 2, split,
+      dot = _cluster_row_sum(jnp.sum(acc, axis=1), slots, idx[0], split,
                              cast.row)
       proj = cast.rows_b(dot * r * inv_h, shape)
       new = []
@@ -960,6 +1043,8 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
     rstd_g = next(it)
     w_s, bar, rst_s = next(it), next(it), next(it)
     slots = next(it) if split > 1 else None
+    if split > 1:
+      _cluster_start(slots)
     cast = _Cast(plan)
     cta = lax.axis_index("cta")
     # This CTA's columns of each row: piece ``rank`` of the row's cluster.
@@ -1002,7 +1087,7 @@ def _forward_call(x, residual, scale, *, plan: Plan, eps: float,
           acc = square(c, acc, held)
       else:
         acc = lax.fori_loop(0, nch, square, zero)
-      sumsq = _cluster_row_sum(jnp.sum(acc, axis=1), slots, idx[0] % 2,
+      sumsq = _cluster_row_sum(jnp.sum(acc, axis=1), slots, idx[0],
                                split, cast.row)
       rstd = lax.rsqrt(sumsq * inv_h + eps)
       rst_s[...] = cast.rows_b(rstd, tile)
