@@ -549,7 +549,8 @@ def test_forward_plan_splits_rows_over_a_cluster(rows, hidden, dtype, kw,
     (384, 13312, BF16, dict(has_scale=False), 1),
     # The forward of 17408-65535 columns on PER_ROW_WIDE_MIN_ROWS rows.
     (2048, 32768, BF16, {}, 2),
-    (1536, 20480, F16, {}, 2),
+    (1024, 32768, BF16, {}, 2),
+    (384, 20480, F16, {}, 2),
     # Asked for: a split, two stages.
     (300, 32768, BF16, dict(per_row=True, split=4), 4),
     (300, 16384, F16, dict(per_row=True, stages=2), 1),
@@ -569,10 +570,8 @@ def test_forward_plan_launches_one_row_a_cluster(rows, hidden, dtype, kw,
 
 
 @pytest.mark.parametrize("rows,hidden,dtype,kw", [
-    (1024, 32768, BF16, {}),  # the plain forward below 65536 columns
-    (1535, 20480, F16, {}),  # on fewer than PER_ROW_WIDE_MIN_ROWS rows
+    (383, 20480, F16, {}),  # on fewer than PER_ROW_WIDE_MIN_ROWS rows
     (4096, 11264, BF16, dict(has_residual=True)),
-    (1024, 24576, BF16, {}),  # the forward below 65536 columns
     # A float32 scale: one row a CTA measured behind the persistent grid.
     (2048, 16384, BF16, dict(scale_dtype=F32)),
     (1024, 16384, F32, dict(has_residual=True)),
@@ -711,9 +710,9 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
 
 @pytest.mark.parametrize("op,hidden,least", [
     ("residual_forward", 12288, 256), ("residual_forward", 16384, 256),
-    ("residual_forward", 24576, 256), ("forward", 20480, 512),
-    ("residual_forward", 32768, 1024), ("residual_forward", 65536, 1),
-    ("forward", 32768, 512), ("forward", 65536, 1), ("forward", 16384, 384),
+    ("residual_forward", 24576, 512), ("forward", 20480, 384),
+    ("residual_forward", 32768, 512), ("residual_forward", 65536, 1),
+    ("forward", 32768, 384), ("forward", 65536, 1), ("forward", 16384, 384),
     ("forward", 12288, 384)])
 def test_auto_leaves_few_rows_of_the_wide_forward_to_triton(op, hidden,
                                                            least):

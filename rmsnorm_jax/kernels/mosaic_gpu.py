@@ -30,7 +30,7 @@ array in x's dtype) of rows the plans here cannot hold run
 ``mosaic_gpu_wide.forward``, which writes y over x's shared memory: both
 up to 65536 16-bit columns, split over a cluster of 2 or 4 CTAs where one
 does not hold the row (the fused forward from 12288 16-bit columns and the
-forward at 12288-16384 and 65536, and in between on 1536 rows or more,
+forward at 12288-16384 and 65536, and in between on 384 rows or more,
 launch one row a cluster: ``mosaic_gpu_wide.per_row_default``; the
 forward of 12288 16-bit columns runs it too, though the plans here hold
 such rows). Other ops on rows that wide are left to ``PallasGpu``. The
@@ -351,9 +351,16 @@ AUTO_WIDE_FUSED_FWD_MIN_COLS = 12288
 # (128 rows 12.64 against 11.20). The fused forward's bound below 32768
 # columns was timed at 16384. The forward of 12288-16384 columns (one row
 # a CTA): 384 rows of 16384 7.3 against 8.7, 512 9.7 against 9.6, 256 5.7
-# against the tuned Triton launch's 5.4.
-AUTO_WIDE_FWD_MIN_ROWS = ((65536, 1), (17408, 512), (0, 384))
-AUTO_WIDE_FUSED_FWD_MIN_ROWS = ((65536, 1), (32768, 1024), (0, 256))
+# against the tuned Triton launch's 5.4. Since the split rows' sums travel
+# without a cluster barrier (mosaic_gpu_wide._cluster_row_sum), the timing
+# script, us, one row a cluster against the Triton kernel: forward at 32768
+# columns 256 rows 10.8 against 10.4, 384 15.0 against 17.2, 768 28.4
+# against 33.2; 256x24576 8.7 against 8.5, 384x20480 10.2 against 10.6;
+# fused forward at 32768 columns 256 rows 20.9 against 19.4, 512 36.9
+# against 37.3 (f16 37.1 against 37.0), 768 53.1 against 55.8; 256x24576
+# 14.9 against 14.1, 512x24576 28.4 against 28.8.
+AUTO_WIDE_FWD_MIN_ROWS = ((65536, 1), (0, 384))
+AUTO_WIDE_FUSED_FWD_MIN_ROWS = ((65536, 1), (17408, 512), (0, 256))
 
 
 def _too_few_rows(call: base.Call) -> str | None:

@@ -851,12 +851,17 @@ RSTD_COLS = 4
 # 149.3; 4096x24576 109.6 against 114.9, 2048x24576 58.2 against 59.2,
 # 4096x20480 94.5 against 95.8, 8192x20480 182.7 against 184.9; level at
 # 2048x20480 (50.0 against 49.8) and behind on fewer rows (1024x32768 40.9
-# against 40.5; 512x32768 23.1 against 22.1).
+# against 40.5; 512x32768 23.1 against 22.1). Since the row sums travel by
+# st.async and mbarriers instead of a cluster barrier (_cluster_row_sum)
+# it is ahead on fewer rows too: 1024x32768 36.7 against 39.9, 512x32768
+# 20.1 against 21.3, 1024x24576 27.8 against 31.0; so the bound is the
+# least rows "auto" gives the wide forward at these widths
+# (mosaic_gpu.AUTO_WIDE_FWD_MIN_ROWS).
 PER_ROW_CTA_COLS = 16384
 PER_ROW_FUSED_MIN_COLS = 12288
 PER_ROW_MIN_COLS = 65536
 PER_ROW_FWD_MIN_COLS = 12288
-PER_ROW_WIDE_MIN_ROWS = 1536
+PER_ROW_WIDE_MIN_ROWS = 384
 
 
 def _per_row_split(hidden: int, x_size: int) -> int | None:
