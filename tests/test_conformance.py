@@ -267,7 +267,7 @@ HOPPER_ROUTES = [
     pytest.param((300, 16384), ({T}, {M}, {T, M}), id="wide_bwd"),
     pytest.param((256, 12288), ({T}, {M}, {T, M}), id="fused_per_row"),
     pytest.param((384, 12288), ({M}, {M}, {M}), id="fwd_per_row_cta"),
-    pytest.param((512, 32768), ({M}, {T}, {M}), id="wide_fwd"),
+    pytest.param((384, 32768), ({M}, {T}, {M}), id="wide_fwd"),
     pytest.param((1024, 32768), ({M}, {M}, {M}), id="wide_split"),
     pytest.param((64, 65536), ({M}, {M}, {M}), id="fwd_per_row"),
 ]
