@@ -91,11 +91,14 @@ FWD_VARIANTS = {"s1": dict(split=1, per_row=False),
                 "row_st2": dict(per_row=True, stages=2)}
 # Rows too wide for one CTA's registers or shared memory (--split, with
 # --fused the fused backward): split over a cluster of 2 or 4 CTAs ("wide"
-# is the default, the fewest CTAs that fit).
+# is the default, the fewest CTAs that fit), with one or two CTAs a SM
+# ("c2").
 SPLIT_SHAPES = [((2048, 32768), jnp.bfloat16), ((1024, 65536), jnp.bfloat16),
                 ((1024, 32768), jnp.float16), ((4096, 16384), jnp.bfloat16),
                 ((1024, 16384), jnp.float32)]
-SPLIT_VARIANTS = {"wide": {}, "s2": dict(split=2), "s4": dict(split=4)}
+SPLIT_VARIANTS = {"wide": {}, "s2": dict(split=2), "s4": dict(split=4),
+                  "s1c2": dict(split=1, ctas_per_sm=2),
+                  "s2c2": dict(split=2, ctas_per_sm=2)}
 ROTATE_BYTES = 192 * 2**20
 MAX_SETS = 24
 EPS = 1e-6
