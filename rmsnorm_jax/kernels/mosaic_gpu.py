@@ -717,23 +717,25 @@ class MosaicGpu(base.Implementation):
     faster (there and on float32 rows of
     ``AUTO_WIDE_FUSED_BWD_MIN_COLS_F32`` columns); the plain forward of
     16-bit rows of ``AUTO_WIDE_FWD_MIN_COLS`` columns the wide forward, 3-8%
-    faster at 12288-16384 (one row a CTA), 8-9% at 32768 (11% at 65536
-    columns, one row a cluster of 4 CTAs; 13% with a float32 scale, from
-    ``AUTO_WIDE_F32_SCALE_FWD_MIN_COLS``; 12-20% at 20480-24576, which
-    Triton pads to 32768), and
+    faster at 12288-16384 (one row a CTA), 20-21% at 32768 and 24% at 65536
+    columns (one row a cluster of 2 or 4 CTAs, since the row sums travel
+    without a cluster barrier: 2048x32768 bf16 66.1 against 83.4, 1024x65536
+    68.4 against 90.4; 13% with a float32 scale, from
+    ``AUTO_WIDE_F32_SCALE_FWD_MIN_COLS``; 26% at 24576, which Triton pads
+    to 32768), and
     the fused forward of 16-bit rows of ``AUTO_WIDE_FUSED_FWD_MIN_COLS``
-    columns (one row a cluster of 1, 2 or 4 CTAs), 0.7-9% faster than
-    Triton and at 65536 columns 27% faster than XLA, which runs it
-    otherwise; both on enough rows (``AUTO_WIDE_FWD_MIN_ROWS``,
-    ``AUTO_WIDE_FUSED_FWD_MIN_ROWS``). With a float32 scale and dy in x's
+    columns (one row a cluster of 1, 2 or 4 CTAs), 4-10% faster than
+    Triton (2048x32768 bf16 131.8 against 144.0) and at 65536 columns 30%
+    faster than Triton (131.7 against 187.7); both on enough rows
+    (``AUTO_WIDE_FWD_MIN_ROWS``, ``AUTO_WIDE_FUSED_FWD_MIN_ROWS``). With a float32 scale and dy in x's
     dtype the wide fused backward is taken from
     ``AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS`` 16-bit columns and the wide
     backward from ``AUTO_WIDE_F32_SCALE_BWD_MIN_COLS`` (27-45% faster than
     Triton, 6-17% than XLA). The wide
     backward and fused backward also take float32 rows of
     ``AUTO_WIDE_BWD_MIN_COLS_F32`` columns, and rows the wide kernel splits
-    over a cluster of 2 or 4 CTAs (32768 and 65536 16-bit columns: 31-45%
-    faster than Triton, 22-33% than XLA).
+    over a cluster of 2 or 4 CTAs (32768 and 65536 16-bit columns: 40-45%
+    faster than Triton, 33-42% than XLA).
     """
     if len(call.scale_shape) == 2:
       return ("a per-head scale: not timed against the Triton kernel "
