@@ -47,22 +47,28 @@ def _name(dt):
 
 # ------------------------------------------------------------- any host --
 
-@pytest.mark.parametrize("hidden,dtype,stages", [
-    (16384, BF16, 2), (16384, F16, 2), (8192, F32, 2), (8192, BF16, 4),
-    (12288, BF16, 2), (4096, F32, 4)])
-def test_plan_fits_shared_memory(hidden, dtype, stages):
-  p = mw.plan(4096, hidden, x_dtype=dtype, sms=132)
+@pytest.mark.parametrize("hidden,dtype,fused,split,stages", [
+    (16384, BF16, True, 1, 2), (16384, F16, True, 1, 2),
+    # The plain backward of 16384 16-bit columns: 2 CTAs a row
+    # (BWD_SPLIT2_COLS), each with half the row, so four stages fit.
+    (16384, BF16, False, 2, 4), (16384, F16, False, 2, 4),
+    (8192, F32, False, 1, 2), (8192, BF16, False, 1, 4),
+    (12288, BF16, False, 1, 2), (4096, F32, False, 1, 4)])
+def test_plan_fits_shared_memory(hidden, dtype, fused, split, stages):
+  p = mw.plan(4096, hidden, x_dtype=dtype, sms=132, fused=fused)
   size = np.dtype(dtype).itemsize
-  used = mw.smem_bytes(hidden, p.stages, mw.rstd_rows(p.cta_rows),
-                       x_size=size, dy_size=size, scale_size=size)
-  assert p.stages == stages
-  assert used <= mw.SMEM_LIMIT
+
+  def used(st):
+    return mw.smem_bytes(hidden, st, mw.rstd_rows(p.cta_rows), x_size=size,
+                         dy_size=size, scale_size=size, split=split)
+
+  assert (p.split, p.stages) == (split, stages)
+  assert used(p.stages) <= mw.SMEM_LIMIT
   # One more stage would not fit (or the plan is at MAX_STAGES already).
-  assert p.stages == mw.MAX_STAGES or mw.smem_bytes(
-      hidden, p.stages + 1, mw.rstd_rows(p.cta_rows), x_size=size,
-      dy_size=size, scale_size=size) > mw.SMEM_LIMIT
+  assert p.stages == mw.MAX_STAGES or used(p.stages + 1) > mw.SMEM_LIMIT
   assert (p.block_rows, p.group_rows, p.kind) == (1, 1, "wide")
-  assert hidden % p.chunk == 0 and p.chunk // 128 <= mw.CHUNK_VALUES
+  assert (hidden // split) % p.chunk == 0
+  assert p.chunk // 128 <= mw.CHUNK_VALUES
 
 
 @pytest.mark.parametrize("rows", [1, 5, 37, 1000, 4096, 4099, 33793, 100000])
@@ -112,7 +118,7 @@ def test_shape_reason_serves_the_wide_rows():
 
 
 @pytest.mark.parametrize("rows,hidden,dtype,kw,split", [
-    (4096, 16384, BF16, {}, 1), (2048, 32768, BF16, {}, 2),
+    (4096, 16384, BF16, dict(fused=True), 1), (2048, 32768, BF16, {}, 2),
     (1024, 65536, BF16, {}, 4), (1024, 16384, F32, {}, 2),
     (1024, 32768, F32, {}, 4), (4096, 16384, BF16, dict(split=2), 2),
     (4096, 16384, BF16, dict(split=4, ctas_per_sm=2), 4),
@@ -145,6 +151,20 @@ def test_plan_splits_rows_over_the_fewest_ctas(rows, hidden, dtype, kw,
     with pytest.raises(ValueError):  # the fewest CTAs that fit
       mw.plan(rows, hidden, x_dtype=dtype, sms=sms, split=split // 2,
               **{k: v for k, v in kw.items() if k != "split"})
+
+
+def test_plan_splits_the_plain_backward_of_16384_16bit_columns_in_two():
+  # Measured faster than one CTA a row though one holds it (BWD_SPLIT2_COLS);
+  # the fused backward and other widths keep the fewest CTAs.
+  for dtype in (BF16, F16):
+    assert mw.plan(4096, 16384, x_dtype=dtype, sms=132).split == 2
+    assert mw.plan(4096, 16384, x_dtype=dtype, sms=132, fused=True).split == 1
+  assert mw.plan(4096, 12288, x_dtype=BF16, sms=132).split == 1
+  assert mw.plan(4096, 8192, x_dtype=F32, sms=132).split == 1
+  # Overrides that 2 CTAs a row serve keep it; others fall back.
+  assert mw.plan(64, 16384, x_dtype=BF16, sms=132, chunk=4096).split == 2
+  p = mw.plan(64, 16384, x_dtype=BF16, sms=132, ctas_per_sm=2)
+  assert p.split == 4  # two CTAs a SM fit only from 4 CTAs a row
 
 
 def test_backward_names_bad_arguments():

@@ -134,6 +134,17 @@ def _slots_bytes(split: int) -> int:
   return _align(4 * _slot_count(split))
 
 
+# The plain backward of 16-bit rows of this many columns splits them over 2
+# CTAs by default, though one CTA holds them. H200, jax 0.11.2, us,
+# benchmarks/mosaic_gpu_wide_timing.py --split --reps 10, 2 CTAs a row
+# against 1: 2048x16384 f16 55.4 against 57.8, bf16 55.7 against 57.6,
+# 4096x16384 bf16 106.0 against 107.2, 8192x16384 207.2 against 208.6. Not
+# the fused backward (4096x16384 138.3 against 140.9, but 8192x16384 273.8
+# against 271.6 and 2048x16384 f16 73.6 against 73.9), nor narrower rows
+# (4096x14336 105.4 against 93.9, 4096x12288 86.3 against 80.7).
+BWD_SPLIT2_COLS = 16384
+
+
 def _max_clusters(sms: int, ctas_per_sm: int, split: int) -> int:
   """Clusters of ``split`` CTAs the grid holds at most: all at once on the
   SMs (``CLUSTERS4_PER_132_SMS`` for clusters of 4 CTAs)."""
@@ -413,24 +424,36 @@ def _stages(need, stages: int | None, hidden: int, arrays: str,
   return st
 
 
+def _split_default(hidden: int, x_size: int, dy_size: int,
+                   scale_size: int | None, fused: bool) -> int | None:
+  """The split ``plan`` launches by default where it is not the fewest
+  CTAs that hold the row (``BWD_SPLIT2_COLS``), else None."""
+  if (not fused and hidden == BWD_SPLIT2_COLS and x_size == dy_size == 2
+      and (scale_size or 2) == 2):
+    return 2
+  return None
+
+
 def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
          has_scale: bool = True, sms: int = DEFAULT_NUM_SMS,
          stages: int | None = None, chunk: int | None = None,
          grid: int | None = None, split: int | None = None,
-         ctas_per_sm: int = 1) -> Plan:
+         ctas_per_sm: int = 1, fused: bool = False) -> Plan:
   """The launch of one ``backward`` call.
 
   Args:
     rows, hidden: the 2-D problem (the fused backward's dh, in x's dtype,
-      takes the buffer dx would: the same plan).
+      takes the buffer dx would: the same shared memory).
     x_dtype: dtype of x (and dx); dy_dtype: of dy (default x's).
     scale_dtype: of the scale (default x's); has_scale: whether there is one.
     sms: SMs the persistent grid covers.
     stages, chunk, grid: overrides (timing sweeps); chunk is in columns of
       one CTA, grid counts clusters.
     split: CTAs sharing each row (``SPLITS``); default the fewest whose
-      registers and shared memory hold their part.
+      registers and shared memory hold their part, but 2 for the plain
+      backward of 16-bit rows of ``BWD_SPLIT2_COLS`` columns.
     ctas_per_sm: CTAs resident per SM (1 or 2), as in ``forward_plan``.
+    fused: the fused backward's launch (only the default split differs).
 
   Returns:
     A ``mosaic_gpu_kernels.Plan`` of one-row blocks and one-row groups.
@@ -471,6 +494,13 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
     return _row_plan(rows, hidden, chunk=ch, vec=vec, stages=st,
                      steps=steps, split=sp)
 
+  preferred = None if split is not None else _split_default(
+      hidden, xs, ds, ws, fused)
+  if preferred is not None:
+    try:
+      return make(preferred, stages=stages, chunk=chunk)
+    except ValueError:
+      pass  # an override that only the fewest CTAs serve
   return _first_split(make, split, stages=stages, chunk=chunk)
 
 
@@ -776,7 +806,8 @@ def backward(x, scale, rstd, dy, dh=None, *, scale_offset: float = 0.0,
   p = plan(rows, hidden, x_dtype=x.dtype, dy_dtype=dy.dtype,
            scale_dtype=None if scale is None else scale.dtype,
            has_scale=scale is not None, sms=sms, stages=stages, chunk=chunk,
-           grid=grid, split=split, ctas_per_sm=ctas_per_sm)
+           grid=grid, split=split, ctas_per_sm=ctas_per_sm,
+           fused=dh is not None)
   return _kernel_call(x, scale, rstd, dy, dh, plan=p,
                       offset=float(scale_offset),
                       overlap_scale=overlap_scale, fence=fence,
