@@ -727,8 +727,8 @@ class MosaicGpu(base.Implementation):
     columns (one row a cluster of 1, 2 or 4 CTAs), 4-10% faster than
     Triton (2048x32768 bf16 131.8 against 144.0) and at 65536 columns 30%
     faster than Triton (131.7 against 187.7); both on enough rows
-    (``AUTO_WIDE_FWD_MIN_ROWS``, ``AUTO_WIDE_FUSED_FWD_MIN_ROWS``). With a float32 scale and dy in x's
-    dtype the wide fused backward is taken from
+    (``AUTO_WIDE_FWD_MIN_ROWS``, ``AUTO_WIDE_FUSED_FWD_MIN_ROWS``). With a
+    float32 scale and dy in x's dtype the wide fused backward is taken from
     ``AUTO_WIDE_F32_SCALE_FUSED_BWD_MIN_COLS`` 16-bit columns and the wide
     backward from ``AUTO_WIDE_F32_SCALE_BWD_MIN_COLS`` (27-45% faster than
     Triton, 6-17% than XLA). The wide
