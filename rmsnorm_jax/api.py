@@ -48,11 +48,15 @@ def _routes(backend, axis_name, ops_pair, x, scale, bias, norm, dtype,
     names = v.axis_names(axis_name, backend)
     route = sharding.hidden_sharded_route(names)
     return tuple(route for _ in ops_pair)
+  # Ops that add x to a residual run in the residual's dtype; x's own,
+  # where it differs, sizes the kernels' buffers too.
+  x_dtype = np.dtype(x.dtype) if np.dtype(x.dtype) != np.dtype(dtype) else None
   return tuple(dispatch.route(backend, base.Call(
       op, _rows(x.shape), x.shape[-1], np.dtype(dtype),
       () if scale is None else tuple(scale.shape), bias is not None, norm,
       None if scale is None else np.dtype(scale.dtype),
-      None if bias is None else np.dtype(bias.dtype), has_residual))
+      None if bias is None else np.dtype(bias.dtype), has_residual,
+      x_dtype if op.endswith("forward") else None))
                for op in ops_pair)
 
 

@@ -117,6 +117,8 @@ class Call:
     bias_dtype: the bias' dtype (None without bias, or not said).
     has_residual: for ``"quantized_forward"``, whether a residual is added
       (None: not said, so an implementation judges both).
+    x_dtype: for ops that add x to a residual, x's own dtype where it
+      differs from the residual stream's (``dtype``); None otherwise.
   """
 
   op: str
@@ -129,6 +131,7 @@ class Call:
   scale_dtype: np.dtype | None = None
   bias_dtype: np.dtype | None = None
   has_residual: bool | None = None
+  x_dtype: np.dtype | None = None
 
   @property
   def product_dtype(self) -> np.dtype:

@@ -390,6 +390,41 @@ def test_cannot_serve_calls():
       norm=base.Norm(eps=1e-6, out_dtype=np.dtype(jnp.float32))))
 
 
+def test_x_wider_than_the_residual_stream_is_judged_at_its_own_size():
+  # The fused ops run in the residual stream's dtype (base.Call.dtype), but
+  # the fused and quantized forwards hold x's rows too. A float32 x beside
+  # a bfloat16 stream, judged at 2 bytes an element, passed cannot_serve
+  # and then failed the plan at trace time; base.Call.x_dtype carries it.
+  impl = MosaicGpu()
+  bf16, f32 = np.dtype(jnp.bfloat16), np.dtype(jnp.float32)
+  fused = base.Call(op="residual_forward", rows=64, hidden=6144, dtype=bf16,
+                    scale_shape=(6144,), norm=base.Norm(eps=1e-6,
+                                                        out_dtype=bf16),
+                    scale_dtype=bf16)
+  quant = dataclasses.replace(
+      fused, op="quantized_forward", hidden=5120, scale_shape=(5120,),
+      has_residual=True, norm=base.Norm(eps=1e-6, out_dtype=f32,
+                                        quant_dtype=np.dtype(jnp.int8)))
+  for call in (fused, quant):
+    if HOPPER_REASON is None or "no CUDA GPU" in HOPPER_REASON:
+      assert impl.cannot_serve(call) is None, call.op
+    assert "shared memory" in impl.cannot_serve(
+        dataclasses.replace(call, x_dtype=f32)), call.op
+  # The public calls that took that path now lower for cuda (the fused
+  # forward on a kernel that holds a float32 x, or XLA), gradient included.
+  s = jax.ShapeDtypeStruct
+  for shape in ((4096, 16384), (512, 32768)):
+    x, r, w = s(shape, f32), s(shape, bf16), s(shape[-1:], bf16)
+
+    def loss(x, r, w):
+      y, h = rj.rms_norm_residual(x, r, w)
+      return jnp.sum(y.astype(f32)) + jnp.sum(h.astype(f32))
+
+    for fn in (jax.grad(loss, argnums=(0, 1, 2)),
+               lambda x, r, w: rj.rms_norm_quantized(x, w, residual=r)):
+      jax.jit(fn).trace(x, r, w).lower(lowering_platforms=("cuda",))
+
+
 def _auto_call(op, hidden, dtype=jnp.bfloat16, *, rows=8192, has_bias=False,
                scale=None, out=None):
   """The ``base.Call`` that "auto" asks MosaicGpu about: a (hidden,) scale

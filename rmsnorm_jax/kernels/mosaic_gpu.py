@@ -594,7 +594,8 @@ def _wide_call_reason(call: base.Call) -> str | None:
                    len(call.scale_shape)))
   if call.op.endswith("forward"):
     return wide_forward_reason(
-        rows, hidden, call.dtype, out_dtype=call.norm.out_dtype,
+        rows, hidden, call.x_dtype or call.dtype,
+        out_dtype=call.norm.out_dtype, residual_dtype=call.dtype,
         has_residual=call.op == "residual_forward", **common_args)
   return wide_backward_reason(rows, hidden, call.dtype,
                               dy_dtype=call.norm.out_dtype,
@@ -683,7 +684,7 @@ class MosaicGpu(base.Implementation):
         has_bias=call.has_bias, bias_dtype=call.bias_dtype,
         has_residual=call.has_residual,
         scale_dtype=call.scale_dtype if call.scale_shape else None,
-        out_dtype=call.norm.out_dtype,
+        out_dtype=call.norm.out_dtype, x_dtype=call.x_dtype,
         heads=call.scale_shape[0] if len(call.scale_shape) == 2 else 1)
     if reason is not None and wide:
       reason = f"{reason.rstrip('.')}; {wide}"
@@ -818,13 +819,15 @@ class MosaicGpu(base.Implementation):
   def shape_reason(self, rows: int, hidden: int, dtype,
                    op: str = "all", *, has_bias: bool = False,
                    bias_dtype=None, has_residual: bool | None = None,
-                   scale_dtype=None, out_dtype=None,
+                   scale_dtype=None, out_dtype=None, x_dtype=None,
                    heads: int = 1) -> str | None:
     """Why the kernels cannot run this shape, or None when they can.
 
     Args:
       rows, hidden: the 2-D problem; dtype: of x (the residual stream's for
         fused ops).
+      x_dtype: x's own dtype in the fused and quantized forward with a
+        residual, where it differs from the residual's (default dtype).
       op: "fwd", "bwd", "residual_fwd", "residual_bwd", "quantized_fwd"
         or "all" (each).
       has_bias: with a bias. bias_dtype: its dtype, which the forward
@@ -835,19 +838,20 @@ class MosaicGpu(base.Implementation):
       scale_dtype, out_dtype: default to dtype (y's dtype is dy's too).
       heads: scale rows of a per-head scale (1 otherwise).
     """
-    if np.dtype(dtype) not in SUPPORTED_DTYPES:
-      return f"dtype {np.dtype(dtype).name} is not float32/bfloat16/float16"
-    s = _itemsize(dtype)
+    for name, dt in (("dtype", dtype), ("x dtype", x_dtype or dtype)):
+      if np.dtype(dt) not in SUPPORTED_DTYPES:
+        return f"{name} {np.dtype(dt).name} is not float32/bfloat16/float16"
+    s, xs = _itemsize(dtype), _itemsize(x_dtype or dtype)
     o = _itemsize(_kernel_dtype(out_dtype or dtype))
     w = _itemsize(_kernel_dtype(scale_dtype or dtype))
     bias_size = {"bwd": 4 * has_bias, "fwd": 0 if not has_bias else (
         4 if bias_dtype is None else _itemsize(_kernel_dtype(bias_dtype)))}
     # q is planned as the float32 y it quantizes (quantized_forward).
-    quantized = {False: ("fwd", [s], [4]), True: ("fwd", [s, s], [4, s])}
+    quantized = {False: ("fwd", [s], [4]), True: ("fwd", [xs, s], [4, s])}
     cases = {
         "fwd": [("fwd", [s], [o])],
         "bwd": [("bwd", [s, o], [s])],
-        "residual_fwd": [("fwd", [s, s], [o, s])],
+        "residual_fwd": [("fwd", [xs, s], [o, s])],
         "residual_bwd": [("bwd", [s, o, s], [s])],
         "quantized_fwd": list(quantized.values()) if has_residual is None
                          else [quantized[bool(has_residual)]],
