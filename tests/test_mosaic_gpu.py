@@ -425,6 +425,33 @@ def test_x_wider_than_the_residual_stream_is_judged_at_its_own_size():
       jax.jit(fn).trace(x, r, w).lower(lowering_platforms=("cuda",))
 
 
+@pytest.mark.parametrize("hidden,dtype", [
+    (8192, jnp.bfloat16), (7168, jnp.bfloat16), (6144, jnp.float16)])
+def test_one_row_backward_groups_lower_or_are_declined(hidden, dtype):
+  # jax 0.10 cannot lower the chunks of a one-row backward group
+  # (mosaic_gpu.ONE_ROW_CHUNKS_LOWER), which the fused backward of these
+  # widths takes. The default call's gradient must lower for cuda all the
+  # same (on the Triton kernel there), and backend="mosaic_gpu" must say
+  # why it cannot serve instead of failing inside the lowering.
+  s = jax.ShapeDtypeStruct
+  x, w = s((2048, hidden), dtype), s((hidden,), dtype)
+
+  def grad(backend):
+    def loss(x, r, w):
+      y, h = rj.rms_norm_residual(x, r, w, backend=backend)
+      return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h.astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+  grad("auto").trace(x, x, w).lower(lowering_platforms=("cuda",))
+  if mg.ONE_ROW_CHUNKS_LOWER:
+    text = grad("mosaic_gpu").trace(x, x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @mosaic_gpu" in text
+  else:
+    with pytest.raises(ValueError, match="does not lower"):
+      grad("mosaic_gpu").trace(x, x, w)
+
+
 def _auto_call(op, hidden, dtype=jnp.bfloat16, *, rows=8192, has_bias=False,
                scale=None, out=None):
   """The ``base.Call`` that "auto" asks MosaicGpu about: a (hidden,) scale

@@ -85,6 +85,26 @@ MAX_BOX = mk.MAX_BOX
 DEFAULT_NUM_SMS = gpu_tiling.DEFAULT_NUM_SMS
 
 
+# jax 0.10 does not lower the chunks of a one-row backward group (a (1,
+# chunk) slice of the (1, hidden) scale and dscale references raises
+# "strides=[hidden, 1], ref_ty.shape=[1, chunk]" in Mosaic GPU's lowering,
+# on any host: jax 0.10.2, 6144-8192 16-bit columns and 5120-6144 float32,
+# lowering for cuda); jax 0.11.2 lowers and runs them (H200). On jax 0.10
+# ``MosaicGpu`` does not serve calls planned so (``_unlowered``), so that
+# "auto" takes the Triton kernel there and backend="mosaic_gpu" names the
+# reason instead of failing in the lowering.
+ONE_ROW_CHUNKS_LOWER = jax.__version_info__ >= (0, 11)
+
+
+def _unlowered(p: mk.Plan) -> str | None:
+  """Why the installed jax cannot lower a backward plan (None: it can)."""
+  if ONE_ROW_CHUNKS_LOWER or p.group_rows != 1 or p.chunk >= p.hidden:
+    return None
+  return (f"rows of {p.hidden} columns take one-row backward groups in "
+          f"{p.chunk}-column chunks, which jax {jax.__version__} does not "
+          "lower (jax 0.11 does)")
+
+
 def _num_sms() -> int:
   return gpu_tiling.num_sms()
 
@@ -653,16 +673,19 @@ class MosaicGpu(base.Implementation):
 
   def _plan(self, kind, rows, hidden, in_dtypes, out_dtypes, scale,
             bias=None, copy_size=None, has_bias=None):
-    return plan(kind, rows, hidden,
-                in_sizes=[_itemsize(d) for d in in_dtypes],
-                out_sizes=[_itemsize(d) for d in out_dtypes],
-                sms=self.num_sms or _num_sms(), block_rows=self.block_rows,
-                stages=self.stages, grid=self.grid,
-                has_scale=scale is not None,
-                scale_size=4 if scale is None else _itemsize(scale.dtype),
-                bias_size=(0 if bias is None else _itemsize(bias.dtype))
-                if has_bias is None else 4 * bool(has_bias),
-                copy_size=copy_size, heads=_heads(scale))
+    p = plan(kind, rows, hidden,
+             in_sizes=[_itemsize(d) for d in in_dtypes],
+             out_sizes=[_itemsize(d) for d in out_dtypes],
+             sms=self.num_sms or _num_sms(), block_rows=self.block_rows,
+             stages=self.stages, grid=self.grid,
+             has_scale=scale is not None,
+             scale_size=4 if scale is None else _itemsize(scale.dtype),
+             bias_size=(0 if bias is None else _itemsize(bias.dtype))
+             if has_bias is None else 4 * bool(has_bias),
+             copy_size=copy_size, heads=_heads(scale))
+    if kind == "bwd" and (reason := _unlowered(p)) is not None:
+      raise ValueError(f"{reason}.")
+    return p
 
   def cannot_serve(self, call: base.Call) -> str | None:
     """Why the kernels cannot compute ``call`` (a base.Call), or None."""
@@ -860,12 +883,15 @@ class MosaicGpu(base.Implementation):
     for name in names:
       for kind, ins, outs in cases[name]:
         try:
-          plan(kind, rows, hidden, in_sizes=ins, out_sizes=outs,
-               sms=DEFAULT_NUM_SMS, scale_size=w, bias_size=bias_size[kind],
-               copy_size=1 if name == "quantized_fwd" else None,
-               heads=heads)
+          p = plan(kind, rows, hidden, in_sizes=ins, out_sizes=outs,
+                   sms=DEFAULT_NUM_SMS, scale_size=w,
+                   bias_size=bias_size[kind],
+                   copy_size=1 if name == "quantized_fwd" else None,
+                   heads=heads)
         except ValueError as e:
           return f"{name}: {e}"
+        if kind == "bwd" and (reason := _unlowered(p)) is not None:
+          return f"{name}: {reason}"
     return None
 
   # ------------------------------------------- the Implementation methods --
