@@ -89,11 +89,12 @@ DEFAULT_NUM_SMS = gpu_tiling.DEFAULT_NUM_SMS
 # chunk) slice of the (1, hidden) scale and dscale references raises
 # "strides=[hidden, 1], ref_ty.shape=[1, chunk]" in Mosaic GPU's lowering,
 # on any host: jax 0.10.2, 6144-8192 16-bit columns and 5120-6144 float32,
-# lowering for cuda); jax 0.11.2 lowers and runs them (H200). On jax 0.10
-# ``MosaicGpu`` does not serve calls planned so (``_unlowered``), so that
-# "auto" takes the Triton kernel there and backend="mosaic_gpu" names the
-# reason instead of failing in the lowering.
-ONE_ROW_CHUNKS_LOWER = jax.__version_info__ >= (0, 11)
+# lowering for cuda); jax 0.11.2 lowers and runs them (H200). Before it
+# (jax 0.11.0 and 0.11.1 were not tried) ``MosaicGpu`` does not serve calls
+# planned so (``_unlowered``), so that "auto" takes the Triton kernel there
+# and backend="mosaic_gpu" names the reason instead of failing in the
+# lowering.
+ONE_ROW_CHUNKS_LOWER = jax.__version_info__ >= (0, 11, 2)
 
 
 def _unlowered(p: mk.Plan) -> str | None:
@@ -102,7 +103,7 @@ def _unlowered(p: mk.Plan) -> str | None:
     return None
   return (f"rows of {p.hidden} columns take one-row backward groups in "
           f"{p.chunk}-column chunks, which jax {jax.__version__} does not "
-          "lower (jax 0.11 does)")
+          "lower (jax 0.11.2 does)")
 
 
 def _num_sms() -> int:
