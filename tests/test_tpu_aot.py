@@ -204,6 +204,37 @@ def test_aot_sharded_rms_norm_auto_axes(gen, kind):
       NamedSharding(mesh, spec), 3)
 
 
+def _public_calls(x, res, scale):
+  """Every public entry point's default call, gradients included."""
+  f32 = lambda a: a.astype(F32)
+  grad = jax.grad(lambda x, s: f32(rj.rms_norm(x, s)).sum(), argnums=(0, 1))
+  fused_grad = jax.grad(
+      lambda x, r, s: sum(f32(o).sum() for o in rj.rms_norm_residual(x, r, s)),
+      argnums=(0, 1, 2))
+  return (rj.rms_norm(x, scale), grad(x, scale), fused_grad(x, res, scale),
+          rj.rms_norm_quantized(x, scale, residual=res))
+
+
+@pytest.mark.tpu_aot
+@needs_libtpu
+@pytest.mark.parametrize("gen", GENS)
+def test_aot_compiles_the_public_calls_with_x64_and_strict_promotion(gen):
+  # Users' settings: with jax_enable_x64 on, a literal block index in an
+  # index map, or Python loop bounds, became int64 beside Mosaic's int32
+  # grid indices, and no TPU kernel compiled ("func.return (i32, i64)").
+  # 512 rows: the kernels loop over row groups.
+  mesh = tpu_aot.single_device_mesh(gen)
+  sh = NamedSharding(mesh, P())
+  x = jax.ShapeDtypeStruct((512, 4096), BF16, sharding=sh)
+  scale = jax.ShapeDtypeStruct((4096,), BF16, sharding=sh)
+  with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"), \
+      jax.numpy_rank_promotion("raise"):
+    compiled = tpu_aot.compile_fn(_public_calls, (x, x, scale), mesh)
+  # The forward (the gradient's is the same call), the backward, the fused
+  # forward and backward, the quantized forward.
+  assert _kernel_calls(compiled.as_text()) == 5
+
+
 @pytest.mark.tpu_aot
 @needs_libtpu
 def test_aot_one_device_program_keeps_the_kernel():

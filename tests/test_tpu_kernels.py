@@ -378,6 +378,39 @@ def test_public_api_residual_grad():
     assert_close(g, w, xla_tol(g.dtype), name)
 
 
+def test_x64_gives_the_same_bits_where_the_kernels_loop_over_row_groups():
+  # Under jax_enable_x64 the row-group loop and the block index maps keep
+  # int32 indices (tpu_kernels._ZERO): an int64 index beside Mosaic's int32
+  # grid indices did not compile (test_tpu_aot compiles these calls).
+  # Here, interpreted as the other gradient tests are (under jax.grad the
+  # TPU interpreter's ordered callbacks raise a KeyError in jax 0.10.2):
+  # the same bits with x64 on as off, at 64 rows, which the kernels walk in
+  # row groups.
+  impl = PallasTpu(interpret=True)
+  rng = rng_for("tpu_x64")
+  x, res = (random(rng, (64, 768), BF16) for _ in range(2))
+  scale = random(rng, (768,), BF16, mean=1.0, scale=0.3)
+  f32 = lambda a: a.astype(F32)
+
+  @jax.jit
+  def calls(x, res, scale):
+    grad = jax.grad(lambda x, s: f32(rj.rms_norm(x, s, backend=impl)).sum(),
+                    argnums=(0, 1))
+    fused = jax.grad(lambda x, r, s: sum(
+        f32(o).sum() for o in rj.rms_norm_residual(x, r, s, backend=impl)),
+                     argnums=(0, 1, 2))
+    return (grad(x, scale), fused(x, res, scale),
+            rj.rms_norm_quantized(x, scale, residual=res, backend=impl))
+
+  want = calls(x, res, scale)
+  with jax.enable_x64(True):
+    got = calls(x, res, scale)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                  np.asarray(w, np.float32))
+
+
 def test_float64_is_rejected_and_not_preferred():
   impl = PallasTpu(interpret=True)
   call = base.Call("forward", 4096, 4096, np.dtype(jnp.float64), (4096,))

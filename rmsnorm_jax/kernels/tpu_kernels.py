@@ -67,6 +67,10 @@ _F16_SIGN = 0x8000
 _F16_EXP_MASK = 0x1F
 _F16_MANT_MASK = 0x3FF
 _F16_MANT_BITS = 10
+# The block index maps' constant block index. An int32, not a Python 0:
+# under jax_enable_x64 a literal becomes an int64 result beside the int32
+# grid indices, which Mosaic does not compile ("func.return (i32, i64)").
+_ZERO = np.int32(0)
 _F32_MANT_BITS = 23
 _MANT_SHIFT = _F32_MANT_BITS - _F16_MANT_BITS
 _EXP_REBIAS = 127 - 15
@@ -228,7 +232,9 @@ def _for_row_groups(nrows: int, group: int, fn):
     def body(g, carry):
       fn(pl.multiple_of(g * group, group), group)
       return carry
-    jax.lax.fori_loop(0, full, body, 0)
+    # int32 bounds: under jax_enable_x64 Python ints would give an int64
+    # index, which Mosaic cannot multiply with the int32 program ids.
+    jax.lax.fori_loop(jnp.int32(0), jnp.int32(full), body, 0)
   if rem:
     fn(full * group, rem)
 
@@ -481,11 +487,11 @@ def forward(x, res, w, b, *, eps, aff, out_dtype, quant, quant_scale,
   nb = cfg.num_blocks(rows, br)
   has_res = res is not None
   res_dt = np.dtype(res.dtype if has_res else x.dtype)
-  row_spec = pl.BlockSpec((br, hidden), lambda i: (i, 0))
+  row_spec = pl.BlockSpec((br, hidden), lambda i: (i, _ZERO))
   ins = [to_kernel(x)] + ([to_kernel(res)] if has_res else [])
   in_specs = [row_spec] * len(ins)
   ins += _vectors(aff, w, b)
-  in_specs += _vector_specs(aff, hidden, lambda i: (0, 0))
+  in_specs += _vector_specs(aff, hidden, lambda i: (_ZERO, _ZERO))
   if quant is not None and quant.static:
     ins.append(jnp.asarray(quant_scale, jnp.float32).reshape(1, 1))
     in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
@@ -499,7 +505,7 @@ def forward(x, res, w, b, *, eps, aff, out_dtype, quant, quant_scale,
   per_row = quant is None or not quant.static
   if per_row:
     outs.append(_stats_out(rows, br))
-    out_specs.append(pl.BlockSpec((None, 1, br), lambda i: (i, 0, 0)))
+    out_specs.append(pl.BlockSpec((None, 1, br), lambda i: (i, _ZERO, _ZERO)))
     scratch.append(pltpu.VMEM((br, 1), jnp.float32))
   kernel = functools.partial(
       _forward_kernel, hidden=hidden, eps=eps, has_res=has_res, aff=aff,
@@ -669,18 +675,20 @@ def backward(x, w, rstd, dy, dh, *, aff, heads, blocking, interpret):
   def blk(s, j):
     return jnp.minimum(s * steps + j, nb - 1)
 
-  row_spec = pl.BlockSpec((br, hidden), lambda s, j: (blk(s, j), 0))
+  row_spec = pl.BlockSpec((br, hidden), lambda s, j: (blk(s, j), _ZERO))
   ins = [to_kernel(x), to_kernel(dy), _rows_to_stats(rstd, rows, br)]
   in_specs = [row_spec, row_spec,
-              pl.BlockSpec((None, 1, br), lambda s, j: (blk(s, j), 0, 0))]
+              pl.BlockSpec((None, 1, br),
+                           lambda s, j: (blk(s, j), _ZERO, _ZERO))]
   if aff.has_w:
     ins.append(w)
-    in_specs.append(pl.BlockSpec((aff.w_rows, hidden), lambda s, j: (0, 0)))
+    in_specs.append(pl.BlockSpec((aff.w_rows, hidden),
+                                 lambda s, j: (_ZERO, _ZERO)))
   if has_dh:
     ins.append(to_kernel(dh))
     in_specs.append(row_spec)
   sums, sum_specs, acc_scratch = _sum_outputs(
-      aff, (splits,), hidden, hidden, lambda s, j: (s, 0, 0))
+      aff, (splits,), hidden, hidden, lambda s, j: (s, _ZERO, _ZERO))
   outs = [jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(x.dtype))] + sums
   out_specs = [row_spec] + sum_specs
   scratch = [pltpu.VMEM((br, 1), jnp.float32)] + acc_scratch
@@ -845,7 +853,7 @@ def wide_forward(x, res, w, b, *, eps, aff, out_dtype, blocking, interpret):
   has_res = res is not None
   res_dt = np.dtype(res.dtype if has_res else x.dtype)
   tile = pl.BlockSpec((br, bd), lambda i, j: (i, j))
-  stats_spec = pl.BlockSpec((None, 1, br), lambda i, j: (i, 0, 0))
+  stats_spec = pl.BlockSpec((None, 1, br), lambda i, j: (i, _ZERO, _ZERO))
   ins = [to_kernel(x)] + ([to_kernel(res)] if has_res else [])
   outs = ([jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(res_dt))]
           if has_res else []) + [_stats_out(rows, br)]
@@ -864,7 +872,7 @@ def wide_forward(x, res, w, b, *, eps, aff, out_dtype, blocking, interpret):
   src = first[0] if has_res else ins[0]
   src_dt = res_dt if has_res else np.dtype(x.dtype)
   ins2 = [src, stats] + _vectors(aff, w, b)
-  specs2 = [tile, stats_spec] + _vector_specs(aff, bd, lambda i, j: (0, j))
+  specs2 = [tile, stats_spec] + _vector_specs(aff, bd, lambda i, j: (_ZERO, j))
   out2 = jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(out_dtype))
   apply_kernel = functools.partial(
       _wide_apply_kernel, rows=rows, hidden=hidden, mode="forward",
@@ -892,9 +900,10 @@ def wide_backward(x, w, rstd, dy, dh, *, aff, heads, blocking, interpret):
   has_dh = dh is not None
   xk, dyk = to_kernel(x), to_kernel(dy)
   tile = pl.BlockSpec((br, bd), lambda i, j: (i, j))
-  stats_spec = pl.BlockSpec((None, 1, br), lambda i, j: (i, 0, 0))
+  stats_spec = pl.BlockSpec((None, 1, br), lambda i, j: (i, _ZERO, _ZERO))
   ins = [xk, dyk] + ([w] if aff.has_w else [])
-  specs = [tile, tile] + ([pl.BlockSpec((aff.w_rows, bd), lambda i, j: (0, j))]
+  specs = [tile, tile] + ([pl.BlockSpec((aff.w_rows, bd),
+                                        lambda i, j: (_ZERO, j))]
                           if aff.has_w else [])
   dot_kernel = functools.partial(
       _wide_stats_kernel, hidden=hidden, eps=0.0, has_res=False, aff=aff,
@@ -909,17 +918,17 @@ def wide_backward(x, w, rstd, dy, dh, *, aff, heads, blocking, interpret):
   # Pass 2 runs hidden chunks on the parallel axis and row blocks on the
   # arbitrary one, so each chunk's sums accumulate in VMEM.
   tile_t = pl.BlockSpec((br, bd), lambda j, i: (i, j))
-  stats_t = pl.BlockSpec((None, 1, br), lambda j, i: (i, 0, 0))
+  stats_t = pl.BlockSpec((None, 1, br), lambda j, i: (i, _ZERO, _ZERO))
   ins2 = [xk, dyk, _rows_to_stats(rstd, rows, br), dot]
   specs2 = [tile_t, tile_t, stats_t, stats_t]
   if aff.has_w:
     ins2.append(w)
-    specs2.append(pl.BlockSpec((aff.w_rows, bd), lambda j, i: (0, j)))
+    specs2.append(pl.BlockSpec((aff.w_rows, bd), lambda j, i: (_ZERO, j)))
   if has_dh:
     ins2.append(to_kernel(dh))
     specs2.append(tile_t)
   sums, sum_specs, acc_scratch = _sum_outputs(
-      aff, (), bd, hidden, lambda j, i: (0, j))
+      aff, (), bd, hidden, lambda j, i: (_ZERO, j))
   outs = [jax.ShapeDtypeStruct((rows, hidden), kernel_dtype(x.dtype))] + sums
   out_specs = [tile_t] + sum_specs
   scratch = [pltpu.VMEM((br, 1), jnp.float32)] * 2 + acc_scratch
