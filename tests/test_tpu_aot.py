@@ -218,15 +218,20 @@ def _public_calls(x, res, scale):
 @pytest.mark.tpu_aot
 @needs_libtpu
 @pytest.mark.parametrize("gen", GENS)
-def test_aot_compiles_the_public_calls_with_x64_and_strict_promotion(gen):
+@pytest.mark.parametrize("x_dtype,scale_dtype", [(BF16, BF16), (F16, F32)],
+                         ids=["bf16", "f16+f32"])
+def test_aot_compiles_the_public_calls_with_x64_and_strict_promotion(
+    gen, x_dtype, scale_dtype):
   # Users' settings: with jax_enable_x64 on, a literal block index in an
   # index map, or Python loop bounds, became int64 beside Mosaic's int32
-  # grid indices, and no TPU kernel compiled ("func.return (i32, i64)").
-  # 512 rows: the kernels loop over row groups.
+  # grid indices, and no TPU kernel compiled ("func.return (i32, i64)");
+  # float16's bit conversion selected between two Python ints, an int64
+  # vector that stopped libtpu (a failed check in its layout code). 512
+  # rows: the kernels loop over row groups.
   mesh = tpu_aot.single_device_mesh(gen)
   sh = NamedSharding(mesh, P())
-  x = jax.ShapeDtypeStruct((512, 4096), BF16, sharding=sh)
-  scale = jax.ShapeDtypeStruct((4096,), BF16, sharding=sh)
+  x = jax.ShapeDtypeStruct((512, 4096), x_dtype, sharding=sh)
+  scale = jax.ShapeDtypeStruct((4096,), scale_dtype, sharding=sh)
   with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"), \
       jax.numpy_rank_promotion("raise"):
     compiled = tpu_aot.compile_fn(_public_calls, (x, x, scale), mesh)

@@ -118,7 +118,9 @@ def f32_to_f16_bits(v):
   x = jax.lax.bitcast_convert_type(v, jnp.int32)
   sign = (x >> 16) & _F16_SIGN
   a = x & _F32_ABS_MASK
-  big = jnp.where(a > _F32_EXP_INF_BITS, _F16_QNAN_BITS, _F16_INF_BITS)
+  # int32 branches: two Python ints would select an int64 under x64.
+  big = jnp.where(a > _F32_EXP_INF_BITS, jnp.int32(_F16_QNAN_BITS),
+                  jnp.int32(_F16_INF_BITS))
   small = jax.lax.bitcast_convert_type(
       jax.lax.bitcast_convert_type(a, jnp.float32) + _SUBNORMAL_MAGIC,
       jnp.int32) - _SUBNORMAL_MAGIC_BITS
