@@ -91,6 +91,7 @@ class Norm:
   out_dtype: np.dtype = F32
   quant_dtype: np.dtype | None = None
 
+  @with_own_promotion_rules  # the same answer under any caller's settings
   def product_dtype(self, x_dtype, scale_dtype) -> np.dtype:
     """The dtype ``x_hat * w + bias`` is computed in."""
     if self.cast_mode == "llama":

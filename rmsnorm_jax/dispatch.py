@@ -221,6 +221,11 @@ def call(rte: Route, op: str, norm: base.Norm, operands, *,
   return ops.unflatten_results(op, present, outs)
 
 
+# jax evaluates the primitive's results wherever it checks a jaxpr (with
+# jax_enable_checks, again while lowering, outside the public functions and
+# under the caller's settings): the result dtypes must not depend on the
+# caller's promotion rules (strict promotion raised there).
+@base.with_own_promotion_rules
 def _abstract_eval(*avals, route, op, norm, present, partitioned, nvmap):
   del route, partitioned, nvmap
   return ops.result_avals(op, norm, present, avals)

@@ -79,6 +79,31 @@ def test_rank_promotion_raise_and_strict_dtype_promotion(make):
   _assert_same(got, want, "rank 'raise' / strict promotion")
 
 
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_checked_jaxprs_lower_under_strict_promotion(platform):
+  # With jax_enable_checks on, jax evaluates the primitive's abstract
+  # results again while lowering, outside the public functions, under the
+  # caller's strict promotion: the product dtype of bfloat16 x and a
+  # float32 scale raised there. So did dispatch.explain, which a caller runs
+  # directly.
+  s = jax.ShapeDtypeStruct
+  x, w = s((64, 768), jnp.bfloat16), s((768,), jnp.float32)
+
+  def calls(x, w):
+    loss = lambda x, w, mode: jnp.sum(
+        rj.rms_norm(x, w, cast_mode=mode).astype(jnp.float32))
+    return (jax.grad(loss, argnums=(0, 1))(x, w, "float32"),
+            jax.grad(loss, argnums=(0, 1))(x, w, "llama"),
+            rj.rms_norm_residual(x, x, w), rj.rms_norm_quantized(x, w))
+
+  with jax.enable_checks(True), jax.numpy_dtype_promotion("strict"), \
+      jax.numpy_rank_promotion("raise"):
+    jax.jit(calls).trace(x, w).lower(lowering_platforms=(platform,))
+    assert rj.dispatch.explain(platform=platform, shape=(64, 768),
+                               dtype=jnp.bfloat16, scale_dtype=jnp.float32,
+                               cast_mode="llama")
+
+
 @pytest.mark.parametrize("make", BACKENDS)
 def test_x64_keeps_results_and_serves_float64(make):
   x, res, scale = _inputs(1)
