@@ -60,7 +60,13 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+# Mosaic GPU's own MLIR bindings (plgpu loads them already), for
+# _cluster_row_sum: Pallas has no store of a register value into another
+# CTA's shared memory.
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, gpu, llvm, nvvm, vector
 
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.mosaic_gpu_kernels import Plan
@@ -208,25 +214,13 @@ def _first_split(make, split: int | None, **overrides):
 _BARRIER_WORDS = 4
 
 
-def _mlir():
-  """Mosaic GPU's own MLIR bindings: Pallas has no store of a register
-  value into another CTA's shared memory."""
-  # pylint: disable=import-outside-toplevel
-  from jaxlib.mlir import ir
-  from jaxlib.mlir.dialects import arith, gpu, llvm, nvvm, vector
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  return ir, arith, gpu, llvm, nvvm, vector, mgpu_utils
-
-
 def _asm(args, text: str, constraints: str):
-  ir, _, _, llvm, _, _, _ = _mlir()
   llvm.inline_asm(ir.Type.parse("!llvm.void"), list(args), text, constraints,
                   has_side_effects=True)
 
 
 def _scalar(fa):
   """The one value a thread holds of a (1,) array in a row layout."""
-  ir, _, _, _, _, vector, _ = _mlir()
   reg = fa.registers.flat[0]
   return vector.extract(reg, dynamic_position=[],
                         static_position=[0] * ir.VectorType(reg.type).rank)
@@ -242,7 +236,6 @@ def _cluster_start(slots):
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
   def start(ctx, ref):
     del ctx
-    ir, arith, _, llvm, nvvm, _, mu = _mlir()
     i32 = ir.IntegerType.get_signless(32)
     base = llvm.ptrtoint(i32, mu.memref_ptr(ref))
     one = mu.single_thread_predicate(mu.ThreadSubset.WARPGROUP)
@@ -279,18 +272,16 @@ def _cluster_row_sum(part, slots, step, split: int, row_layout):
     @plgpu.inline_mgpu()
     def wait(ctx):
       del ctx
-      _, _, _, _, nvvm, _, _ = _mlir()
       nvvm.cluster_wait(aligned=True)
     wait()
 
   pl.when(step == 0)(cluster_wait)
-  steps = plgpu.layout_cast(
+  step_b = plgpu.layout_cast(
       jnp.broadcast_to(step.astype(jnp.int32), (1,)), row_layout)
 
   @plgpu.inline_mgpu(arg_types=(row_layout, row_layout, plgpu.RefType()))
   def exchange(ctx, p, s, ref):
     del ctx
-    ir, arith, gpu, llvm, _, _, mu = _mlir()
     i32 = ir.IntegerType.get_signless(32)
     val = arith.bitcast(i32, _scalar(p))
     s = _scalar(s)
@@ -325,7 +316,7 @@ def _cluster_row_sum(part, slots, step, split: int, row_layout):
          " @!P1 bra LAB_WAIT;\n}",
          "r,r,~{memory}")
 
-  exchange(part, steps, slots)
+  exchange(part, step_b, slots)
   base = _BARRIER_WORDS + (step % 2) * split
   total = slots[base]
   for j in range(1, split):
