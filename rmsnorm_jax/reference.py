@@ -71,8 +71,8 @@ def emulate(x, scale=None, bias=None, *, eps=1e-6, scale_offset=0.0,
   ``result_type(scale, x)`` (default out_dtype).
   Returns the output array in out_dtype (NumPy/ml_dtypes).
   """
-  import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from rmsnorm_jax import base  # pylint: disable=import-outside-toplevel
   x = np.asarray(x)
   f32 = np.float32
   xf = x.astype(f32)
@@ -81,7 +81,7 @@ def emulate(x, scale=None, bias=None, *, eps=1e-6, scale_offset=0.0,
   xhat = (xf * rstd).astype(f32)
   if cast_mode == "llama":
     # jax's promotion table, as the library applies it under any settings.
-    with jax.numpy_dtype_promotion("standard"):
+    with base.own_promotion_rules():
       pdt = _np_dtype(jnp.result_type(x.dtype, x.dtype if scale is None
                                       else np.asarray(scale).dtype))
     y = xhat.astype(x.dtype).astype(pdt)
