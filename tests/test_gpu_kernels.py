@@ -39,6 +39,7 @@ import rmsnorm_jax as rj
 from rmsnorm_jax import base
 from rmsnorm_jax import reference
 from rmsnorm_jax import shapes
+from rmsnorm_jax.kernels import common
 from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
@@ -245,6 +246,46 @@ def test_default_calls_lower_without_deprecation_warnings():
     with warnings.catch_warnings():
       warnings.simplefilter("error", DeprecationWarning)
       jax.block_until_ready(jax.jit(f)(x, r, s, b, dy))
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "mosaic_gpu"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["scale", "per_head"])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["f32", "bf16"])
+def test_dscale_and_dbias_partials_sum_in_one_reduction(backend, per_head,
+                                                        param_dtype):
+  # The backward kernels write dscale's and dbias' per-program partials;
+  # with float32 parameters one variadic reduction sums both (one kernel
+  # where a sum each took two, docs/bench_h200_features.md). 16-bit
+  # parameters keep a reduction each, since XLA fuses their casts only into
+  # a single reduction, and so does a per-head scale, whose dbias sums over
+  # the heads too. Lowered for cuda on any host.
+  s = jax.ShapeDtypeStruct
+  x = s((4096, 8, 128) if per_head else (4096, 1024), jnp.bfloat16)
+  w = s(x.shape[1:] if per_head else (1024,), param_dtype)
+  b = s((x.shape[-1],), param_dtype)
+
+  def loss(x, w, b):
+    return jnp.sum(rj.rms_norm(x, w, b, backend=backend).astype(jnp.float32))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  text = grad.trace(x, w, b).lower(lowering_platforms=("cuda",)).as_text()
+  one = param_dtype == jnp.float32 and not per_head
+  assert text.count(":2 = stablehlo.reduce(") == int(one), text
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["f32", "bf16"])
+def test_leading_sums_checks_shapes_and_sums_each_partial(param_dtype):
+  rng = rng_for("leading_sums")
+  a, b = (random(rng, (37, 3, 5), jnp.float32) for _ in range(2))
+  got = common.leading_sums([a, b], param_dtype)
+  for g, p in zip(got, (a, b)):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g), np.asarray(p, np.float64).sum(0),
+                               rtol=1e-5)
+  with pytest.raises(ValueError, match="one shape"):
+    common.leading_sums([a, b[:, :2]], param_dtype)
 
 
 def _call(op, rows, hidden, dtype, **kw):

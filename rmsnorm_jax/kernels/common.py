@@ -10,6 +10,7 @@ agree. Outside shard_map the set is empty and these helpers change nothing.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rmsnorm_jax import ops
@@ -46,6 +47,40 @@ def vary_like(out_shapes, inputs):
     return jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat)
 
   return jax.tree.map(one, out_shapes)
+
+
+def leading_sums(partials, param_dtype):
+  """Float32 sums over axis 0 of partials of one shape.
+
+  The GPU backwards write dscale's and dbias' per-program partials of a
+  ``(hidden,)`` scale and bias side by side. Where the sums stay float32 (float32 parameters), one variadic XLA
+  reduction sums them all in one kernel, where a ``jnp.sum`` each takes a
+  launch apiece (about 2 us each on an H200). Where they are cast to a
+  16-bit parameter's dtype next, each gets its own ``jnp.sum``: XLA fuses
+  the cast into a reduction of one result but not into a variadic one,
+  whose cast kernels made it slower (H200, 8192x4096 bf16 partials: 4.4 us
+  against 3.7). Each sum's order is fixed by XLA's emitter for the shape:
+  deterministic.
+
+  Args:
+    partials: float32 arrays of one shape ``(n, ...)``.
+    param_dtype: the dtype the sums are cast to next (the scale's).
+
+  Returns:
+    A tuple of float32 arrays of shape ``(...)``, one per partial.
+
+  Raises:
+    ValueError: if the partials' shapes differ.
+  """
+  shapes = {p.shape for p in partials}
+  if len(shapes) != 1:
+    raise ValueError(f"partials must share one shape; got {sorted(shapes)}.")
+  if len(partials) == 1 or np.dtype(param_dtype) != np.dtype(np.float32):
+    return tuple(jnp.sum(p, axis=0) for p in partials)
+  zero = jnp.zeros((), jnp.float32)
+  return tuple(jax.lax.reduce(
+      tuple(partials), (zero,) * len(partials),
+      lambda a, b: tuple(u + v for u, v in zip(a, b)), (0,)))
 
 
 FEATURES = ("bias", "llama", "per_head", "quantized")

@@ -922,6 +922,9 @@ def backward(x, scale, bias, rstd, dy, dh, *, config: Config,
   # (grid, heads, hidden) when folded), in a fixed order, small next to the
   # inputs.
   dscale = dbias = None
+  if m.has_scale and m.has_bias and heads == 1:
+    dscale, dbias = common.leading_sums(rest, scale.dtype)
+    return dx, dscale, dbias
   if m.has_scale:
     dscale = jnp.sum(rest.pop(0), axis=0).reshape(scale.shape)
   if m.has_bias:

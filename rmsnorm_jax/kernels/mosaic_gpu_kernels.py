@@ -50,6 +50,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
+from rmsnorm_jax.kernels import common
+
 _F32 = jnp.float32
 
 # jax 0.11 takes a load's index on the reference (``ref.at[idx]``) and
@@ -728,7 +730,11 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     if not has_bias:
       return dx, dscale
     return dx, dscale, jnp.sum(sums[-1], axis=0)
-  sums = part[:, 0] if part.shape[1] == 1 else jnp.sum(part, axis=1)
+  if part.shape[1] == 1:
+    sums = part[:, 0]
+  else:
+    sums = common.leading_sums(list(part),
+                               _F32 if scale is None else scale.dtype)
   if has_scale:
     dscale = sums[0]
   if not has_bias:
