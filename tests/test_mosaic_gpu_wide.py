@@ -76,8 +76,17 @@ def test_plan_covers_every_row_once(rows):
   p = mw.plan(rows, 16384, x_dtype=BF16, sms=132)
   # CTAs cover the rows exactly; none is empty.
   assert p.grid * p.steps >= rows > (p.grid - 1) * p.steps
-  assert p.steps % 4 == 0 and p.steps <= mw.MAX_CTA_ROWS
+  assert p.steps <= mw.MAX_CTA_ROWS
   assert p.grid <= 132 or p.steps == mw.MAX_CTA_ROWS
+  # As even as the clusters allow: one row fewer a cluster would need more
+  # clusters than fit.
+  clusters = 132 // p.split
+  assert p.steps == mw.MAX_CTA_ROWS or -(-rows // (p.steps - 1 or 1)) > (
+      clusters) or p.steps == 1
+  # The rstd copy, from the 16-byte boundary at or before a CTA's first row,
+  # holds all its rows.
+  assert mw.rstd_rows(p.steps) >= p.steps + mw.rstd_lead(p.steps)
+  assert mw.rstd_lead(p.steps) == (3 if p.steps % 4 else 0)
 
 
 @pytest.mark.parametrize("hidden,kw,match", [

@@ -328,11 +328,18 @@ def _itemsize(dt) -> int:
   return np.dtype(dt).itemsize
 
 
+def rstd_lead(cta_rows: int) -> int:
+  """Rows of rstd a CTA may copy before its own: its copy starts on a
+  16-byte boundary (the copy engine's alignment), up to 3 rows early when
+  the rows a CTA are not a multiple of 4."""
+  return 3 if cta_rows % 4 else 0
+
+
 def rstd_rows(cta_rows: int) -> int:
-  """Rows of rstd a CTA copies into shared memory: its own, rounded up to
-  whole 128-byte pieces (Mosaic GPU splits a copy over the warpgroup's 128
-  threads)."""
-  return -(-cta_rows // 32) * 32
+  """Rows of rstd a CTA copies into shared memory: its own (and
+  ``rstd_lead``'s), rounded up to whole 128-byte pieces (Mosaic GPU splits
+  a copy over the warpgroup's 128 threads)."""
+  return -(-(cta_rows + rstd_lead(cta_rows)) // 32) * 32
 
 
 def smem_bytes(hidden: int, stages: int, rstd_rows: int, *, x_size: int,
@@ -473,9 +480,9 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
                        "pieces for the copy engine.")
     ch = _chunk(cols, unit, chunk, CHUNK_VALUES)
     g = grid or min(rows, _max_clusters(sms, ctas_per_sm, sp))
-    # Each cluster's rstd starts on a 16-byte boundary (the copy engine's
-    # alignment): a multiple of 4 rows per cluster.
-    steps = min(-(-(-(-rows // g)) // 4) * 4, MAX_CTA_ROWS)
+    # Rows a cluster: as even as the grid allows (a multiple of 4 had left
+    # 36 of 132 SMs idle at 384 rows: 48 clusters of 8 rows, not 64 of 6).
+    steps = min(-(-rows // g), MAX_CTA_ROWS)
     st = _stages(
         lambda st: smem_bytes(hidden, st, rstd_rows(steps), x_size=xs,
                               dy_size=ds, scale_size=ws, split=sp),
@@ -601,8 +608,11 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     # whose CTAs all walk the same rows.
     rank = lax.axis_index("cluster") if split > 1 else 0
     # The last CTA's piece may reach past the end of rstd: the copy engine
-    # stops at the end, and those rows are never read.
-    plgpu.copy_gmem_to_smem(rstd_g.at[pl.ds(cta * cta_rows, load_rows)],
+    # stops at the end, and those rows are never read. It starts on a
+    # 16-byte boundary, ``lead`` rows before the CTA's first (rstd_lead).
+    first = cta * cta_rows
+    lead = lax.rem(first, 4) if rstd_lead(cta_rows) else 0
+    plgpu.copy_gmem_to_smem(rstd_g.at[pl.ds(first - lead, load_rows)],
                             rst_s.at[pl.ds(0, load_rows)], rbar,
                             oob_mode=plgpu.OOBFillMode.UNDEFINED)
     if has_scale:
@@ -644,7 +654,8 @@ def _kernel_call(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
       dx2 = dx_b.reshape(nch, C)
       full = slice(None)
       # A one-element vector load has no tiled transfer; a scalar does.
-      r = plgpu.layout_cast(jnp.broadcast_to(rst_s[idx[0]], (1,)), cast.row)
+      r = plgpu.layout_cast(jnp.broadcast_to(rst_s[lead + idx[0]], (1,)),
+                            cast.row)
       rb = cast.rows_b(r, shape)
       def dot_chunk(c, acc):
         row = pl.ds(c, 1)
