@@ -5,7 +5,8 @@ dtype; flax's layers keep float32 parameters by default, whose gradients
 stay float32. This times both beside each other (run on a CUDA GPU, from
 the repository root):
 
-    python benchmarks/bias_backward_params.py [--json out.json]
+    python benchmarks/bias_backward_params.py [--shapes 8192x4096:bfloat16,...]
+        [--backends auto,pallas_gpu,mosaic_gpu] [--json out.json]
 
 Each call is the backward of ``rms_norm(x, scale, bias, backend=...)`` from
 the forward's saved residuals (the benchmark's ``_vjp_runner``), on the
@@ -31,11 +32,11 @@ SHAPES = ((8192, 4096, jnp.bfloat16), (2048, 8192, jnp.float16),
 BACKENDS = ("auto", "pallas_gpu", "mosaic_gpu")
 
 
-def _candidates(uid, rows, hidden, dtype):
+def _candidates(uid, rows, hidden, dtype, backends):
   n = tune.n_sets("backward", rows, hidden, dtype)
   cands = []
   for param_dtype in (jnp.dtype(jnp.float32), dtype):
-    for backend in BACKENDS:
+    for backend in backends:
       sets = []
       for i in range(n):
         k = jax.random.split(jax.random.key(1000 * uid + i), 4)
@@ -56,12 +57,20 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--json", default="", help="write the records here")
   p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--shapes", default=",".join(
+      f"{r}x{h}:{jnp.dtype(d).name}" for r, h, d in SHAPES),
+                 help="comma-separated ROWSxHIDDEN:DTYPE")
+  p.add_argument("--backends", default=",".join(BACKENDS))
   args = p.parse_args()
+  shapes = []
+  for item in filter(None, args.shapes.split(",")):
+    size, dtype = item.split(":")
+    rows, hidden = map(int, size.split("x"))
+    shapes.append((rows, hidden, jnp.dtype(dtype)))
   out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
          "cases": {}}
-  for uid, (rows, hidden, dtype) in enumerate(SHAPES):
-    dtype = jnp.dtype(dtype)
-    cands = _candidates(uid, rows, hidden, dtype)
+  for uid, (rows, hidden, dtype) in enumerate(shapes):
+    cands = _candidates(uid, rows, hidden, dtype, args.backends.split(","))
     res = timing.time_candidates(cands, reps=args.reps)
     key = f"{rows}x{hidden}:{dtype.name}"
     out["cases"][key] = {c.impl: {k: res[c.fn.__name__].get(k)
