@@ -71,7 +71,8 @@ def test_plan_fits_shared_memory(hidden, dtype, fused, split, stages):
   assert p.chunk // 128 <= mw.CHUNK_VALUES
 
 
-@pytest.mark.parametrize("rows", [1, 5, 37, 1000, 4096, 4099, 33793, 100000])
+@pytest.mark.parametrize("rows", [1, 5, 37, 1000, 4096, 4099, 16764, 33793,
+                                  100000])
 def test_plan_covers_every_row_once(rows):
   p = mw.plan(rows, 16384, x_dtype=BF16, sms=132)
   # CTAs cover the rows exactly; none is empty.
@@ -84,8 +85,10 @@ def test_plan_covers_every_row_once(rows):
   assert p.steps == mw.MAX_CTA_ROWS or -(-rows // (p.steps - 1 or 1)) > (
       clusters) or p.steps == 1
   # The rstd copy, from the 16-byte boundary at or before a CTA's first row,
-  # holds all its rows.
-  assert mw.rstd_rows(p.steps) >= p.steps + mw.rstd_lead(p.steps)
+  # holds all its rows, in one piece of at most MAX_CTA_ROWS (16764 rows:
+  # 254 a cluster and 3 ahead would not fit; 256 do).
+  assert (p.steps + mw.rstd_lead(p.steps) <= mw.rstd_rows(p.steps)
+          <= mw.MAX_CTA_ROWS)
   assert mw.rstd_lead(p.steps) == (3 if p.steps % 4 else 0)
 
 

@@ -483,6 +483,9 @@ def plan(rows: int, hidden: int, *, x_dtype, dy_dtype=None, scale_dtype=None,
     # Rows a cluster: as even as the grid allows (a multiple of 4 had left
     # 36 of 132 SMs idle at 384 rows: 48 clusters of 8 rows, not 64 of 6).
     steps = min(-(-rows // g), MAX_CTA_ROWS)
+    if steps + rstd_lead(steps) > MAX_CTA_ROWS:
+      # The rstd piece stays one copy of at most MAX_CTA_ROWS rows.
+      steps = MAX_CTA_ROWS
     st = _stages(
         lambda st: smem_bytes(hidden, st, rstd_rows(steps), x_size=xs,
                               dy_size=ds, scale_size=ws, split=sp),
