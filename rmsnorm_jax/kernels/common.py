@@ -53,14 +53,14 @@ def leading_sums(partials, param_dtype):
   """Float32 sums over axis 0 of partials of one shape.
 
   The GPU backwards write dscale's and dbias' per-program partials of a
-  ``(hidden,)`` scale and bias side by side. Where the sums stay float32 (float32 parameters), one variadic XLA
-  reduction sums them all in one kernel, where a ``jnp.sum`` each takes a
-  launch apiece (about 2 us each on an H200). Where they are cast to a
-  16-bit parameter's dtype next, each gets its own ``jnp.sum``: XLA fuses
-  the cast into a reduction of one result but not into a variadic one,
-  whose cast kernels made it slower (H200, 8192x4096 bf16 partials: 4.4 us
-  against 3.7). Each sum's order is fixed by XLA's emitter for the shape:
-  deterministic.
+  ``(hidden,)`` scale and bias side by side. Where the sums stay float32
+  (float32 parameters), one variadic XLA reduction sums them all in one
+  kernel, where a ``jnp.sum`` each takes a launch apiece (about 2 us each
+  on an H200). Where they are cast to a 16-bit parameter's dtype next,
+  each gets its own ``jnp.sum``: XLA fuses the cast into a reduction of one
+  result but not into a variadic one, whose cast kernels made it slower
+  (H200, 8192x4096 bf16 partials: 4.4 us against 3.7). Each sum's order is
+  fixed by XLA's emitter for the shape: deterministic.
 
   Args:
     partials: float32 arrays of one shape ``(n, ...)``.
