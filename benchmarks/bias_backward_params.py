@@ -36,16 +36,19 @@ def _candidates(uid, rows, hidden, dtype, backends):
   n = tune.n_sets("backward", rows, hidden, dtype)
   cands = []
   for param_dtype in (jnp.dtype(jnp.float32), dtype):
+    # One draw of the inputs for every backend (each saves its own
+    # residuals from them).
+    inputs = []
+    for i in range(n):
+      k = jax.random.split(jax.random.key(1000 * uid + i), 4)
+      inputs.append((
+          (jax.random.normal(k[0], (rows, hidden)) + 0.3).astype(dtype),
+          (1 + 0.1 * jax.random.normal(k[2], (hidden,))).astype(param_dtype),
+          (0.1 * jax.random.normal(k[3], (hidden,))).astype(param_dtype),
+          jax.random.normal(k[1], (rows, hidden)).astype(dtype)))
     for backend in backends:
-      sets = []
-      for i in range(n):
-        k = jax.random.split(jax.random.key(1000 * uid + i), 4)
-        x = (jax.random.normal(k[0], (rows, hidden)) + 0.3).astype(dtype)
-        dy = jax.random.normal(k[1], (rows, hidden)).astype(dtype)
-        w = (1 + 0.1 * jax.random.normal(k[2], (hidden,))).astype(param_dtype)
-        b = (0.1 * jax.random.normal(k[3], (hidden,))).astype(param_dtype)
-        f = lambda x, w, b, be=backend: rj.rms_norm(x, w, b, backend=be)
-        sets.append(_vjp_runner(f, (x, w, b), dy))
+      f = lambda x, w, b, be=backend: rj.rms_norm(x, w, b, backend=be)
+      sets = [_vjp_runner(f, (x, w, b), dy) for x, w, b, dy in inputs]
       label = f"{param_dtype.name}:{backend}"
       name = f"bias_bwd_{uid}_{param_dtype.name}_{backend}"
       cands.append(Candidate("bias_bwd", label,

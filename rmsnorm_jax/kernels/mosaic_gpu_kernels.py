@@ -552,8 +552,8 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     rstd = jnp.pad(rstd, (0, 4 - rows % 4))
   out_types = [jax.ShapeDtypeStruct((rows, hidden // k, k), x.dtype)]
   if n_acc:
-    # dscale's and dbias' partials in one array: one XLA reduction sums
-    # both.
+    # dscale's and dbias' partials in one array, summed below
+    # (common.leading_sums).
     out_types.append(jax.ShapeDtypeStruct(
         (n_acc, plan.grid * (plan.head_rows if plan.head_rows > 1 else tr),
          hidden), _F32))
