@@ -436,6 +436,29 @@ def test_lowering_for_tpu(scale_shape, config, mode):
       h, s, b, r, dy, dh, norm=norm), a, s, b, r, a, a)
 
 
+@pytest.mark.parametrize("scale_shape,config", [
+    ((8, 128), {}), ((12, 128), {}), ((4, 256), dict(hidden_block=128))],
+    ids=["heads8", "heads12", "heads4-2pass"])
+def test_per_head_dscale_folds_in_one_reduction(scale_shape, config):
+  # The kernels write a partial of the per-head tile's rows per grid slice;
+  # one reduction sums the slices and the tile's copies of each head
+  # together (two had each written their result to HBM on chips that keep
+  # small arrays there: v2, v3 and v5p, docs/tpu_aot.md). dbias takes one
+  # more. Both one-pass and two-pass backward kernels.
+  impl = PallasTpu(**config)
+  heads, hidden = scale_shape
+  rows = 96 * heads
+  a, r = _sds((rows, hidden), BF16), _sds((rows,), F32)
+  s, b = _sds(scale_shape, BF16), _sds((hidden,), BF16)
+  norm = base.Norm(eps=EPS, out_dtype=BF16)
+  for bias, want in ((None, 1), (b, 2)):
+    text = _export_tpu(
+        lambda x, s, r, dy, *b: impl.backward(x, s, *(b or (None,)), r, dy,
+                                              norm=norm),
+        a, s, r, a, *([] if bias is None else [bias]))
+    assert text.count("stablehlo.reduce(") == want, text
+
+
 @pytest.mark.parametrize("qdt", [I8, E4M3, E5M2],
                          ids=["int8", "e4m3fn", "e5m2"])
 def test_quantized_lowering_for_tpu(qdt):

@@ -391,12 +391,13 @@ def _fold_partials(partials, heads):
   """(..., acc_out_rows, hidden) float32 partials -> (hidden,) or per-head.
 
   ``heads`` 0 for a (hidden,) result, else the head count: partial row i
-  belongs to head ``i % heads``. The sums run in a fixed order.
+  belongs to head ``i % heads``. The sums run in a fixed order. One
+  reduction either way: a partial's rows are a multiple of ``heads``, so
+  row j of the flattened partials belongs to head ``j % heads``.
   """
-  p = partials.reshape(-1, partials.shape[-2], partials.shape[-1]).sum(0)
-  if not heads:
-    return p[0]
-  return p.reshape(p.shape[0] // heads, heads, p.shape[1]).sum(0)
+  rows = 1 if not heads else heads
+  p = partials.reshape(-1, rows, partials.shape[-1]).sum(0)
+  return p[0] if not heads else p
 
 
 # --------------------------------------------------------------- forward --
