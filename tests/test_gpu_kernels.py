@@ -259,7 +259,9 @@ def test_dscale_and_dbias_partials_sum_in_one_reduction(backend, per_head,
   # where a sum each took two, docs/bench_h200_features.md). 16-bit
   # parameters keep a reduction each, since XLA fuses their casts only into
   # a single reduction, and so does a per-head scale, whose dbias sums over
-  # the heads too. Lowered for cuda on any host.
+  # the heads too; its dscale takes one reduction over the programs and
+  # the copies of each head (Mosaic GPU's had taken two, and its dbias
+  # two). Lowered for cuda on any host.
   s = jax.ShapeDtypeStruct
   x = s((4096, 8, 128) if per_head else (4096, 1024), jnp.bfloat16)
   w = s(x.shape[1:] if per_head else (1024,), param_dtype)
@@ -272,6 +274,7 @@ def test_dscale_and_dbias_partials_sum_in_one_reduction(backend, per_head,
   text = grad.trace(x, w, b).lower(lowering_platforms=("cuda",)).as_text()
   one = param_dtype == jnp.float32 and not per_head
   assert text.count(":2 = stablehlo.reduce(") == int(one), text
+  assert text.count("stablehlo.reduce(") == (1 if one else 2), text
 
 
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16],
@@ -286,6 +289,22 @@ def test_leading_sums_checks_shapes_and_sums_each_partial(param_dtype):
                                rtol=1e-5)
   with pytest.raises(ValueError, match="one shape"):
     common.leading_sums([a, b[:, :2]], param_dtype)
+
+
+@pytest.mark.parametrize("heads", [0, 1, 3])
+def test_head_sums_fold_programs_and_tile_copies(heads):
+  # Partials of 5 programs x a tile of 6 rows: row i of a tile is head
+  # i % heads (heads 0: every row into one (hidden,) sum).
+  rng = rng_for("head_sums", heads)
+  p = random(rng, (5, 6, 7), jnp.float32)
+  got = np.asarray(common.head_sums(p, heads))
+  flat = np.asarray(p, np.float64).reshape(30, 7)
+  want = (flat.sum(0) if not heads else
+          np.stack([flat[h::heads].sum(0) for h in range(heads)]))
+  assert got.shape == want.shape and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="multiple of heads=4"):
+    common.head_sums(p, 4)
 
 
 def _call(op, rows, hidden, dtype, **kw):

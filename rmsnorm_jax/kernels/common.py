@@ -1,5 +1,5 @@
 """Helpers shared by the kernel modules: what they serve, pallas_call types
-inside shard_map.
+inside shard_map, the sums of their backward's partials.
 
 Inside ``shard_map`` with checked types (``check_vma=True``, the default) every
 value carries the set of manual mesh axes it varies over. A pallas_call must
@@ -81,6 +81,36 @@ def leading_sums(partials, param_dtype):
   return tuple(jax.lax.reduce(
       tuple(partials), (zero,) * len(partials),
       lambda a, b: tuple(u + v for u, v in zip(a, b)), (0,)))
+
+
+def head_sums(partials, heads: int):
+  """Float32 sums of row partials by head, in one reduction.
+
+  A backward kernel with a per-head scale writes, per program, partials of
+  a tile of the scale's rows: row ``i`` of a tile belongs to head ``i %
+  heads``, and a tile's rows are a multiple of ``heads``. Flattened, row
+  ``j`` of all partials then belongs to head ``j % heads``, so one
+  reduction sums over the programs and a tile's copies of each head
+  together (the TPU kernels had taken two, each writing its result).
+
+  Args:
+    partials: float32, shape ``(..., rows, hidden)`` with ``rows`` a
+      multiple of ``heads``.
+    heads: the head count, or 0 to sum every row (a ``(hidden,)`` result).
+
+  Returns:
+    float32 ``(heads, hidden)``, or ``(hidden,)`` for ``heads`` 0; the sum
+    order is fixed by XLA's emitter for the shape: deterministic.
+
+  Raises:
+    ValueError: rows not a multiple of ``heads``.
+  """
+  if heads and partials.shape[-2] % heads:
+    raise ValueError(f"partials must have a multiple of heads={heads} rows; "
+                     f"got shape {partials.shape}.")
+  hidden = partials.shape[-1]
+  sums = jnp.sum(partials.reshape(-1, heads or 1, hidden), axis=0)
+  return sums if heads else sums[0]
 
 
 FEATURES = ("bias", "llama", "per_head", "quantized")

@@ -722,14 +722,11 @@ def backward(x, scale, rstd, dy, dh, *, plan: Plan, offset: float,
     return dx, None
   part = outs[1]
   if per_head:
-    # (n_acc, grid, head_rows, hidden) summed over CTAs, then over the
-    # copies of each head: a fixed order.
-    sums = jnp.sum(part.reshape(n_acc, plan.grid, plan.head_rows, hidden),
-                   axis=1)
-    dscale = jnp.sum(sums[0].reshape(-1, heads, hidden), axis=0)
+    # Each CTA's head_rows partial rows hold whole copies of the heads.
+    dscale = common.head_sums(part[0], heads)
     if not has_bias:
       return dx, dscale
-    return dx, dscale, jnp.sum(sums[-1], axis=0)
+    return dx, dscale, common.head_sums(part[-1], 0)
   if part.shape[1] == 1:
     sums = part[:, 0]
   else:

@@ -387,19 +387,6 @@ def _vectors(aff, w, b):
   return ([w] if aff.has_w else []) + ([b] if aff.has_b else [])
 
 
-def _fold_partials(partials, heads):
-  """(..., acc_out_rows, hidden) float32 partials -> (hidden,) or per-head.
-
-  ``heads`` 0 for a (hidden,) result, else the head count: partial row i
-  belongs to head ``i % heads``. The sums run in a fixed order. One
-  reduction either way: a partial's rows are a multiple of ``heads``, so
-  row j of the flattened partials belongs to head ``j % heads``.
-  """
-  rows = 1 if not heads else heads
-  p = partials.reshape(-1, rows, partials.shape[-1]).sum(0)
-  return p[0] if not heads else p
-
-
 # --------------------------------------------------------------- forward --
 
 def _forward_kernel(*refs, hidden, eps, has_res, aff, quant, dtypes,
@@ -656,8 +643,8 @@ def _sum_outputs(aff, lead, width, hidden, index_map):
 def _finish_sums(result, aff, heads):
   """(dscale or None, dbias or None) from the kernel's partial outputs."""
   result = list(result)
-  dw = _fold_partials(result.pop(0), heads) if aff.has_w else None
-  db = _fold_partials(result.pop(0), 0) if aff.has_b else None
+  dw = common.head_sums(result.pop(0), heads) if aff.has_w else None
+  db = common.head_sums(result.pop(0), 0) if aff.has_b else None
   return dw, db
 
 
