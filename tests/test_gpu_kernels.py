@@ -277,8 +277,8 @@ def test_dscale_and_dbias_partials_sum_in_one_reduction(backend, per_head,
   assert text.count("stablehlo.reduce(") == (1 if one else 2), text
 
 
-@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16],
-                         ids=["f32", "bf16"])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16, None],
+                         ids=["f32", "bf16", "any"])
 def test_leading_sums_checks_shapes_and_sums_each_partial(param_dtype):
   rng = rng_for("leading_sums")
   a, b = (random(rng, (37, 3, 5), jnp.float32) for _ in range(2))

@@ -437,26 +437,35 @@ def test_lowering_for_tpu(scale_shape, config, mode):
 
 
 @pytest.mark.parametrize("scale_shape,config", [
-    ((8, 128), {}), ((12, 128), {}), ((4, 256), dict(hidden_block=128))],
-    ids=["heads8", "heads12", "heads4-2pass"])
-def test_per_head_dscale_folds_in_one_reduction(scale_shape, config):
-  # The kernels write a partial of the per-head tile's rows per grid slice;
-  # one reduction sums the slices and the tile's copies of each head
-  # together (two had each written their result to HBM on chips that keep
-  # small arrays there: v2, v3 and v5p, docs/tpu_aot.md). dbias takes one
-  # more. Both one-pass and two-pass backward kernels.
+    ((256,), {}), ((256,), dict(hidden_block=128)), ((8, 128), {}),
+    ((12, 128), {}), ((4, 256), dict(hidden_block=128))],
+    ids=["vec", "vec-2pass", "heads8", "heads12", "heads4-2pass"])
+def test_partials_sum_in_one_reduction_per_shape(scale_shape, config):
+  # The kernels write dscale's (and dbias') partials per grid slice. A
+  # per-head scale's partials hold a tile of its rows: one reduction sums
+  # the slices and the tile's copies of each head together (two had each
+  # written their result to HBM on chips that keep small arrays there: v2,
+  # v3 and v5p, docs/tpu_aot.md). A (hidden,) scale's and the bias'
+  # partials share a shape: one variadic reduction sums both (one op where
+  # two had run, with float32 or 16-bit parameters alike, on every
+  # generation's compiler). A per-head dbias takes its own. Both the
+  # one-pass and the two-pass backward kernels.
   impl = PallasTpu(**config)
-  heads, hidden = scale_shape
+  hidden = scale_shape[-1]
+  heads = scale_shape[0] if len(scale_shape) == 2 else 1
   rows = 96 * heads
   a, r = _sds((rows, hidden), BF16), _sds((rows,), F32)
   s, b = _sds(scale_shape, BF16), _sds((hidden,), BF16)
   norm = base.Norm(eps=EPS, out_dtype=BF16)
-  for bias, want in ((None, 1), (b, 2)):
+  for bias in (None, b):
     text = _export_tpu(
         lambda x, s, r, dy, *b: impl.backward(x, s, *(b or (None,)), r, dy,
                                               norm=norm),
         a, s, r, a, *([] if bias is None else [bias]))
-    assert text.count("stablehlo.reduce(") == want, text
+    separate = bias is not None and heads > 1
+    assert text.count("stablehlo.reduce(") == 1 + separate, text
+    variadic = bias is not None and heads == 1
+    assert text.count(":2 = stablehlo.reduce(") == variadic, text
 
 
 @pytest.mark.parametrize("qdt", [I8, E4M3, E5M2],

@@ -49,22 +49,26 @@ def vary_like(out_shapes, inputs):
   return jax.tree.map(one, out_shapes)
 
 
-def leading_sums(partials, param_dtype):
+def leading_sums(partials, param_dtype=None):
   """Float32 sums over axis 0 of partials of one shape.
 
-  The GPU backwards write dscale's and dbias' per-program partials of a
-  ``(hidden,)`` scale and bias side by side. Where the sums stay float32
-  (float32 parameters), one variadic XLA reduction sums them all in one
-  kernel, where a ``jnp.sum`` each takes a launch apiece (about 2 us each
-  on an H200). Where they are cast to a 16-bit parameter's dtype next,
-  each gets its own ``jnp.sum``: XLA fuses the cast into a reduction of one
+  The backwards write dscale's and dbias' per-program partials of a
+  ``(hidden,)`` scale and bias side by side. One variadic XLA reduction
+  sums them all in one op, where a ``jnp.sum`` each takes an op apiece
+  (on an H200 a kernel launch of about 2 us each). On GPU, where the sums
+  are cast to a 16-bit parameter's dtype next, each gets its own
+  ``jnp.sum``: XLA's GPU backend fuses the cast into a reduction of one
   result but not into a variadic one, whose cast kernels made it slower
-  (H200, 8192x4096 bf16 partials: 4.4 us against 3.7). Each sum's order is
-  fixed by XLA's emitter for the shape: deterministic.
+  (H200, 8192x4096 bf16 partials: 4.4 us against 3.7). The TPU compiler
+  fuses both casts into the variadic reduction (one op for either
+  parameter dtype, every generation; libtpu 0.0.42), so the TPU kernels
+  pass no ``param_dtype``. Each sum's order is fixed by XLA's emitter for
+  the shape: deterministic.
 
   Args:
     partials: float32 arrays of one shape ``(n, ...)``.
-    param_dtype: the dtype the sums are cast to next (the scale's).
+    param_dtype: the dtype the sums are cast to next (the scale's), where
+      a cast keeps the sums apart (GPU); None for one reduction regardless.
 
   Returns:
     A tuple of float32 arrays of shape ``(...)``, one per partial.
@@ -75,7 +79,8 @@ def leading_sums(partials, param_dtype):
   shapes = {p.shape for p in partials}
   if len(shapes) != 1:
     raise ValueError(f"partials must share one shape; got {sorted(shapes)}.")
-  if len(partials) == 1 or np.dtype(param_dtype) != np.dtype(np.float32):
+  if len(partials) == 1 or (param_dtype is not None and np.dtype(
+      param_dtype) != np.dtype(np.float32)):
     return tuple(jnp.sum(p, axis=0) for p in partials)
   zero = jnp.zeros((), jnp.float32)
   return tuple(jax.lax.reduce(

@@ -643,6 +643,9 @@ def _sum_outputs(aff, lead, width, hidden, index_map):
 def _finish_sums(result, aff, heads):
   """(dscale or None, dbias or None) from the kernel's partial outputs."""
   result = list(result)
+  if aff.has_w and aff.has_b and not heads:
+    # Partials of the same shape: one reduction for both.
+    return common.leading_sums([p.reshape(-1, p.shape[-1]) for p in result])
   dw = common.head_sums(result.pop(0), heads) if aff.has_w else None
   db = common.head_sums(result.pop(0), 0) if aff.has_b else None
   return dw, db
