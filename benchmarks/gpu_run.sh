@@ -15,7 +15,10 @@
 # (seconds per part), TEST_WORKERS (pytest-xdist workers, default: the
 # CPU count less two; compiling the kernels is what the tests spend their
 # time on: the whole compiled suite took 376 s with 14 workers on a
-# 16-core H200 machine, so give it T_TESTS=480 or more),
+# 16-core H200 machine, so give it T_TESTS=480 or more), TEST_PATHS (what
+# pytest collects, default "tests": e.g. "tests/test_mosaic_gpu.py" and
+# "tests --ignore=tests/test_mosaic_gpu.py" split the suite over two
+# runs of a shorter limit),
 # BENCH_CASES (default: the benchmark set of rmsnorm_jax/shapes.py, largest
 # first), BENCH_OPS, BENCH_IMPLS, BENCH_PEERS (default: all), BENCH_REPS,
 # BENCH_RESUME (the bench.json of a run cut short by T_BENCH, e.g. carried
@@ -71,8 +74,9 @@ for part in $parts; do
   case $part in
     tests)
       workers=${TEST_WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
+      # shellcheck disable=SC2086  # TEST_PATHS holds several arguments
       timeout "${T_TESTS:-480}" "$PY" -m pytest -p no:cacheprovider -m gpu \
-        tests -q -n "$workers" -rfEs --durations=5 2>&1 \
+        ${TEST_PATHS:-tests} -q -n "$workers" -rfEs --durations=5 2>&1 \
         | quiet > "$OUT/tests.log"
       tail -n 15 "$OUT/tests.log" | tee -a "$LOG" ;;
     bench)
