@@ -294,7 +294,10 @@ def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
     so that ``q * q_scale`` approximates y.
 
   Raises:
-    TypeError: as ``rms_norm``, and when differentiated (forward only).
+    TypeError: as ``rms_norm``, and when a gradient reaches q_scale, h or a
+      float8 q (a forward-only op). An int8 q carries no gradient, by JAX's
+      rule for integer outputs: a loss of an int8 q alone differentiates to
+      zeros, as through any cast to an integer dtype.
     ValueError: as ``rms_norm``, and for an unsupported quant_dtype or a
       quant_scale that is not a floating scalar.
   """

@@ -613,6 +613,16 @@ def test_quantized_is_not_differentiable(backend_id):
     return
   with pytest.raises(TypeError, match="forward-only"):
     jax.grad(f, argnums=(0, 1))(x, scale)
+  # A float8 q carries a gradient, and so raises too; an int8 q does not
+  # (JAX's rule for integer outputs, as for x.astype(jnp.int8)): zeros.
+  for qdt, raises in ((E4M3, True), (I8, False)):
+    g = lambda x, s, qdt=qdt: rj.rms_norm_quantized(
+        x, s, quant_dtype=qdt, backend=backend)[0].astype(F32).sum()
+    if raises:
+      with pytest.raises(TypeError, match="forward-only"):
+        jax.grad(g)(x, scale)
+    else:
+      assert not np.any(np.asarray(jax.grad(g)(x, scale)))
 
 
 def test_quantized_bad_arguments_name_them():
