@@ -17,6 +17,14 @@ of a device, after this module is imported).
   optimization level would reach the GPU backend too, whose compiled
   programs the GPU tests check, so both are left off there. Settings
   already in the caller's ``XLA_FLAGS`` win.
+* No YNNPACK fusions on CPU (jaxlib 0.10): a reduction that XLA hands to
+  YNNPACK skips a float32 -> 16-bit -> float32 rounding of its input, so
+  ``jnp.max(v.astype(jnp.bfloat16).astype(jnp.float32))`` came out as the
+  max of the unrounded ``v``. The interpreted GPU kernel's quantized forward
+  (chunked tiling, no scale or with a residual) then gave a q_scale one
+  bfloat16 ulp from the rounded y's, where the compiled kernel rounds;
+  ``test_numerics.py::test_cpu_reductions_keep_roundings`` checks this
+  setting holds.
 """
 
 import os
@@ -25,6 +33,7 @@ import pkgutil
 import jaxlib.version
 
 _FUSION_FLAG_CHECKED = ("0.10.", "0.11.")
+_YNN_FLAG_CHECKED = ("0.10.",)
 
 
 def _add_flag(flag: str) -> None:
@@ -50,3 +59,5 @@ if not _has_gpu_plugin():
   # jaxlib releases it was checked with.
   if jaxlib.version.__version__.startswith(_FUSION_FLAG_CHECKED):
     _add_flag("--xla_cpu_use_fusion_emitters=false")
+  if jaxlib.version.__version__.startswith(_YNN_FLAG_CHECKED):
+    _add_flag("--xla_cpu_experimental_ynn_fusion_type=")

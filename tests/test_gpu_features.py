@@ -503,6 +503,37 @@ def test_quantized_tilings_and_per_head(mode, config):
                                   np.asarray(q_want).view(np.uint8))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cast_mode", ["float32", "llama"])
+def test_quantized_chunked_row_max_sees_rounded_values(mode, cast_mode):
+  # Row blocks of 16 rows in 256-column chunks, the second one ragged, no
+  # scale, with a residual: the row max of |y| must be over y as it is
+  # rounded (h to the residual's dtype; llama's x_hat to it too). In the
+  # interpreter on CPU a YNNPACK reduction had skipped those roundings
+  # (conftest.py), so q_scale came out one bfloat16 ulp (0.1-0.7%) off in
+  # most rows. Against XLA, whose sum of squares runs in another order,
+  # q_scale may differ by a float32 ulp or two (rtol 1e-6) and q by one
+  # step next to a rounding midpoint.
+  impl = impl_for(mode, block_cols=256, block_rows=16, num_sms=4)
+  rows, hidden = 100, 300
+  rng = rng_for("quant_chunk_rounding", cast_mode)
+  x = random(rng, (rows, hidden), BF16, mean=0.2)
+  res = random(rng, (rows, hidden), BF16)
+  norm = base.Norm(eps=1e-5, cast_mode=cast_mode, quant_dtype=QUANT_DTYPES[0])
+  for r in (None, res):
+    q, q_scale, h = jax.jit(functools.partial(impl.quantized_forward,
+                                              norm=norm))(x, r, None, None,
+                                                          None)
+    want_q, want_scale, want_h = base.Xla().quantized_forward(
+        x, r, None, None, None, norm=norm)
+    np.testing.assert_allclose(np.asarray(q_scale), np.asarray(want_scale),
+                               rtol=1e-6)
+    steps = np.abs(np.asarray(q, np.int32) - np.asarray(want_q, np.int32))
+    assert steps.max() <= 1 and np.mean(steps > 0) < 1e-3, steps.max()
+    if r is not None:
+      np.testing.assert_array_equal(np.asarray(h), np.asarray(want_h))
+
+
 def test_float16_bias_backward_launch():
   # The float16 backward with a bias on 8192-wide rows runs 8 warps, the
   # fused backward 32; the same calls in bfloat16 or without a bias, other
