@@ -502,6 +502,27 @@ def test_block_choice_rules():
                               chip=V6E).hidden_block is None
 
 
+def test_quantized_forward_counts_the_row_group_copies():
+  # The quantized forward keeps float32 copies of a whole row group live
+  # (tk.QUANTIZED_GROUP_COPIES): 32 rows (int8's tile) x 65536 lanes x 4
+  # bytes each, counted in its footprint and so in its VMEM limit; the
+  # plain forward's group copies are not.
+  streams, align = (4, 1), cfg.row_tile((4, 1), 1)
+  base_fp = cfg.footprint(32, 65536, streams, align=align, vectors=1)
+  with_copies = cfg.footprint(32, 65536, streams, align=align, vectors=1,
+                              group_copies=2)
+  assert with_copies - base_fp == 2 * 32 * 65536 * 4
+  q = PallasTpu().blocking("quantized_forward", 2048, 65536,
+                           [F32, np.dtype(jnp.int8)], chip=V6E)
+  plain = PallasTpu().blocking("forward", 2048, 65536, [F32, F32], chip=V6E)
+  row_group = 32 * 65536 * 4
+  assert q.footprint_bytes >= cfg.footprint(
+      q.block_rows, 65536, streams, align=align, vectors=1) + 2 * row_group
+  assert q.vmem_limit_bytes >= q.footprint_bytes + cfg.VMEM_HEADROOM_BYTES
+  assert plain.footprint_bytes == cfg.footprint(
+      plain.block_rows, 65536, (4, 4), align=8, vectors=1)
+
+
 def test_block_rows_override():
   # Rounded up to the sublane tile: 16 rows for bfloat16, 8 for float32.
   assert PallasTpu(block_rows=20).blocking(

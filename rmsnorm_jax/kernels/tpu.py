@@ -149,6 +149,8 @@ class PallasTpu(cfg.Config, base.Implementation):
         # The scale (and its partial sums backward) and the bias (its sums).
         vectors=(2 if backward else 1) + bool(has_bias),
         accumulators=(1 + bool(has_bias)) if backward else 0,
+        group_copies=(tk.QUANTIZED_GROUP_COPIES
+                      if op == "quantized_forward" else 0),
         heads=max(heads, 1), chip=chip)
 
   def _schedule(self, op, x, roles, scale, bias, has_res):

@@ -37,7 +37,10 @@ The rule, applied when a kernel is traced:
 
 Inside a block the kernels work on row groups of at most
 :data:`CHUNK_ELEMENTS` float32 elements (several lane chunks for wide rows),
-so temporaries stay a few dozen vector registers whatever the block size.
+so temporaries stay a few dozen vector registers whatever the block size;
+except where a kernel keeps float32 copies of a whole row group live (the
+quantized forward, whose row maximum needs the group's full rows:
+``group_copies``), which :func:`footprint` then counts.
 
 A user's :class:`Config` (``PallasTpu`` is one) overrides: ``block_rows``
 replaces step 3 (it is rounded to the sublane tile); ``hidden_block`` forces
@@ -207,7 +210,7 @@ def row_tile(itemsizes, heads: int = 1) -> int:
 
 def footprint(block_rows: int, width: int, streams, *, align: int,
               vectors: int, vector_rows: int = 1,
-              accumulators: int = 0) -> int:
+              accumulators: int = 0, group_copies: int = 0) -> int:
   """Modelled VMEM bytes of one grid step.
 
   Args:
@@ -220,6 +223,8 @@ def footprint(block_rows: int, width: int, streams, *, align: int,
     vector_rows: 1, or the rows of a per-head scale tiled to ``align``.
     accumulators: ``(max(8, vector_rows), width)`` float32 VMEM scratch
       accumulators (dscale, dbias in the backward).
+    group_copies: float32 copies of one row group (``_groups``' rows x
+      ``width``) the kernel keeps live in VMEM beside its blocks.
 
   One per-row float32 stream (rstd or the quantization scale) is always
   counted: its ``(1, block_rows)`` block double-buffered plus a
@@ -231,7 +236,8 @@ def footprint(block_rows: int, width: int, streams, *, align: int,
   stats = (2 * round_up(r, LANES) + r * LANES) * F32_BYTES
   vec = vectors * 2 * vector_rows * w * F32_BYTES
   acc = accumulators * max(8, round_up(vector_rows, 8)) * w * F32_BYTES
-  return data + stats + vec + acc
+  group = group_copies * _groups(r, w, align)[0] * w * F32_BYTES
+  return data + stats + vec + acc + group
 
 
 def vmem_limit(chip: Chip, fp: int) -> int:
@@ -252,7 +258,7 @@ def _groups(block_rows: int, width: int, align: int) -> tuple[int, int]:
 
 
 def choose(config: Config, *, rows: int, hidden: int, streams, vectors: int,
-           accumulators: int = 0, heads: int = 1,
+           accumulators: int = 0, group_copies: int = 0, heads: int = 1,
            chip: Chip | None = None) -> Blocking:
   """Resolves ``config`` for one kernel call (see the module docstring).
 
@@ -261,7 +267,7 @@ def choose(config: Config, *, rows: int, hidden: int, streams, vectors: int,
     rows, hidden: the 2-D problem.
     streams: itemsizes of the operands streamed per element (inputs and
       outputs, e.g. ``(2, 2)`` for a bfloat16 forward).
-    vectors, accumulators: see :func:`footprint`.
+    vectors, accumulators, group_copies: see :func:`footprint`.
     heads: rows of a per-head scale (row r uses scale[r % heads]); the row
       block and row groups are then multiples of ``lcm(tile, heads)``, so
       every group starts at head 0, and rows past the end of the array fill
@@ -282,7 +288,8 @@ def choose(config: Config, *, rows: int, hidden: int, streams, vectors: int,
 
   def fp_of(r, w):
     return footprint(r, w, streams, align=align, vectors=vectors,
-                     vector_rows=vector_rows, accumulators=accumulators)
+                     vector_rows=vector_rows, accumulators=accumulators,
+                     group_copies=group_copies)
 
   def fix_rows(r):
     r = max(1, int(r))
