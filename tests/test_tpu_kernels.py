@@ -584,6 +584,24 @@ def test_bad_block_rows_through_public_api():
                      r".*more than v4's 16 MiB"):
     PallasTpu(block_rows=4096).blocking("backward", 8192, 4096, [F32] * 3,
                                         chip=V4)
+  # Blocks that fit but leave less than the headroom for the kernel's
+  # temporaries: the TPU compiler ran out of v3's and v2's 16 MiB of VMEM
+  # (17.6 and 17.4 MiB used) for these, found by compiling random
+  # programs; they now fail here, naming the argument.
+  v2 = cfg.Chip("v2", 16 * cfg.MIB, 358e9, True)
+  v3 = cfg.Chip("v3", 16 * cfg.MIB, 450e9, True)
+  for chip, op, rows, hidden, br, bias in ((v3, "backward", 32768, 32768, 16,
+                                            True),
+                                           (v2, "backward", 100, 20000, 32,
+                                            False)):
+    with pytest.raises(ValueError, match=rf"block_rows={br} needs 1\d\.\d "
+                       r"MiB .* and 4 MiB for the kernel's temporaries, more "
+                       rf"than {chip.name}'s 16 MiB"):
+      PallasTpu(block_rows=br).blocking(op, rows, hidden, [F32] * 3,
+                                        chip=chip, has_bias=bias)
+    # One tile of rows fewer fits.
+    PallasTpu(block_rows=br // 2).blocking(op, rows, hidden, [F32] * 3,
+                                           chip=chip, has_bias=bias)
 
 
 # ----------------------------------------------------------- TPU lowering --

@@ -279,7 +279,8 @@ def choose(config: Config, *, rows: int, hidden: int, streams, vectors: int,
     into lane chunks (two passes over HBM).
 
   Raises:
-    ValueError: (on a known chip) a ``block_rows`` whose blocks exceed VMEM.
+    ValueError: (on a known chip) a ``block_rows`` whose blocks and
+      ``VMEM_HEADROOM_BYTES`` exceed VMEM.
   """
   chip = chip or detect_chip()
   align = row_tile(streams, heads)
@@ -323,13 +324,17 @@ def choose(config: Config, *, rows: int, hidden: int, streams, vectors: int,
     while br > min_rows and fp_of(br, width) > budget:
       br = fix_rows(br // 2) if br // 2 >= align else min_rows
   fp = fp_of(br, width)
-  if config.block_rows is not None and chip.known and fp > chip.vmem_bytes:
-    # Mosaic would fail later with a VMEM allocation error that does not
-    # say which setting caused it.
+  if (config.block_rows is not None and chip.known
+      and fp + VMEM_HEADROOM_BYTES > chip.vmem_bytes):
+    # The TPU compiler would fail later with a VMEM allocation error that
+    # does not say which setting caused it. The kernels' temporaries and
+    # Mosaic's scratch take about the headroom the limit allows for (v2, v3:
+    # 1.7-2.9 MiB beyond blocks of 14.8-15.7 MiB, which failed in 16 MiB).
     raise ValueError(
         f"block_rows={config.block_rows} needs {fp / MIB:.1f} MiB of VMEM "
         f"per grid step ({br} x {width} blocks of {len(streams)} operands, "
-        f"double-buffered), more than {chip.name}'s "
+        f"double-buffered) and {VMEM_HEADROOM_BYTES / MIB:.0f} MiB for the "
+        f"kernel's temporaries, more than {chip.name}'s "
         f"{chip.vmem_bytes / MIB:.0f} MiB; use a smaller block_rows or leave "
         "it None.")
   group_rows, lane_chunk = _groups(br, width, align)
