@@ -62,14 +62,13 @@ F32 = np.dtype(jnp.float32)
 F16 = np.dtype(jnp.float16)
 KERNEL_DTYPES = (F32, np.dtype(jnp.bfloat16), F16)
 # Float32 copies of a whole row group that the quantized forward keeps live
-# in VMEM (tpu_config.footprint's group_copies): the TPU compiler holds the
-# group's y between the row-maximum pass and the quantizing pass, and
-# conversion temporaries. Compiled for every generation (libtpu 0.0.42.1),
-# 2048 rows of 32768 and 65536 columns, which fail to compile on v5e, v5p,
-# v6e and tpu7x with the blocks alone and 4 MiB of headroom: the scoped
-# VMEM needed beyond the blocks was 1.0-2.06 copies of the group (32 rows
-# x the width x 4 bytes; float16 with a residual at 65536 columns the
-# most).
+# in VMEM (tpu_config.footprint's group_copies): most likely the group's y,
+# which its two passes compute alike, and conversion temporaries (measured,
+# not traced to single values). Compiled for every generation (libtpu
+# 0.0.42.1), 2048 rows of 32768 and 65536 columns failed on v5e, v5p, v6e
+# and tpu7x with the blocks alone and 4 MiB of headroom: the scoped VMEM
+# needed beyond the blocks was 1.0-2.06 copies of the group (32 rows x the
+# width x 4 bytes; float16 with a residual at 65536 columns the most).
 QUANTIZED_GROUP_COPIES = 2
 
 # float16 <-> float32 bit manipulation constants (IEEE 754 binary16/32).
