@@ -13,9 +13,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import rmsnorm_jax as rj
 from rmsnorm_jax import base
 from rmsnorm_jax import bench
 from rmsnorm_jax import reference
+from rmsnorm_jax.bench import triton_ir
+from rmsnorm_jax.kernels import gpu_tiling
 
 KEYS = {"op", "impl", "rows", "hidden", "dtype", "bytes", "time_us",
         "time_min", "time_max", "gbps", "timing", "ratio_to_roofline",
@@ -536,3 +539,32 @@ def test_a_candidate_that_fails_to_build_keeps_its_impl_name():
   assert [type(c).__name__ for c in cands] == ["BuildError"]
   assert cands[0].impl == "declines"
   assert isinstance(cands[0].error, ValueError)
+
+
+def test_triton_kernels_of_a_call_lowered_without_a_gpu():
+  # benchmarks/triton_registers.py compiles these kernels' IR with pip's
+  # Triton: their names, launch settings and IR must be those of the call.
+  rows, hidden = 2048, 8192
+  x = jax.ShapeDtypeStruct((rows, hidden), jnp.float16)
+  s = jax.ShapeDtypeStruct((hidden,), jnp.float16)
+
+  def bias_backward(x, s, b, dy):
+    _, vjp = jax.vjp(lambda x, s, b: rj.rms_norm(x, s, b,
+                                                  backend="pallas_gpu"),
+                     x, s, b)
+    return vjp(dy)
+  kernels = triton_ir.triton_kernels(bias_backward, x, s, s, x)
+  assert [k.name for k in kernels] == ["rmsnorm_forward", "rmsnorm_backward"]
+  bwd = kernels[1]
+  want = gpu_tiling.resolve(
+      gpu_tiling.Config(num_sms=gpu_tiling.num_sms()), "backward", rows,
+      hidden, itemsize=2, device_kind=None, float16_bias=True)
+  assert bwd.num_warps == want.num_warps == gpu_tiling.BWD_F16_BIAS_WARPS
+  assert bwd.num_stages == want.num_stages
+  assert bwd.grid[1:] == (1, 1) and bwd.grid[0] >= 1
+  for k in kernels:
+    assert k.ir.startswith(f"module @{k.name}"), k.ir[:80]
+    assert f"tt.func public @{k.name}(" in k.ir
+  # The backward writes dx and the float32 dscale and dbias partials.
+  assert bwd.ir.count("tt.store") >= 3, bwd.ir
+  assert triton_ir.triton_kernels(lambda x: x * 2, x) == []

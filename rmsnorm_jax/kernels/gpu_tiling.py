@@ -124,9 +124,13 @@ BWD_WIDE16_WARPS = 32
 # were timed without a bias, on bfloat16). H200, us, 16 / 8 warps: with a
 # bias 2048x8192 f16 39.5 / 36.0, 4096x8192 f16 69.9 / 62.8; bfloat16 with
 # a bias 34.2 / 35.7, 60.3 / 62.7, float16 without 31.3 / 32.3, 56.8 /
-# 59.1, so neither takes it. Not profiled: likely the 16-warp program's
-# 128-register cap, which the bias's accumulator passes with float16's
-# conversions only (two programs of 8 warps per SM: 41.2, 68.8).
+# 59.1, so neither takes it. Likely cause, not profiled: the 16-warp
+# program's 128-register cap, which the bias's accumulator passes with
+# float16's conversions only. The compiled kernels agree (sm_90a,
+# benchmarks/triton_registers.py with pip Triton 3.6, 2048x8192): at 16
+# warps only the float16 one with a bias spills (4 bytes a thread; not
+# bfloat16, not without a bias); at 8 warps it holds 254 registers
+# unspilled. Two programs of 8 warps per SM timed 41.2 and 68.8.
 BWD_F16_BIAS_COLS = 8192
 BWD_F16_BIAS_WARPS = 8
 # The fused residual backward (which also reads dh) in the same case runs
