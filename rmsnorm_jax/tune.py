@@ -13,9 +13,10 @@ noise; the row block halved and doubled; the warps halved and doubled; the
 programs per SM and the next-block prefetch of the persistent grids; for a
 width that pads to its class, fewer warps with more programs; for the
 forward ops of rows up to 4096 columns, one warp a row; for the forward
-ops on a persistent grid, one program a row (Liger-Kernel's launch); and the
-launch the device's tuning file gives the call now, where it differs). A width
-that is not a power of two gets entries of its own (``hidden``). Times
+ops on a persistent grid, one program a row (Liger-Kernel's launch); for the
+backward ops, the scale re-read each row rather than held in registers; and
+the launch the device's tuning file gives the call now, where it differs). A
+width that is not a power of two gets entries of its own (``hidden``). Times
 are device kernel time from the ``jax.profiler`` trace, median over calls
 rotating over input sets larger than the L2 (``rmsnorm_jax.bench.timing``).
 A candidate is adopted only when it beats the better of the two heuristic
@@ -126,7 +127,8 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
     to its class, first two that also change the programs or rows with the
     warps; for forward ops of rows padded to at most ``ONE_WARP_MAX_COLS``,
     first one warp a row; for forward ops on a persistent grid, first one
-    program a row with the scale re-read); at most 7 in all.
+    program a row with the scale re-read; for backward ops that hold the
+    scale in registers, next the scale re-read each row); at most 7 in all.
 
   Raises:
     ValueError: unknown op, or rows wider than whole-row tiles.
@@ -166,6 +168,12 @@ def candidates(op: str, rows: int, hidden: int, itemsize: int,
     overrides.append(dict(prefetch=not h.prefetch))
   else:
     overrides.append(dict(persistent=True))
+  if op.endswith("backward") and h.cache_scale:
+    # The scale (and bias) re-read each row rather than held in registers
+    # beside x, dy and the accumulators. Compiled for sm_90a
+    # (benchmarks/triton_registers.py), the backward of 8192x5376 bf16
+    # spills 20 bytes a thread at the heuristic's 16 warps and none so.
+    overrides.insert(0, dict(cache_scale=False))
   if hidden < gpu_tiling.next_pow2(hidden) and h.num_warps >= 8:
     # A padded row (e.g. 4608 in 8192-wide tiles) holds fewer values per
     # thread than the tile: fewer warps a program and more programs an SM,

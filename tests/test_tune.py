@@ -296,6 +296,18 @@ def test_candidates_around_the_heuristic():
           h, persistent=False, prefetch=False, cache_scale=False)
   assert "ps0_pf0_cs0" not in dict(tune.candidates("residual_forward", 8192,
                                                    4096, 2, 132))
+  # Backward ops that hold the scale in registers try it re-read each row
+  # (fewer registers: no spill at 5376 columns, where the heuristic
+  # spills), after a padded width's two; the forward ops do not.
+  for op in gpu_tiling.OPS:
+    for hidden, at in [(4096, 1), (5376, 3)]:
+      h = _heuristic(op, 8192, hidden)
+      cands = tune.candidates(op, 8192, hidden, 2, 132)
+      if op.endswith("backward"):
+        assert h.cache_scale, (op, hidden)
+        assert cands[at] == ("cs0", dataclasses.replace(h, cache_scale=False))
+      else:
+        assert "cs0" not in dict(cands), (op, hidden)
 
 
 def test_candidates_include_the_current_launch(tuning_dir):
