@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # One run on any CUDA GPU machine: the compiled GPU tests, the benchmark with
-# the device-copy and PyTorch peer columns, and optionally the tiling sweep,
-# the Nsight Compute profile and the auto crossover, each under its own time
-# limit so that one part running long cannot cost the others. Results go to
-# $OUT (default ./out): device.txt, run.log, tests.log, bench.json,
-# bench.md, bench.png (and sweep*.json, ncu.csv, cross.json when run).
+# the device-copy and PyTorch peer columns, and optionally the feature ops'
+# benchmark, the tiling sweep, the Nsight Compute profile and the auto
+# crossover, each under its own time limit so that one part running long
+# cannot cost the others. Results go to $OUT (default ./out): device.txt,
+# run.log, tests.log, bench.json, bench.md, bench.png (and features.json,
+# features.md, sweep*.json, ncu.csv, cross.json when run).
 #
 #   bash benchmarks/gpu_run.sh [parts...]     (default: tests bench)
-#   parts: tests bench sweep sweep2 ... sweep5 profile cross
+#   parts: tests bench features sweep sweep2 ... sweep5 profile cross
 #
 # Python wheels in ./.whl (e.g. liger-kernel for the peer column) are
 # installed into /tmp/site first, without touching the machine's packages.
-# Settings (environment): T_TESTS, T_BENCH, T_SWEEP, T_PROFILE, T_CROSS
+# Settings (environment): T_TESTS, T_BENCH, T_FEATURES, T_SWEEP, T_PROFILE,
+# T_CROSS
 # (seconds per part), TEST_WORKERS (pytest-xdist workers, default: the
 # CPU count less two; compiling the kernels is what the tests spend their
-# time on: the whole compiled suite took 376 s with 14 workers on a
-# 16-core H200 machine, so give it T_TESTS=480 or more), TEST_PATHS (what
+# time on: with 14 workers on a 16-core H200 machine, 2026-12-01,
+# tests/test_mosaic_gpu.py took 355 s and the rest 140 s, so give the whole
+# suite T_TESTS=560 or more), TEST_PATHS (what
 # pytest collects, default "tests": e.g. "tests/test_mosaic_gpu.py" and
 # "tests --ignore=tests/test_mosaic_gpu.py" split the suite over two
 # runs of a shorter limit),
+# FEATURE_CASES (default tag:bench_features),
 # BENCH_CASES (default: the benchmark set of rmsnorm_jax/shapes.py, largest
 # first), BENCH_OPS, BENCH_IMPLS, BENCH_PEERS (default: all), BENCH_REPS,
 # BENCH_RESUME (the bench.json of a run cut short by T_BENCH, e.g. carried
@@ -89,6 +93,13 @@ for part in $parts; do
         ${BENCH_PEERS:+--peers "$BENCH_PEERS"} --reps "${BENCH_REPS:-5}" \
         --json "$OUT/bench.json" "${RESUME_ARG[@]}" --markdown "$OUT/bench.md" \
         --plot "$OUT/bench.png" 2>&1 | quiet | tee -a "$LOG" ;;
+    features)
+      # The feature ops (bias, per-head scale, quantized output) at their
+      # shapes; about 35 s a shape on an H200, compiles included.
+      timeout "${T_FEATURES:-300}" "$PY" -m rmsnorm_jax.bench \
+        --cases "${FEATURE_CASES:-tag:bench_features}" --ops features \
+        --reps "${BENCH_REPS:-5}" --json "$OUT/features.json" \
+        --markdown "$OUT/features.md" 2>&1 | quiet | tee -a "$LOG" ;;
     sweep|sweep[2-9])
       round=${part#sweep}
       timeout "${T_SWEEP:-100}" "$PY" benchmarks/gpu_sweep.py \
@@ -109,7 +120,7 @@ launch__registers_per_thread,launch__block_size,launch__grid_size,launch__occupa
         --peers none --copy off --reps 5 --json "$OUT/cross.json" 2>&1 \
         | quiet | tail -n 60 | tee -a "$LOG" ;;
     *)
-      echo "unknown part $part (expected tests bench sweep sweep2..5 profile cross)" | tee -a "$LOG" ;;
+      echo "unknown part $part (expected tests bench features sweep sweep2..5 profile cross)" | tee -a "$LOG" ;;
   esac
 done
 echo "=== done $(date +%T)" | tee -a "$LOG"
