@@ -130,8 +130,11 @@ def rms_norm(x, scale=None, bias=None, *, eps: float = DEFAULT_EPS,
   Returns:
     Array of ``x.shape`` and ``out_dtype``. Statistics in float32 (float64
     for float64 inputs). Differentiable in x, scale and bias (reverse mode;
-    forward mode raises JAX's custom_vjp TypeError); dscale and dbias are
-    accumulated in float32 in a fixed order (deterministic).
+    forward mode on the call itself raises JAX's custom_vjp TypeError);
+    dscale and dbias are accumulated in float32 in a fixed order
+    (deterministic). Higher orders (grad of grad, ``jax.hessian``,
+    Hessian-vector products) differentiate the backward through XLA's math
+    of the same op.
 
   Raises:
     TypeError: non-floating x/scale/bias, or non-numeric eps/scale_offset/
@@ -205,8 +208,8 @@ def rms_norm_residual(x, residual, scale=None, bias=None, *,
   Returns:
     ``(normed, h)``: normed in ``out_dtype``, h (the updated residual) in
     residual's dtype, both of x's shape. Differentiable in x, residual,
-    scale and bias; the gradient reaching h flows into both x and residual
-    (x's in x's dtype).
+    scale and bias, to any order, as ``rms_norm``; the gradient reaching h
+    flows into both x and residual (x's in x's dtype).
 
   Raises:
     TypeError: as ``rms_norm``.

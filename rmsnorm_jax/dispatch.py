@@ -31,6 +31,7 @@ from typing import Union
 
 import jax
 from jax.extend import core as jex_core
+from jax.interpreters import ad
 from jax.interpreters import batching
 from jax.interpreters import mlir
 # lower_per_platform is what platform_dependent and pallas_call themselves
@@ -286,12 +287,35 @@ def _batching_rule(args, dims, *, route, op, norm, present, partitioned,
                 for k in ops.result_kinds(op, present)]
 
 
+def _jvp_rule(primals, tangents, *, route, op, norm, present, partitioned,
+              nvmap):
+  """The op's forward-mode derivative: results from the route's own
+  implementation, tangents from ``jax.jvp`` of XLA's math of the same op.
+
+  The public functions attach their first-order backward with custom_vjp,
+  so this rule is reached by a second differentiation: grad of grad,
+  ``jax.hessian``, forward mode over a gradient. It differentiates the
+  forward and backward ops alike (the backward as a function of its saved
+  residuals and cotangent), in the float32 arithmetic of ``base.Xla``,
+  which the kernels are tested to match.
+  """
+  params = dict(route=route, op=op, norm=norm, present=present,
+                partitioned=partitioned, nvmap=nvmap)
+  outs = _call_p.bind(*primals, **params)
+  reference = partition.Local(base.Xla(), op, norm, present, nvmap)
+  _, tangents_out = jax.jvp(
+      reference, tuple(primals),
+      tuple(ad.instantiate_zeros(t) for t in tangents))
+  return outs, list(tangents_out)
+
+
 _call_p = jex_core.Primitive("rmsnorm_jax")
 _call_p.multiple_results = True
 _call_p.def_abstract_eval(_abstract_eval)
 _call_p.def_impl(_impl)
 mlir.register_lowering(_call_p, _lowering)
 batching.primitive_batchers[_call_p] = _batching_rule
+ad.primitive_jvps[_call_p] = _jvp_rule
 # jit lowers without the device assignment unless a primitive asks for it;
 # the multi-device path (custom_partitioning) needs it.
 _jax_dispatch.prim_requires_devices_during_lowering.add(_call_p)

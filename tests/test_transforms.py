@@ -7,6 +7,8 @@ import pytest
 from jax.test_util import check_grads
 
 import rmsnorm_jax as rj
+from rmsnorm_jax.kernels.gpu import PallasGpu
+from rmsnorm_jax.kernels.tpu import PallasTpu
 
 from numerics_util import assert_close, random
 
@@ -118,6 +120,51 @@ def test_forward_mode_raises_with_reason():
     jax.jvp(rj.rms_norm, (x,), (x,))
   with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
     jax.jacfwd(lambda x: rj.rms_norm_residual(x, x)[0])(x)
+
+
+@pytest.mark.parametrize("backend", [
+    "auto",  # on CPU: XLA here, the TPU and GPU kernels in the primitive
+    pytest.param(PallasGpu(interpret=True), id="pallas_gpu_interpret"),
+    pytest.param(PallasTpu(interpret=True), id="pallas_tpu_interpret")])
+def test_second_order_derivatives_match_xla(backend):
+  # The first-order backward is the kernels' (custom_vjp); differentiating
+  # it again reaches the primitive's JVP rule: grad of grad, jax.hessian
+  # (forward over reverse) and a Hessian-vector product under vmap. The
+  # reference is the same loss on backend="xla", plain jax.numpy that JAX
+  # differentiates itself. Tolerance: float32 rounding of terms up to 2e5
+  # (rows near zero), relative.
+  rng = np.random.default_rng(7)
+  x = random(rng, (2, 5, 24), jnp.float32)
+  res = random(rng, (2, 5, 24), jnp.float32)
+  scale = jnp.asarray(rng.normal(1.0, 0.3, size=(24,)), jnp.float32)
+  bias = jnp.asarray(rng.normal(0.0, 0.1, size=(24,)), jnp.float32)
+  head_scale = jnp.asarray(rng.normal(1.0, 0.3, size=(5, 24)), jnp.float32)
+
+  def losses(be):
+    return {
+        "bias": lambda x, s: jnp.sum(jnp.sin(rj.rms_norm(x, s, bias,
+                                                         backend=be))),
+        "residual": lambda x, s: jnp.sum(
+            jnp.cos(rj.rms_norm_residual(x, res, s, backend=be)[0])
+            + rj.rms_norm_residual(x, res, s, backend=be)[1] ** 2),
+        "per_head": lambda x, s: jnp.sum(jnp.sin(rj.rms_norm(
+            x, s * head_scale, scale_offset=0.5, backend=be))),
+    }
+
+  def second_order(loss):
+    gg = jax.grad(lambda x, s: sum(
+        jnp.sum(g ** 2) for g in jax.grad(loss, (0, 1))(x, s)), (0, 1))
+    hess = jax.hessian(loss, (0, 1))
+    hvp = jax.vmap(lambda v: jax.grad(lambda x: jnp.vdot(
+        jax.grad(loss)(x, scale), v))(x))
+    return (jax.jit(gg)(x, scale), jax.jit(hess)(x, scale),
+            jax.jit(hvp)(jnp.stack([x, res])))
+
+  ours, want = losses(backend), losses("xla")
+  for name in ours:
+    for got, ref in zip(jax.tree.leaves(second_order(ours[name])),
+                        jax.tree.leaves(second_order(want[name]))):
+      assert_close(got, ref, 1e-5, f"{name}: second order")
 
 
 def test_saved_residuals_are_input_scale_and_rstd():
