@@ -2,8 +2,9 @@
 
     pip install triton          # its CPU wheel ships ptxas
     JAX_PLATFORMS=cpu python benchmarks/triton_registers.py \
-        --op bias_bwd --case 2048x8192:float16 [--warps 8,16,32] \
-        [--config block_rows=1,cache_scale=0] [--device-kind "NVIDIA H200"]
+        --op bias_bwd[,bwd,...] --case 2048x8192:float16[,tag:bench,...] \
+        [--warps 8,16,32] [--config block_rows=1,cache_scale=0] \
+        [--device-kind "NVIDIA H200"] [--spills-only]
 
 The call is the benchmark's (``rmsnorm_jax.bench.cases``: the public call of
 ``--op`` on its inputs, a backward op as the vjp of its forward) with
@@ -25,7 +26,6 @@ import argparse
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from unittest import mock
 
@@ -107,10 +107,23 @@ def _config(text: str) -> gpu_tiling.Config:
   return gpu_tiling.Config(**knobs)
 
 
+def kernels_of(op, rows, hidden, dtype, config, device_kind, sms):
+  """The Triton kernels of ``op``'s call on ``(rows, hidden)``."""
+  f, names = call(op, PallasGpu(config=config))
+  inputs = jax.eval_shape(
+      lambda k: cases.make_inputs(k, op, rows, hidden, dtype),
+      jax.random.key(0))
+  with mock.patch.object(gpu_tiling, "gpu_kind", lambda: device_kind), \
+       mock.patch.object(gpu_tiling, "num_sms", lambda: sms):
+    return triton_kernels(f, *(inputs[n] for n in names))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--op", required=True, choices=OPS)
-  p.add_argument("--case", required=True, help="ROWSxHIDDEN:DTYPE")
+  p.add_argument("--op", required=True,
+                 help=f"comma-separated ops, of: {', '.join(OPS)}")
+  p.add_argument("--case", required=True,
+                 help="comma-separated ROWSxHIDDEN:DTYPE or tag:NAME")
   p.add_argument("--warps", default="",
                  help="comma-separated warp counts to compile at as well")
   p.add_argument("--config", default="",
@@ -119,31 +132,36 @@ def main(argv=None):
                  help='resolve the launch as on this GPU, e.g. "NVIDIA H200"')
   p.add_argument("--sms", type=int, default=132)
   p.add_argument("--arch", default="sm_90a")
+  p.add_argument("--spills-only", action="store_true",
+                 help="print only the launches that spill")
   args = p.parse_args(argv)
-  (rows, hidden), dtype = cases.parse_cases(args.case)[0]
+  ops = [o for o in args.op.split(",") if o]
+  if bad := [o for o in ops if o not in OPS]:
+    p.error(f"--op: unknown {', '.join(bad)}; expected some of "
+            f"{', '.join(OPS)}")
   config = _config(args.config)
-  f, names = call(args.op, PallasGpu(config=config))
-  inputs = jax.eval_shape(
-      lambda k: cases.make_inputs(k, args.op, rows, hidden, dtype),
-      jax.random.key(0))
-  with mock.patch.object(gpu_tiling, "gpu_kind",
-                         lambda: args.device_kind), \
-       mock.patch.object(gpu_tiling, "num_sms", lambda: args.sms):
-    kernels = triton_kernels(f, *(inputs[n] for n in names))
-  if not kernels:
-    sys.exit(f"{args.op} {args.case}: no Triton kernel in the call.")
   extra = [int(w) for w in filter(None, args.warps.split(","))]
-  print(f"{args.op} {args.case}, {args.arch}")
-  print("| kernel | grid | warps | registers | spill stores B | "
+  print(f"{args.arch}, launches as on {args.device_kind or 'no tuning file'}"
+        f" with {args.sms} SMs")
+  print("| op | case | kernel | grid | warps | registers | spill stores B | "
         "spill loads B | shared B |")
-  print("|---|---:|---:|---:|---:|---:|---:|")
-  for k in kernels:
-    for warps in dict.fromkeys([k.num_warps] + extra):
-      r = compile_kernel(k, warps, args.arch)
-      own = "" if warps != k.num_warps else " (its own)"
-      print(f"| {k.name} | {k.grid[0]} | {warps}{own} | {r['registers']} | "
-            f"{r['spill_stores']} | {r['spill_loads']} | "
-            f"{r['shared_bytes']} |", flush=True)
+  print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+  for (rows, hidden), dtype in cases.parse_cases(args.case):
+    case = f"{rows}x{hidden}:{jax.numpy.dtype(dtype).name}"
+    for op in ops:
+      kernels = kernels_of(op, rows, hidden, dtype, config, args.device_kind,
+                           args.sms)
+      if not kernels:
+        print(f"| {op} | {case} | no Triton kernel | | | | | | |")
+      for k in kernels:
+        for warps in dict.fromkeys([k.num_warps] + extra):
+          r = compile_kernel(k, warps, args.arch)
+          if args.spills_only and not r["spill_stores"]:
+            continue
+          own = "" if warps != k.num_warps else " (its own)"
+          print(f"| {op} | {case} | {k.name} | {k.grid[0]} | {warps}{own} | "
+                f"{r['registers']} | {r['spill_stores']} | "
+                f"{r['spill_loads']} | {r['shared_bytes']} |", flush=True)
 
 
 if __name__ == "__main__":
