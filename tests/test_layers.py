@@ -141,6 +141,65 @@ def test_layers_run_under_jit_and_in_a_transformer_block():
   assert_close(res, 2 * np.asarray(x), 1e-7, "residual")
 
 
+def _linen_lifted(norm):
+  class Block(fnn.Module):
+    @fnn.compact
+    def __call__(self, h, _):
+      y = norm(scale_init=fnn.initializers.normal(1.0))(h)
+      return h + jnp.tanh(fnn.Dense(h.shape[-1])(y)), None
+
+  class Model(fnn.Module):
+    @fnn.compact
+    def __call__(self, h):
+      stack = fnn.scan(fnn.remat(Block), variable_axes={"params": 0},
+                       split_rngs={"params": True}, length=3)
+      h = stack()(h, None)[0]
+      per_row = fnn.vmap(norm, variable_axes={"params": 0},
+                         split_rngs={"params": True})
+      return per_row(scale_init=fnn.initializers.normal(1.0))(h)
+  return Model()
+
+
+def _nnx_lifted(norm, x):
+  @fnnx.split_rngs(splits=3)
+  @fnnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return norm(x.shape[-1], scale_init=fnnx.initializers.normal(1.0),
+                rngs=rngs)
+
+  @fnnx.scan(in_axes=(fnnx.Carry, 0), out_axes=fnnx.Carry)
+  @fnnx.remat
+  def step(h, layer):
+    return h + jnp.tanh(layer(h)).astype(h.dtype)
+
+  layers = make(fnnx.Rngs(0))
+  y = fnnx.jit(step)(x, layers)
+  grads = fnnx.grad(lambda m: jnp.sum(step(x, m) ** 2))(layers)
+  return y, jax.tree.leaves(fnnx.state(grads, fnnx.Param))
+
+
+def test_layers_under_flax_lifted_transforms_match_flax():
+  # Stacked layers as models build them: nn.scan of nn.remat blocks and
+  # nn.vmap (linen), nnx.vmap-created layers under nnx.scan of nnx.remat
+  # (nnx). Same parameters, outputs and gradients as flax's RMSNorm.
+  rng = np.random.default_rng(5)
+  x = random(rng, (4, 6, 32), jnp.float32)
+  ours, theirs = _linen_lifted(rlinen.RMSNorm), _linen_lifted(fnn.RMSNorm)
+  params = theirs.init(jax.random.key(1), x)
+  assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x))
+          == jax.tree.map(jnp.shape, params))
+  loss = lambda m: jax.jit(jax.value_and_grad(  # noqa: E731
+      lambda p, x: jnp.sum(m.apply(p, x) ** 2), argnums=(0, 1)))
+  for got, want in zip(jax.tree.leaves(loss(ours)(params, x)),
+                       jax.tree.leaves(loss(theirs)(params, x))):
+    assert_close(got, want, 1e-5, "linen scan/remat/vmap")
+  (y, g), (y_ref, g_ref) = _nnx_lifted(rnnx.RMSNorm, x), _nnx_lifted(
+      fnnx.RMSNorm, x)
+  assert_close(y, y_ref, 1e-5, "nnx scan/remat output")
+  assert len(g) == len(g_ref) == 1
+  assert_close(g[0], g_ref[0], 1e-5, "nnx scan/remat dscale")
+
+
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_residual_layers_equal_function(dtype):
   rng = np.random.default_rng(12)
