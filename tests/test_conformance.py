@@ -46,6 +46,13 @@ def _every_entry_point(backend, x, res, scale):
   outs["grad"] = jax.grad(
       lambda x, s: f32(rj.rms_norm(x, s, backend=backend)).sum(),
       argnums=(0, 1))(x, scale)
+  # Second order: the kernels' backward differentiated again (grad of
+  # grad reaches the primitive's JVP rule).
+  outs["grad_of_grad"] = jax.grad(
+      lambda x, s: sum(jnp.sum(f32(g) ** 2) for g in jax.grad(
+          lambda x, s: jnp.sum(jnp.sin(f32(rj.rms_norm(
+              x, s, backend=backend)))), argnums=(0, 1))(x, s)),
+      argnums=(0, 1))(x, scale)
   outs["fused_grad"] = jax.grad(
       lambda x, r, s: sum(f32(o).sum() for o in rj.rms_norm_residual(
           x, r, s, backend=backend)), argnums=(0, 1, 2))(x, res, scale)
@@ -189,7 +196,8 @@ def _poly_export(fn, spec, hidden, backend_platforms=("cpu", "cuda", "tpu")):
   return jax.export.deserialize(exp.serialize())
 
 
-@pytest.mark.parametrize("op", ["fwd", "grad", "fused", "linen", "nnx"])
+@pytest.mark.parametrize("op", ["fwd", "grad", "grad_of_grad", "fused",
+                                "linen", "nnx"])
 def test_symbolic_leading_dims_export_for_three_platforms(op):
   hidden = 96
   linen = rj.linen.RMSNorm()
@@ -199,6 +207,10 @@ def test_symbolic_leading_dims_export_for_three_platforms(op):
       "fwd": lambda x, s: rj.rms_norm(x, s),
       "grad": lambda x, s: jax.grad(lambda x, s: rj.rms_norm(x, s).sum(),
                                     argnums=(0, 1))(x, s),
+      "grad_of_grad": lambda x, s: jax.grad(lambda x, s: sum(
+          jnp.sum(g ** 2) for g in jax.grad(
+              lambda x, s: jnp.sum(jnp.sin(rj.rms_norm(x, s))),
+              argnums=(0, 1))(x, s)), argnums=(0, 1))(x, s),
       "fused": lambda x, s: rj.rms_norm_residual(x, x * 0.5, s),
       "linen": lambda x, s: linen.apply(
           {"params": {"scale": s}}, x),
