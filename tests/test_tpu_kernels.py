@@ -470,6 +470,8 @@ def test_float16_bit_conversions_match_numpy():
 
 # ------------------------------------------------------------ block choice --
 
+V2 = cfg.Chip("v2", 16 * cfg.MIB, 358e9, True)
+V3 = cfg.Chip("v3", 16 * cfg.MIB, 450e9, True)
 V4 = cfg.Chip("v4", 16 * cfg.MIB, 600e9, True)
 V6E = cfg.Chip("v6e", 128 * cfg.MIB, 1640e9, True)
 
@@ -588,11 +590,9 @@ def test_bad_block_rows_through_public_api():
   # temporaries: the TPU compiler ran out of v3's and v2's 16 MiB of VMEM
   # (17.6 and 17.4 MiB used) for these, found by compiling random
   # programs; they now fail here, naming the argument.
-  v2 = cfg.Chip("v2", 16 * cfg.MIB, 358e9, True)
-  v3 = cfg.Chip("v3", 16 * cfg.MIB, 450e9, True)
-  for chip, op, rows, hidden, br, bias in ((v3, "backward", 32768, 32768, 16,
+  for chip, op, rows, hidden, br, bias in ((V3, "backward", 32768, 32768, 16,
                                             True),
-                                           (v2, "backward", 100, 20000, 32,
+                                           (V2, "backward", 100, 20000, 32,
                                             False)):
     with pytest.raises(ValueError, match=rf"block_rows={br} needs 1\d\.\d "
                        r"MiB .* and 4 MiB for the kernel's temporaries, more "
