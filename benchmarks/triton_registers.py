@@ -31,7 +31,6 @@ from unittest import mock
 
 import jax
 
-import rmsnorm_jax as rj
 from rmsnorm_jax.bench import cases
 from rmsnorm_jax.bench.triton_ir import triton_kernels
 from rmsnorm_jax.kernels import gpu_tiling
@@ -43,23 +42,22 @@ OPS = ("fwd", "bwd", "fused_fwd", "fused_bwd") + cases.FEATURE_OPS
 def call(op, backend):
   """``(f, names)``: the op's public call as a function of the inputs named
   (see ``cases.make_inputs``), a backward op as its vjp."""
+  custom = ("triton_registers", backend)  # cases' form of a given backend
   if op in cases.FEATURE_OPS:
     f, names = cases.feature_call(op, backend)
   elif op in ("fwd", "bwd"):
-    f, names = (lambda x, s: rj.rms_norm(x, s, eps=cases.EPS,
-                                         backend=backend)), ("x", "s")
+    f, names = cases._plain_fn(custom)[0], ("x", "s")  # pylint: disable=protected-access
   else:
-    f, names = (lambda x, r, s: rj.rms_norm_residual(
-        x, r, s, eps=cases.EPS, backend=backend)), ("x", "r", "s")
+    f, names = cases._residual_fn(custom)[0], ("x", "r", "s")  # pylint: disable=protected-access
   if op != "bwd" and not op.endswith("_bwd"):
     return f, names
-  cot = ("dy", "dh") if op == "fused_bwd" else "dy"
+  cot_names = ("dy", "dh") if op == "fused_bwd" else ("dy",)
 
   def backward(*args):
     primals, cots = args[:len(names)], args[len(names):]
     _, vjp = jax.vjp(f, *primals)
-    return vjp(tuple(cots) if op == "fused_bwd" else cots[0])
-  return backward, names + (cot if isinstance(cot, tuple) else (cot,))
+    return vjp(cots if len(cots) > 1 else cots[0])
+  return backward, names + cot_names
 
 
 def ptxas_report(ptx: str, arch: str) -> dict:
