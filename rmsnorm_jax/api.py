@@ -95,8 +95,8 @@ _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 @base.with_own_promotion_rules
 def rms_norm(x, scale=None, bias=None, *, eps: float = DEFAULT_EPS,
              scale_offset: float = 0.0, cast_mode: str = "float32",
-             out_dtype=None, backend: dispatch.Backend = "auto",
-             axis_name=None):
+             out_dtype=None, weight_dtype=None,
+             backend: dispatch.Backend = "auto", axis_name=None):
   """RMSNorm over the last axis: ``x / sqrt(mean(x**2) + eps) * (scale + offset) + bias``.
 
   Args:
@@ -117,6 +117,14 @@ def rms_norm(x, scale=None, bias=None, *, eps: float = DEFAULT_EPS,
       ``x_hat * (scale + offset) + bias`` in ``result_type(scale, x)``.
     out_dtype: result dtype; default x's dtype ("float32"), or
       ``result_type(scale, x)`` ("llama").
+    weight_dtype: ``None``, or ``bfloat16``, ``float16``, ``float32`` or
+      ``float64``: scale and bias are used as if cast to it first (their
+      values, and the "llama" result type), with the cast folded into the
+      kernels' loads rather than run as a separate pass: flax.nnx's
+      ``promote_dtype`` of float32 parameters to a 16-bit ``dtype``. Their
+      gradients are the float32 sums cast to their own dtype, not rounded
+      to weight_dtype on the way (what XLA's excess precision makes of the
+      cast's transpose under jit on GPU and TPU).
     backend: ``"auto"`` (the fastest implementation that serves the call on
       the platform the computation is lowered for), ``"xla"``, ``"pallas"``
       (this library's kernel for the platform; an error where there is none
@@ -137,8 +145,8 @@ def rms_norm(x, scale=None, bias=None, *, eps: float = DEFAULT_EPS,
     of the same op.
 
   Raises:
-    TypeError: non-floating x/scale/bias, or non-numeric eps/scale_offset/
-      out_dtype.
+    TypeError: non-floating x/scale/bias, non-numeric eps/scale_offset/
+      out_dtype, or a weight_dtype that is not one of the four above.
     ValueError: 0-d x, scale or bias of the wrong shape, eps negative or not
       finite, scale_offset without scale, unknown cast_mode or backend, an
       explicit backend that cannot serve the call (with its reason, e.g. a
@@ -147,7 +155,7 @@ def rms_norm(x, scale=None, bias=None, *, eps: float = DEFAULT_EPS,
   """
   x, scale, bias, norm = v.norm_args(
       x, scale, bias, eps=eps, scale_offset=scale_offset,
-      cast_mode=cast_mode, out_dtype=out_dtype)
+      cast_mode=cast_mode, out_dtype=out_dtype, weight_dtype=weight_dtype)
   routes = _routes(backend, axis_name, ("forward", "backward"), x, scale,
                    bias, norm, x.dtype)
   if _empty(x.shape):
@@ -189,7 +197,8 @@ _rms_norm_residual.defvjp(_residual_fwd, _residual_bwd)
 def rms_norm_residual(x, residual, scale=None, bias=None, *,
                       eps: float = DEFAULT_EPS, scale_offset: float = 0.0,
                       cast_mode: str = "float32", out_dtype=None,
-                      backend: dispatch.Backend = "auto", axis_name=None):
+                      weight_dtype=None, backend: dispatch.Backend = "auto",
+                      axis_name=None):
   """Fused residual add + RMSNorm, the pre-norm transformer block pattern.
 
   ``h = x + residual`` (added in float32, stored in residual's dtype) and
@@ -200,8 +209,9 @@ def rms_norm_residual(x, residual, scale=None, bias=None, *,
     x: array of shape ``(..., hidden)``, float32/bfloat16/float16 (float64).
     residual: floating array of x's shape (its dtype is the residual
       stream's).
-    scale, bias, eps, scale_offset, cast_mode, backend, axis_name: as in
-      ``rms_norm`` (with residual's dtype in the role of x's).
+    scale, bias, eps, scale_offset, cast_mode, weight_dtype, backend,
+      axis_name: as in ``rms_norm`` (with residual's dtype in the role of
+      x's).
     out_dtype: dtype of ``normed``; default residual's dtype ("float32"), or
       ``result_type(scale, residual)`` ("llama").
 
@@ -219,7 +229,7 @@ def rms_norm_residual(x, residual, scale=None, bias=None, *,
   residual = v.same_shape("residual", residual, x)
   residual, scale, bias, norm = v.norm_args(
       residual, scale, bias, eps=eps, scale_offset=scale_offset,
-      cast_mode=cast_mode, out_dtype=out_dtype)
+      cast_mode=cast_mode, out_dtype=out_dtype, weight_dtype=weight_dtype)
   routes = _routes(backend, axis_name,
                    ("residual_forward", "residual_backward"), x, scale, bias,
                    norm, residual.dtype)
@@ -262,7 +272,8 @@ _rms_norm_quantized.defvjp(_quantized_fwd, _quantized_bwd)
 def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
                        scale_offset: float = 0.0, cast_mode: str = "float32",
                        quant_dtype=jnp.int8, quant_scale=None, residual=None,
-                       bias=None, backend: dispatch.Backend = "auto"):
+                       bias=None, weight_dtype=None,
+                       backend: dispatch.Backend = "auto"):
   """RMSNorm with its output quantized in the same pass (inference, fp8).
 
   ``y`` is the float32 value of ``rms_norm(x (+ residual), scale, bias,
@@ -282,7 +293,8 @@ def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
 
   Args:
     x: array of shape ``(..., hidden)``, float32/bfloat16/float16.
-    scale, bias, eps, scale_offset, cast_mode, backend: as in ``rms_norm``.
+    scale, bias, eps, scale_offset, cast_mode, weight_dtype, backend: as in
+      ``rms_norm``.
     quant_dtype: ``jnp.int8`` (qmax 127), ``jnp.float8_e4m3fn`` (448) or
       ``jnp.float8_e5m2`` (57344).
     quant_scale: ``None`` for dynamic per-row scaling, ``q_scale =
@@ -313,7 +325,8 @@ def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
   quant_scale = v.quant_scale(quant_scale)
   stream, scale, bias, norm = v.norm_args(
       stream, scale, bias, eps=eps, scale_offset=scale_offset,
-      cast_mode=cast_mode, out_dtype=jnp.float32, quant_dtype=quant_dtype)
+      cast_mode=cast_mode, out_dtype=jnp.float32, quant_dtype=quant_dtype,
+      weight_dtype=weight_dtype)
   (route,) = _routes(backend, None, ("quantized_forward",), x, scale, bias,
                      norm, stream.dtype, has_residual=residual is not None)
   if _empty(x.shape):

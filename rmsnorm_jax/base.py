@@ -83,6 +83,12 @@ class Norm:
     cast_mode: ``"float32"`` or ``"llama"`` (see the module docstring).
     out_dtype: dtype of the normalized output.
     quant_dtype: ``None``, or the dtype of ``quantized_forward``'s ``q``.
+    weight_dtype: ``None``, or the dtype scale and bias are rounded to
+      before use: the outputs are those of ``scale.astype(weight_dtype)``
+      and ``bias.astype(weight_dtype)`` (values and product dtype), while
+      the arrays are read as stored; dscale and dbias stay the float32
+      sums. Implementations with ``folds_weight_cast`` round as they load
+      the vectors; the others get the cast arrays.
   """
 
   eps: float
@@ -90,10 +96,14 @@ class Norm:
   cast_mode: str = "float32"
   out_dtype: np.dtype = F32
   quant_dtype: np.dtype | None = None
+  weight_dtype: np.dtype | None = None
 
   @with_own_promotion_rules  # the same answer under any caller's settings
   def product_dtype(self, x_dtype, scale_dtype) -> np.dtype:
-    """The dtype ``x_hat * w + bias`` is computed in."""
+    """The dtype ``x_hat * w + bias`` is computed in (``scale_dtype``: the
+    stored scale's, replaced by ``weight_dtype`` where that is set)."""
+    if scale_dtype is not None and self.weight_dtype is not None:
+      scale_dtype = self.weight_dtype
     if self.cast_mode == "llama":
       return np.dtype(jnp.result_type(x_dtype, scale_dtype or x_dtype))
     return np.dtype(jnp.promote_types(x_dtype, jnp.float32))
@@ -142,6 +152,18 @@ class Call:
   @property
   def static_rows(self) -> bool:
     return isinstance(self.rows, (int, np.integer))
+
+  def seen_by(self, impl: "Implementation") -> "Call":
+    """The call as ``impl`` receives it: an implementation that does not
+    fold ``norm.weight_dtype`` gets scale and bias cast to it
+    (``partition.Local``), so it judges them in that dtype."""
+    wdt = self.norm.weight_dtype
+    if wdt is None or impl.folds_weight_cast:
+      return self
+    return dataclasses.replace(
+        self, scale_dtype=wdt if self.scale_dtype is not None else None,
+        bias_dtype=wdt if self.bias_dtype is not None else None,
+        norm=dataclasses.replace(self.norm, weight_dtype=None))
 
 
 def upcast(a):
@@ -216,6 +238,9 @@ class Implementation:
 
   name: ClassVar[str] = "abstract"
   platforms: ClassVar[tuple[str, ...]] = ()
+  # Whether the methods apply ``norm.weight_dtype`` themselves; if not,
+  # ``partition.Local`` casts scale and bias before calling them.
+  folds_weight_cast: ClassVar[bool] = False
 
   def lowering_platforms(self) -> tuple[str, ...]:
     """Platforms this instance may be lowered for (interpret mode: any)."""
@@ -325,6 +350,7 @@ class Xla(Implementation):
 
   name: ClassVar[str] = "xla"
   platforms: ClassVar[tuple[str, ...]] = PLATFORMS
+  folds_weight_cast: ClassVar[bool] = True
   axis_names: tuple[str, ...] = ()
 
   def _row_sum(self, a):
@@ -358,7 +384,10 @@ class Xla(Implementation):
     if w is not None:
       y = rounded(y * scale_rows(w, xf.shape[0]), pdt)
     if bias is not None:
-      y = rounded(y + rounded(upcast(bias), pdt)[None, :], pdt)
+      b = upcast(bias)
+      if norm.weight_dtype is not None:
+        b = rounded(b, norm.weight_dtype)
+      y = rounded(y + rounded(b, pdt)[None, :], pdt)
     return y.astype(norm.out_dtype), rstd[:, 0]
 
   @staticmethod
@@ -366,7 +395,12 @@ class Xla(Implementation):
     """``scale + offset`` computed in pdt, held in cdt (None without scale)."""
     if scale is None:
       return None
-    w = rounded(scale.astype(cdt), pdt)
+    w = scale.astype(cdt)
+    if norm.weight_dtype is not None:
+      # A pair of conversions here could be dropped by XLA as excess
+      # precision; rounded keeps the rounding.
+      w = rounded(w, norm.weight_dtype)
+    w = rounded(w, pdt)
     if norm.scale_offset:
       w = rounded(w + jnp.asarray(norm.scale_offset, cdt), pdt)
     return w

@@ -162,10 +162,11 @@ def _first_kernel(classes, call):
   serving, reasons = None, []
   for cls in classes:
     kernel = cls()
-    reason = kernel.cannot_serve(call)
+    seen = call.seen_by(kernel)
+    reason = kernel.cannot_serve(seen)
     if reason is None:
       serving = serving or kernel
-      reason = kernel.auto_declines(call)
+      reason = kernel.auto_declines(seen)
       if reason is None:
         return kernel, serving, reasons
     reasons.append(f"{kernel.name}: {reason}")
@@ -173,7 +174,7 @@ def _first_kernel(classes, call):
 
 
 def _serves_or_raise(impl: base.Implementation, call: base.Call):
-  reason = impl.cannot_serve(call)
+  reason = impl.cannot_serve(call.seen_by(impl))
   if reason is not None:
     raise ValueError(f"backend={impl.name!r} cannot serve this call: "
                      f"{reason.rstrip('.')}. Use backend='auto' or 'xla'.")

@@ -64,6 +64,22 @@ def cast_unless_exact_widening(a, want):
   return a if exact else a.astype(dst)
 
 
+def weights_as_promoted(arrays, wants):
+  """``(scale, bias, weight_dtype)`` for parameters promoted to ``wants``.
+
+  A promotion that rounds (float32 parameters to a 16-bit dtype) becomes
+  ``rms_norm``'s ``weight_dtype``, applied as the kernel loads them; the
+  others are cast here as ``cast_unless_exact_widening`` says.
+  """
+  rounding = [w.dtype for a, w in zip(arrays, wants) if a is not None
+              and jnp.dtype(w.dtype).itemsize < jnp.dtype(a.dtype).itemsize]
+  if rounding:
+    # promote_dtype gives every parameter one dtype.
+    return (*arrays, rounding[0])
+  return (*(cast_unless_exact_widening(a, w) for a, w in zip(arrays, wants)),
+          None)
+
+
 def output_dtype(x, scale, dtype, bias=None):
   """flax's result dtype: ``dtype`` if given, else x promoted with params."""
   args = [a for a in (x, scale, bias) if a is not None]

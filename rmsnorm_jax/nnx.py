@@ -61,16 +61,20 @@ class RMSNorm(nnx.RMSNorm):
           cast_mode=self.cast_mode)
     # flax promotes x and scale to a common dtype first; only the dtypes are
     # taken here, so that exact widenings are not materialized (see
-    # layer_math.cast_unless_exact_widening).
+    # layer_math.cast_unless_exact_widening) and the parameters' rounding to
+    # a narrower dtype happens as the kernel loads them (weight_dtype), not
+    # in a launch of its own.
     want = jax.eval_shape(
         lambda a: self.promote_dtype(a, dtype=self.dtype), (x, scale, bias))
     out_dtype = self.dtype or jnp.result_type(
         *[w.dtype for w in want if w is not None])
-    x, scale, bias = (layer_math.cast_unless_exact_widening(a, w)
-                      for a, w in zip((x, scale, bias), want))
+    x = layer_math.cast_unless_exact_widening(x, want[0])
+    scale, bias, weight_dtype = layer_math.weights_as_promoted(
+        (scale, bias), want[1:])
     return api.rms_norm(
         x, scale, bias, eps=self.epsilon, scale_offset=self.scale_offset,
-        cast_mode=self.cast_mode, out_dtype=out_dtype, backend=self.backend,
+        cast_mode=self.cast_mode, out_dtype=out_dtype,
+        weight_dtype=weight_dtype, backend=self.backend,
         axis_name=self.axis_name)
 
 

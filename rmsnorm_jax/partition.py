@@ -68,7 +68,14 @@ class Local:
             for a, k in zip(arrays, kinds)]
     it = iter(flat)
     operands = [next(it) if p else None for p in self.present]
-    outs = getattr(self.impl, self.op)(*operands, norm=self.norm)
+    norm = self.norm
+    if norm.weight_dtype is not None and not self.impl.folds_weight_cast:
+      names = [n for n, _ in ops.SIGNATURES[self.op][0]]
+      operands = [o.astype(norm.weight_dtype)
+                  if o is not None and n in ("scale", "bias") else o
+                  for o, n in zip(operands, names)]
+      norm = dataclasses.replace(norm, weight_dtype=None)
+    outs = getattr(self.impl, self.op)(*operands, norm=norm)
     names = ops.result_names(self.op, self.present)
     avals = ops.result_avals(self.op, self.norm, self.present,
                              [jax.typeof(a) for a in arrays])

@@ -95,13 +95,40 @@ def one_of(name: str, value, allowed):
   return value
 
 
+WEIGHT_DTYPES = tuple(np.dtype(d) for d in (
+    jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
+
+
+def weight_dtype_for(value, scale, bias) -> np.dtype | None:
+  """``weight_dtype`` as a dtype, or None where it changes nothing.
+
+  It is None when not given, without scale and bias, or equal to their
+  dtypes: then the call is the same without it.
+  """
+  if value is None:
+    return None
+  try:
+    dt = np.dtype(jnp.dtype(value))
+  except TypeError as e:
+    raise TypeError("weight_dtype must be None or one of "
+                    f"{', '.join(d.name for d in WEIGHT_DTYPES)}; got "
+                    f"{value!r}.") from e
+  if dt not in WEIGHT_DTYPES:
+    raise TypeError("weight_dtype must be None or one of "
+                    f"{', '.join(d.name for d in WEIGHT_DTYPES)}; got {dt}.")
+  present = [np.dtype(a.dtype) for a in (scale, bias) if a is not None]
+  if all(d == dt for d in present):
+    return None
+  return dt
+
+
 def norm_args(x, scale, bias, *, eps, scale_offset, cast_mode, out_dtype,
-              quant_dtype=None):
+              quant_dtype=None, weight_dtype=None):
   """Validates the arguments every op shares; returns them with a Norm.
 
   ``x`` is the normalized stream (x, or the residual of the fused ops); the
   default out_dtype is its dtype ("float32") or ``result_type(scale, x)``
-  ("llama").
+  ("llama"; with ``weight_dtype`` in scale's place).
   """
   x = floating_array("x", x)
   scale = scale_for("scale", scale, x.shape)
@@ -113,12 +140,13 @@ def norm_args(x, scale, bias, *, eps, scale_offset, cast_mode, out_dtype,
     raise ValueError(
         "scale_offset applies to scale, so it needs a scale array; got "
         f"scale=None with scale_offset={scale_offset}.")
+  wdt = weight_dtype_for(weight_dtype, scale, bias)
   default = x.dtype
   if cast_mode == "llama" and scale is not None:
-    default = jnp.result_type(x.dtype, scale.dtype)
+    default = jnp.result_type(x.dtype, scale.dtype if wdt is None else wdt)
   norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode,
                    out_dtype=out_dtype_for(out_dtype, default),
-                   quant_dtype=quant_dtype)
+                   quant_dtype=quant_dtype, weight_dtype=wdt)
   return x, scale, bias, norm
 
 

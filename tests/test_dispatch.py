@@ -148,3 +148,33 @@ def test_implementation_instances_are_accepted_as_backend():
   impl = dispatch.base.Xla()
   x = jnp.ones((3, 16))
   assert_close(rj.rms_norm(x, backend=impl), rj.rms_norm(x), 0.0, "instance")
+
+
+def test_weight_dtype_is_judged_as_each_kernel_receives_it():
+  # The Triton kernel folds weight_dtype (it reads the float32 scale); the
+  # Mosaic GPU kernels get the scale cast to it (partition.Local), so
+  # "auto" weighs them as it would a call with bfloat16 parameters.
+  bf16, f32 = np.dtype(jnp.bfloat16), np.dtype(jnp.float32)
+
+  def call(op, scale_dtype, weight_dtype, bias=True):
+    norm = base.Norm(eps=1e-6, out_dtype=bf16, weight_dtype=weight_dtype)
+    return base.Call(op, 8192, 4096, bf16, (4096,), bias, norm,
+                     scale_dtype, scale_dtype if bias else None)
+
+  folded = call("backward", f32, bf16)
+  mosaic, triton = kernels.BY_NAME["mosaic_gpu"](), kernels.BY_NAME[
+      "pallas_gpu"]()
+  assert folded.seen_by(triton) is folded
+  seen = folded.seen_by(mosaic)
+  assert (seen.scale_dtype, seen.bias_dtype, seen.norm.weight_dtype) == (
+      bf16, bf16, None)
+  for op in ("forward", "backward", "residual_forward", "residual_backward"):
+    for bias in (True, False):
+      want = dispatch.route("auto", call(op, bf16, None, bias))
+      got = dispatch.route("auto", call(op, f32, bf16, bias))
+      assert got.describe("cuda") == want.describe("cuda"), (op, bias)
+  # Without a bias a float32 scale routes apart (the Mosaic kernels were
+  # not timed with it), so the loop above compares real choices.
+  assert dispatch.route("auto", call("backward", f32, None, False)).describe(
+      "cuda") != dispatch.route("auto", call("backward", f32, bf16, False)
+                                ).describe("cuda")

@@ -696,3 +696,117 @@ def test_named_residuals_under_checkpoint_policies(fn, backend_id):
   g_remat = jax.jit(jax.grad(only_rstd, argnums=(0, 1, 2)))(x, res, scale)
   for a, b in zip(g_plain, g_remat):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -------------------------------------------- the parameters' weight_dtype --
+
+# (function, cast mode, x dtype, weight_dtype, per-head scale).
+WEIGHT_CASES = [("rms_norm", "float32", BF16, BF16, False),
+                ("rms_norm", "llama", F32, F16, True),
+                ("rms_norm_residual", "llama", BF16, BF16, False),
+                ("rms_norm_quantized", "float32", F16, F16, False)]
+
+
+@backends
+@pytest.mark.parametrize(
+    "fn,cast_mode,x_dt,wdt,per_head", WEIGHT_CASES,
+    ids=[f"{c[0]}-{c[1]}-x_{c[2].name}-w_{c[3].name}{'-per_head' * c[4]}"
+         for c in WEIGHT_CASES])
+def test_weight_dtype_is_the_cast_of_the_parameters(fn, cast_mode, x_dt,
+                                                    wdt, per_head,
+                                                    backend_id):
+  # float32 parameters with weight_dtype give bit for bit the call on the
+  # parameters cast to it: the outputs and the input's gradient. The
+  # parameters' gradients are float32 sums, which the cast's transpose
+  # rounds to wdt unless XLA drops that rounding as excess precision: equal
+  # once both are rounded.
+  backend = fu.make_backend(backend_id)
+  rng = rng_for("weight_dtype", fn, cast_mode, x_dt, wdt, per_head)
+  x = random(rng, SHAPE, x_dt)
+  res = random(rng, SHAPE, x_dt, mean=0.3)
+  scale = random(rng, SHAPE[-2:] if per_head else SHAPE[-1:], F32,
+                 mean=1.0, scale=0.3)
+  bias = None if per_head else random(rng, SHAPE[-1:], F32, scale=0.5)
+  dy = random(rng, SHAPE, x_dt)
+  kw = dict(eps=EPS, cast_mode=cast_mode, backend=backend)
+
+  def call(s, b, **extra):
+    if fn == "rms_norm":
+      return rj.rms_norm(x, s, b, **kw, **extra)
+    if fn == "rms_norm_residual":
+      return rj.rms_norm_residual(x, res, s, b, **kw, **extra)[0]
+    return rj.rms_norm_quantized(x, s, bias=b, **kw, **extra)
+
+  reason = fu.unserved(backend, fn, SHAPE, x_dt, scale_shape=scale.shape,
+                       has_bias=bias is not None, cast_mode=cast_mode,
+                       scale_dtype=wdt)
+  if reason is not None:
+    fu.assert_unserved_error(backend, reason,
+                             lambda: call(scale, bias, weight_dtype=wdt))
+    return
+  cast = lambda a: None if a is None else a.astype(wdt)
+  folded = jax.jit(lambda s, b: call(s, b, weight_dtype=wdt))(scale, bias)
+  precast = jax.jit(lambda s, b: call(cast(s), cast(b)))(scale, bias)
+  unrounded = jax.jit(lambda s, b: call(s, b))(scale, bias)
+  for got, want in zip(jax.tree.leaves(folded), jax.tree.leaves(precast)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(want, np.float32))
+  # The rounding matters for these inputs: without it the result differs.
+  assert any(not np.array_equal(np.asarray(a, np.float32),
+                                np.asarray(b, np.float32))
+             for a, b in zip(jax.tree.leaves(folded),
+                             jax.tree.leaves(unrounded)))
+  if fn == "rms_norm_quantized":
+    return
+  grads = lambda f: jax.jit(lambda s, b: jax.vjp(f, s, b)[1](dy))(scale, bias)
+  got = grads(lambda s, b: call(s, b, weight_dtype=wdt))
+  want = grads(lambda s, b: call(cast(s), cast(b)))
+  for g, w in zip(got, want):
+    if w is not None:
+      assert g.dtype == F32
+      np.testing.assert_array_equal(np.asarray(cast(g), np.float32),
+                                    np.asarray(cast(w), np.float32))
+  (dx,) = jax.jit(lambda s, b: jax.vjp(lambda x: call(s, b, weight_dtype=wdt),
+                                       x)[1](dy))(scale, bias)
+  (dx_want,) = jax.jit(lambda s, b: jax.vjp(lambda x: call(cast(s), cast(b)),
+                                            x)[1](dy))(scale, bias)
+  np.testing.assert_array_equal(np.asarray(dx, np.float32),
+                                np.asarray(dx_want, np.float32))
+
+
+def test_weight_dtype_reaches_a_kernel_that_does_not_fold_it_as_a_cast():
+  # An implementation without folds_weight_cast gets scale and bias cast
+  # to weight_dtype, and a Norm without it.
+  seen = []
+
+  class CastFirst(base.Xla):
+    folds_weight_cast = False
+
+    def forward(self, x, scale, bias, *, norm):
+      seen.append((scale.dtype, bias.dtype, norm.weight_dtype))
+      return super().forward(x, scale, bias, norm=norm)
+
+  rng = rng_for("cast_first")
+  x = random(rng, (8, 128), BF16)
+  scale = random(rng, (128,), F32, mean=1.0, scale=0.3)
+  bias = random(rng, (128,), F32)
+  y = rj.rms_norm(x, scale, bias, weight_dtype=jnp.bfloat16,
+                  backend=CastFirst())
+  assert seen == [(BF16, BF16, None)]
+  want = rj.rms_norm(x, scale.astype(BF16), bias.astype(BF16))
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(want, np.float32))
+
+
+def test_weight_dtype_is_checked_and_dropped_where_it_changes_nothing():
+  x = jnp.ones((2, 8), BF16)
+  scale = jnp.full((8,), 1.5, F32)
+  for bad in (jnp.int8, jnp.float8_e4m3fn, "weight"):
+    with pytest.raises(TypeError, match="weight_dtype must be None or one of"):
+      rj.rms_norm(x, scale, weight_dtype=bad)
+  # The parameters' own dtype (or no parameters) is the call without it.
+  for s, w in ((scale, F32), (None, BF16)):
+    f = lambda x: rj.rms_norm(x, s, weight_dtype=w)
+    g = lambda x: rj.rms_norm(x, s)
+    assert str(jax.make_jaxpr(f)(x)) == str(jax.make_jaxpr(g)(x))

@@ -599,6 +599,46 @@ def test_quantized_residual_launch_is_resolved_apart(monkeypatch):
   assert asked == ["quantized_forward", gpu_tiling.QUANTIZED_RESIDUAL_OP]
 
 
+# ---------------------------------------------------------- weight_dtype --
+
+@pytest.mark.parametrize("mode", COMPILED)
+@pytest.mark.parametrize("cast_mode", ["float32", "llama"])
+def test_weight_dtype_rounds_as_the_kernel_loads(mode, cast_mode):
+  # float32 scale and bias with Norm.weight_dtype give, bit for bit, what
+  # the same kernels give for the bfloat16 arrays, but for the order of the
+  # parameters' float32 sums (the interpret mode runs this through the
+  # public API in tests/test_features.py).
+  impl = impl_for(mode)
+  rows, hidden = 2048, 4096
+  x, scale, bias, dy = _inputs(("weight_dtype", cast_mode), rows, hidden,
+                               BF16, scale_shape=(hidden,), scale_dtype=F32,
+                               bias_dtype=F32)
+  res = random(rng_for("weight_dtype_res"), (rows, hidden), BF16)
+  norm = base.Norm(eps=1e-6, cast_mode=cast_mode, out_dtype=BF16)
+  folded = dataclasses.replace(norm, weight_dtype=BF16)
+  cast = lambda a: a.astype(BF16)
+
+  def run(s, b, n):
+    y, rstd = jax.jit(functools.partial(impl.forward, norm=n))(x, s, b)
+    grads = jax.jit(functools.partial(impl.backward, norm=n))(
+        x, s, b, rstd, dy)
+    fused = jax.jit(functools.partial(impl.residual_forward, norm=n))(
+        x, res, s, b)
+    return (y, rstd) + tuple(grads) + tuple(fused)
+
+  got, want = run(scale, bias, folded), run(cast(scale), cast(bias), norm)
+  names = ("y", "rstd", "dx", "dscale", "dbias", "fused y", "h", "fused rstd")
+  for name, a, b in zip(names, got, want):
+    if name in ("dscale", "dbias"):
+      # The same partials, summed by XLA in one variadic reduction for
+      # float32 parameters and one reduction each for bfloat16 ones
+      # (common.leading_sums): float32 sums in two orders.
+      assert_close(a, b, tol(F32), name)
+      continue
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32), err_msg=name)
+
+
 # ------------------------------------------------------------ determinism --
 
 @pytest.mark.parametrize("mode", MODES)
@@ -641,6 +681,10 @@ _LOWER_CASES = {
                                      heads=8)),
     "quantized_chunked": ("quantized_forward",
                           dict(quant=jnp.int8, hidden=40000)),
+    # float32 parameters rounded as loaded (inline PTX): bfloat16 weights
+    # forward, float16 ones backward.
+    "forward_weight_bfloat16": ("forward", dict(bias=True, weight=BF16)),
+    "backward_weight_float16": ("backward", dict(bias=True, weight=F16)),
 }
 
 
@@ -654,10 +698,12 @@ def test_lowers_to_triton(case):
   rows = 256 * heads if hidden < 16384 else 4
   impl = PallasGpu(config=gpu_tiling.Config(num_sms=132))
   norm = base.Norm(eps=1e-6, cast_mode=kw.get("cast_mode", "float32"),
-                   out_dtype=BF16, quant_dtype=kw.get("quant"))
+                   out_dtype=BF16, quant_dtype=kw.get("quant"),
+                   weight_dtype=kw.get("weight"))
   sds = jax.ShapeDtypeStruct
   x = sds((rows, hidden), BF16)
-  scale = sds((hidden,) if heads == 1 else (heads, hidden), BF16)
+  scale = sds((hidden,) if heads == 1 else (heads, hidden),
+              F32 if kw.get("weight") else BF16)
   bias = sds((hidden,), F32) if kw.get("bias") else None
   rstd = sds((rows,), F32)
   if op == "forward":

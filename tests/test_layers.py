@@ -247,14 +247,26 @@ def test_nnx_exact_promotion_does_not_cast_x(x_dtype):
   assert layer(x).dtype == jnp.float32
 
 
-def test_nnx_rounding_promotion_is_kept():
-  # dtype=bfloat16 with float32 params rounds the scale to bfloat16 in flax;
-  # that cast changes values, so it stays.
-  layer = rnnx.RMSNorm(64, dtype=jnp.bfloat16, rngs=fnnx.Rngs(0))
+def test_nnx_rounding_promotion_is_folded_into_the_call():
+  # dtype=bfloat16 with float32 params rounds scale and bias to bfloat16 in
+  # flax. That rounding changes values, so it stays, as the call's
+  # weight_dtype: the float32 params reach the call uncast (no separate cast
+  # kernel before it), and the values are those of the cast params.
+  init = fnnx.initializers.normal(1.0)
+  layer = rnnx.RMSNorm(64, dtype=jnp.bfloat16, use_bias=True,
+                       scale_init=init, bias_init=init, rngs=fnnx.Rngs(0))
   x = random(np.random.default_rng(3), (4, 64), jnp.bfloat16)
   eqns = _top_level_eqns(lambda x: layer(x), x)
+  assert not [e for e in eqns if e.primitive.name == "convert_element_type"]
   (call,) = [e for e in eqns if "custom_vjp" in e.primitive.name]
-  assert [v.aval.dtype for v in call.invars[:2]] == [jnp.bfloat16] * 2
+  assert [v.aval.dtype for v in call.invars[:3]] == [
+      jnp.bfloat16, jnp.float32, jnp.float32]
+  scale, bias = layer.scale[...], layer.bias[...]
+  want = rj.rms_norm(x, scale.astype(jnp.bfloat16), bias.astype(jnp.bfloat16))
+  assert not np.array_equal(np.asarray(scale.astype(jnp.bfloat16), np.float32),
+                            np.asarray(scale))
+  np.testing.assert_array_equal(np.asarray(layer(x), np.float32),
+                                np.asarray(want, np.float32))
 
 
 def test_nnx_custom_promote_dtype_is_followed():

@@ -1018,3 +1018,27 @@ def test_public_api_under_x64_matches_x64_off(shape):
     assert g.dtype == e.dtype
     np.testing.assert_array_equal(np.asarray(g, np.float32),
                                   np.asarray(e, np.float32))
+
+
+@hopper
+def test_weight_dtype_reaches_the_kernels_as_cast_parameters():
+  # The Mosaic GPU kernels do not fold weight_dtype: they get the cast
+  # scale, so the call is bit for bit the one on the cast parameters, but
+  # for dscale, a float32 sum that the cast's transpose rounds to bfloat16
+  # (or not, where XLA drops the rounding as excess precision, as it did on
+  # an H200): equal once both are rounded.
+  rng = rng_for("mosaic_weight_dtype")
+  x = random(rng, (8192, 4096), jnp.bfloat16)
+  scale = random(rng, (4096,), jnp.float32, mean=1.0, scale=0.3)
+  dy = random(rng, (8192, 4096), jnp.bfloat16)
+  f = lambda s, w: rj.rms_norm(x, s, weight_dtype=w, backend="mosaic_gpu")
+  got = outputs_and_vjp(lambda s: f(s, jnp.bfloat16), (scale,), dy)
+  want = outputs_and_vjp(lambda s: f(s.astype(jnp.bfloat16), None),
+                         (scale,), dy)
+  (y, (dscale,)), (y_want, (dscale_want,)) = got, want
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(y_want, np.float32))
+  assert dscale.dtype == jnp.float32
+  np.testing.assert_array_equal(
+      np.asarray(dscale.astype(jnp.bfloat16), np.float32),
+      np.asarray(dscale_want.astype(jnp.bfloat16), np.float32))

@@ -186,8 +186,9 @@ class _Math:
 
   ``xdt`` is the dtype x_hat is rounded to under "llama" (the normalized
   input's), ``pdt`` the dtype of the products (``Norm.product_dtype``);
-  ``offset`` is already rounded to ``pdt``. ``qmax`` is None unless the
-  output is quantized.
+  ``offset`` is already rounded to ``pdt``. ``wdt`` is the 16-bit dtype the
+  loaded scale and bias are rounded to first (``Norm.weight_dtype``), or
+  None. ``qmax`` is None unless the output is quantized.
   """
 
   eps: float = 0.0
@@ -195,6 +196,7 @@ class _Math:
   llama: bool = False
   xdt: np.dtype = np.dtype(np.float32)
   pdt: np.dtype = np.dtype(np.float32)
+  wdt: np.dtype | None = None
   has_scale: bool = False
   has_bias: bool = False
   qmax: float | None = None
@@ -211,12 +213,35 @@ class _Math:
 
   def weight(self, w):
     """``scale + offset`` as the cast mode computes it (float32 values)."""
+    if self.wdt is not None:
+      w = self.round_weight(w)
     if self.llama:
       return self.round(w + _F32(self.offset), self.pdt) if self.offset else w
     return w + _F32(self.offset) if self.offset else w
 
   def bias(self, b):
+    if self.wdt is not None:
+      b = self.round_weight(b)
     return self.round(b, self.pdt) if self.llama else b
+
+  # PTX of float32 -> wdt -> float32, one value in and out: as a pair of
+  # casts, Triton gives the 16-bit values a layout of their own, and the
+  # conversion back went through shared memory behind a barrier before the
+  # row's loads (a forward of 64x4096 bfloat16 rows: 1.92 us against 1.47).
+  _ROUND_ASM = {
+      np.dtype(jnp.bfloat16): ("{ .reg .b16 t, z; cvt.rn.bf16.f32 t, $1; "
+                               "mov.b16 z, 0; mov.b32 $0, {z, t}; }"),
+      np.dtype(jnp.float16): ("{ .reg .b16 t; cvt.rn.f16.f32 t, $1; "
+                              "cvt.f32.f16 $0, t; }"),
+  }
+
+  def round_weight(self, v):
+    """float32 ``v`` rounded to ``wdt`` (nearest even), in float32's layout."""
+    if self.interpret:
+      return self.round(v, self.wdt)
+    return pltriton.elementwise_inline_asm(
+        self._ROUND_ASM[np.dtype(self.wdt)], args=[v], constraints="=f,f",
+        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, _F32)])[0]
 
   def output(self, h, rstd, w, b):
     """y (float32 values) from the normalized input h and its rstd."""
@@ -604,8 +629,12 @@ def _math(norm: base.Norm, x_dtype, scale, bias, interpret, quant_scale=None):
               inverse_qmax=float(base.inverse_qmax(qdt)),
               q_int=qdt == np.dtype(jnp.int8),
               q_static=quant_scale is not None)
+  wdt = norm.weight_dtype
+  if wdt is not None and np.dtype(wdt).itemsize >= 4:
+    wdt = None  # float32 values (see PallasGpu) lose nothing to it
   return _Math(eps=float(norm.eps), offset=offset, llama=llama,
-               xdt=np.dtype(x_dtype), pdt=pdt, has_scale=scale is not None,
+               xdt=np.dtype(x_dtype), pdt=pdt, wdt=wdt,
+               has_scale=scale is not None,
                has_bias=bias is not None, interpret=interpret, **kw)
 
 

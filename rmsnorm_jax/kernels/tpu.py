@@ -101,6 +101,7 @@ class PallasTpu(cfg.Config, base.Implementation):
 
   name: ClassVar[str] = "pallas_tpu"
   platforms: ClassVar[tuple[str, ...]] = ("tpu",)
+  folds_weight_cast: ClassVar[bool] = True
 
   interpret: bool = False
   tpu_interpreter: bool = False
@@ -182,7 +183,7 @@ class PallasTpu(cfg.Config, base.Implementation):
     w_rows = 0
     if scale is not None:
       # Exact: scale is never wider than pdt (float64 apart, see kpdt).
-      w = scale.astype(jnp.float32)
+      w = self._rounded_vector(scale, norm)
       if norm.scale_offset:
         w = tk.round_to(w + jnp.asarray(norm.scale_offset, kpdt).astype(
             jnp.float32), kpdt)
@@ -193,10 +194,20 @@ class PallasTpu(cfg.Config, base.Implementation):
         w = w.reshape(1, -1)
         w_rows = 1
     if bias is not None:
-      b = tk.round_to(bias.astype(jnp.float32), kpdt).reshape(1, -1)
+      b = tk.round_to(self._rounded_vector(bias, norm), kpdt).reshape(1, -1)
     aff = tk.Affine(llama=norm.cast_mode == "llama", pdt=kpdt, w_rows=w_rows,
                     has_b=bias is not None)
     return aff, w, b
+
+  @staticmethod
+  def _rounded_vector(a, norm):
+    """A scale or bias in float32, rounded to ``norm.weight_dtype`` (from
+    its own values: a float64 one is not rounded twice)."""
+    if norm.weight_dtype is None or np.dtype(norm.weight_dtype).itemsize >= 4:
+      return a.astype(jnp.float32)
+    if np.dtype(a.dtype) == np.dtype(np.float64):
+      return base.rounded(a, norm.weight_dtype).astype(jnp.float32)
+    return tk.round_to(a.astype(jnp.float32), norm.weight_dtype)
 
   def _forward(self, x, res, scale, bias, norm, quant_scale=None):
     """(y or q, h or None, rstd or q_scale or None) from the kernels."""
