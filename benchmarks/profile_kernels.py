@@ -91,6 +91,10 @@ CASES = [
      "bfloat16", "rmsnorm_jax_auto"),
     ("bwd_8192x5376_bf16_auto", "bwd", 8192, 5376, "bfloat16",
      "rmsnorm_jax_auto"),
+    # Few rows (one program a row, a grid of half the SMs), where Liger's
+    # launch is ahead.
+    ("fused_fwd_64x4096_f32_auto", "fused_fwd", 64, 4096, "float32",
+     "rmsnorm_jax_auto"),
     # The layers with float32 parameters on wide rows: flax's default dtypes
     # (a float32 y from bfloat16 x, run by XLA from 32768 columns) and the
     # mixed-precision backward (float32 scale, dy in bfloat16).
@@ -111,6 +115,7 @@ PEER_CASES = [
     ("fwd_1024x65536_bf16", "fwd", 1024, 65536, "bfloat16"),
     ("fused_fwd_2048x32768_bf16", "fused_fwd", 2048, 32768, "bfloat16"),
     ("fused_fwd_1024x65536_bf16", "fused_fwd", 1024, 65536, "bfloat16"),
+    ("fused_fwd_64x4096_f32", "fused_fwd", 64, 4096, "float32"),
 ]
 
 
