@@ -287,6 +287,15 @@ IMPLEMENTED = frozenset(("bias", "quantized", "llama", "per_head"))
 # least AUTO_BIAS_FUSED_BWD_MIN_ROWS rows.
 AUTO_BIAS_FUSED_BWD_COLS = (1024, 8192)
 AUTO_BIAS_FUSED_BWD_MIN_ROWS = 2048
+# and the plain backward with a bias on bfloat16 rows of exactly this many
+# columns, from AUTO_BIAS_BWD_MIN_ROWS rows: H200, us, Mosaic GPU against
+# Triton, two runs: 16384x2048 55.8 / 55.8 against 58.8 / 58.9, 8192x2048
+# 32.0 / 31.6 against 32.8 / 32.9; level at 4096x2048 (19.3-19.5 against
+# 19.3-19.7); slower at 16384x1024 (33.2 against 32.7), 8192x4096 (63.6
+# against 58.9) and 2048x2048 float16 (13.1 against 12.3); 32768x1024 2-3%
+# faster (58.4 against 59.6-60.0), within the margin, so not taken.
+AUTO_BIAS_BWD_COLS = 2048
+AUTO_BIAS_BWD_MIN_ROWS = 8192
 # The plain backward of 16-bit rows of this many columns or more runs the
 # wide kernel (mosaic_gpu_wide), which keeps dscale in registers: H200, us,
 # wide kernel against this module's plan and the Triton kernel: 4096x8192
@@ -734,7 +743,8 @@ class MosaicGpu(base.Implementation):
     58.7; all arrays in x's dtype), so "auto" takes it on such 16-bit rows
     (AUTO_BIAS_FUSED_BWD_*). The forward, the backward and the fused
     forward with a bias, and the quantized forward (1.1-2.2x the Triton
-    kernel's time) stay with Triton.
+    kernel's time) stay with Triton, but for the backward on bfloat16 rows
+    of 2048 columns, 8192 rows or more (AUTO_BIAS_BWD_*: 3-5% faster).
 
     The plain backward of 16-bit rows of ``AUTO_WIDE_BWD_MIN_COLS`` columns
     or more runs the wide kernel, 20-40% faster than Triton there (see
@@ -814,8 +824,15 @@ class MosaicGpu(base.Implementation):
       return (f"{call.op}: the Triton kernel measured as fast or faster "
               "(docs/mosaic_gpu.md)")
     if call.has_bias:
+      bias_dt = np.dtype(call.bias_dtype or x_dt)
+      if (x_dt == np.dtype(jnp.bfloat16) and same_dtypes and bias_dt == x_dt
+          and call.hidden == AUTO_BIAS_BWD_COLS and call.static_rows
+          and call.rows >= AUTO_BIAS_BWD_MIN_ROWS):
+        return None
       return ("backward with a bias: the Triton kernel measured faster "
-              "(docs/mosaic_gpu.md)")
+              f"but on bfloat16 rows of {AUTO_BIAS_BWD_COLS} columns, "
+              f"{AUTO_BIAS_BWD_MIN_ROWS} rows or more, every array in x's "
+              "dtype (docs/mosaic_gpu.md)")
     if not same_dtypes:
       # Timed (and, in the first device runs, checked) with every array in
       # x's dtype only.
