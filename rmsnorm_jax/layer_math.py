@@ -46,7 +46,7 @@ def fused_path_serves(x, reduction_axes, feature_axes, axis_index_groups,
           and force_float32_reductions)
 
 
-def cast_unless_exact_widening(a, want):
+def cast_unless_exact_widening(a, want, llama: bool = False):
   """``a`` cast to ``want.dtype``, or ``a`` itself where that cast is exact.
 
   bfloat16 or float16 to float32 changes no value, and ``rms_norm`` computes
@@ -54,28 +54,35 @@ def cast_unless_exact_widening(a, want):
   the same result without a separate cast over all of x (flax.nnx's default
   promotion of bfloat16 activations with float32 params is exactly that
   cast). Rounding casts (to a narrower dtype) and casts to float64, whose
-  arithmetic would then be float64, are kept.
+  arithmetic would then be float64, are kept; so is every cast of x under
+  ``cast_mode="llama"`` (``llama``), whose x_hat is rounded to x's dtype.
   """
   if a is None or want is None or a.dtype == want.dtype:
     return a
   src, dst = jnp.dtype(a.dtype), jnp.dtype(want.dtype)
-  exact = (jnp.issubdtype(src, jnp.floating) and dst == jnp.float32
-           and src.itemsize < dst.itemsize)
+  exact = (not llama and jnp.issubdtype(src, jnp.floating)
+           and dst == jnp.float32 and src.itemsize < dst.itemsize)
   return a if exact else a.astype(dst)
 
 
-def weights_as_promoted(arrays, wants):
+def weights_as_promoted(arrays, wants, llama: bool = False):
   """``(scale, bias, weight_dtype)`` for parameters promoted to ``wants``.
 
   A promotion that rounds (float32 parameters to a 16-bit dtype) becomes
-  ``rms_norm``'s ``weight_dtype``, applied as the kernel loads them; the
-  others are cast here as ``cast_unless_exact_widening`` says.
+  ``rms_norm``'s ``weight_dtype``, applied as the kernel loads them, and so
+  does an exact widening to float32 under ``cast_mode="llama"``
+  (``llama``), where the parameters' dtype sets the products'; the others
+  are cast here as ``cast_unless_exact_widening`` says.
   """
-  rounding = [w.dtype for a, w in zip(arrays, wants) if a is not None
-              and jnp.dtype(w.dtype).itemsize < jnp.dtype(a.dtype).itemsize]
-  if rounding:
+  def folded(a, w):
+    if a is None or w is None or a.dtype == w.dtype:
+      return False
+    src, dst = jnp.dtype(a.dtype), jnp.dtype(w.dtype)
+    return dst.itemsize < src.itemsize or (llama and dst == jnp.float32)
+  fold = [w.dtype for a, w in zip(arrays, wants) if folded(a, w)]
+  if fold:
     # promote_dtype gives every parameter one dtype.
-    return (*arrays, rounding[0])
+    return (*arrays, fold[0])
   return (*(cast_unless_exact_widening(a, w) for a, w in zip(arrays, wants)),
           None)
 

@@ -68,9 +68,10 @@ class RMSNorm(nnx.RMSNorm):
         lambda a: self.promote_dtype(a, dtype=self.dtype), (x, scale, bias))
     out_dtype = self.dtype or jnp.result_type(
         *[w.dtype for w in want if w is not None])
-    x = layer_math.cast_unless_exact_widening(x, want[0])
+    llama = self.cast_mode == "llama"
+    x = layer_math.cast_unless_exact_widening(x, want[0], llama)
     scale, bias, weight_dtype = layer_math.weights_as_promoted(
-        (scale, bias), want[1:])
+        (scale, bias), want[1:], llama)
     return api.rms_norm(
         x, scale, bias, eps=self.epsilon, scale_offset=self.scale_offset,
         cast_mode=self.cast_mode, out_dtype=out_dtype,

@@ -269,6 +269,29 @@ def test_nnx_rounding_promotion_is_folded_into_the_call():
                                 np.asarray(want, np.float32))
 
 
+@pytest.mark.parametrize("param_dtype,dtype", [
+    (jnp.bfloat16, jnp.float32), (jnp.float32, None),
+    (jnp.float32, jnp.bfloat16), (jnp.bfloat16, None)],
+    ids=["bf16_params-f32", "f32_params-default", "f32_params-bf16",
+         "bf16_params-default"])
+def test_nnx_llama_mode_computes_on_the_promoted_arrays(param_dtype, dtype):
+  # Under cast_mode="llama" x's dtype rounds x_hat and the parameters' sets
+  # the products, so even an exact widening by promote_dtype changes the
+  # result: the layer must equal rms_norm on the promoted arrays (the two
+  # widening cases differed by a bfloat16 rounding before).
+  layer = rnnx.RMSNorm(256, cast_mode="llama", dtype=dtype,
+                       param_dtype=param_dtype,
+                       scale_init=fnnx.initializers.normal(1.0),
+                       rngs=fnnx.Rngs(0))
+  x = random(np.random.default_rng(7), (8, 256), jnp.bfloat16)
+  y = layer(x)
+  px, ps = layer.promote_dtype((x, layer.scale[...]), dtype=dtype)
+  want = rj.rms_norm(px, ps, cast_mode="llama", out_dtype=y.dtype)
+  assert y.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(want, np.float32))
+
+
 def test_nnx_custom_promote_dtype_is_followed():
   def to_bf16(args, *, dtype=None, inexact=True):
     del dtype, inexact
