@@ -67,6 +67,13 @@ def _every_entry_point(backend, x, res, scale):
   outs["nnx"] = nnx_norm(x)
   outs["nnx_fused"] = rj.nnx.RMSNormResidual(
       x.shape[-1], backend=backend, rngs=nnx.Rngs(0))(x, res)
+  # float32 params rounded to x's dtype as the kernel loads them
+  # (weight_dtype), forward and backward.
+  mixed = rj.nnx.RMSNorm(x.shape[-1], dtype=x.dtype, backend=backend,
+                         scale_init=nnx.initializers.constant(1.3),
+                         rngs=nnx.Rngs(0))
+  outs["nnx_weight_dtype"] = mixed(x)
+  outs["nnx_weight_dtype_grad"] = nnx.grad(lambda m: f32(m(x)).sum())(mixed)
   return outs
 
 
@@ -197,7 +204,7 @@ def _poly_export(fn, spec, hidden, backend_platforms=("cpu", "cuda", "tpu")):
 
 
 @pytest.mark.parametrize("op", ["fwd", "grad", "grad_of_grad", "fused",
-                                "linen", "nnx"])
+                                "linen", "nnx", "weight_dtype"])
 def test_symbolic_leading_dims_export_for_three_platforms(op):
   hidden = 96
   linen = rj.linen.RMSNorm()
@@ -215,6 +222,8 @@ def test_symbolic_leading_dims_export_for_three_platforms(op):
       "linen": lambda x, s: linen.apply(
           {"params": {"scale": s}}, x),
       "nnx": lambda x, s: nnx_norm(x) * s,
+      "weight_dtype": lambda x, s: jax.grad(
+          lambda s: rj.rms_norm(x, s, weight_dtype=jnp.bfloat16).sum())(s),
   }
   exp = _poly_export(fns[op], "b, s", hidden)
   assert exp.platforms == ("cpu", "cuda", "tpu")

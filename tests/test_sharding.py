@@ -333,7 +333,8 @@ def test_compiled_kernel_lowers_inside_checked_shard_map(name, platform):
   assert text.count(kernel_call[platform]) >= 2  # forward and backward
 
 
-@pytest.mark.parametrize("feature", ["bias", "per_head", "quantized"])
+@pytest.mark.parametrize("feature", ["bias", "per_head", "quantized",
+                                     "weight_dtype"])
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 def test_features_sharded_equal_unsharded(feature, axis_type):
   # Batch over "data", heads (per-head) or hidden over "model": the
@@ -353,12 +354,16 @@ def test_features_sharded_equal_unsharded(feature, axis_type):
     params = (random(rng, (128,), jnp.float32, mean=1.0),
               random(rng, (128,), jnp.float32))
     param_specs = (P("model"), P("model"))
+  # float32 params rounded to bfloat16 as loaded (weight_dtype), the
+  # hidden split over "model".
+  wdt = jnp.bfloat16 if feature == "weight_dtype" else None
   if feature == "quantized":
     fn = lambda x, s, b: rj.rms_norm_quantized(
         x, s, bias=b, quant_dtype=jnp.int8, backend=impl)
   else:
     fn = lambda x, s, b: jax.value_and_grad(
-        lambda x, s, b: jnp.sum(rj.rms_norm(x, s, b, backend=impl) ** 2),
+        lambda x, s, b: jnp.sum(rj.rms_norm(x, s, b, weight_dtype=wdt,
+                                            backend=impl) ** 2),
         argnums=(0, 1, 2) if b is not None else (0, 1))(x, s, b)
   want = jax.jit(fn)(x, *params)
   put = lambda a, s: None if a is None else jax.device_put(
