@@ -209,9 +209,9 @@ def rms_norm_residual(x, residual, scale=None, bias=None, *,
     x: array of shape ``(..., hidden)``, float32/bfloat16/float16 (float64).
     residual: floating array of x's shape (its dtype is the residual
       stream's).
-    scale, bias, eps, scale_offset, cast_mode, weight_dtype, backend,
-      axis_name: as in ``rms_norm`` (with residual's dtype in the role of
-      x's).
+    scale, bias, eps, scale_offset, cast_mode, weight_dtype: as in
+      ``rms_norm`` (with residual's dtype in the role of x's).
+    backend, axis_name: as in ``rms_norm``.
     out_dtype: dtype of ``normed``; default residual's dtype ("float32"), or
       ``result_type(scale, residual)`` ("llama").
 
