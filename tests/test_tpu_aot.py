@@ -7,6 +7,7 @@ is ``python -m rmsnorm_jax.tpu_aot``), and the sharded public API for a
 it).
 """
 
+import functools
 import math
 import re
 
@@ -245,37 +246,44 @@ def test_aot_sharded_rms_norm_auto_axes(gen, kind):
       NamedSharding(mesh, spec), 3)
 
 
-def _public_calls(x, res, scale):
+def _public_calls(x, res, scale, weight_dtype=None):
   """Every public entry point's default call, gradients included."""
   f32 = lambda a: a.astype(F32)
-  grad = jax.grad(lambda x, s: f32(rj.rms_norm(x, s)).sum(), argnums=(0, 1))
+  kw = dict(weight_dtype=weight_dtype)
+  grad = jax.grad(lambda x, s: f32(rj.rms_norm(x, s, **kw)).sum(),
+                  argnums=(0, 1))
   fused_grad = jax.grad(
-      lambda x, r, s: sum(f32(o).sum() for o in rj.rms_norm_residual(x, r, s)),
+      lambda x, r, s: sum(f32(o).sum()
+                          for o in rj.rms_norm_residual(x, r, s, **kw)),
       argnums=(0, 1, 2))
-  return (rj.rms_norm(x, scale), grad(x, scale), fused_grad(x, res, scale),
-          rj.rms_norm_quantized(x, scale, residual=res))
+  return (rj.rms_norm(x, scale, **kw), grad(x, scale),
+          fused_grad(x, res, scale),
+          rj.rms_norm_quantized(x, scale, residual=res, **kw))
 
 
 @pytest.mark.tpu_aot
 @needs_libtpu
 @pytest.mark.parametrize("gen", GENS)
-@pytest.mark.parametrize("x_dtype,scale_dtype", [(BF16, BF16), (F16, F32)],
-                         ids=["bf16", "f16+f32"])
+@pytest.mark.parametrize("x_dtype,scale_dtype,weight_dtype", [
+    (BF16, BF16, None), (F16, F32, F16)], ids=["bf16", "f16+f32"])
 def test_aot_compiles_the_public_calls_with_x64_and_strict_promotion(
-    gen, x_dtype, scale_dtype):
+    gen, x_dtype, scale_dtype, weight_dtype):
   # Users' settings: with jax_enable_x64 on, a literal block index in an
   # index map, or Python loop bounds, became int64 beside Mosaic's int32
   # grid indices, and no TPU kernel compiled ("func.return (i32, i64)");
   # float16's bit conversion selected between two Python ints, an int64
   # vector that stopped libtpu (a failed check in its layout code). 512
-  # rows: the kernels loop over row groups.
+  # rows: the kernels loop over row groups. The float32 scale is rounded
+  # to float16 as loaded (weight_dtype: that bit conversion, in XLA).
   mesh = tpu_aot.single_device_mesh(gen)
   sh = NamedSharding(mesh, P())
   x = jax.ShapeDtypeStruct((512, 4096), x_dtype, sharding=sh)
   scale = jax.ShapeDtypeStruct((4096,), scale_dtype, sharding=sh)
   with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"), \
       jax.numpy_rank_promotion("raise"):
-    compiled = tpu_aot.compile_fn(_public_calls, (x, x, scale), mesh)
+    compiled = tpu_aot.compile_fn(
+        functools.partial(_public_calls, weight_dtype=weight_dtype),
+        (x, x, scale), mesh)
   # The forward (the gradient's is the same call), the backward, the fused
   # forward and backward, the quantized forward.
   assert _kernel_calls(compiled.as_text()) == 5
