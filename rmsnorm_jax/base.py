@@ -384,23 +384,28 @@ class Xla(Implementation):
     if w is not None:
       y = rounded(y * scale_rows(w, xf.shape[0]), pdt)
     if bias is not None:
-      b = upcast(bias)
-      if norm.weight_dtype is not None:
-        b = rounded(b, norm.weight_dtype)
+      b = self._weight_values(bias, norm)
       y = rounded(y + rounded(b, pdt)[None, :], pdt)
     return y.astype(norm.out_dtype), rstd[:, 0]
+
+  @staticmethod
+  def _weight_values(a, norm):
+    """A scale or bias with the values of ``a.astype(norm.weight_dtype)``,
+    in the dtype that cast upcasts to. XLA converts float64 to a 16-bit
+    dtype through float32 (two roundings), and so does this; a pair of
+    conversions could be dropped by XLA as excess precision, ``rounded``
+    keeps the rounding."""
+    if norm.weight_dtype is None:
+      return upcast(a)
+    wide = jnp.promote_types(norm.weight_dtype, F32)
+    return rounded(a.astype(wide), norm.weight_dtype)
 
   @staticmethod
   def _weights(scale, norm, pdt, cdt):
     """``scale + offset`` computed in pdt, held in cdt (None without scale)."""
     if scale is None:
       return None
-    w = scale.astype(cdt)
-    if norm.weight_dtype is not None:
-      # A pair of conversions here could be dropped by XLA as excess
-      # precision; rounded keeps the rounding.
-      w = rounded(w, norm.weight_dtype)
-    w = rounded(w, pdt)
+    w = rounded(Xla._weight_values(scale, norm).astype(cdt), pdt)
     if norm.scale_offset:
       w = rounded(w + jnp.asarray(norm.scale_offset, cdt), pdt)
     return w

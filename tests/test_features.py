@@ -810,3 +810,28 @@ def test_weight_dtype_is_checked_and_dropped_where_it_changes_nothing():
     f = lambda x: rj.rms_norm(x, s, weight_dtype=w)
     g = lambda x: rj.rms_norm(x, s)
     assert str(jax.make_jaxpr(f)(x)) == str(jax.make_jaxpr(g)(x))
+
+
+@backends
+def test_weight_dtype_of_float64_parameters_is_their_cast(backend_id):
+  # Under x64, float64 scale and bias with weight_dtype give what their
+  # cast gives, bit for bit. XLA converts float64 to a 16-bit dtype through
+  # float32, two roundings: the scale's values here sit just above a 16-bit
+  # rounding midpoint by less than a float32 ulp, where one rounding from
+  # float64 would go up and the cast goes down.
+  backend = fu.make_backend(backend_id)
+  rng = rng_for("weight_dtype_f64")
+  with jax.enable_x64(True):
+    x = random(rng, (16, 256), F32)
+    for wdt, half_ulp in ((BF16, 2.0 ** -8), (F16, 2.0 ** -11), (F32, 0.0)):
+      # 1 + k * 2 ulp + half an ulp + 2**-40: halfway points, nudged up.
+      k = rng.integers(0, 8, size=256)
+      scale = jnp.asarray(1.0 + k * 4 * half_ulp + half_ulp + 2.0 ** -40,
+                          jnp.float64)
+      bias = jnp.asarray(0.3 * rng.normal(size=(256,)), jnp.float64)
+      got = rj.rms_norm(x, scale, bias, weight_dtype=wdt, backend=backend)
+      want = rj.rms_norm(x, scale.astype(wdt), bias.astype(wdt),
+                         backend=backend)
+      assert got.dtype == want.dtype == F32
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                    err_msg=wdt.name)

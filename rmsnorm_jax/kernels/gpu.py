@@ -101,21 +101,13 @@ IMPLEMENTED = frozenset(("bias", "llama", "per_head", "quantized"))
 INTERPRET_NUM_SMS = 4
 
 
-def _f32_if_wide(a, weight_dtype=None):
-  # A float64 array (x64 mode) is applied in float32 anyway; a scale or bias
-  # rounded to a 16-bit weight_dtype is rounded from its float64 values
-  # (then exact in float32), not twice.
+def _f32_if_wide(a):
+  # A float64 array (x64 mode) is applied in float32 anyway. A scale or bias
+  # with a 16-bit weight_dtype is then rounded from float32 in the kernel,
+  # as XLA converts float64 to a 16-bit dtype (through float32).
   if a is not None and np.dtype(a.dtype) == np.dtype(np.float64):
-    if weight_dtype is not None:
-      a = base.rounded(a, weight_dtype)
     return a.astype(jnp.float32)
   return a
-
-
-def _vectors(scale, bias, norm):
-  """scale and bias as the kernels take them (see ``_f32_if_wide``)."""
-  return (_f32_if_wide(scale, norm.weight_dtype),
-          _f32_if_wide(bias, norm.weight_dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +235,7 @@ class PallasGpu(base.Implementation):
   def forward(self, x, scale, bias, *, norm):
     """x (rows, hidden) -> (y in norm.out_dtype, rstd float32 (rows,))."""
     y, rstd = gpu_kernels.forward(
-        x, None, *_vectors(scale, bias, norm), norm=norm,
+        x, None, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
         out_dtype=self._kernel_out_dtype(norm.out_dtype),
         **self._kw("forward", x, scale))
     return y.astype(norm.out_dtype), rstd
@@ -251,15 +243,14 @@ class PallasGpu(base.Implementation):
   def backward(self, x, scale, bias, rstd, dy, *, norm):
     """-> (dx in x.dtype, dscale float32 scale-shaped or None, dbias)."""
     return gpu_kernels.backward(
-        x, _f32_if_wide(scale, norm.weight_dtype), bias, rstd,
-        _f32_if_wide(dy), None, norm=norm,
-        **self._kw("backward", x, scale, bias=bias))
+        x, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy), None,
+        norm=norm, **self._kw("backward", x, scale, bias=bias))
 
   def residual_forward(self, x, residual, scale, bias, *, norm):
     """-> (y in out_dtype, h = x + residual in residual.dtype, rstd)."""
     wider = max(x.dtype.itemsize, residual.dtype.itemsize)
     y, h, rstd = gpu_kernels.forward(
-        x, residual, *_vectors(scale, bias, norm), norm=norm,
+        x, residual, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
         out_dtype=self._kernel_out_dtype(norm.out_dtype),
         **self._kw("residual_forward", x, scale, np.dtype(f"f{wider}")))
     return y.astype(norm.out_dtype), h, rstd
@@ -267,8 +258,8 @@ class PallasGpu(base.Implementation):
   def residual_backward(self, h, scale, bias, rstd, dy, dh, *, norm):
     """-> (gradient of h in h.dtype, dscale float32 or None, dbias)."""
     return gpu_kernels.backward(
-        h, _f32_if_wide(scale, norm.weight_dtype), bias, rstd,
-        _f32_if_wide(dy), _f32_if_wide(dh), norm=norm,
+        h, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy),
+        _f32_if_wide(dh), norm=norm,
         **self._kw("residual_backward", h, scale, bias=bias))
 
   def quantized_forward(self, x, residual, scale, bias, quant_scale, *,
@@ -283,7 +274,7 @@ class PallasGpu(base.Implementation):
     op = ("quantized_forward" if residual is None
           else gpu_tiling.QUANTIZED_RESIDUAL_OP)
     outs = gpu_kernels.forward(
-        x, residual, *_vectors(scale, bias, norm), norm=norm,
+        x, residual, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
         out_dtype=None, quant_scale=quant_scale,
         **self._kw(op, x, scale, np.dtype(f"f{wider}")))
     if residual is None:

@@ -201,13 +201,12 @@ class PallasTpu(cfg.Config, base.Implementation):
 
   @staticmethod
   def _rounded_vector(a, norm):
-    """A scale or bias in float32, rounded to ``norm.weight_dtype`` (from
-    its own values: a float64 one is not rounded twice)."""
+    """A scale or bias in float32, rounded to a 16-bit
+    ``norm.weight_dtype`` from there (as XLA converts float64 to it)."""
+    a = a.astype(jnp.float32)
     if norm.weight_dtype is None or np.dtype(norm.weight_dtype).itemsize >= 4:
-      return a.astype(jnp.float32)
-    if np.dtype(a.dtype) == np.dtype(np.float64):
-      return base.rounded(a, norm.weight_dtype).astype(jnp.float32)
-    return tk.round_to(a.astype(jnp.float32), norm.weight_dtype)
+      return a
+    return tk.round_to(a, norm.weight_dtype)
 
   def _forward(self, x, res, scale, bias, norm, quant_scale=None):
     """(y or q, h or None, rstd or q_scale or None) from the kernels."""
