@@ -5,6 +5,7 @@ Each error names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -99,6 +100,19 @@ WEIGHT_DTYPES = tuple(np.dtype(d) for d in (
     jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
 
 
+def _dtype_among(what: str, value, allowed, error) -> np.dtype:
+  """``value`` as one of the dtypes ``allowed``; else ``error`` saying
+  ``what`` must be one of them."""
+  expected = ", ".join(np.dtype(d).name for d in allowed)
+  try:
+    dt = np.dtype(jnp.dtype(value))
+  except TypeError as e:
+    raise error(f"{what} one of {expected}; got {value!r}.") from e
+  if dt not in allowed:
+    raise error(f"{what} one of {expected}; got {dt}.")
+  return dt
+
+
 def weight_dtype_for(value, scale, bias) -> np.dtype | None:
   """``weight_dtype`` as a dtype, or None where it changes nothing.
 
@@ -107,15 +121,8 @@ def weight_dtype_for(value, scale, bias) -> np.dtype | None:
   """
   if value is None:
     return None
-  try:
-    dt = np.dtype(jnp.dtype(value))
-  except TypeError as e:
-    raise TypeError("weight_dtype must be None or one of "
-                    f"{', '.join(d.name for d in WEIGHT_DTYPES)}; got "
-                    f"{value!r}.") from e
-  if dt not in WEIGHT_DTYPES:
-    raise TypeError("weight_dtype must be None or one of "
-                    f"{', '.join(d.name for d in WEIGHT_DTYPES)}; got {dt}.")
+  dt = _dtype_among("weight_dtype must be None or", value, WEIGHT_DTYPES,
+                    TypeError)
   present = [np.dtype(a.dtype) for a in (scale, bias) if a is not None]
   if all(d == dt for d in present):
     return None
@@ -140,13 +147,14 @@ def norm_args(x, scale, bias, *, eps, scale_offset, cast_mode, out_dtype,
     raise ValueError(
         "scale_offset applies to scale, so it needs a scale array; got "
         f"scale=None with scale_offset={scale_offset}.")
-  wdt = weight_dtype_for(weight_dtype, scale, bias)
+  norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode,
+                   quant_dtype=quant_dtype,
+                   weight_dtype=weight_dtype_for(weight_dtype, scale, bias))
   default = x.dtype
   if cast_mode == "llama" and scale is not None:
-    default = jnp.result_type(x.dtype, scale.dtype if wdt is None else wdt)
-  norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode,
-                   out_dtype=out_dtype_for(out_dtype, default),
-                   quant_dtype=quant_dtype, weight_dtype=wdt)
+    default = norm.product_dtype(x.dtype, scale.dtype)
+  norm = dataclasses.replace(norm,
+                             out_dtype=out_dtype_for(out_dtype, default))
   return x, scale, bias, norm
 
 
@@ -167,15 +175,8 @@ def axis_names(axis_name, backend) -> tuple[str, ...]:
 
 def quant_dtype(dtype) -> np.dtype:
   """One of the quantized dtypes of ``base.QUANT_MAX``."""
-  try:
-    dt = np.dtype(jnp.dtype(dtype))
-  except TypeError as e:
-    raise ValueError(f"quant_dtype must be one of int8, float8_e4m3fn, "
-                     f"float8_e5m2; got {dtype!r}.") from e
-  if dt not in base.QUANT_MAX:
-    raise ValueError(f"quant_dtype must be one of int8, float8_e4m3fn, "
-                     f"float8_e5m2; got {dt}.")
-  return dt
+  return _dtype_among("quant_dtype must be", dtype, tuple(base.QUANT_MAX),
+                      ValueError)
 
 
 def quant_scale(value):
