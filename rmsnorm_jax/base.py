@@ -98,6 +98,13 @@ class Norm:
   quant_dtype: np.dtype | None = None
   weight_dtype: np.dtype | None = None
 
+  @property
+  def weight_rounding(self) -> np.dtype | None:
+    """``weight_dtype`` where it rounds float32 values (a 16-bit dtype):
+    what kernels holding scale and bias in float32 must round them to."""
+    wdt = self.weight_dtype
+    return None if wdt is None or np.dtype(wdt).itemsize >= 4 else wdt
+
   @with_own_promotion_rules  # the same answer under any caller's settings
   def product_dtype(self, x_dtype, scale_dtype) -> np.dtype:
     """The dtype ``x_hat * w + bias`` is computed in (``scale_dtype``: the

@@ -630,11 +630,8 @@ def _math(norm: base.Norm, x_dtype, scale, bias, interpret, quant_scale=None):
               inverse_qmax=float(base.inverse_qmax(qdt)),
               q_int=qdt == np.dtype(jnp.int8),
               q_static=quant_scale is not None)
-  wdt = norm.weight_dtype
-  if wdt is not None and np.dtype(wdt).itemsize >= 4:
-    wdt = None  # float32 values (see PallasGpu) lose nothing to it
   return _Math(eps=float(norm.eps), offset=offset, llama=llama,
-               xdt=np.dtype(x_dtype), pdt=pdt, wdt=wdt,
+               xdt=np.dtype(x_dtype), pdt=pdt, wdt=norm.weight_rounding,
                has_scale=scale is not None,
                has_bias=bias is not None, interpret=interpret, **kw)
 

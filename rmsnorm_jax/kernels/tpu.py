@@ -204,9 +204,9 @@ class PallasTpu(cfg.Config, base.Implementation):
     """A scale or bias in float32, rounded to a 16-bit
     ``norm.weight_dtype`` from there (as XLA converts float64 to it)."""
     a = a.astype(jnp.float32)
-    if norm.weight_dtype is None or np.dtype(norm.weight_dtype).itemsize >= 4:
+    if norm.weight_rounding is None:
       return a
-    return tk.round_to(a, norm.weight_dtype)
+    return tk.round_to(a, norm.weight_rounding)
 
   def _forward(self, x, res, scale, bias, norm, quant_scale=None):
     """(y or q, h or None, rstd or q_scale or None) from the kernels."""
