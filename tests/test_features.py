@@ -56,7 +56,8 @@ import feature_util as fu
 from feature_util import BF16, E4M3, E5M2, F16, F32, I8
 from numerics_util import assert_close, assert_matches_emulation
 from numerics_util import assert_quantized_near_rule
-from numerics_util import identical_fraction, random, rng_for, tol
+from numerics_util import identical_fraction, outputs_and_vjp, random, rng_for
+from numerics_util import tol
 from numerics_util import ulps_apart
 
 EPS = 1e-6
@@ -730,7 +731,7 @@ def test_weight_dtype_is_the_cast_of_the_parameters(fn, cast_mode, x_dt,
   dy = random(rng, SHAPE, x_dt)
   kw = dict(eps=EPS, cast_mode=cast_mode, backend=backend)
 
-  def call(s, b, **extra):
+  def call(x, s, b, **extra):
     if fn == "rms_norm":
       return rj.rms_norm(x, s, b, **kw, **extra)
     if fn == "rms_norm_residual":
@@ -742,12 +743,18 @@ def test_weight_dtype_is_the_cast_of_the_parameters(fn, cast_mode, x_dt,
                        scale_dtype=wdt)
   if reason is not None:
     fu.assert_unserved_error(backend, reason,
-                             lambda: call(scale, bias, weight_dtype=wdt))
+                             lambda: call(x, scale, bias, weight_dtype=wdt))
     return
   cast = lambda a: None if a is None else a.astype(wdt)
-  folded = jax.jit(lambda s, b: call(s, b, weight_dtype=wdt))(scale, bias)
-  precast = jax.jit(lambda s, b: call(cast(s), cast(b)))(scale, bias)
-  unrounded = jax.jit(lambda s, b: call(s, b))(scale, bias)
+  folded_fn = lambda x, s, b: call(x, s, b, weight_dtype=wdt)
+  precast_fn = lambda x, s, b: call(x, cast(s), cast(b))
+  primals = (x, scale, bias)
+  if fn == "rms_norm_quantized":
+    folded, precast = (jax.jit(f)(*primals) for f in (folded_fn, precast_fn))
+  else:
+    folded, grads = outputs_and_vjp(folded_fn, primals, dy)
+    precast, grads_want = outputs_and_vjp(precast_fn, primals, dy)
+  unrounded = jax.jit(call)(*primals)
   for got, want in zip(jax.tree.leaves(folded), jax.tree.leaves(precast)):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got, np.float32),
@@ -759,20 +766,14 @@ def test_weight_dtype_is_the_cast_of_the_parameters(fn, cast_mode, x_dt,
                              jax.tree.leaves(unrounded)))
   if fn == "rms_norm_quantized":
     return
-  grads = lambda f: jax.jit(lambda s, b: jax.vjp(f, s, b)[1](dy))(scale, bias)
-  got = grads(lambda s, b: call(s, b, weight_dtype=wdt))
-  want = grads(lambda s, b: call(cast(s), cast(b)))
-  for g, w in zip(got, want):
+  (dx, *param_grads), (dx_want, *param_grads_want) = grads, grads_want
+  np.testing.assert_array_equal(np.asarray(dx, np.float32),
+                                np.asarray(dx_want, np.float32))
+  for g, w in zip(param_grads, param_grads_want):
     if w is not None:
       assert g.dtype == F32
       np.testing.assert_array_equal(np.asarray(cast(g), np.float32),
                                     np.asarray(cast(w), np.float32))
-  (dx,) = jax.jit(lambda s, b: jax.vjp(lambda x: call(s, b, weight_dtype=wdt),
-                                       x)[1](dy))(scale, bias)
-  (dx_want,) = jax.jit(lambda s, b: jax.vjp(lambda x: call(cast(s), cast(b)),
-                                            x)[1](dy))(scale, bias)
-  np.testing.assert_array_equal(np.asarray(dx, np.float32),
-                                np.asarray(dx_want, np.float32))
 
 
 def test_weight_dtype_reaches_a_kernel_that_does_not_fold_it_as_a_cast():
