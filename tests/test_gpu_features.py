@@ -151,7 +151,11 @@ def test_serves_every_feature(op):
     # (gpu_kernels.Geometry.cache_bias).
     (BF16, dict(block_rows=2, num_warps=1, num_sms=2, persistent=True,
                 hidden=300)),
-], ids=["bf16_persistent_uncached", "f16_chunked", "bf16_bias_reloaded"])
+    # The default launch of the forward with a bias on 16-bit rows of 8192
+    # columns (gpu_tiling.FWD_BIAS_LAUNCH: two rows a block), ragged rows.
+    (F16, dict(hidden=8192)),
+], ids=["bf16_persistent_uncached", "f16_chunked", "bf16_bias_reloaded",
+        "f16_bias_launch"])
 def test_bias(mode, dtype, config):
   config = dict(config)
   rows, hidden = 45, config.pop("hidden", 200)
@@ -547,10 +551,33 @@ def test_float16_bias_backward_launch():
     assert got.num_warps == warps != plain.num_warps, op
     assert got == dataclasses.replace(plain, num_warps=got.num_warps), op
   for op, hidden, dtype in [("backward", 8192, BF16), ("backward", 4096, F16),
-                            ("forward", 8192, F16),
                             ("residual_backward", 8192, BF16)]:
     assert impl.resolved_config(op, 2048, hidden, dtype, bias=True) == (
         impl.resolved_config(op, 2048, hidden, dtype)), (op, hidden, dtype)
+
+
+def test_bias_forward_launch():
+  # The forward with a bias on 16-bit rows of 8192 columns runs two rows of
+  # 32 warps, one program an SM, over the tuning file's launch of the
+  # forward without one; other widths, float32 rows, the ops beside it and
+  # a user's knobs keep theirs.
+  impl = PallasGpu()
+  for dtype in (BF16, F16):
+    got = impl.resolved_config("forward", 4096, 8192, dtype, bias=True)
+    assert {k: getattr(got, k) for k in gpu_tiling.FWD_BIAS_LAUNCH} == (
+        gpu_tiling.FWD_BIAS_LAUNCH), got
+    assert got != impl.resolved_config("forward", 4096, 8192, dtype)
+  # Few rows still cover the SMs: the row block shrinks with its warps.
+  few = impl.resolved_config("forward", 64, 8192, BF16, bias=True)
+  assert (few.block_rows, few.num_warps) == (1, 16), few
+  for op, hidden, dtype in [("forward", 2048, BF16), ("forward", 8192, F32),
+                            ("residual_forward", 8192, BF16),
+                            ("quantized_forward", 8192, BF16)]:
+    assert impl.resolved_config(op, 4096, hidden, dtype, bias=True) == (
+        impl.resolved_config(op, 4096, hidden, dtype)), (op, hidden, dtype)
+  user = PallasGpu(config=gpu_tiling.Config(num_warps=8, block_rows=1))
+  got = user.resolved_config("forward", 4096, 8192, BF16, bias=True)
+  assert (got.num_warps, got.block_rows) == (8, 1)
 
 
 @pytest.mark.parametrize("mode", COMPILED)

@@ -28,6 +28,7 @@ reaches (rows wider than the resident tiling, tiling overrides, mixed
 dtypes) and runs everything compiled on a GPU.
 """
 
+import re
 import warnings
 
 import jax
@@ -246,6 +247,68 @@ def test_default_calls_lower_without_deprecation_warnings():
     with warnings.catch_warnings():
       warnings.simplefilter("error", DeprecationWarning)
       jax.block_until_ready(jax.jit(f)(x, r, s, b, dy))
+
+
+def _tile_loads(kernel):
+  # The loads of whole row tiles (x, residual, dy, dh): 2-D tensors of
+  # pointers, where the scale, bias and rstd are 1-D or single columns.
+  # Pallas lowers a store to a ref as a swap, whose load of the old values
+  # (an output's window) is dead; those loads are left out.
+  lines = kernel.ir.splitlines()
+  stored = set(re.findall(r"tt\.store (%\w+)", kernel.ir))
+  return [line for line in lines
+          if "tt.load" in line
+          and re.search(r"tensor<\d+x\d{3,}x!tt\.ptr", line)
+          and re.search(r"tt\.load (%\w+)", line).group(1) not in stored]
+
+
+def test_row_inputs_load_past_l1_except_in_the_quantized_forward():
+  # Config.bypass_l1 (gpu_tiling.BYPASS_L1_OPS), read in the Triton IR the
+  # calls lower to for CUDA on any host: every row input of the forward,
+  # backward and fused kernels is an ld.global.cg, the quantized forward's
+  # keep L1, and bypass_l1=False turns it off.
+  from rmsnorm_jax.bench import triton_ir  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((2048, 4096), jnp.bfloat16)
+  s = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
+
+  def calls(backend):
+    def f(x, r, s, dy):
+      _, vjp = jax.vjp(lambda x, s: rj.rms_norm(x, s, backend=backend), x, s)
+      _, vjp_r = jax.vjp(lambda x, r, s: rj.rms_norm_residual(
+          x, r, s, backend=backend), x, r, s)
+      q = rj.rms_norm_quantized(x, s, backend=backend)
+      qr = rj.rms_norm_quantized(x, s, residual=r, backend=backend)
+      return vjp(dy), vjp_r((dy, dy)), q, qr
+    return triton_ir.triton_kernels(f, x, x, s, x)
+
+  kernels = calls(PallasGpu())
+  assert sorted(k.name for k in kernels) == sorted([
+      "rmsnorm_forward", "rmsnorm_backward", "rmsnorm_residual_forward",
+      "rmsnorm_residual_backward", "rmsnorm_quantized_forward",
+      "rmsnorm_quantized_residual_forward"])
+  for k in kernels:
+    loads = _tile_loads(k)
+    assert loads, k.ir
+    past_l1 = ["cacheModifier = cg" in line for line in loads]
+    assert all(past_l1) != ("quantized" in k.name), (k.name, loads)
+    assert any(past_l1) != ("quantized" in k.name), (k.name, loads)
+  # Rows read twice (the backward of 16384 columns) carry L2 eviction
+  # policies, which ptxas does not take beside .cg: those loads keep L1.
+  wide = jax.ShapeDtypeStruct((64, 16384), jnp.bfloat16)
+  (bwd,) = [k for k in triton_ir.triton_kernels(
+      jax.grad(lambda x, s: rj.rms_norm(x, s, backend=PallasGpu()).astype(
+          jnp.float32).sum()), wide, jax.ShapeDtypeStruct(
+              (16384,), jnp.bfloat16)) if k.name == "rmsnorm_backward"]
+  loads = [line for line in bwd.ir.splitlines() if "tt.load" in line]
+  assert any("evictionPolicy" in line for line in loads), bwd.ir
+  assert not any("evictionPolicy" in line and "cacheModifier" in line
+                 for line in loads), loads
+  off = calls(PallasGpu(config=gpu_tiling.Config(bypass_l1=False)))
+  assert not any("cacheModifier" in line for k in off for line in
+                 _tile_loads(k))
+  with pytest.raises(ValueError, match="Config.bypass_l1 must be True, "
+                     "False or None; got 1"):
+    gpu_tiling.Config(bypass_l1=1)
 
 
 @pytest.mark.parametrize("backend", ["pallas_gpu", "mosaic_gpu"])

@@ -214,6 +214,7 @@ class PallasGpu(base.Implementation):
                               itemsize=np.dtype(dtype).itemsize, heads=heads,
                               device_kind=None if self.interpret
                               else gpu_tiling.AUTO,
+                              bias=bool(bias),
                               float16_bias=bool(bias) and float16)
 
   def _kw(self, op, x, scale, dtype=None, bias=None):
@@ -237,7 +238,7 @@ class PallasGpu(base.Implementation):
     y, rstd = gpu_kernels.forward(
         x, None, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
         out_dtype=self._kernel_out_dtype(norm.out_dtype),
-        **self._kw("forward", x, scale))
+        **self._kw("forward", x, scale, bias=bias))
     return y.astype(norm.out_dtype), rstd
 
   def backward(self, x, scale, bias, rstd, dy, *, norm):

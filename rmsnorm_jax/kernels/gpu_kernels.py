@@ -333,6 +333,28 @@ class _Math:
     )[0].astype(jnp.int8)
 
 
+def _l1_bypass_modifier() -> str | None:
+  """The load cache modifier that skips L1 (``".cg"``), or None where the
+  installed Pallas cannot lower it.
+
+  Pallas' Triton lowering accepts ``cache_modifier=".cg"`` and then looks
+  it up in a table keyed ``"cg"`` (jax 0.10.2 to 0.11.2: ``KeyError:
+  '.cg'``). The missing key is added to that table, naming the modifier
+  Triton already has; where the table is not found (another jax), loads
+  keep L1, which changes their speed only.
+  """
+  try:
+    from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
+    table = lowering._STR_TO_CACHE_MODIFIER  # pylint: disable=protected-access
+    table.setdefault(".cg", table["cg"])
+  except (ImportError, AttributeError, KeyError, TypeError):
+    return None
+  return ".cg"
+
+
+_L1_BYPASS = _l1_bypass_modifier()
+
+
 def _outer_mask(masks, shape):
   """AND of per-axis masks (None: all true) broadcast to ``shape``, or None."""
   out = None
@@ -387,8 +409,10 @@ class _Tile:
     return ref.at[rows, cols]
 
   @staticmethod
-  def _load(win, mask, policy=None):
+  def _load(win, mask, policy=None, modifier=None):
     kw = {} if policy is None else {"eviction_policy": policy}
+    if modifier is not None:
+      kw["cache_modifier"] = modifier
     if mask is None:
       return pltriton.load(win, **kw)
     return pltriton.load(win, mask=mask, other=0.0, **kw)
@@ -402,8 +426,18 @@ class _Tile:
       pltriton.store(win, value, mask=mask)
 
   def load(self, ref, eviction_policy=None):
-    """The tile of ``ref`` (input dtype); masked-off elements read 0."""
-    return self._load(self._window(ref), self.mask, eviction_policy)
+    """The tile of ``ref`` (input dtype); masked-off elements read 0.
+
+    Past L1 with ``Config.bypass_l1``: a row input is read once (or again
+    from L2), and with the L1 that XLA's launcher leaves these kernels
+    (docs/gpu_profile_h200.md) the loads in flight held lines there. A load
+    with an L2 eviction policy (the reads of rows that are read twice)
+    keeps L1: ptxas rejects ``.cg`` beside ``.L2::evict_*``.
+    """
+    modifier = (_L1_BYPASS if self.g.config.bypass_l1
+                and eviction_policy is None else None)
+    return self._load(self._window(ref), self.mask, eviction_policy,
+                      modifier)
 
   def store(self, ref, value):
     self._store(self._window(ref), value, self.mask)

@@ -149,6 +149,32 @@ BWD_PIECE_COLS = 16384
 FWD_PREFETCH_MAX_COLS = 16384
 FWD_CACHE_SCALE_MAX_COLS = 16384
 
+# The forward of 16-bit rows of this padded width with a bias: two rows of
+# 32 warps, one program per SM (persistent), over the tuning file's launch
+# for the forward without a bias, which re-reads the bias from L1 per row
+# (16 columns a thread: too many to keep beside the scale,
+# FWD_CACHE_BIAS_MAX_PER_THREAD). H200, us, the file's one row of 16 warps
+# against this launch: 4096x8192 bf16 37.7 against 35.9, 2048x8192 f16 19.5
+# against 18.8 (both with L1 in the loads' path); two rows of 16 warps
+# 37.6 and 19.8, one row of 32 warps 39.9 and 21.2. At 2048 columns this
+# launch lost (16384x2048 bf16: 63.8 against 35.4).
+FWD_BIAS_COLS = 8192
+FWD_BIAS_LAUNCH = dict(block_rows=2, num_warps=32, programs_per_sm=1,
+                       persistent=True)
+# Ops whose whole-row tiles load the row inputs past L1 (Config.bypass_l1).
+# H200, us, the kernels' default launches with L1 in the path against past
+# it, two runs each in one device session: forward 8192x4096 bf16
+# 34.6/34.4 against 33.2/33.6, 2048x8192 f16 18.1/18.0 against 17.8/17.7,
+# 4096x8192 bf16 34.2/34.3 against 33.4/33.4; backward 55.6/56.0 against
+# 54.8/54.4, 30.2/30.5 against 29.9/29.9, 56.3/56.3 against 54.9/55.3;
+# the forward with a bias 34.9/34.9 against 33.9/33.6, 19.4/19.3 against
+# 18.8/18.9, 37.1/37.4 against 35.9/36.0; the backward with a bias 58.0/58.8
+# against 57.4/57.2; the fused forward 66.9/67.0 against 66.5/66.8. The
+# quantized forward lost (int8 29.7/29.7 against 34.4/34.5 at 8192x4096,
+# 31.3/31.3 against 36.6/36.2 at 4096x8192), so it keeps L1.
+BYPASS_L1_OPS = ("forward", "residual_forward", "backward",
+                 "residual_backward")
+
 # Chunked (wide-row) tiling: elements per chunk tile and the most rows.
 CHUNK_TILE = 8192
 MAX_CHUNK_ROWS = 16
@@ -221,6 +247,11 @@ class Config:
       Nsight Compute).
     num_stages: Triton software-pipelining depth of the kernels' loops.
     num_sms: SM count the grid is sized for (default: the device's).
+    bypass_l1: the row inputs (x, residual, dy, dh) are loaded past L1
+      (PTX ``ld.global.cg``; the scale, bias and rstd still through it).
+      ``resolve`` turns it on for whole-row tiles of every op but the
+      quantized forwards (see ``BYPASS_L1_OPS``); tuning files do not set
+      it.
   """
 
   block_rows: int | None = None
@@ -233,6 +264,7 @@ class Config:
   reload: bool | None = None
   num_stages: int | None = None
   num_sms: int | None = None
+  bypass_l1: bool | None = None
 
   def __post_init__(self):
     for f in ("block_rows", "block_cols", "num_warps", "programs_per_sm",
@@ -240,6 +272,12 @@ class Config:
       v = getattr(self, f)
       if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
         raise ValueError(f"Config.{f} must be a positive int or None; got "
+                         f"{v!r}.")
+    for f in ("persistent", "prefetch", "cache_scale", "reload",
+              "bypass_l1"):
+      v = getattr(self, f)
+      if v is not None and not isinstance(v, bool):
+        raise ValueError(f"Config.{f} must be True, False or None; got "
                          f"{v!r}.")
 
   @property
@@ -560,7 +598,7 @@ def fold_heads(config: Config, hidden: int, heads: int) -> bool:
 
 def resolve(config: Config, op: str, rows: int, hidden: int, *,
             itemsize: int = 2, heads: int = 1,
-            device_kind: str | None = AUTO,
+            device_kind: str | None = AUTO, bias: bool = False,
             float16_bias: bool = False) -> Config:
   """``config`` with every None field chosen for one kernel call.
 
@@ -584,6 +622,7 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
     device_kind: whose tuning file to read: ``"auto"`` (the GPU JAX runs
       on, ``gpu_kind()``), a kind such as ``"NVIDIA H200"``, or None
       for the heuristic alone.
+    bias: the call has a bias (the forward's launch: ``FWD_BIAS_COLS``).
     float16_bias: the call is a float16 backward or fused backward with a
       bias (see ``BWD_F16_BIAS_WARPS``, ``FUSED_BWD_F16_BIAS_WARPS``).
 
@@ -613,6 +652,9 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
   if resident:
     kind = gpu_kind() if device_kind == AUTO else device_kind
     tuned = tuned_knobs(kind, op, rows, padded, isz, hidden)
+    if (bias and op == "forward" and isz == 2 and not folded
+        and padded == FWD_BIAS_COLS):
+      tuned = {**tuned, **FWD_BIAS_LAUNCH}
   per_sm = None
   max_warps = MAX_WARPS
   if not resident:
@@ -690,4 +732,5 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
       reload=bool(not fwd and resident
                   and _pick(c.reload, tuned.get("reload",
                                                 bc >= RELOAD_MIN_COLS))),
-      num_stages=c.num_stages or tuned.get("num_stages") or 1, num_sms=sms)
+      num_stages=c.num_stages or tuned.get("num_stages") or 1, num_sms=sms,
+      bypass_l1=bool(_pick(c.bypass_l1, resident and op in BYPASS_L1_OPS)))
