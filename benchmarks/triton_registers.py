@@ -100,7 +100,7 @@ def _config(text: str) -> gpu_tiling.Config:
   for item in filter(None, text.split(",")):
     key, value = item.split("=")
     knobs[key] = int(value)
-    if key in ("persistent", "prefetch", "cache_scale", "reload"):
+    if key in gpu_tiling.BOOL_KNOBS:
       knobs[key] = bool(knobs[key])
   return gpu_tiling.Config(**knobs)
 

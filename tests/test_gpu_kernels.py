@@ -306,9 +306,10 @@ def test_row_inputs_load_past_l1_except_in_the_quantized_forward():
   off = calls(PallasGpu(config=gpu_tiling.Config(bypass_l1=False)))
   assert not any("cacheModifier" in line for k in off for line in
                  _tile_loads(k))
-  with pytest.raises(ValueError, match="Config.bypass_l1 must be True, "
-                     "False or None; got 1"):
-    gpu_tiling.Config(bypass_l1=1)
+  for knob in gpu_tiling.BOOL_KNOBS:
+    with pytest.raises(ValueError, match=f"Config.{knob} must be True, "
+                       "False or None; got 1"):
+      gpu_tiling.Config(**{knob: 1})
 
 
 @pytest.mark.parametrize("backend", ["pallas_gpu", "mosaic_gpu"])

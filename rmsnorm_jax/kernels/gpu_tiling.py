@@ -218,6 +218,10 @@ QUANTIZED_RESIDUAL_OP = "quantized_residual_forward"
 OPS = tuple(ops.SIGNATURES) + (QUANTIZED_RESIDUAL_OP,)
 
 
+# The Config fields that are switches (True, False or None).
+BOOL_KNOBS = ("persistent", "prefetch", "cache_scale", "reload", "bypass_l1")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Launch knobs of the GPU kernels; None means the measured heuristic.
@@ -273,8 +277,7 @@ class Config:
       if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
         raise ValueError(f"Config.{f} must be a positive int or None; got "
                          f"{v!r}.")
-    for f in ("persistent", "prefetch", "cache_scale", "reload",
-              "bypass_l1"):
+    for f in BOOL_KNOBS:
       v = getattr(self, f)
       if v is not None and not isinstance(v, bool):
         raise ValueError(f"Config.{f} must be True, False or None; got "
