@@ -200,6 +200,20 @@ def fold_rows(a, scale_shape):
   return jnp.sum(a.reshape(-1, heads, hidden), axis=0)
 
 
+def from_float64(a, dtype):
+  """float64 ``a`` (x64 mode) as float32 holding ``a.astype(dtype)``.
+
+  The cast is XLA's own conversion, so that a ``weight_dtype`` gives what
+  the caller's cast gives however XLA rounds it: jaxlib 0.10.2's CPU
+  backend converts float64 to a 16-bit dtype through float32 (two
+  roundings); jaxlib 0.11.2's, as run on an H200 host, converted to
+  float16 differently from that (in one rounding, by the values). The
+  optimization barrier keeps the narrowing from being dropped as excess
+  precision when the result is widened again.
+  """
+  return jax.lax.optimization_barrier(a.astype(dtype)).astype(F32)
+
+
 def rounded(a, dtype):
   """``a`` rounded to ``dtype``'s precision, kept in a's (wider) dtype.
 
@@ -398,12 +412,13 @@ class Xla(Implementation):
   @staticmethod
   def _weight_values(a, norm):
     """A scale or bias with the values of ``a.astype(norm.weight_dtype)``,
-    in the dtype that cast upcasts to. XLA converts float64 to a 16-bit
-    dtype through float32 (two roundings), and so does this; a pair of
-    conversions could be dropped by XLA as excess precision, ``rounded``
-    keeps the rounding."""
+    in the dtype that cast upcasts to: from float64, XLA's own conversion
+    (``from_float64``); from float32, ``rounded`` (a pair of conversions
+    could be dropped by XLA as excess precision)."""
     if norm.weight_dtype is None:
       return upcast(a)
+    if np.dtype(a.dtype) == np.dtype(np.float64) and norm.weight_rounding:
+      return from_float64(a, norm.weight_rounding)
     wide = jnp.promote_types(norm.weight_dtype, F32)
     return rounded(a.astype(wide), norm.weight_dtype)
 

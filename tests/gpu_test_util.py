@@ -1,17 +1,26 @@
 """What the GPU kernel test modules share: run modes and the implementation
 under test (seeds and tolerances are numerics_util's)."""
 
+import contextlib
+
 import jax
 import pytest
 
+from rmsnorm_jax.bench import triton_ir
 from rmsnorm_jax.kernels import gpu_tiling
-from rmsnorm_jax.kernels.gpu import PallasGpu
+from rmsnorm_jax.kernels.gpu import (TRITON_CALL_TARGET, PallasGpu,
+                                     triton_target_reason)
 
 
 def impl_for(mode, **config):
   """PallasGpu in ``mode`` ("interpret" or "compiled"), outputs poisoned."""
   return PallasGpu(config=gpu_tiling.Config(**config),
                    interpret=(mode == "interpret"), poison_outputs=True)
+
+
+# Why a GPU test is skipped on a machine that has a GPU: tests/conftest.py
+# hides it from runs that do not select the gpu marker.
+GPU_HINT = " (where a GPU is installed, select these tests with -m gpu)"
 
 
 def has_cuda() -> bool:
@@ -28,7 +37,8 @@ MODES = [
         pytest.mark.gpu,
         pytest.mark.skipif(not has_cuda(),
                            reason="compiled Pallas GPU kernels need a CUDA "
-                                  "GPU; the interpret variant covers CPU")]),
+                                  "GPU; the interpret variant covers CPU"
+                                  + GPU_HINT)]),
 ]
 # Compiled only: checks whose interpret-mode run would repeat, for the
 # default configuration, what the public-API tests (tests/test_numerics.py,
@@ -41,7 +51,8 @@ def hopper_reason() -> str | None:
   try:
     gpus = jax.devices("gpu")
   except RuntimeError:
-    return "no CUDA GPU: the Mosaic GPU kernels run on Hopper (sm_90) only"
+    return ("no CUDA GPU: the Mosaic GPU kernels run on Hopper (sm_90) "
+            "only" + GPU_HINT)
   cc = str(getattr(gpus[0], "compute_capability", ""))
   if not cc.startswith("9"):
     return f"GPU is compute capability {cc or 'unknown'}, not Hopper (9.x)"
@@ -56,3 +67,33 @@ def hopper(test):
   Hopper with the reason."""
   return pytest.mark.gpu(pytest.mark.skipif(
       HOPPER_REASON is not None, reason=HOPPER_REASON or "")(test))
+
+
+# What cuda_target puts in context where no GPU is visible: the model jax
+# 0.10 compiled Triton kernels for in that case (compute capability 9.0).
+ABSTRACT_GPU = jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+
+
+def cuda_target():
+  """A context in which Pallas Triton kernels lower for ``cuda`` on any host.
+
+  From jax 0.11 that lowering compiles for a GPU model jax can name: the
+  visible GPU, or the abstract device of the abstract mesh in context.
+  Where there is none (``gpu.triton_target_reason``), an abstract H100 is
+  put in context, as a user lowering for a GPU they do not have would;
+  elsewhere (jax 0.10, or a GPU in sight) nothing changes.
+  """
+  if triton_target_reason() is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      (1,), ("gpu",), abstract_device=ABSTRACT_GPU))
+
+
+# Whether lowered calls carry their kernels' Triton IR (``bench.triton_ir``);
+# needs_triton_ir marks the tests that read it.
+KEEPS_TRITON_IR = TRITON_CALL_TARGET == triton_ir.TRITON_CALL_TARGET
+needs_triton_ir = pytest.mark.skipif(
+    not KEEPS_TRITON_IR,
+    reason=f"this jaxlib lowers Pallas Triton kernels to {TRITON_CALL_TARGET}"
+    ", compiled, with no Triton IR to read (jaxlib 0.10.2 and older keep it)")

@@ -20,6 +20,8 @@ from rmsnorm_jax import reference
 from rmsnorm_jax.bench import triton_ir
 from rmsnorm_jax.kernels import gpu_tiling
 
+from gpu_test_util import KEEPS_TRITON_IR, needs_triton_ir
+
 KEYS = {"op", "impl", "rows", "hidden", "dtype", "bytes", "time_us",
         "time_min", "time_max", "gbps", "timing", "ratio_to_roofline",
         "ratio_to_copy", "speedup_vs_xla", "noise", "backend"}
@@ -204,6 +206,8 @@ def test_missing_torch_is_a_note_not_an_error(tmp_path, monkeypatch):
   assert not any(r.get("error") for r in records)
   assert any("torch is not importable" in n and "no torch in this test" in n
              for n in notes), notes
+  # Nor a copy through CuPy, even where CuPy sees a GPU: JAX ran on the CPU.
+  assert any(n.startswith("copy: not measured") for n in notes), notes
   assert "- note: peers and copy: torch is not importable" in bench.table(
       records, notes)
 
@@ -541,6 +545,7 @@ def test_a_candidate_that_fails_to_build_keeps_its_impl_name():
   assert isinstance(cands[0].error, ValueError)
 
 
+@needs_triton_ir
 def test_triton_kernels_of_a_call_lowered_without_a_gpu():
   # benchmarks/triton_registers.py compiles these kernels' IR with pip's
   # Triton: their names, launch settings and IR must be those of the call.
@@ -568,3 +573,11 @@ def test_triton_kernels_of_a_call_lowered_without_a_gpu():
   # The backward writes dx and the float32 dscale and dbias partials.
   assert bwd.ir.count("tt.store") >= 3, bwd.ir
   assert triton_ir.triton_kernels(lambda x: x * 2, x) == []
+
+
+@pytest.mark.skipif(KEEPS_TRITON_IR,
+                    reason="this jaxlib keeps the Triton IR in the module")
+def test_triton_kernels_name_the_jaxlib_that_keeps_no_ir():
+  with pytest.raises(NotImplementedError, match="keeps no Triton IR"):
+    triton_ir.triton_kernels(lambda x: x * 2,
+                             jax.ShapeDtypeStruct((4,), jnp.float32))

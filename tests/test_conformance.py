@@ -7,6 +7,8 @@ and debug_infs, leak checking, eval_shape, nested vmap, donated inputs, and
 shape-polymorphic export for cpu, cuda and tpu at once.
 """
 
+import contextlib
+
 import flax.linen as fnn
 from flax import nnx
 import jax
@@ -17,16 +19,16 @@ import pytest
 import rmsnorm_jax as rj
 from rmsnorm_jax import base
 from rmsnorm_jax import reference
+from rmsnorm_jax.kernels.gpu import TRITON_CALL_TARGET
 
 from implementations import IMPLEMENTATIONS
-from gpu_test_util import hopper
+from gpu_test_util import cuda_target, hopper
 from numerics_util import assert_close, random, tol
 
 BACKENDS = [pytest.param(make, id=name) for name, make in IMPLEMENTATIONS]
 # Triton calls carry no serialization-compatibility guarantee; exporting them
 # is the caller's explicit choice.
-UNSTABLE_OK = [jax.export.DisabledSafetyCheck.custom_call(
-    "__gpu$xla.gpu.triton")]
+UNSTABLE_OK = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL_TARGET)]
 
 
 def _inputs(seed, shape=(2, 3, 40), dtype=jnp.bfloat16):
@@ -110,8 +112,9 @@ def test_checked_jaxprs_lower_under_strict_promotion(platform):
             jax.grad(loss, argnums=(0, 1))(x, w, "llama"),
             rj.rms_norm_residual(x, x, w), rj.rms_norm_quantized(x, w))
 
+  target = cuda_target() if platform == "cuda" else contextlib.nullcontext()
   with jax.enable_checks(True), jax.numpy_dtype_promotion("strict"), \
-      jax.numpy_rank_promotion("raise"):
+      jax.numpy_rank_promotion("raise"), target:
     jax.jit(calls).trace(x, w).lower(lowering_platforms=(platform,))
     assert rj.dispatch.explain(platform=platform, shape=(64, 768),
                                dtype=jnp.bfloat16, scale_dtype=jnp.float32,
@@ -322,7 +325,7 @@ HOPPER_ROUTES = [
 def _kernels(fn, *args) -> set[str]:
   text = jax.jit(fn).trace(*args).lower().as_text()
   found = {name for name, mark in ((M, "mosaic_gpu"),
-                                   (T, "__gpu$xla.gpu.triton"))
+                                   (T, TRITON_CALL_TARGET))
            if mark in text}
   return found or {"xla"}
 

@@ -10,8 +10,12 @@ from rmsnorm_jax import base
 from rmsnorm_jax import dispatch
 from rmsnorm_jax import kernels
 from rmsnorm_jax import reference
+from rmsnorm_jax.kernels.gpu import TRITON_CALL_TARGET
 
 from numerics_util import assert_close, random
+
+# Routes and lowerings for cuda, which from jax 0.11 need a GPU to name.
+pytestmark = pytest.mark.usefixtures("cuda_target")
 
 # What each platform's kernel leaves in StableHLO.
 KERNEL_MARKERS = {"tpu": "tpu_custom_call", "cuda": "triton"}
@@ -19,8 +23,7 @@ KERNEL_MARKERS = {"tpu": "tpu_custom_call", "cuda": "triton"}
 
 # Triton calls carry no serialization-compatibility guarantee; exporting them
 # is the user's explicit choice.
-UNSTABLE_OK = [jax.export.DisabledSafetyCheck.custom_call(
-    "__gpu$xla.gpu.triton")]
+UNSTABLE_OK = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL_TARGET)]
 
 
 def _exported_text(fn, platforms, *args):
@@ -142,6 +145,36 @@ def test_auto_takes_the_second_kernel_where_the_first_declines():
   llama, _ = _route("auto", 8192, 4096, jnp.bfloat16, cast_mode="llama")
   assert llama.impl("cuda").name == "pallas_gpu"
   assert "mosaic_gpu: " in llama.describe("cuda")
+
+
+def test_triton_kernels_step_aside_where_jax_names_no_gpu(monkeypatch):
+  # From jax 0.11 the Triton lowering raises where it can name no GPU model
+  # (lowering for cuda on a host without one, or a GPU jax does not list).
+  # The kernels then cannot serve: "auto" lowers XLA's math for cuda with
+  # the reason, and naming them raises it when traced; interpret mode,
+  # which compiles nothing for a GPU, still serves.
+  from rmsnorm_jax.kernels import gpu  # pylint: disable=g-import-not-at-top
+
+  def no_gpu():
+    raise ValueError("Unsupported GPU device kind: cpu")
+
+  monkeypatch.setattr(gpu, "_GET_GPU_INFO", no_gpu)
+  reason = gpu.triton_target_reason()
+  assert "Unsupported GPU device kind: cpu" in reason
+  assert "use_abstract_mesh" in reason
+  fwd, call = _route("auto", 8192, 4096, jnp.bfloat16)
+  assert fwd.impl("cuda").name == "xla"
+  assert f"pallas_gpu: {reason}" in fwd.describe("cuda")
+  assert _route("pallas", 8192, 4096, jnp.bfloat16)[0].impl(
+      "cuda").name == "mosaic_gpu"
+  with pytest.raises(ValueError, match="backend='pallas_gpu' cannot serve "
+                     "this call: jax .* lowers Pallas Triton kernels only"):
+    dispatch.route("pallas_gpu", call)
+  assert gpu.PallasGpu(interpret=True).cannot_serve(call) is None
+  monkeypatch.setattr(gpu, "_GET_GPU_INFO", lambda: None)
+  assert gpu.triton_target_reason() is None
+  assert _route("auto", 8192, 4096, jnp.bfloat16)[0].impl(
+      "cuda").name == "pallas_gpu"
 
 
 def test_implementation_instances_are_accepted_as_backend():

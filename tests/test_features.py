@@ -816,10 +816,10 @@ def test_weight_dtype_is_checked_and_dropped_where_it_changes_nothing():
 @backends
 def test_weight_dtype_of_float64_parameters_is_their_cast(backend_id):
   # Under x64, float64 scale and bias with weight_dtype give what their
-  # cast gives, bit for bit. XLA converts float64 to a 16-bit dtype through
-  # float32, two roundings: the scale's values here sit just above a 16-bit
-  # rounding midpoint by less than a float32 ulp, where one rounding from
-  # float64 would go up and the cast goes down.
+  # cast gives, bit for bit, however XLA rounds that cast: the scale's
+  # values here sit just above a 16-bit rounding midpoint by less than a
+  # float32 ulp, where one rounding from float64 goes up and two (through
+  # float32, as jaxlib 0.10.2's CPU backend converts) go down.
   backend = fu.make_backend(backend_id)
   rng = rng_for("weight_dtype_f64")
   with jax.enable_x64(True):

@@ -45,7 +45,8 @@ from rmsnorm_jax.kernels import gpu_kernels
 from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
-from gpu_test_util import COMPILED, MODES, has_cuda, impl_for
+from gpu_test_util import (COMPILED, GPU_HINT, MODES, has_cuda, impl_for,
+                           needs_triton_ir)
 from numerics_util import assert_close, assert_residual_matches_reference
 from numerics_util import dx_magnitude, random, residual_inputs, rng_for
 from numerics_util import tol, xla_tol
@@ -227,7 +228,8 @@ def test_mixed_residual_dtypes(mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda(), reason="the deprecation warnings come "
-                    "from lowering GPU kernels, which needs a CUDA GPU")
+                    "from lowering GPU kernels, which needs a CUDA GPU"
+                    + GPU_HINT)
 def test_default_calls_lower_without_deprecation_warnings():
   # As a user's suite run with -W error::DeprecationWarning sees them: the
   # default calls of every op lower (and run) without one. 4096 columns
@@ -262,6 +264,7 @@ def _tile_loads(kernel):
           and re.search(r"tt\.load (%\w+)", line).group(1) not in stored]
 
 
+@needs_triton_ir
 def test_row_inputs_load_past_l1_except_in_the_quantized_forward():
   # Config.bypass_l1 (gpu_tiling.BYPASS_L1_OPS), read in the Triton IR the
   # calls lower to for CUDA on any host: every row input of the forward,
@@ -306,6 +309,9 @@ def test_row_inputs_load_past_l1_except_in_the_quantized_forward():
   off = calls(PallasGpu(config=gpu_tiling.Config(bypass_l1=False)))
   assert not any("cacheModifier" in line for k in off for line in
                  _tile_loads(k))
+
+
+def test_config_switches_take_only_bools():
   for knob in gpu_tiling.BOOL_KNOBS:
     with pytest.raises(ValueError, match=f"Config.{knob} must be True, "
                        "False or None; got 1"):
@@ -316,6 +322,7 @@ def test_row_inputs_load_past_l1_except_in_the_quantized_forward():
 @pytest.mark.parametrize("per_head", [False, True], ids=["scale", "per_head"])
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16],
                          ids=["f32", "bf16"])
+@pytest.mark.usefixtures("cuda_target")
 def test_dscale_and_dbias_partials_sum_in_one_reduction(backend, per_head,
                                                         param_dtype):
   # The backward kernels write dscale's and dbias' per-program partials;

@@ -36,6 +36,10 @@ from rmsnorm_jax.kernels import mosaic_gpu_wide as mw
 from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
 
 from gpu_test_util import hopper
+
+# Lowerings and routes for cuda on any host (from jax 0.11 they need a GPU
+# to name).
+pytestmark = pytest.mark.usefixtures("cuda_target")
 from numerics_util import assert_close, dx_magnitude, random, rng_for, tol
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32

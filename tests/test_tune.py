@@ -169,6 +169,31 @@ def test_kept_heuristic_and_unknown_device(tuning_dir):
   assert gpu_tiling.resolve(HEURISTIC, "forward", 8192, 4096) == h
 
 
+def test_abstract_gpu_device_names_the_file_and_sm_count(tuning_dir):
+  # Lowering for a GPU the host does not have (jax.sharding.use_abstract_mesh
+  # with an AbstractDevice, as jax's own Triton lowering reads it): that
+  # model's tuning file and its num_cores as the SM count.
+  h = _heuristic("backward", 8192, 4096)
+  chosen = dict(tune.knobs_of(h), num_warps=h.num_warps // 2)
+  _write(tuning_dir, _table(_entry("backward", 8192, 4096, chosen)))
+  device = jax.sharding.AbstractDevice(device_kind=KIND, num_cores=100,
+                                       platform="cuda")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      (1,), ("gpu",), abstract_device=device)):
+    assert gpu_tiling.gpu_kind() == KIND
+    assert gpu_tiling.num_sms() == 100
+    got = gpu_tiling.resolve(gpu_tiling.Config(), "backward", 8192, 4096)
+  assert (got.num_warps, got.num_sms) == (h.num_warps // 2, 100)
+  # An abstract device of another platform names no GPU.
+  tpu = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                    platform="tpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      (1,), ("tpu",), abstract_device=tpu)):
+    assert gpu_tiling.abstract_gpu() is None
+    assert gpu_tiling.gpu_kind() == (None if jax.default_backend() != "gpu"
+                                     else jax.devices()[0].device_kind)
+
+
 def test_user_config_wins_knob_by_knob(tuning_dir):
   h = _heuristic("backward", 8192, 4096)
   chosen = dict(tune.knobs_of(h), num_warps=h.num_warps // 2,

@@ -211,6 +211,12 @@ def run_benchmark(cases=None, *, ops: Iterable[str] = DEFAULT_OPS,
                               device, copy)
         notes.extend(worker.notes)
         worker.notes.clear()
+      elif copy and not gpu:
+        # CuPy copies on a GPU, which is not the device JAX's calls ran on.
+        notes.append(f"copy: not measured (the torch worker cannot run "
+                     f"it, and CuPy's copy runs on a GPU while JAX runs on "
+                     f"{jax.default_backend()})")
+        copy = False
       elif copy:
         extra = _cupy_copy_records(rows, hidden, dt_name, ops_run, reps,
                                    device, notes)

@@ -22,7 +22,10 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import jax
+from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
+import jaxlib.version
 import numpy as np
 
 from rmsnorm_jax import base
@@ -101,12 +104,75 @@ IMPLEMENTED = frozenset(("bias", "llama", "per_head", "quantized"))
 INTERPRET_NUM_SMS = 4
 
 
+# The XLA custom call each Pallas Triton kernel lowers to (jax's own switch
+# on the jaxlib version): up to jaxlib 0.10.2 it carries the kernel's Triton
+# IR, which XLA compiles for the device; later ones compile the kernel while
+# lowering and carry the result. ``jax.export`` serializes a program with
+# these kernels only when this target is named in ``disabled_checks``
+# (``jax.export.DisabledSafetyCheck.custom_call``): it has no compatibility
+# guarantee.
+TRITON_CALL_TARGET = ("__gpu$xla.gpu.triton"
+                      if jaxlib.version.__version_info__[:3] <= (0, 10, 2)
+                      else "triton_kernel_call_ffi")
+
+
+def _gpu_info_lookup():
+  """jax's own answer to "which GPU does Triton lowering compile for"
+  (``get_gpu_info``, public from jax 0.11), or None where jax has none
+  (0.10: the lowering embeds Triton IR, compiled later for the device)."""
+  get = getattr(pltriton, "get_gpu_info", None)
+  if get is None:
+    try:
+      # pylint: disable-next=import-outside-toplevel
+      from jax._src.pallas.triton import gpu_info
+    except ImportError:
+      return None
+    get = getattr(gpu_info, "get_gpu_info", None)
+  return get
+
+
+_GET_GPU_INFO = _gpu_info_lookup()
+
+
+def triton_target_reason() -> str | None:
+  """Why jax's Pallas Triton lowering has no GPU to compile for here, or
+  None where it has one.
+
+  From jax 0.11 the lowering compiles each kernel for the default device's
+  GPU, or for the abstract GPU device of the abstract mesh in context, and
+  raises where neither is a GPU model it knows: lowering for ``cuda`` on a
+  host without a GPU (``jax.export`` for several platforms, say), or on a
+  GPU missing from jax's list. ``PallasGpu.cannot_serve`` gives this reason,
+  so that ``backend="auto"`` runs XLA's math there and an explicit
+  ``backend="pallas_gpu"`` raises it at trace time.
+  """
+  if _GET_GPU_INFO is None:
+    return None
+  try:
+    _GET_GPU_INFO()
+  except (ValueError, RuntimeError) as e:
+    return (f"jax {jax.__version__} lowers Pallas Triton kernels only for "
+            f"a GPU model it knows, and has none here ({e}); lower on such "
+            "a GPU, or name one: with jax.sharding.use_abstract_mesh("
+            "AbstractMesh(..., abstract_device=jax.sharding.AbstractDevice("
+            "device_kind='NVIDIA H100', num_cores=None, platform='cuda')))")
+  return None
+
+
 def _f32_if_wide(a):
-  # A float64 array (x64 mode) is applied in float32 anyway. A scale or bias
-  # with a 16-bit weight_dtype is then rounded from float32 in the kernel,
-  # as XLA converts float64 to a 16-bit dtype (through float32).
+  # A float64 array (x64 mode) is applied in float32 anyway.
   if a is not None and np.dtype(a.dtype) == np.dtype(np.float64):
     return a.astype(jnp.float32)
+  return a
+
+
+def _f32_weight(a, norm):
+  # A float64 scale or bias (x64 mode) as float32, holding its cast to a
+  # 16-bit weight_dtype where one is set: XLA's conversion from float64
+  # (base.from_float64), which the kernel's own rounding from float32 then
+  # leaves as it is.
+  if a is not None and np.dtype(a.dtype) == np.dtype(np.float64):
+    return base.from_float64(a, norm.weight_rounding or jnp.float32)
   return a
 
 
@@ -150,9 +216,14 @@ class PallasGpu(base.Implementation):
     return self.platforms
 
   def cannot_serve(self, call: base.Call) -> str | None:
-    """Why the kernels cannot compute ``call`` (None when they can)."""
-    return common.not_implemented(self.name, call, SUPPORTED_DTYPES,
-                                  IMPLEMENTED)
+    """Why the kernels cannot compute ``call`` (None when they can): what
+    they do not implement, or, compiled, that jax cannot name a GPU to
+    lower them for (``triton_target_reason``)."""
+    reason = common.not_implemented(self.name, call, SUPPORTED_DTYPES,
+                                    IMPLEMENTED)
+    if reason is None and not self.interpret:
+      reason = triton_target_reason()
+    return reason
 
   def auto_declines(self, call: base.Call) -> str | None:
     """Where XLA measured faster than the kernel (see the constants)."""
@@ -236,7 +307,7 @@ class PallasGpu(base.Implementation):
   def forward(self, x, scale, bias, *, norm):
     """x (rows, hidden) -> (y in norm.out_dtype, rstd float32 (rows,))."""
     y, rstd = gpu_kernels.forward(
-        x, None, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
+        x, None, _f32_weight(scale, norm), _f32_weight(bias, norm), norm=norm,
         out_dtype=self._kernel_out_dtype(norm.out_dtype),
         **self._kw("forward", x, scale, bias=bias))
     return y.astype(norm.out_dtype), rstd
@@ -244,22 +315,22 @@ class PallasGpu(base.Implementation):
   def backward(self, x, scale, bias, rstd, dy, *, norm):
     """-> (dx in x.dtype, dscale float32 scale-shaped or None, dbias)."""
     return gpu_kernels.backward(
-        x, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy), None,
+        x, _f32_weight(scale, norm), bias, rstd, _f32_if_wide(dy), None,
         norm=norm, **self._kw("backward", x, scale, bias=bias))
 
   def residual_forward(self, x, residual, scale, bias, *, norm):
     """-> (y in out_dtype, h = x + residual in residual.dtype, rstd)."""
     wider = max(x.dtype.itemsize, residual.dtype.itemsize)
     y, h, rstd = gpu_kernels.forward(
-        x, residual, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
-        out_dtype=self._kernel_out_dtype(norm.out_dtype),
+        x, residual, _f32_weight(scale, norm), _f32_weight(bias, norm),
+        norm=norm, out_dtype=self._kernel_out_dtype(norm.out_dtype),
         **self._kw("residual_forward", x, scale, np.dtype(f"f{wider}")))
     return y.astype(norm.out_dtype), h, rstd
 
   def residual_backward(self, h, scale, bias, rstd, dy, dh, *, norm):
     """-> (gradient of h in h.dtype, dscale float32 or None, dbias)."""
     return gpu_kernels.backward(
-        h, _f32_if_wide(scale), bias, rstd, _f32_if_wide(dy),
+        h, _f32_weight(scale, norm), bias, rstd, _f32_if_wide(dy),
         _f32_if_wide(dh), norm=norm,
         **self._kw("residual_backward", h, scale, bias=bias))
 
@@ -275,8 +346,8 @@ class PallasGpu(base.Implementation):
     op = ("quantized_forward" if residual is None
           else gpu_tiling.QUANTIZED_RESIDUAL_OP)
     outs = gpu_kernels.forward(
-        x, residual, _f32_if_wide(scale), _f32_if_wide(bias), norm=norm,
-        out_dtype=None, quant_scale=quant_scale,
+        x, residual, _f32_weight(scale, norm), _f32_weight(bias, norm),
+        norm=norm, out_dtype=None, quant_scale=quant_scale,
         **self._kw(op, x, scale, np.dtype(f"f{wider}")))
     if residual is None:
       return outs[0], outs[1], None

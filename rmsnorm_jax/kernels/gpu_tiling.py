@@ -306,16 +306,37 @@ def _first_gpu():
     return None
 
 
+_GPU_PLATFORMS = ("cuda", "gpu", "rocm")
+
+
+def abstract_gpu():
+  """The abstract device of the abstract mesh in context, where it names a
+  GPU (``jax.sharding.use_abstract_mesh``: ahead-of-time lowering for a GPU
+  the host does not have), or None."""
+  dev = jax.sharding.get_abstract_mesh().abstract_device
+  return dev if dev is not None and dev.platform in _GPU_PLATFORMS else None
+
+
 def num_sms() -> int:
-  """Streaming multiprocessors of the first GPU, or the H100's 132."""
+  """Streaming multiprocessors of the GPU the kernels are lowered for: the
+  abstract GPU device's ``num_cores`` where one is in context and gives it,
+  else the first visible GPU's, else the H100's 132."""
+  abstract = abstract_gpu()
+  if abstract is not None and abstract.num_cores:
+    return int(abstract.num_cores)
   count = getattr(_first_gpu(), "core_count", None)
   return int(count) if count else DEFAULT_NUM_SMS
 
 
 def gpu_kind() -> str | None:
-  """``device_kind`` of the first GPU (e.g. ``"NVIDIA H200"``), or None
-  where JAX has no GPU. The kernels run on that GPU kind: JAX picks one
-  device kind per process in practice, and a trace cannot see its device."""
+  """``device_kind`` of the GPU the kernels are lowered for (e.g. ``"NVIDIA
+  H200"``): an abstract GPU device in context (``abstract_gpu``) names it,
+  as it does for jax's own Triton lowering; else the first GPU, or None
+  where JAX has none. JAX picks one device kind per process in practice,
+  and a trace cannot see its device."""
+  abstract = abstract_gpu()
+  if abstract is not None:
+    return str(abstract.device_kind)
   dev = _first_gpu()
   return None if dev is None else str(dev.device_kind)
 

@@ -202,7 +202,10 @@ class PallasTpu(cfg.Config, base.Implementation):
   @staticmethod
   def _rounded_vector(a, norm):
     """A scale or bias in float32, rounded to a 16-bit
-    ``norm.weight_dtype`` from there (as XLA converts float64 to it)."""
+    ``norm.weight_dtype`` (from float64: XLA's conversion to it,
+    ``base.from_float64``)."""
+    if np.dtype(a.dtype) == np.dtype(np.float64):
+      return base.from_float64(a, norm.weight_rounding or jnp.float32)
     a = a.astype(jnp.float32)
     if norm.weight_rounding is None:
       return a
