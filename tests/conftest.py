@@ -6,9 +6,10 @@ made in ``pytest_configure``, before any test module starts a backend.
   devices). On a machine with a GPU, jax would run them there instead, and
   tests written for the CPU backend failed (69 in a run on an H200 with
   jax 0.11.2, e.g. a benchmark test expecting wall-clock timing where a
-  GPU gives profiler timing). So the GPU is hidden (``JAX_PLATFORMS=cpu``) unless the run's
-  ``-m`` expression selects the ``gpu`` tests (``-m gpu``, the device
-  suite), and the same command gives the same results on every machine.
+  GPU gives profiler timing). So the GPU is hidden (``JAX_PLATFORMS=cpu``)
+  unless the run's ``-m`` expression selects the ``gpu`` tests (``-m gpu``,
+  the device suite), and the same command gives the same results on every
+  machine.
   A ``JAX_PLATFORMS`` set by the caller is kept as it is (e.g.
   ``JAX_PLATFORMS=cuda,cpu`` runs tests/test_sharding.py on GPUs).
 * Eight host CPU devices, so sharding tests have a mesh.
@@ -27,14 +28,14 @@ made in ``pytest_configure``, before any test module starts a backend.
   optimization level would reach the GPU backend too, whose compiled
   programs the GPU tests check, so both are left off there. Settings
   already in the caller's ``XLA_FLAGS`` win.
-* No YNNPACK fusions on CPU (jaxlib 0.10): a reduction that XLA hands to
-  YNNPACK skips a float32 -> 16-bit -> float32 rounding of its input, so
-  ``jnp.max(v.astype(jnp.bfloat16).astype(jnp.float32))`` came out as the
+* No YNNPACK fusions on CPU (jaxlib 0.10 and 0.11.2): a reduction that XLA
+  hands to YNNPACK skips a float32 -> 16-bit -> float32 rounding of its input,
+  so ``jnp.max(v.astype(jnp.bfloat16).astype(jnp.float32))`` came out as the
   max of the unrounded ``v``. The interpreted GPU kernel's quantized forward
   (chunked tiling, no scale or with a residual) then gave a q_scale one
   bfloat16 ulp from the rounded y's, where the compiled kernel rounds;
-  ``test_numerics.py::test_cpu_reductions_keep_roundings`` checks this
-  setting holds.
+  ``test_numerics.py::test_cpu_reductions_keep_roundings`` checks this setting
+  holds.
 """
 
 import os
@@ -45,7 +46,7 @@ import jaxlib.version
 import pytest
 
 _FUSION_FLAG_CHECKED = ("0.10.",)
-_YNN_FLAG_CHECKED = ("0.10.",)
+_YNN_FLAG_CHECKED = ("0.10.", "0.11.2")
 
 
 def _add_flag(flag: str) -> None:
@@ -101,8 +102,8 @@ def pytest_configure(config) -> None:
   if not _gpu_in_use():
     _add_flag("--xla_backend_optimization_level=0")
     # XLA aborts on a flag it does not know, so these are set only for the
-    # jaxlib releases they were checked with (jaxlib 0.11.2 no longer knows
-    # the fusion emitters' flag).
+    # jaxlib releases they were checked with (0.11.2 knows the YNNPACK one
+    # and no longer the fusion emitters').
     if jaxlib.version.__version__.startswith(_FUSION_FLAG_CHECKED):
       _add_flag("--xla_cpu_use_fusion_emitters=false")
     if jaxlib.version.__version__.startswith(_YNN_FLAG_CHECKED):

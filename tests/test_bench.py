@@ -20,7 +20,7 @@ from rmsnorm_jax import reference
 from rmsnorm_jax.bench import triton_ir
 from rmsnorm_jax.kernels import gpu_tiling
 
-from gpu_test_util import KEEPS_TRITON_IR, needs_triton_ir
+from gpu_test_util import needs_triton_target
 
 KEYS = {"op", "impl", "rows", "hidden", "dtype", "bytes", "time_us",
         "time_min", "time_max", "gbps", "timing", "ratio_to_roofline",
@@ -545,7 +545,7 @@ def test_a_candidate_that_fails_to_build_keeps_its_impl_name():
   assert isinstance(cands[0].error, ValueError)
 
 
-@needs_triton_ir
+@needs_triton_target
 def test_triton_kernels_of_a_call_lowered_without_a_gpu():
   # benchmarks/triton_registers.py compiles these kernels' IR with pip's
   # Triton: their names, launch settings and IR must be those of the call.
@@ -573,11 +573,3 @@ def test_triton_kernels_of_a_call_lowered_without_a_gpu():
   # The backward writes dx and the float32 dscale and dbias partials.
   assert bwd.ir.count("tt.store") >= 3, bwd.ir
   assert triton_ir.triton_kernels(lambda x: x * 2, x) == []
-
-
-@pytest.mark.skipif(KEEPS_TRITON_IR,
-                    reason="this jaxlib keeps the Triton IR in the module")
-def test_triton_kernels_name_the_jaxlib_that_keeps_no_ir():
-  with pytest.raises(NotImplementedError, match="keeps no Triton IR"):
-    triton_ir.triton_kernels(lambda x: x * 2,
-                             jax.ShapeDtypeStruct((4,), jnp.float32))

@@ -7,8 +7,6 @@ and debug_infs, leak checking, eval_shape, nested vmap, donated inputs, and
 shape-polymorphic export for cpu, cuda and tpu at once.
 """
 
-import contextlib
-
 import flax.linen as fnn
 from flax import nnx
 import jax
@@ -22,7 +20,7 @@ from rmsnorm_jax import reference
 from rmsnorm_jax.kernels.gpu import TRITON_CALL_TARGET
 
 from implementations import IMPLEMENTATIONS
-from gpu_test_util import cuda_target, hopper
+from gpu_test_util import hopper
 from numerics_util import assert_close, random, tol
 
 BACKENDS = [pytest.param(make, id=name) for name, make in IMPLEMENTATIONS]
@@ -112,9 +110,8 @@ def test_checked_jaxprs_lower_under_strict_promotion(platform):
             jax.grad(loss, argnums=(0, 1))(x, w, "llama"),
             rj.rms_norm_residual(x, x, w), rj.rms_norm_quantized(x, w))
 
-  target = cuda_target() if platform == "cuda" else contextlib.nullcontext()
   with jax.enable_checks(True), jax.numpy_dtype_promotion("strict"), \
-      jax.numpy_rank_promotion("raise"), target:
+      jax.numpy_rank_promotion("raise"):
     jax.jit(calls).trace(x, w).lower(lowering_platforms=(platform,))
     assert rj.dispatch.explain(platform=platform, shape=(64, 768),
                                dtype=jnp.bfloat16, scale_dtype=jnp.float32,

@@ -46,7 +46,7 @@ from rmsnorm_jax.kernels import gpu_tiling
 from rmsnorm_jax.kernels.gpu import PallasGpu
 
 from gpu_test_util import (COMPILED, GPU_HINT, MODES, has_cuda, impl_for,
-                           needs_triton_ir)
+                           needs_triton_target)
 from numerics_util import assert_close, assert_residual_matches_reference
 from numerics_util import dx_magnitude, random, residual_inputs, rng_for
 from numerics_util import tol, xla_tol
@@ -264,7 +264,7 @@ def _tile_loads(kernel):
           and re.search(r"tt\.load (%\w+)", line).group(1) not in stored]
 
 
-@needs_triton_ir
+@needs_triton_target
 def test_row_inputs_load_past_l1_except_in_the_quantized_forward():
   # Config.bypass_l1 (gpu_tiling.BYPASS_L1_OPS), read in the Triton IR the
   # calls lower to for CUDA on any host: every row input of the forward,
@@ -322,7 +322,7 @@ def test_config_switches_take_only_bools():
 @pytest.mark.parametrize("per_head", [False, True], ids=["scale", "per_head"])
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16],
                          ids=["f32", "bf16"])
-@pytest.mark.usefixtures("cuda_target")
+@needs_triton_target
 def test_dscale_and_dbias_partials_sum_in_one_reduction(backend, per_head,
                                                         param_dtype):
   # The backward kernels write dscale's and dbias' per-program partials;

@@ -31,11 +31,7 @@ from rmsnorm_jax.kernels import mosaic_gpu as mg
 from rmsnorm_jax.kernels import mosaic_gpu_kernels as mk
 from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
 
-from gpu_test_util import HOPPER_REASON, hopper
-
-# Lowerings and routes for cuda on any host (from jax 0.11 they need a GPU
-# to name).
-pytestmark = pytest.mark.usefixtures("cuda_target")
+from gpu_test_util import HOPPER_REASON, hopper, needs_triton_target
 from numerics_util import assert_close, assert_matches_emulation
 from numerics_util import assert_quantized_near_rule
 from numerics_util import assert_residual_matches_reference
@@ -124,6 +120,7 @@ def test_model_widths_lower_for_cuda(shape, dtype):
 
 
 @pytest.mark.parametrize("hidden", [4608, 5120])
+@needs_triton_target
 def test_model_width_default_grads_lower_under_strict_settings(hidden):
   # "auto" picks the Mosaic GPU backward and fused backward at these widths
   # (_auto_mid): the default calls' gradients lower for cuda under rank
@@ -256,6 +253,7 @@ def test_per_head_plan():
 
 @pytest.mark.parametrize("shape", _ids([(300, 1024), (64, 16384),
                                         (64, 32768)]))
+@needs_triton_target
 def test_kernels_lower_for_cuda_under_x64(shape):
   # With jax_enable_x64 on, every op (the wide kernels at 16384 and 32768
   # columns) traces and lowers, with the outputs it has with x64 off.
@@ -394,6 +392,7 @@ def test_cannot_serve_calls():
       norm=base.Norm(eps=1e-6, out_dtype=np.dtype(jnp.float32))))
 
 
+@needs_triton_target
 def test_x_wider_than_the_residual_stream_is_judged_at_its_own_size():
   # The fused ops run in the residual stream's dtype (base.Call.dtype), but
   # the fused and quantized forwards hold x's rows too. A float32 x beside
@@ -431,6 +430,7 @@ def test_x_wider_than_the_residual_stream_is_judged_at_its_own_size():
 
 @pytest.mark.parametrize("hidden,dtype", [
     (8192, jnp.bfloat16), (7168, jnp.bfloat16), (6144, jnp.float16)])
+@needs_triton_target
 def test_one_row_backward_groups_lower_or_are_declined(hidden, dtype):
   # jax 0.10 cannot lower the chunks of a one-row backward group
   # (mosaic_gpu.ONE_ROW_CHUNKS_LOWER), which the fused backward of these

@@ -35,11 +35,7 @@ from rmsnorm_jax.kernels import mosaic_gpu as mg
 from rmsnorm_jax.kernels import mosaic_gpu_wide as mw
 from rmsnorm_jax.kernels.mosaic_gpu import MosaicGpu
 
-from gpu_test_util import hopper
-
-# Lowerings and routes for cuda on any host (from jax 0.11 they need a GPU
-# to name).
-pytestmark = pytest.mark.usefixtures("cuda_target")
+from gpu_test_util import hopper, needs_triton_target
 from numerics_util import assert_close, dx_magnitude, random, rng_for, tol
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
@@ -681,6 +677,7 @@ def test_forward_lowers_for_cuda(rows, hidden, dtype, scale_dtype, residual):
   assert [s(a.shape, a.dtype) for a in exp.out_avals] == want
 
 
+@needs_triton_target
 def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
   impl = MosaicGpu()
   for op, hidden in (("forward", 16384), ("forward", 32768),
@@ -750,6 +747,7 @@ def test_mosaic_gpu_serves_the_wide_forward_and_auto_takes_it_at_32768():
     ("residual_forward", 32768, 512), ("residual_forward", 65536, 1),
     ("forward", 32768, 384), ("forward", 65536, 1), ("forward", 16384, 384),
     ("forward", 12288, 384)])
+@needs_triton_target
 def test_auto_leaves_few_rows_of_the_wide_forward_to_triton(op, hidden,
                                                            least):
   impl = MosaicGpu()

@@ -1,9 +1,10 @@
 """The Triton kernels of a call lowered for CUDA, read on any host.
 
-Pallas' Triton backend (with jaxlib 0.10.2 and older) lowers each kernel to
-an XLA custom call whose backend config carries the kernel's Triton IR (MLIR
-bytecode) and its launch settings; later jaxlibs compile the kernel while
-lowering and keep no IR to read. :func:`triton_kernels` lowers a function for CUDA without a GPU and
+Pallas' Triton backend lowers each kernel to an XLA custom call
+(``gpu.TRITON_CALL_TARGET``) whose backend config carries the kernel's Triton
+IR (MLIR bytecode) and its launch settings. :func:`triton_kernels` lowers a
+function for CUDA without a GPU (with jax 0.10; jax 0.11 lowers the Triton
+kernels only where it can name a GPU, ``gpu.triton_target_reason``) and
 returns them with the IR as text, so that a Triton install (its CPU wheel
 ships ptxas) can compile each kernel for a GPU and report its registers and
 spills: ``benchmarks/triton_registers.py``.
@@ -14,15 +15,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jaxlib.version
 # Private: jaxlib's MLIR bindings and its Triton dialect, which parse the
 # IR that the custom call carries. Nothing public exposes it.
 from jax._src.lib import triton as _triton_lib
 from jax._src.lib.mlir import ir
 
 from rmsnorm_jax.kernels import gpu
-
-TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +65,7 @@ def triton_kernels(fn, *args) -> list[TritonKernel]:
   Returns:
     The kernels in the order the lowered module holds them (nested
     functions included); empty when the call runs no Triton kernel.
-
-  Raises:
-    NotImplementedError: the installed jaxlib compiles Triton kernels while
-      lowering (``gpu.TRITON_CALL_TARGET`` is not the IR-carrying call).
   """
-  if gpu.TRITON_CALL_TARGET != TRITON_CALL_TARGET:
-    raise NotImplementedError(
-        f"jaxlib {jaxlib.version.__version__} compiles Pallas Triton kernels while "
-        f"lowering ({gpu.TRITON_CALL_TARGET}) and keeps no Triton IR in the "
-        "lowered module; reading it needs jaxlib 0.10.2 or older.")
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   found = []
 
@@ -87,7 +76,7 @@ def triton_kernels(fn, *args) -> list[TritonKernel]:
           op = op.operation
           if (op.name == "stablehlo.custom_call" and
               ir.StringAttr(op.attributes["call_target_name"]).value
-              == TRITON_CALL_TARGET):
+              == gpu.TRITON_CALL_TARGET):
             config = op.attributes["mhlo.backend_config"]
             found.append(TritonKernel(
                 name=ir.StringAttr(config["name"]).value,

@@ -25,7 +25,6 @@ from typing import ClassVar
 import jax
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
-import jaxlib.version
 import numpy as np
 
 from rmsnorm_jax import base
@@ -104,16 +103,13 @@ IMPLEMENTED = frozenset(("bias", "llama", "per_head", "quantized"))
 INTERPRET_NUM_SMS = 4
 
 
-# The XLA custom call each Pallas Triton kernel lowers to (jax's own switch
-# on the jaxlib version): up to jaxlib 0.10.2 it carries the kernel's Triton
-# IR, which XLA compiles for the device; later ones compile the kernel while
-# lowering and carry the result. ``jax.export`` serializes a program with
-# these kernels only when this target is named in ``disabled_checks``
+# The XLA custom call each Pallas Triton kernel lowers to (jaxlib 0.10.2 and
+# 0.11.2), carrying the kernel's Triton IR, which XLA compiles for the
+# device. ``jax.export`` serializes a program with these kernels only when
+# this target is named in ``disabled_checks``
 # (``jax.export.DisabledSafetyCheck.custom_call``): it has no compatibility
 # guarantee.
-TRITON_CALL_TARGET = ("__gpu$xla.gpu.triton"
-                      if jaxlib.version.__version_info__[:3] <= (0, 10, 2)
-                      else "triton_kernel_call_ffi")
+TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
 
 
 def _gpu_info_lookup():
@@ -138,13 +134,16 @@ def triton_target_reason() -> str | None:
   """Why jax's Pallas Triton lowering has no GPU to compile for here, or
   None where it has one.
 
-  From jax 0.11 the lowering compiles each kernel for the default device's
-  GPU, or for the abstract GPU device of the abstract mesh in context, and
-  raises where neither is a GPU model it knows: lowering for ``cuda`` on a
-  host without a GPU (``jax.export`` for several platforms, say), or on a
-  GPU missing from jax's list. ``PallasGpu.cannot_serve`` gives this reason,
-  so that ``backend="auto"`` runs XLA's math there and an explicit
-  ``backend="pallas_gpu"`` raises it at trace time.
+  From jax 0.11 the lowering targets the default device's GPU, or the
+  abstract GPU device of the abstract mesh in context, and raises where
+  neither is a GPU model it knows: lowering for ``cuda`` on a host without
+  a GPU (``jax.export`` for several platforms, say), or on a GPU missing
+  from jax's list. An abstract mesh does not help through this library's
+  public functions: jax 0.11 refuses one around primitives that need the
+  devices when lowered, as this library's does (for its multi-device
+  path). ``PallasGpu.cannot_serve`` gives this reason, so that
+  ``backend="auto"`` lowers XLA's math (or a Mosaic GPU kernel) there and an
+  explicit ``backend="pallas_gpu"`` raises it when traced.
   """
   if _GET_GPU_INFO is None:
     return None
@@ -152,10 +151,8 @@ def triton_target_reason() -> str | None:
     _GET_GPU_INFO()
   except (ValueError, RuntimeError) as e:
     return (f"jax {jax.__version__} lowers Pallas Triton kernels only for "
-            f"a GPU model it knows, and has none here ({e}); lower on such "
-            "a GPU, or name one: with jax.sharding.use_abstract_mesh("
-            "AbstractMesh(..., abstract_device=jax.sharding.AbstractDevice("
-            "device_kind='NVIDIA H100', num_cores=None, platform='cuda')))")
+            f"a GPU model it knows, and has none here ({e}); lower on a "
+            "machine with such a GPU")
   return None
 
 
