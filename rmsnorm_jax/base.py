@@ -200,8 +200,9 @@ def fold_rows(a, scale_shape):
   return jnp.sum(a.reshape(-1, heads, hidden), axis=0)
 
 
-def from_float64(a, dtype):
-  """float64 ``a`` (x64 mode) as float32 holding ``a.astype(dtype)``.
+def from_float64(a, dtype=None):
+  """float64 ``a`` (x64 mode) as float32 holding ``a.astype(dtype)``
+  (``dtype`` None: float32 itself, a weight_dtype that rounds nothing more).
 
   The cast is XLA's own conversion, so that a ``weight_dtype`` gives what
   the caller's cast gives however XLA rounds it: jaxlib 0.10.2's CPU
@@ -211,7 +212,7 @@ def from_float64(a, dtype):
   optimization barrier keeps the narrowing from being dropped as excess
   precision when the result is widened again.
   """
-  return jax.lax.optimization_barrier(a.astype(dtype)).astype(F32)
+  return jax.lax.optimization_barrier(a.astype(dtype or F32)).astype(F32)
 
 
 def rounded(a, dtype):

@@ -121,6 +121,14 @@ def head_sums(partials, heads: int):
 FEATURES = ("bias", "llama", "per_head", "quantized")
 
 
+def f32_if_wide(a):
+  """A float64 array (x64 mode) as float32, which the kernels compute in
+  anyway; None and other arrays as they are."""
+  if a is not None and np.dtype(a.dtype) == np.dtype(np.float64):
+    return a.astype(jnp.float32)
+  return a
+
+
 def not_implemented(name: str, call, dtypes,
                     implemented=frozenset()) -> str | None:
   """Why kernel ``name`` cannot serve ``call`` (a base.Call), or None.

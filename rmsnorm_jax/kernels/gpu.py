@@ -156,20 +156,13 @@ def triton_target_reason() -> str | None:
   return None
 
 
-def _f32_if_wide(a):
-  # A float64 array (x64 mode) is applied in float32 anyway.
-  if a is not None and np.dtype(a.dtype) == np.dtype(np.float64):
-    return a.astype(jnp.float32)
-  return a
-
-
 def _f32_weight(a, norm):
   # A float64 scale or bias (x64 mode) as float32, holding its cast to a
   # 16-bit weight_dtype where one is set: XLA's conversion from float64
   # (base.from_float64), which the kernel's own rounding from float32 then
   # leaves as it is.
   if a is not None and np.dtype(a.dtype) == np.dtype(np.float64):
-    return base.from_float64(a, norm.weight_rounding or jnp.float32)
+    return base.from_float64(a, norm.weight_rounding)
   return a
 
 
@@ -312,7 +305,7 @@ class PallasGpu(base.Implementation):
   def backward(self, x, scale, bias, rstd, dy, *, norm):
     """-> (dx in x.dtype, dscale float32 scale-shaped or None, dbias)."""
     return gpu_kernels.backward(
-        x, _f32_weight(scale, norm), bias, rstd, _f32_if_wide(dy), None,
+        x, _f32_weight(scale, norm), bias, rstd, common.f32_if_wide(dy), None,
         norm=norm, **self._kw("backward", x, scale, bias=bias))
 
   def residual_forward(self, x, residual, scale, bias, *, norm):
@@ -327,8 +320,8 @@ class PallasGpu(base.Implementation):
   def residual_backward(self, h, scale, bias, rstd, dy, dh, *, norm):
     """-> (gradient of h in h.dtype, dscale float32 or None, dbias)."""
     return gpu_kernels.backward(
-        h, _f32_weight(scale, norm), bias, rstd, _f32_if_wide(dy),
-        _f32_if_wide(dh), norm=norm,
+        h, _f32_weight(scale, norm), bias, rstd, common.f32_if_wide(dy),
+        common.f32_if_wide(dh), norm=norm,
         **self._kw("residual_backward", h, scale, bias=bias))
 
   def quantized_forward(self, x, residual, scale, bias, quant_scale, *,

@@ -447,12 +447,6 @@ def _check_dtype(name: str, a):
         f"backend='xla' (or 'auto') for other dtypes.")
 
 
-def _f32_if_wide(a):
-  if a is not None and np.dtype(a.dtype) == np.dtype(np.float64):
-    return a.astype(jnp.float32)
-  return a
-
-
 def _kernel_dtype(dt):
   dt = np.dtype(dt)
   return np.dtype(jnp.float32) if dt == np.dtype(np.float64) else dt
@@ -961,7 +955,7 @@ class MosaicGpu(base.Implementation):
       _check_dtype("residual", residual)
     if norm.quant_dtype is None:
       raise ValueError("quantized_forward needs norm.quant_dtype; got None.")
-    scale, bias = _f32_if_wide(scale), _f32_if_wide(bias)
+    scale, bias = common.f32_if_wide(scale), common.f32_if_wide(bias)
     h_dtype = x.dtype if residual is None else residual.dtype
     static = quant_scale is not None
     arith = _arith(norm, h_dtype, scale, static)
@@ -998,7 +992,7 @@ class MosaicGpu(base.Implementation):
     bias: None or (hidden,); cast_mode: "float32" or "llama".
     """
     _check_dtype("x", x)
-    scale, bias = _f32_if_wide(scale), _f32_if_wide(bias)
+    scale, bias = common.f32_if_wide(scale), common.f32_if_wide(bias)
     norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode)
     arith = _arith(norm, x.dtype, scale)
     odt = _kernel_dtype(out_dtype)
@@ -1047,7 +1041,7 @@ class MosaicGpu(base.Implementation):
     """-> (dx in x.dtype, dscale float32 (hidden,) or None), and dbias
     float32 (hidden,) last with ``has_bias``."""
     _check_dtype("x", x)
-    scale, dy = _f32_if_wide(scale), _f32_if_wide(dy)
+    scale, dy = common.f32_if_wide(scale), common.f32_if_wide(dy)
     if self._wide_backward(x, scale, dy, None, has_bias, cast_mode):
       return mw.backward(x, scale, rstd, dy, scale_offset=scale_offset,
                          num_sms=self.num_sms)
@@ -1065,7 +1059,7 @@ class MosaicGpu(base.Implementation):
     """-> (y in out_dtype, h = x + residual in residual.dtype, rstd)."""
     _check_dtype("x", x)
     _check_dtype("residual", residual)
-    scale, bias = _f32_if_wide(scale), _f32_if_wide(bias)
+    scale, bias = common.f32_if_wide(scale), common.f32_if_wide(bias)
     norm = base.Norm(eps=eps, scale_offset=scale_offset, cast_mode=cast_mode)
     arith = _arith(norm, residual.dtype, scale)
     odt = _kernel_dtype(out_dtype)
@@ -1088,7 +1082,7 @@ class MosaicGpu(base.Implementation):
     """-> (gradient of h in h.dtype, dscale float32 or None), and dbias
     last with ``has_bias``."""
     _check_dtype("h", h)
-    scale, dy, dh = _f32_if_wide(scale), _f32_if_wide(dy), _f32_if_wide(dh)
+    scale, dy, dh = (common.f32_if_wide(a) for a in (scale, dy, dh))
     if self._wide_backward(h, scale, dy, dh, has_bias, cast_mode):
       return mw.backward(h, scale, rstd, dy, dh, scale_offset=scale_offset,
                          num_sms=self.num_sms)

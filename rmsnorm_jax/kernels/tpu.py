@@ -205,7 +205,7 @@ class PallasTpu(cfg.Config, base.Implementation):
     ``norm.weight_dtype`` (from float64: XLA's conversion to it,
     ``base.from_float64``)."""
     if np.dtype(a.dtype) == np.dtype(np.float64):
-      return base.from_float64(a, norm.weight_rounding or jnp.float32)
+      return base.from_float64(a, norm.weight_rounding)
     a = a.astype(jnp.float32)
     if norm.weight_rounding is None:
       return a
