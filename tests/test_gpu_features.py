@@ -475,6 +475,39 @@ def test_quantized_forward(mode, qdt, static, with_residual):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("qdt", QUANT_DTYPES[:2], ids=lambda d: d.name)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_quantized_non_finite_rows_as_xla(mode, qdt, static):
+  # Rows holding an infinity or a NaN, and then a scale with an infinite
+  # column: q and q_scale are XLA's quantization (base.quantize) of the
+  # kernel's own float32 y, NaN elements included (int8 0, float8 NaN, as
+  # XLA's cast; a NaN once became -qmax in the compiled kernels). Not
+  # covered: a NaN y beside finite ones in a row (a NaN scale or bias
+  # element), where the kernel's row max skips the NaN and XLA's is NaN
+  # (q_scale 1).
+  impl = impl_for(mode, block_rows=2, num_sms=2, persistent=True)
+  rows, hidden = 6, 160
+  x, scale, _, _ = _inputs(("quant_non_finite", qdt.name, static), rows,
+                           hidden, BF16, scale_shape=(hidden,),
+                           scale_dtype=F32)
+  x = x.at[1, 5].set(jnp.inf).at[2, 7].set(jnp.nan).at[3].set(0)
+  x = x.at[4, 9].set(-jnp.inf)
+  quant_scale = jnp.float32(0.002) if static else None
+  norm = base.Norm(eps=1e-6, quant_dtype=qdt)
+  for w in (scale, scale.at[11].set(jnp.inf)):
+    q, q_scale, _ = jax.jit(functools.partial(impl.quantized_forward,
+                                              norm=norm))(
+        x, None, w, None, quant_scale)
+    y, _ = jax.jit(functools.partial(impl.forward, norm=dataclasses.replace(
+        norm, out_dtype=F32, quant_dtype=None)))(x, w, None)
+    q_want, s_want = base.quantize(y, qdt, quant_scale)
+    assert np.isnan(np.asarray(y)).any()
+    np.testing.assert_array_equal(np.asarray(q_scale), np.asarray(s_want))
+    np.testing.assert_array_equal(np.asarray(q, np.float32),
+                                  np.asarray(q_want, np.float32))
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("config", [dict(block_cols=64),
                                     dict(block_rows=2, num_sms=2,
                                          persistent=True),

@@ -73,12 +73,17 @@ class Geometry:
     hidden: normalized width (head_dim with a per-head scale).
     heads: scale rows (1 without a per-head scale); the second grid axis
       unless folded into the tile (``fold``).
+    row_itemsize: bytes of an element of the widest row input (x,
+      residual, dy, dh); see ``_Tile._window``.
+    interpret: the kernel runs in Pallas' interpreter (no PTX).
   """
 
   config: Config
   rows: int
   hidden: int
   heads: int = 1
+  row_itemsize: int = 2
+  interpret: bool = False
 
   @property
   def block_rows(self) -> int:
@@ -302,31 +307,46 @@ class _Math:
     per-element instruction count, not its bytes, set its time (in SASS
     for sm_90, 30 instructions an element for int8 before these steps and
     the launch changes, 12 for the plain forward).
+
+    A dynamic scale gives ``|v| <= qmax * (1 + 4 ulp)``, which rounds to
+    at most qmax: no clamp. float8's round-to-nearest conversion
+    (saturating on sm_89+) and int8's ``cvt.rni.sat`` map it to qmax as the
+    clip would. A NaN element stays NaN up to the conversion, which makes
+    it 0 in int8 and NaN in float8, as XLA's cast does (a row holding an
+    infinity or a NaN has such elements).
     """
     v = y * self.reciprocal(qs)[..., None]
-    if self.q_int:
-      return self.round_to_int8(v)
     if self.q_static:
-      v = jnp.minimum(jnp.maximum(v, _F32(-self.qmax)), _F32(self.qmax))
-    # A dynamic scale gives |v| <= qmax * (1 + 4 ulp), which float8's
-    # round-to-nearest conversion (saturating on sm_89+) maps to qmax as the
-    # clip would, so float8 skips it; a NaN stays NaN, as in base.quantize.
-    return v
+      # cvt.rni.sat saturates to [-128, 127]: int8 needs the lower bound.
+      v = self.bound(v, "max", -self.qmax)
+      if not self.q_int:
+        v = self.bound(v, "min", self.qmax)
+    return self.round_to_int8(v) if self.q_int else v
+
+  def bound(self, v, op, c):
+    """``max(v, c)`` or ``min(v, c)`` that keeps a NaN ``v`` NaN, as XLA's
+    clip does (Pallas lowers jnp.maximum to the max that drops a NaN, which
+    made a NaN element of a static quantization -qmax). One instruction,
+    as the other."""
+    if self.interpret:
+      return (jnp.maximum if op == "max" else jnp.minimum)(v, _F32(c))
+    imm = "0f%08X" % np.float32(c).view(np.uint32)
+    return pltriton.elementwise_inline_asm(
+        f"{op}.NaN.f32 $0, $1, {imm};", args=[v], constraints="=f,f",
+        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, _F32)])[0]
 
   def round_to_int8(self, v):
-    """float32 ``v`` clipped to [-127, 127] and rounded half to even, int8.
+    """float32 ``v`` in [-127.5, 127.5) rounded half to even, as int8.
 
-    One clamp and one conversion: PTX's ``cvt.rni.sat.s8.f32`` rounds to
-    the nearest integer, ties to even, and saturates to [-128, 127], so
-    only the lower bound needs the clamp (which also keeps NaN at -127, as
-    the clip did). Rounding first (``cvt.rni.f32.f32``) and then casting
-    took a second conversion and the two clamps Pallas adds to every float
-    to int cast. Adding 1.5 * 2**23 and keeping the low byte is as exact;
-    on an H200 it timed the same.
+    One conversion: PTX's ``cvt.rni.sat.s8.f32`` rounds to the nearest
+    integer, ties to even (and saturates; NaN gives 0, as XLA's cast).
+    Rounding first (``cvt.rni.f32.f32``) and then casting took a second
+    conversion and the two clamps Pallas adds to every float to int cast.
+    Adding 1.5 * 2**23 and keeping the low byte is as exact; on an H200 it
+    timed the same.
     """
-    v = jnp.maximum(v, _F32(-self.qmax))
     if self.interpret:
-      return jnp.minimum(jnp.round(v), _F32(self.qmax)).astype(jnp.int8)
+      return jnp.round(v).astype(jnp.int8)
     return pltriton.elementwise_inline_asm(
         "cvt.rni.sat.s8.f32 $0, $1;", args=[v], constraints="=r,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)]
@@ -353,6 +373,43 @@ def _l1_bypass_modifier() -> str | None:
 
 
 _L1_BYPASS = _l1_bypass_modifier()
+
+
+# The widest global load or store a thread issues (128 bits).
+_VECTOR_BYTES = 16
+
+
+def _unknown_zero(r0):
+  """0, from a row index (an int32 that is never negative, shifted right by
+  31): the compiler cannot see that it is 0, so an offset it is multiplied
+  into has no alignment beyond the factor's."""
+  return lax.shift_right_logical(r0, jnp.int32(31))
+
+
+_WIDEN_ASM = {
+    np.dtype(jnp.bfloat16): ("{ shl.b32 $0, $2, 16; "
+                             "and.b32 $1, $2, 0xffff0000; }"),
+    np.dtype(jnp.float16): ("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; "
+                            "cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }"),
+}
+
+
+def _widen(v, interpret):
+  """16-bit ``v`` as float32 (other dtypes cast), two elements at a time.
+
+  Triton widens each 16-bit element of a loop-carried block on its own: a
+  PRMT moving it out of the loaded register pair, then the conversion (two
+  instructions an element; the quantized forward of 4096x8192 bfloat16
+  rows: 405 a thread and row in SASS for sm_90, 373 with this). Here one
+  instruction widens each element in place (bfloat16: a shift or a mask;
+  float16: a conversion of a register half).
+  """
+  asm = None if interpret else _WIDEN_ASM.get(np.dtype(v.dtype))
+  if asm is None:
+    return v.astype(_F32)
+  return pltriton.elementwise_inline_asm(
+      asm, args=[v], constraints="=r,=r,r", pack=2,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, _F32)])[0]
 
 
 def _outer_mask(masks, shape):
@@ -403,7 +460,18 @@ class _Tile:
 
   def _window(self, ref):
     rows = pl.ds(self.r0, self.g.block_rows)
-    cols = pl.ds(self._col(), self.g.block_cols)
+    col = self._col()
+    if ref.dtype.itemsize < self.g.row_itemsize:
+      # Triton gives every load and store of a tile the layout of the one
+      # with the most elements in 16 bytes, and splits wider accesses
+      # into 16-byte pieces. A 1-byte q beside bfloat16 x gave each thread
+      # 16 elements, so each load of x used half of every sector it
+      # touched and the other half came from L1, or past it from L2 again
+      # (40% of the quantized forward's L1 requests hit). A column start
+      # known only to be a multiple of 16 bytes of the row input holds
+      # this array's accesses to that many elements.
+      col = col + _unknown_zero(self.r0) * (_VECTOR_BYTES // self.g.row_itemsize)
+    cols = pl.ds(col, self.g.block_cols)
     if self.g.fold:
       return ref.at[rows, self._heads(), cols]
     return ref.at[rows, cols]
@@ -492,21 +560,31 @@ def _take(it, flag):
   return next(it) if flag else None
 
 
-def _walk(g: Geometry, load_block, work, carry):
+def _walk(g: Geometry, load_block, work, carry, widen=False):
   """Runs ``work(k, load_block(k), carry)`` over a program's row blocks.
 
   With prefetch the loads of block k+1 are issued before the work on block
   k, so they are in flight during its reduction and stores (the block after
-  the last one is fully masked and reads nothing).
+  the last one is fully masked and reads nothing). ``widen``: a prefetched
+  block is widened to float32 at the end of the step that loaded it
+  (``_widen``), when its data has long arrived.
   """
   if g.steps == 1:
     return work(0, load_block(0), carry)
   if g.prefetch:
+    def widened(block):
+      if not widen:
+        return block
+      return jax.tree.map(lambda a: _widen(a, g.interpret), block)
+
     def step(k, state):
       c, block = state
       following = load_block(k + 1)
-      return work(k, block, c), following
-    return lax.fori_loop(0, g.steps, step, (carry, load_block(0)))[0]
+      # Widened after the work on block k, in program order: the
+      # conversion waits for the loads.
+      return work(k, block, c), widened(following)
+    return lax.fori_loop(0, g.steps, step,
+                         (carry, widened(load_block(0))))[0]
   return lax.fori_loop(0, g.steps,
                        lambda k, c: work(k, load_block(k), c), carry)
 
@@ -603,7 +681,10 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
       emit(tile, m.output(h, rstd, w, b), rstd)
       return carry
 
-    _walk(g, load_block, work, 0)
+    # With a residual the early widening cost instructions (the fused
+    # int8 forward of 4096x8192 bfloat16 rows: 211 a thread and row in
+    # SASS, 195 without it).
+    _walk(g, load_block, work, 0, widen=not has_res)
     return
 
   r0 = pid * g.block_rows
@@ -719,8 +800,9 @@ def forward(x, residual, scale, bias, *, config: Config, norm: base.Norm,
   rows, hidden = x.shape
   heads = 1 if scale is None or scale.ndim == 1 else scale.shape[0]
   tokens = rows // heads
-  g = Geometry(config, tokens, hidden, heads)
   has_res = residual is not None
+  g = Geometry(config, tokens, hidden, heads, interpret=interpret, row_itemsize=max(
+      a.dtype.itemsize for a in (x, residual) if a is not None))
   h_dtype = residual.dtype if has_res else x.dtype
   m = _math(norm, h_dtype, scale, bias, interpret, quant_scale)
   quant = m.qmax is not None
@@ -961,7 +1043,8 @@ def backward(x, scale, bias, rstd, dy, dh, *, config: Config,
   rows, hidden = x.shape
   heads = 1 if scale is None or scale.ndim == 1 else scale.shape[0]
   tokens = rows // heads
-  g = Geometry(config, tokens, hidden, heads)
+  g = Geometry(config, tokens, hidden, heads, interpret=interpret, row_itemsize=max(
+      a.dtype.itemsize for a in (x, dy, dh) if a is not None))
   m = _math(norm, x.dtype, scale, bias, interpret)
   has_dh = dh is not None
   out_shapes = [jax.ShapeDtypeStruct(_token_shape(g), x.dtype)]
