@@ -161,19 +161,22 @@ FWD_CACHE_SCALE_MAX_COLS = 16384
 FWD_BIAS_COLS = 8192
 FWD_BIAS_LAUNCH = dict(block_rows=2, num_warps=32, programs_per_sm=1,
                        persistent=True)
-# Ops whose whole-row tiles load the row inputs past L1 (Config.bypass_l1).
-# H200, us, the kernels' default launches with L1 in the path against past
-# it, two runs each in one device session: forward 8192x4096 bf16
+# Whole-row tiles load the row inputs past L1 (Config.bypass_l1), in every
+# op. H200, us, the kernels' default launches with L1 in the path against
+# past it, two runs each in one device session: forward 8192x4096 bf16
 # 34.6/34.4 against 33.2/33.6, 2048x8192 f16 18.1/18.0 against 17.8/17.7,
 # 4096x8192 bf16 34.2/34.3 against 33.4/33.4; backward 55.6/56.0 against
 # 54.8/54.4, 30.2/30.5 against 29.9/29.9, 56.3/56.3 against 54.9/55.3;
 # the forward with a bias 34.9/34.9 against 33.9/33.6, 19.4/19.3 against
 # 18.8/18.9, 37.1/37.4 against 35.9/36.0; the backward with a bias 58.0/58.8
 # against 57.4/57.2; the fused forward 66.9/67.0 against 66.5/66.8. The
-# quantized forward lost (int8 29.7/29.7 against 34.4/34.5 at 8192x4096,
-# 31.3/31.3 against 36.6/36.2 at 4096x8192), so it keeps L1.
-BYPASS_L1_OPS = ("forward", "residual_forward", "backward",
-                 "residual_backward")
+# quantized forwards lost past L1 (int8 29.7 against 34.4 at 8192x4096)
+# while their loads used half of every sector (gpu_kernels._Tile._window);
+# with whole 16-byte loads they win too: int8 8192x4096 28.6 against 29.5,
+# 16384x4096 55.1 against 56.6; float8 27.4 against 28.4 and 51.7 against
+# 54.1; with a residual, int8 8192x4096 60.0 against 62.1, 2048x8192 f16
+# 33.4 against 34.3, 16384x4096 116.6 against 122.0 (16384x2048, one warp a
+# row: 58.6 against 57.5).
 
 # Chunked (wide-row) tiling: elements per chunk tile and the most rows.
 CHUNK_TILE = 8192
@@ -253,8 +256,7 @@ class Config:
     num_sms: SM count the grid is sized for (default: the device's).
     bypass_l1: the row inputs (x, residual, dy, dh) are loaded past L1
       (PTX ``ld.global.cg``; the scale, bias and rstd still through it).
-      ``resolve`` turns it on for whole-row tiles of every op but the
-      quantized forwards (see ``BYPASS_L1_OPS``); tuning files do not set
+      ``resolve`` turns it on for whole-row tiles; tuning files do not set
       it.
   """
 
@@ -757,4 +759,4 @@ def resolve(config: Config, op: str, rows: int, hidden: int, *,
                   and _pick(c.reload, tuned.get("reload",
                                                 bc >= RELOAD_MIN_COLS))),
       num_stages=c.num_stages or tuned.get("num_stages") or 1, num_sms=sms,
-      bypass_l1=bool(_pick(c.bypass_l1, resident and op in BYPASS_L1_OPS)))
+      bypass_l1=bool(_pick(c.bypass_l1, resident)))
