@@ -185,6 +185,14 @@ class Geometry:
     return 1 if self.resident else pl.cdiv(self.hidden, self.block_cols)
 
 
+def _ptx(asm, args, constraints, dtype=_F32, pack=1):
+  """PTX ``asm`` applied elementwise to ``args`` (arrays of one shape):
+  one ``dtype`` array of that shape (``pack`` elements per instance)."""
+  return pltriton.elementwise_inline_asm(
+      asm, args=list(args), constraints=constraints, pack=pack,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, dtype)])[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Math:
   """The static arithmetic of one call (cast order, operands, quantization).
@@ -245,9 +253,7 @@ class _Math:
     """float32 ``v`` rounded to ``wdt`` (nearest even), in float32's layout."""
     if self.interpret:
       return self.round(v, self.wdt)
-    return pltriton.elementwise_inline_asm(
-        self._ROUND_ASM[np.dtype(self.wdt)], args=[v], constraints="=f,f",
-        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, _F32)])[0]
+    return _ptx(self._ROUND_ASM[np.dtype(self.wdt)], [v], "=f,f")
 
   def output(self, h, rstd, w, b):
     """y (float32 values) from the normalized input h and its rstd."""
@@ -286,10 +292,8 @@ class _Math:
     """
     if self.interpret:
       return _F32(1.0) / a
-    return pltriton.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;", args=[jnp.full(a.shape, 1.0, _F32), a],
-        constraints="=f,f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, _F32)])[0]
+    return _ptx("div.rn.f32 $0, $1, $2;", [jnp.full(a.shape, 1.0, _F32), a],
+                "=f,f,f")
 
   # base.quantize's rule: products with float32 reciprocals (of qmax, and
   # one per row of q_scale), as XLA compiles the divisions.
@@ -331,9 +335,7 @@ class _Math:
     if self.interpret:
       return (jnp.maximum if op == "max" else jnp.minimum)(v, _F32(c))
     imm = "0f%08X" % np.float32(c).view(np.uint32)
-    return pltriton.elementwise_inline_asm(
-        f"{op}.NaN.f32 $0, $1, {imm};", args=[v], constraints="=f,f",
-        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, _F32)])[0]
+    return _ptx(f"{op}.NaN.f32 $0, $1, {imm};", [v], "=f,f")
 
   def round_to_int8(self, v):
     """float32 ``v`` in [-127.5, 127.5) rounded half to even, as int8.
@@ -347,10 +349,8 @@ class _Math:
     """
     if self.interpret:
       return jnp.round(v).astype(jnp.int8)
-    return pltriton.elementwise_inline_asm(
-        "cvt.rni.sat.s8.f32 $0, $1;", args=[v], constraints="=r,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)]
-    )[0].astype(jnp.int8)
+    return _ptx("cvt.rni.sat.s8.f32 $0, $1;", [v], "=r,f",
+                jnp.int32).astype(jnp.int8)
 
 
 def _l1_bypass_modifier() -> str | None:
@@ -407,9 +407,7 @@ def _widen(v, interpret):
   asm = None if interpret else _WIDEN_ASM.get(np.dtype(v.dtype))
   if asm is None:
     return v.astype(_F32)
-  return pltriton.elementwise_inline_asm(
-      asm, args=[v], constraints="=r,=r,r", pack=2,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, _F32)])[0]
+  return _ptx(asm, [v], "=r,=r,r", pack=2)
 
 
 def _outer_mask(masks, shape):
@@ -470,7 +468,8 @@ class _Tile:
       # (40% of the quantized forward's L1 requests hit). A column start
       # known only to be a multiple of 16 bytes of the row input holds
       # this array's accesses to that many elements.
-      col = col + _unknown_zero(self.r0) * (_VECTOR_BYTES // self.g.row_itemsize)
+      col = col + _unknown_zero(self.r0) * (
+          _VECTOR_BYTES // self.g.row_itemsize)
     cols = pl.ds(col, self.g.block_cols)
     if self.g.fold:
       return ref.at[rows, self._heads(), cols]
@@ -801,8 +800,9 @@ def forward(x, residual, scale, bias, *, config: Config, norm: base.Norm,
   heads = 1 if scale is None or scale.ndim == 1 else scale.shape[0]
   tokens = rows // heads
   has_res = residual is not None
-  g = Geometry(config, tokens, hidden, heads, interpret=interpret, row_itemsize=max(
-      a.dtype.itemsize for a in (x, residual) if a is not None))
+  g = Geometry(config, tokens, hidden, heads, interpret=interpret,
+               row_itemsize=max(a.dtype.itemsize for a in (x, residual)
+                                if a is not None))
   h_dtype = residual.dtype if has_res else x.dtype
   m = _math(norm, h_dtype, scale, bias, interpret, quant_scale)
   quant = m.qmax is not None
@@ -1043,8 +1043,9 @@ def backward(x, scale, bias, rstd, dy, dh, *, config: Config,
   rows, hidden = x.shape
   heads = 1 if scale is None or scale.ndim == 1 else scale.shape[0]
   tokens = rows // heads
-  g = Geometry(config, tokens, hidden, heads, interpret=interpret, row_itemsize=max(
-      a.dtype.itemsize for a in (x, dy, dh) if a is not None))
+  g = Geometry(config, tokens, hidden, heads, interpret=interpret,
+               row_itemsize=max(a.dtype.itemsize for a in (x, dy, dh)
+                                if a is not None))
   m = _math(norm, x.dtype, scale, bias, interpret)
   has_dh = dh is not None
   out_shapes = [jax.ShapeDtypeStruct(_token_shape(g), x.dtype)]
