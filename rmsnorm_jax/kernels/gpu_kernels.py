@@ -1049,7 +1049,7 @@ def backward(x, scale, bias, rstd, dy, dh, *, config: Config,
   tokens = rows // heads
   # One layout (Geometry.row_itemsize) where the rows are read once: the
   # backward of bfloat16 x with a float32 dy (flax's default dtypes),
-  # H200, us, before -> after: 8192x4096 84.2 -> 69.3, 4096x8192 80.0 ->
+  # H200, us, before -> after: 8192x4096 84.2 -> 69.5, 4096x8192 80.0 ->
   # 70.0, 2048x8192 42.5 -> 37.0. Rows read again (reload, 16384 columns
   # and up) keep their layouts: there one layout spilled at 32 warps and
   # took 192.4 us against 182.3 at 4096x16384.
