@@ -76,7 +76,6 @@ class Geometry:
     row_itemsize: bytes of an element of the widest row array the kernel
       reads or writes, or None to leave each array its own layout; see
       ``_Tile._window``.
-    interpret: the kernel runs in Pallas' interpreter (no PTX).
   """
 
   config: Config
@@ -84,7 +83,6 @@ class Geometry:
   hidden: int
   heads: int = 1
   row_itemsize: int | None = None
-  interpret: bool = False
 
   @property
   def block_rows(self) -> int:
@@ -562,22 +560,20 @@ def _take(it, flag):
   return next(it) if flag else None
 
 
-def _walk(g: Geometry, load_block, work, carry, widen=False):
+def _walk(g: Geometry, load_block, work, carry, widen=None):
   """Runs ``work(k, load_block(k), carry)`` over a program's row blocks.
 
   With prefetch the loads of block k+1 are issued before the work on block
   k, so they are in flight during its reduction and stores (the block after
-  the last one is fully masked and reads nothing). ``widen``: a prefetched
-  block is widened to float32 at the end of the step that loaded it
-  (``_widen``), when its data has long arrived.
+  the last one is fully masked and reads nothing). ``widen``: applied to
+  each array of a prefetched block at the end of the step that loaded it,
+  when its data has long arrived (``_widen``), or None.
   """
   if g.steps == 1:
     return work(0, load_block(0), carry)
   if g.prefetch:
     def widened(block):
-      if not widen:
-        return block
-      return jax.tree.map(lambda a: _widen(a, g.interpret), block)
+      return block if widen is None else jax.tree.map(widen, block)
 
     def step(k, state):
       c, block = state
@@ -686,7 +682,8 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
     # With a residual the early widening cost instructions (the fused
     # int8 forward of 4096x8192 bfloat16 rows: 211 a thread and row in
     # SASS, 195 without it).
-    _walk(g, load_block, work, 0, widen=not has_res)
+    _walk(g, load_block, work, 0, widen=None if has_res else
+          functools.partial(_widen, interpret=m.interpret))
     return
 
   r0 = pid * g.block_rows
@@ -806,7 +803,7 @@ def forward(x, residual, scale, bias, *, config: Config, norm: base.Norm,
   quant = norm.quant_dtype is not None
   row_dtypes = [x.dtype] + ([residual.dtype] if has_res else []) + (
       [] if quant else [out_dtype])
-  g = Geometry(config, tokens, hidden, heads, interpret=interpret,
+  g = Geometry(config, tokens, hidden, heads,
                row_itemsize=max(np.dtype(d).itemsize for d in row_dtypes))
   h_dtype = residual.dtype if has_res else x.dtype
   m = _math(norm, h_dtype, scale, bias, interpret, quant_scale)
@@ -1053,7 +1050,7 @@ def backward(x, scale, bias, rstd, dy, dh, *, config: Config,
   # 70.0, 2048x8192 42.5 -> 37.0. Rows read again (reload, 16384 columns
   # and up) keep their layouts: there one layout spilled at 32 warps and
   # took 192.4 us against 182.3 at 4096x16384.
-  g = Geometry(config, tokens, hidden, heads, interpret=interpret)
+  g = Geometry(config, tokens, hidden, heads)
   if g.resident and not config.reload:
     g = dataclasses.replace(g, row_itemsize=max(
         a.dtype.itemsize for a in (x, dy, dh) if a is not None))
