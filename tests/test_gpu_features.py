@@ -439,14 +439,20 @@ def test_quantized_forward(mode, qdt, static, with_residual):
     np.testing.assert_array_equal(np.asarray(h), np.asarray(h_x))
   else:
     assert h is None
-  # The same kernel's float32 y, quantized by the rule.
-  # (With a residual, the fused forward: the same tiling and the same float32
-  # sums as the quantized call, so the same y bit for bit.)
+  # The quantized call's own float32 y, quantized by the rule. Without a
+  # residual: y is x * rstd * scale (two float32 products), with the rstd
+  # of the forward whose layout is the quantized call's, that of a
+  # bfloat16 y (a float32 y is laid out for 4-byte elements, whose row sums
+  # may differ in the last bit: rms_norm_quantized's docstring). With a
+  # residual, the fused forward: a float32 residual sets both layouts, so
+  # the same float32 sums and the same y bit for bit.
   normed = x if res is None else h
   f32_norm = base.Norm(eps=1e-6, out_dtype=F32)
   if res is None:
-    y, _ = jax.jit(functools.partial(impl.forward, norm=f32_norm))(
-        normed, scale, bias)
+    _, rstd = jax.jit(functools.partial(impl.forward, norm=base.Norm(
+        eps=1e-6, out_dtype=BF16)))(normed, scale, bias)
+    y = (np.asarray(x, np.float32) * np.asarray(rstd)[:, None]
+        ) * np.asarray(scale, np.float32)
   else:
     y = jax.jit(functools.partial(impl.residual_forward, norm=f32_norm))(
         x, res, scale, bias)[0]
