@@ -285,11 +285,12 @@ def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
 
   ``y`` is computed in this call's own pass and quantized exactly by that
   rule. A separate ``rms_norm(..., out_dtype=jnp.float32)`` call runs
-  another kernel, whose float32 row sums may differ in their last bits, so
-  quantizing its output can give a q_scale a few float32 ulps away and,
-  next to a rounding midpoint, a q one step away (H200, int8, 8192x4096
-  bfloat16 without a residual: q_scale apart by at most 3 ulps in 20% of
-  the rows, 76 of 33.5 M elements of q one step apart).
+  another kernel, whose float32 row sums may differ in their last bits (and
+  the Pallas GPU kernel on a persistent grid, with a dynamic scale and no
+  bias under cast_mode "float32", rounds ``rstd * (x * scale)`` rather than
+  ``(x * rstd) * scale``, so that the row's max comes from ``x * scale``
+  before rstd is known), so quantizing its output can give a q_scale a few
+  float32 ulps away and, next to a rounding midpoint, a q one step away.
 
   Args:
     x: array of shape ``(..., hidden)``, float32/bfloat16/float16.

@@ -395,6 +395,24 @@ def test_per_head_wide_tokens_tile_each_head():
 
 # ------------------------------------------------------------- quantized --
 
+def _own_y(impl, x, scale, factored, eps=1e-6):
+  """The quantized forward's own float32 y without a residual or a bias.
+
+  Two float32 products of x, rstd and scale, with the rstd of the forward
+  whose layout is the quantized call's, that of a bfloat16 y (a float32 y
+  is laid out for 4-byte elements, whose row sums may differ in the last
+  bit: rms_norm_quantized's docstring): ``rstd * (x * scale)`` where the
+  kernel factors a dynamic scale's max out of y (a persistent grid:
+  ``gpu_kernels._Math.can_factor_max``), else ``(x * rstd) * scale``.
+  """
+  _, rstd = jax.jit(functools.partial(impl.forward, norm=base.Norm(
+      eps=eps, out_dtype=BF16)))(x, scale, None)
+  xf, rf = np.asarray(x, np.float32), np.asarray(rstd)[:, None]
+  sf = np.asarray(scale, np.float32)
+  with np.errstate(invalid="ignore"):  # inf * 0 in the non-finite rows
+    return rf * (xf * sf) if factored else (xf * rf) * sf
+
+
 def _half_step(q, q_scale, dtype):
   """Half a quantization step at each element of q (float64)."""
   q_scale = _f64(q_scale)
@@ -413,8 +431,12 @@ def _half_step(q, q_scale, dtype):
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("with_residual", [False, True],
                          ids=["plain", "residual"])
-def test_quantized_forward(mode, qdt, static, with_residual):
-  impl = impl_for(mode)
+@pytest.mark.parametrize("persistent", [False, True],
+                         ids=["one_block", "persistent"])
+def test_quantized_forward(mode, qdt, static, with_residual, persistent):
+  # A persistent grid of 2 SMs walks several row blocks a program.
+  impl = impl_for(mode, persistent=persistent,
+                  num_sms=2 if persistent else None)
   rows, hidden = 21, 160
   x, scale, bias, _ = _inputs(("quant", qdt.name, static, with_residual),
                               rows, hidden, BF16, scale_shape=(hidden,),
@@ -439,20 +461,13 @@ def test_quantized_forward(mode, qdt, static, with_residual):
     np.testing.assert_array_equal(np.asarray(h), np.asarray(h_x))
   else:
     assert h is None
-  # The quantized call's own float32 y, quantized by the rule. Without a
-  # residual: y is x * rstd * scale (two float32 products), with the rstd
-  # of the forward whose layout is the quantized call's, that of a
-  # bfloat16 y (a float32 y is laid out for 4-byte elements, whose row sums
-  # may differ in the last bit: rms_norm_quantized's docstring). With a
-  # residual, the fused forward: a float32 residual sets both layouts, so
+  # The quantized call's own float32 y, quantized by the rule. With a
+  # residual, the fused forward's: a float32 residual sets both layouts, so
   # the same float32 sums and the same y bit for bit.
   normed = x if res is None else h
   f32_norm = base.Norm(eps=1e-6, out_dtype=F32)
   if res is None:
-    _, rstd = jax.jit(functools.partial(impl.forward, norm=base.Norm(
-        eps=1e-6, out_dtype=BF16)))(normed, scale, bias)
-    y = (np.asarray(x, np.float32) * np.asarray(rstd)[:, None]
-        ) * np.asarray(scale, np.float32)
+    y = _own_y(impl, x, scale, factored=persistent and not static)
   else:
     y = jax.jit(functools.partial(impl.residual_forward, norm=f32_norm))(
         x, res, scale, bias)[0]
@@ -504,10 +519,9 @@ def test_quantized_non_finite_rows_as_xla(mode, qdt, static):
     q, q_scale, _ = jax.jit(functools.partial(impl.quantized_forward,
                                               norm=norm))(
         x, None, w, None, quant_scale)
-    y, _ = jax.jit(functools.partial(impl.forward, norm=dataclasses.replace(
-        norm, out_dtype=F32, quant_dtype=None)))(x, w, None)
+    y = _own_y(impl, x, w, factored=not static)
     q_want, s_want = base.quantize(y, qdt, quant_scale)
-    assert np.isnan(np.asarray(y)).any()
+    assert np.isnan(y).any()
     np.testing.assert_array_equal(np.asarray(q_scale), np.asarray(s_want))
     np.testing.assert_array_equal(np.asarray(q, np.float32),
                                   np.asarray(q_want, np.float32))
