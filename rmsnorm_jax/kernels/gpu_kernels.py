@@ -840,12 +840,13 @@ def forward(x, residual, scale, bias, *, config: Config, norm: base.Norm,
   h_dtype = residual.dtype if has_res else x.dtype
   m = _math(norm, h_dtype, scale, bias, interpret, quant_scale)
   if m.can_factor_max and g.resident and g.config.persistent:
-    # H200, jax 0.11.2, quantized forwards on persistent grids: int8 1.7-3.7%
-    # and float8 0.9-3.1% faster, int8 with a residual (no bias) at 8192
-    # columns 3.5-4.3%. Programs of one row block (non-persistent) do not
-    # take it: the fused int8 forward of 8192x4096 and 16384x4096 bf16 was
-    # 3.2-4.1% slower so. The chunked tiling keeps its pass for the max: the
-    # max beside the sum's accumulator spilled (1024x65536 bf16: +41%).
+    # H200, jax 0.11.2, quantized forwards on persistent grids: int8 2.1-3.2%
+    # and float8 0.5-2.3% faster, int8 with a residual (no bias) at 8192
+    # columns 3.2-4.0% (docs/bench_h200_features.md). Programs of one row
+    # block (non-persistent) do not take it: the fused int8 forward of
+    # 8192x4096 and 16384x4096 bf16 was 3.2-4.1% slower so. The chunked
+    # tiling keeps its pass for the max: the max beside the sum's
+    # accumulator spilled (1024x65536 bf16: +41%).
     m = dataclasses.replace(m, factor_max=True)
   wide = _token_shape(g)
   out_shapes = [jax.ShapeDtypeStruct(
