@@ -292,6 +292,13 @@ def rms_norm_quantized(x, scale=None, *, eps: float = DEFAULT_EPS,
   before rstd is known), so quantizing its output can give a q_scale a few
   float32 ulps away and, next to a rounding midpoint, a q one step away.
 
+  Non-finite values: a NaN element of y quantizes to 0 in int8 and to NaN
+  in float8. A row of y holding a NaN beside finite values (from a NaN
+  scale element, or an infinite one where x is 0) has a NaN max: its
+  dynamic q_scale is 1 on the XLA path, while the Pallas Triton kernels
+  (``"pallas_gpu"``), whose max skips a NaN, give it the max of the row's
+  finite ``|y|``.
+
   Args:
     x: array of shape ``(..., hidden)``, float32/bfloat16/float16.
     scale, bias, eps, scale_offset, cast_mode, weight_dtype, backend: as in

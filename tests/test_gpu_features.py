@@ -30,6 +30,7 @@ All bounds are ``numerics_util.TOLERANCE``'s.
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -500,12 +501,13 @@ def test_quantized_forward(mode, qdt, static, with_residual, persistent):
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_quantized_non_finite_rows_as_xla(mode, qdt, static):
   # Rows holding an infinity or a NaN, and then a scale with an infinite
-  # column: q and q_scale are XLA's quantization (base.quantize) of the
-  # kernel's own float32 y, NaN elements included (int8 0, float8 NaN, as
-  # XLA's cast; a NaN once became -qmax in the compiled kernels). Not
-  # covered: a NaN y beside finite ones in a row (a NaN scale or bias
-  # element), where the kernel's row max skips the NaN and XLA's is NaN
-  # (q_scale 1).
+  # column, and one with a NaN column: q and q_scale are XLA's quantization
+  # (base.quantize) of the kernel's own float32 y, NaN elements included
+  # (int8 0, float8 NaN, as XLA's cast; a NaN once became -qmax in the
+  # compiled kernels), except that with a NaN y beside finite ones in a row
+  # (the NaN scale element) the kernel's dynamic row max skips the NaN where
+  # XLA's is NaN (q_scale 1): there q_scale is the max of the finite |y|,
+  # and q the same rule with it.
   impl = impl_for(mode, block_rows=2, num_sms=2, persistent=True)
   rows, hidden = 6, 160
   x, scale, _, _ = _inputs(("quant_non_finite", qdt.name, static), rows,
@@ -515,12 +517,21 @@ def test_quantized_non_finite_rows_as_xla(mode, qdt, static):
   x = x.at[4, 9].set(-jnp.inf)
   quant_scale = jnp.float32(0.002) if static else None
   norm = base.Norm(eps=1e-6, quant_dtype=qdt)
-  for w in (scale, scale.at[11].set(jnp.inf)):
+  for w in (scale, scale.at[11].set(jnp.inf), scale.at[13].set(jnp.nan)):
     q, q_scale, _ = jax.jit(functools.partial(impl.quantized_forward,
                                               norm=norm))(
         x, None, w, None, quant_scale)
     y = _own_y(impl, x, w, factored=not static)
     q_want, s_want = base.quantize(y, qdt, quant_scale)
+    if not static and np.isnan(w).any():
+      with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        amax = np.nanmax(np.abs(y), axis=-1, keepdims=True)
+      s_want = jnp.where(amax > 0, amax * base.inverse_qmax(qdt),
+                         np.float32(1))
+      qmax = jnp.float32(base.QUANT_MAX[qdt])
+      v = jnp.clip(y * (jnp.float32(1) / s_want), -qmax, qmax)
+      q_want = (jnp.round(v) if qdt == np.dtype(jnp.int8) else v).astype(qdt)
     assert np.isnan(y).any()
     np.testing.assert_array_equal(np.asarray(q_scale), np.asarray(s_want))
     np.testing.assert_array_equal(np.asarray(q, np.float32),

@@ -320,6 +320,25 @@ class _Math:
   # base.quantize's rule: products with float32 reciprocals (of qmax, and
   # one per row of q_scale), as XLA compiles the divisions.
 
+  def abs_max(self, v, axis=-1):
+    """``max|v|`` along ``axis`` as the compiled kernels take it.
+
+    Pallas lowers Triton's max to ``maxnumf``, which drops a NaN operand:
+    a NaN element counts only in a row of NaN. Interpret mode takes it the
+    same way (XLA's max would keep the NaN), so that it runs the compiled
+    kernels' arithmetic.
+    """
+    a = jnp.abs(v)
+    if not self.interpret:
+      return jnp.max(a, axis=axis)
+    nan = jnp.isnan(a)
+    m = jnp.max(jnp.where(nan, -jnp.inf, a), axis=axis)
+    return jnp.where(jnp.all(nan, axis=axis), jnp.nan, m)
+
+  def running_max(self, a, b):
+    """``max(a, b)`` dropping a NaN operand, as ``abs_max``."""
+    return jnp.fmax(a, b) if self.interpret else jnp.maximum(a, b)
+
   def quant_scale(self, amax):
     """Dynamic per-row scale: ``amax * (1 / qmax)``, 1 for a zero row."""
     s = amax * _F32(self.inverse_qmax)
@@ -657,7 +676,7 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
       return
     if qs is None:
       qs = static_qs if m.q_static else m.quant_scale(
-          jnp.max(jnp.abs(y), axis=-1))
+          m.abs_max(y))
     tile.store(y_ref, m.quantize(y, qs))
     tile.store_row_stat(qs_ref, qs)
 
@@ -699,7 +718,7 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
         w = cached[0] if cached is not None else operands(tile)[0]
         # Both row reductions before either result is used.
         ss = jnp.sum(h * h, axis=-1)
-        pmax = jnp.max(jnp.abs(m.weighted(h, w)), axis=-1)
+        pmax = m.abs_max(m.weighted(h, w))
         rstd = lax.rsqrt(ss * inv_n + _F32(m.eps))
         emit(tile, m.output(h, rstd, w, None), rstd,
              m.quant_scale(rstd * pmax))
@@ -741,7 +760,7 @@ def _forward_kernel(*refs, g: Geometry, m: _Math, has_res: bool,
   if quant and not m.q_static:
     def row_max(i, amax):
       y = chunk_output(chunk(i), "evict_last")
-      return jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1))
+      return m.running_max(amax, m.abs_max(y, axis=1))
     qs = m.quant_scale(lax.fori_loop(0, g.num_chunks, row_max,
                                      jnp.zeros((g.block_rows,), _F32)))
 
